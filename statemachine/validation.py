@@ -1,0 +1,180 @@
+"""Shape and range checks for commands.
+
+Every check either returns a clean value or raises `Rejection` with a stable reason code.
+Nothing here touches exchange state, so a command rejected at this stage cannot change it.
+Types are checked with `type(x) is int` on purpose: `bool` is an `int` subclass in Python and
+a `True` quantity must not trade one lot.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .errors import Rejection
+
+MAX_QTY = 10**12
+MAX_PRICE = 10**15
+MAX_AMOUNT = 2**62
+MAX_ID = 2**63 - 1
+MAX_TS = 2**63 - 1
+MAX_FEE_BPS = 1000
+FEE_ACCOUNT = "_fees"
+
+SIDES = ("buy", "sell")
+ORDER_TYPES = ("limit", "market")
+TIFS = ("gtc", "ioc", "fok", "post_only")
+STPS = ("cancel_taker", "cancel_maker", "cancel_both", "none")
+
+_ACCOUNT_RE = re.compile(r"[A-Za-z0-9.:-][A-Za-z0-9_.:-]{0,63}")
+_ASSET_RE = re.compile(r"[A-Z0-9]{1,16}")
+_MARKET_RE = re.compile(r"[A-Za-z0-9_.:/-]{1,32}")
+_TOKEN_RE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,62}[\x21-\x7e]|[\x21-\x7e]")
+
+# op -> (required fields, optional fields); `op` and `ts` are implied for every op.
+COMMAND_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "create_market": (
+        frozenset(
+            ("market", "base", "quote", "lot_size", "tick_size", "maker_fee_bps", "taker_fee_bps")
+        ),
+        frozenset(),
+    ),
+    "deposit": (frozenset(("account", "asset", "amount", "ref")), frozenset()),
+    "withdraw": (frozenset(("account", "asset", "amount", "ref")), frozenset()),
+    "place": (
+        frozenset(("account", "market", "side", "type", "qty")),
+        frozenset(("price", "tif", "client_order_id", "stp")),
+    ),
+    "cancel": (frozenset(("account", "market")), frozenset(("order_id", "client_order_id"))),
+    "amend": (
+        frozenset(("account", "market")),
+        frozenset(("order_id", "client_order_id", "price", "qty")),
+    ),
+    "cancel_all": (frozenset(("account",)), frozenset(("market",))),
+}
+_ALLOWED = {op: req | opt | {"op", "ts"} for op, (req, opt) in COMMAND_FIELDS.items()}
+
+# Strings seen valid before; skips the regex on the hot path. Bounded so garbage cannot grow it.
+_valid_cache: dict[tuple[int, str], bool] = {}
+_VALID_CACHE_MAX = 100_000
+
+
+def _matches(kind: int, pattern: re.Pattern[str], value: str) -> bool:
+    key = (kind, value)
+    hit = _valid_cache.get(key)
+    if hit is None:
+        hit = pattern.fullmatch(value) is not None
+        if len(_valid_cache) < _VALID_CACHE_MAX:
+            _valid_cache[key] = hit
+    return hit
+
+
+def check_envelope(command: Any, last_ts: int) -> tuple[str, int]:
+    """Check the parts shared by every command; return (op, ts)."""
+    if type(command) is not dict:
+        raise Rejection("bad_command", "a command must be a map")
+    if "op" not in command:
+        raise Rejection("missing_field", "missing field 'op'")
+    op = command["op"]
+    if type(op) is not str:
+        raise Rejection("wrong_type", "field 'op' must be a string")
+    allowed = _ALLOWED.get(op)
+    if allowed is None:
+        raise Rejection("unknown_op", f"unknown op {op[:40]!r}")
+    if "ts" not in command:
+        raise Rejection("missing_field", "missing field 'ts'")
+    ts = command["ts"]
+    if type(ts) is not int:
+        raise Rejection("wrong_type", "field 'ts' must be an integer")
+    if ts < 0 or ts > MAX_TS:
+        raise Rejection("bad_ts", "field 'ts' out of range")
+    if ts < last_ts:
+        raise Rejection("bad_ts", "ts went backwards")
+    if len(command) > len(allowed) or not allowed.issuperset(command):
+        for key in sorted(command, key=repr):
+            if key not in allowed:
+                shown = key[:40] if type(key) is str else type(key).__name__
+                raise Rejection("unknown_field", f"unknown field {shown!r} for op {op!r}")
+    required = COMMAND_FIELDS[op][0]
+    if not required.issubset(command):
+        missing = sorted(required.difference(command))
+        raise Rejection("missing_field", f"missing field {missing[0]!r}")
+    return op, ts
+
+
+def integer(command: dict, field: str, lo: int, hi: int, reason: str) -> int:
+    value = command[field]
+    if type(value) is not int:
+        raise Rejection("wrong_type", f"field {field!r} must be an integer")
+    if value < lo or value > hi:
+        raise Rejection(reason, f"field {field!r} must be in [{lo}, {hi}]")
+    return value
+
+
+def text(command: dict, field: str) -> str:
+    value = command[field]
+    if type(value) is not str:
+        raise Rejection("wrong_type", f"field {field!r} must be a string")
+    return value
+
+
+def account(command: dict) -> str:
+    value = text(command, "account")
+    if not _matches(0, _ACCOUNT_RE, value):
+        raise Rejection("bad_account", "bad account id")
+    return value
+
+
+def asset(command: dict, field: str = "asset") -> str:
+    value = text(command, field)
+    if not _matches(1, _ASSET_RE, value):
+        raise Rejection("bad_asset", f"bad asset in field {field!r}")
+    return value
+
+
+def market_name(command: dict) -> str:
+    value = text(command, "market")
+    if not _matches(2, _MARKET_RE, value):
+        raise Rejection("bad_market", "bad market name")
+    return value
+
+
+def token(command: dict, field: str, reason: str) -> str:
+    value = text(command, field)
+    if not _matches(3, _TOKEN_RE, value):
+        raise Rejection(reason, f"field {field!r} must be 1-64 printable ASCII characters")
+    return value
+
+
+def choice(command: dict, field: str, options: tuple[str, ...], default: str, reason: str) -> str:
+    if field not in command:
+        return default
+    value = text(command, field)
+    if value not in options:
+        raise Rejection(reason, f"field {field!r} must be one of {', '.join(options)}")
+    return value
+
+
+def safe_account(command: Any) -> str | None:
+    """The command's account if it is a valid one, for the `rejected` event; never raises."""
+    if type(command) is dict:
+        value = command.get("account")
+        if type(value) is str and _matches(0, _ACCOUNT_RE, value):
+            return value
+    return None
+
+
+def safe_client_order_id(command: Any) -> str | None:
+    if type(command) is dict:
+        value = command.get("client_order_id")
+        if type(value) is str and _matches(3, _TOKEN_RE, value):
+            return value
+    return None
+
+
+def safe_op(command: Any) -> str | None:
+    if type(command) is dict:
+        value = command.get("op")
+        if type(value) is str and value in _ALLOWED:
+            return value
+    return None
