@@ -1,0 +1,84 @@
+"""Imports go one way (DESIGN.md "Layout"); this test is the rule's enforcement."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OURS = ("statemachine", "cluster", "api", "indexer", "disaster_recovery", "jepsen")
+
+# package -> packages of ours it may import
+ALLOWED = {
+    "statemachine": set(),
+    "api": {"statemachine"},
+    "indexer": {"statemachine"},
+    "cluster": {"statemachine", "api", "indexer"},
+    "disaster_recovery": {"statemachine", "cluster", "api"},
+    "jepsen": {"statemachine", "api"},  # api.client only: jepsen acts like a user
+}
+
+
+def _imports(path: Path) -> list[tuple[str, int]]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.module, node.lineno))
+    return found
+
+
+def _sources(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+def test_every_package_is_checked() -> None:
+    for package in OURS:
+        assert (ROOT / package / "__init__.py").exists(), package
+
+
+def test_imports_flow_one_way() -> None:
+    wrong = []
+    for package in OURS:
+        for path in _sources(package):
+            for module, line in _imports(path):
+                top = module.split(".")[0]
+                if top in OURS and top != package and top not in ALLOWED[package]:
+                    wrong.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
+    assert not wrong, "imports against the layering of DESIGN.md:\n" + "\n".join(wrong)
+
+
+def test_jepsen_uses_only_the_client_of_api() -> None:
+    wrong = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for path in _sources("jepsen")
+        for module, line in _imports(path)
+        if module.startswith("api") and not module.startswith("api.client")
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_only_the_raft_adapter_imports_pysyncobj() -> None:
+    wrong = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for package in OURS
+        for path in _sources(package)
+        for module, line in _imports(path)
+        if module.split(".")[0] == "pysyncobj"
+        and not (package == "cluster" and path.name.startswith("raft"))
+    ]
+    assert not wrong, "pysyncobj imported outside cluster/raft*.py:\n" + "\n".join(wrong)
+
+
+def test_statemachine_is_pure() -> None:
+    """No clock, randomness, I/O or pickle in the replicated state machine."""
+    banned = {"time", "random", "uuid", "os", "socket", "pickle", "datetime", "secrets", "threading"}
+    wrong = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for path in _sources("statemachine")
+        for module, line in _imports(path)
+        if module.split(".")[0] in banned
+    ]
+    assert not wrong, "\n".join(wrong)
