@@ -77,8 +77,9 @@ class Exchange:
         self._orders: dict[int, Order] = {}  # live resting orders
         self._account_orders: dict[str, dict[int, Order]] = {}
         # Per-command scratch: what changed, in first-touch order (dicts keep insertion order).
-        self._touched_balances: dict[tuple[str, str], None] = {}
-        self._touched_levels: dict[tuple[str, str, int], None] = {}
+        # Values are what the balance / level held before this command touched it.
+        self._touched_balances: dict[tuple[str, str], tuple[int, int]] = {}
+        self._touched_levels: dict[tuple[str, str, int], int] = {}
         self._handlers = {
             "create_market": self._create_market,
             "deposit": self._deposit,
@@ -97,15 +98,17 @@ class Exchange:
         self._touched_balances = {}
         self._touched_levels = {}
         events: list[dict] = []
-        ts = self._last_ts
         try:
             op, ts = v.check_envelope(command, self._last_ts)
             self._handlers[op](command, events)
         except Rejection as rejection:
             events = [self._rejected_event(command, rejection)]
+            # The log's clock advances with any command whose ts is valid, accepted or not,
+            # so event ts never goes back along seq.
+            ts = v.safe_ts(command, self._last_ts)
         else:
-            self._last_ts = ts
             self._emit_changes(events)
+        self._last_ts = ts
         seq = self._seq
         cmd_index = self._cmd_index
         for event in events:
@@ -214,20 +217,25 @@ class Exchange:
         return event
 
     def _emit_changes(self, events: list[dict]) -> None:
-        for market, side, price in self._touched_levels:
+        for (market, side, price), before in self._touched_levels.items():
             level = self._markets[market].book.level(side, price)
+            qty = 0 if level is None else level.qty
+            if qty == before:
+                continue
             events.append(
                 {
                     "type": "book",
                     "market": market,
                     "side": side,
                     "price": price,
-                    "level_qty": 0 if level is None else level.qty,
+                    "level_qty": qty,
                 }
             )
         balances = self._balances
-        for account, asset in self._touched_balances:
+        for (account, asset), before in self._touched_balances.items():
             avail, reserved = balances[account][asset]
+            if (avail, reserved) == before:
+                continue
             events.append(
                 {
                     "type": "balance",
@@ -246,7 +254,9 @@ class Exchange:
         bal = assets.get(asset)
         if bal is None:
             bal = assets[asset] = [0, 0]
-        self._touched_balances[(account, asset)] = None
+        key = (account, asset)
+        if key not in self._touched_balances:
+            self._touched_balances[key] = (bal[0], bal[1])
         return bal
 
     def _available(self, account: str, asset: str) -> int:
@@ -462,8 +472,8 @@ class Exchange:
             raise Rejection("post_only_would_cross", "a post-only order would trade on arrival")
 
         # Leaves its queue; a fresh object re-enters, so the dead queue entry stays dead.
+        self._touch_level(market, order.side, order.price)
         market.book.remove(order)
-        self._touch_level(market.name, order.side, order.price)
         self._release(market, order)
         filled = order.original - order.remaining
         fresh = Order(
@@ -498,10 +508,10 @@ class Exchange:
             bal = self._bal(order.account, market.base)
         bal[0] += freed
         bal[1] -= freed
+        self._touch_level(market, order.side, order.price)
         level.qty -= delta
         order.remaining = qty
         order.original -= delta
-        self._touch_level(market.name, order.side, order.price)
         events.append(self._amended_event(order, priority_kept=True))
 
     @staticmethod
@@ -567,7 +577,9 @@ class Exchange:
             price = level.price
             if not is_market and (price > limit if buy else price < limit):
                 break
-            self._touched_levels[(mname, maker_side, price)] = None
+            touched = (mname, maker_side, price)
+            if touched not in self._touched_levels:
+                self._touched_levels[touched] = level.qty
             while taker.remaining and level.count:
                 queue = level.orders
                 maker = queue[0]
@@ -630,10 +642,10 @@ class Exchange:
             events.append(self._filled_event(taker))
             return
         if end_reason is None and not is_market and taker.tif in ("gtc", "post_only"):
+            self._touch_level(market, taker.side, taker.price)
             book.add(taker)
             self._orders[taker.order_id] = taker
             self._account_orders.setdefault(account, {})[taker.order_id] = taker
-            self._touched_levels[(mname, taker.side, taker.price)] = None
             return
         if taker.tif == "fok":
             raise InvariantError("a FOK order passed its fill check but did not fill")
@@ -725,14 +737,13 @@ class Exchange:
         bal[1] -= amount
 
     def _cancel_resting(self, market: Market, order: Order, reason: str, events: list[dict]) -> None:
+        self._touch_level(market, order.side, order.price)
         market.book.remove(order)
-        self._touch_level(market.name, order.side, order.price)
         self._retire(market, order)
         events.append(self._cancelled_event(order, reason))
 
     def _retire(self, market: Market, order: Order) -> None:
         """Release a resting order's funds and unindex it (it has left its queue)."""
-        self._touch_level(market.name, order.side, order.price)
         self._release(market, order)
         del self._orders[order.order_id]
         self._forget(order)
@@ -743,8 +754,12 @@ class Exchange:
         if not mine:
             del self._account_orders[order.account]
 
-    def _touch_level(self, market: str, side: str, price: int) -> None:
-        self._touched_levels[(market, side, price)] = None
+    def _touch_level(self, market: Market, side: str, price: int) -> None:
+        """Record a level's quantity before this command changes it (call before the change)."""
+        key = (market.name, side, price)
+        if key not in self._touched_levels:
+            level = market.book.level(side, price)
+            self._touched_levels[key] = 0 if level is None else level.qty
 
     @staticmethod
     def _cancelled_event(order: Order, reason: str) -> dict:

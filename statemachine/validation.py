@@ -173,8 +173,18 @@ def safe_client_order_id(command: Any) -> str | None:
 
 
 def safe_op(command: Any) -> str | None:
+    """The command's op if it is a string (cut to 64 characters), for the `rejected` event."""
     if type(command) is dict:
         value = command.get("op")
-        if type(value) is str and value in _ALLOWED:
-            return value
+        if type(value) is str:
+            return value[:64]
     return None
+
+
+def safe_ts(command: Any, last_ts: int) -> int:
+    """The command's ts if it is valid now, else the last one: a rejection's event ts."""
+    if type(command) is dict:
+        ts = command.get("ts")
+        if type(ts) is int and last_ts <= ts <= MAX_TS:
+            return ts
+    return last_ts
