@@ -1,0 +1,732 @@
+"""``HardenedSyncObj``: pysyncobj 0.3.17's ``SyncObj`` with its Raft safety bugs fixed.
+
+Everything here overrides upstream's private, name-mangled methods (``_SyncObj__name``) and
+reads its private state. Line numbers are those of ``pysyncobj/syncobj.py`` 0.3.17; the pin is
+enforced by ``cluster.raft_pin``. Each fix is described, with its test, in
+``docs/adr/0002-pysyncobj-hardening.md``.
+
+1. Truncation on overlap (upstream 982-1019): a follower deletes only from the first entry
+   whose term differs from the leader's, never an entry at or below its commit index or last
+   applied index (it refuses and logs CRITICAL instead), and keeps its log when a resend only
+   overlaps it.
+2. Commit index (upstream 1027-1035): an AppendEntries never lowers the commit index and never
+   advances it past ``prevLogIdx + len(entries)``, the part of the log it just verified; a
+   snapshot chunk (1022-1025) never advances it from ``leaderCommit`` at all.
+3. Stale snapshots (upstream 1023-1025, 1472-1511): a completed snapshot whose index this node
+   has already applied, or whose last entry this node's log already holds, is not installed;
+   ``lastApplied`` never moves backwards and no entry is applied twice. An incoming snapshot is
+   written beside the dump, not over it, until it is accepted.
+4. Crash windows: the journal is our ``DurableJournal`` (fsync before every acknowledgement,
+   atomic compaction, strict meta file); at start-up the dump and journal are reconciled
+   without dropping entries the journal holds past the dump, and a journal whose prefix has
+   no dump is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from pysyncobj import pickle as _pickle
+from pysyncobj import syncobj as _upstream
+from pysyncobj.config import FAIL_REASON, SERIALIZER_STATE, SyncObjConf
+from pysyncobj.serializer import Serializer
+from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE, SyncObj, replicated
+
+from cluster import raft_pin
+from cluster.raft_storage import (
+    DumpHeader,
+    DurableJournal,
+    RaftStorageError,
+    decode_dump,
+    encode_dump,
+    fatal_storage_failure,
+    fsync_dir,
+    write_file_atomically,
+)
+
+logger = logging.getLogger(__name__)
+
+# Process exit codes (distinct, so a supervisor can tell why a node stopped).
+EXIT_APPLY_FAILED = 70  # the state machine's apply() raised or broke its contract
+EXIT_RESTORE_FAILED = 72  # an accepted snapshot could not be restored into the state machine
+
+_NO_OP = bytes([_COMMAND_TYPE.NO_OP])
+_ROLES = {
+    _RAFT_STATE.FOLLOWER: "follower",
+    _RAFT_STATE.CANDIDATE: "candidate",
+    _RAFT_STATE.LEADER: "leader",
+}
+
+
+def _now() -> float:
+    # Looked up on pysyncobj's module at call time so a test that installs a fake clock there
+    # moves our timing and upstream's together.
+    return _upstream.monotonicTime()
+
+
+class HardenedSerializer(Serializer):
+    """pysyncobj's ``Serializer`` with the snapshot-transfer side replaced.
+
+    * An incoming snapshot is written to ``incoming_path`` (fsynced) and left there; upstream
+      renames it over the node's own dump before anyone decides to install it
+      (serializer.py 176-202), which lets a stale snapshot replace a newer dump.
+    * Outgoing transfers close their files (upstream drops them unclosed at 55, 40, 154, 206).
+    * A read error ends the transfer with ``None``; upstream returns ``False`` (149), which
+      the receiver cannot unpack.
+    Writing and reading the dump itself stays upstream's (``serialize``/``deserialize`` with
+    the ``serializer``/``deserializer`` hooks of ``SyncObjConf``).
+    """
+
+    def __init__(self, conf: SyncObjConf, incoming_path: Path):
+        super().__init__(
+            conf.fullDumpFile,
+            conf.logCompactionBatchSize,
+            False,
+            conf.serializer,
+            conf.deserializer,
+            conf.serializeChecker,
+        )
+        self._dump_path = Path(conf.fullDumpFile)
+        self._chunk_bytes = conf.logCompactionBatchSize
+        self._incoming_path = Path(incoming_path)
+        self._incoming = None
+        self._outgoing: dict = {}
+
+    def checkSerializing(self):
+        state, ident = super().checkSerializing()
+        if state == SERIALIZER_STATE.SUCCESS:
+            # A new dump replaced the file: transfers in progress restart from the new one.
+            self._close_outgoing()
+        return state, ident
+
+    def getTransmissionData(self, transmissionID):
+        if self._Serializer__pid != 0:  # a dump is being written
+            return None
+        handle = self._outgoing.get(transmissionID)
+        if handle is None:
+            try:
+                handle = open(self._dump_path, "rb")  # noqa: SIM115 (kept open across ticks)
+            except OSError:
+                logger.exception("cannot open %s to send a snapshot", self._dump_path)
+                return None
+            self._outgoing[transmissionID] = handle
+        is_first = handle.tell() == 0
+        try:
+            data = handle.read(self._chunk_bytes)
+        except OSError:
+            logger.exception("cannot read %s to send a snapshot", self._dump_path)
+            self.cancelTransmisstion(transmissionID)
+            return None
+        is_last = len(data) == 0
+        if is_last:
+            self.cancelTransmisstion(transmissionID)
+        return data, is_first, is_last
+
+    def cancelTransmisstion(self, id):  # upstream's spelling
+        handle = self._outgoing.pop(id, None)
+        if handle is not None:
+            handle.close()
+
+    def setTransmissionData(self, data):
+        """Store one incoming chunk; True when a complete snapshot sits in ``incoming_path``."""
+        if data is None:
+            return False
+        try:
+            chunk, is_first, is_last = data
+            chunk = bytes(chunk)
+        except (TypeError, ValueError):
+            logger.error("ignoring a malformed snapshot chunk")
+            return False
+        try:
+            if is_first:
+                self._close_incoming()
+                self._incoming = open(self._incoming_path, "wb")  # noqa: SIM115
+            elif self._incoming is None:
+                return False  # a chunk of a transfer whose start we did not see
+            self._incoming.write(chunk)
+            if not is_last:
+                return False
+            self._incoming.flush()
+            os.fsync(self._incoming.fileno())
+            self._close_incoming()
+            return True
+        except OSError:
+            logger.exception("cannot store an incoming snapshot in %s", self._incoming_path)
+            self._close_incoming()
+            return False
+
+    def _close_incoming(self) -> None:
+        if self._incoming is not None:
+            self._incoming.close()
+            self._incoming = None
+
+    def _close_outgoing(self) -> None:
+        for handle in self._outgoing.values():
+            handle.close()
+        self._outgoing.clear()
+
+    def close(self) -> None:
+        self._close_incoming()
+        self._close_outgoing()
+
+
+class HardenedSyncObj(SyncObj):
+    """A ``SyncObj`` with one replicated method (``bytes`` in, ``bytes`` out) and the fixes.
+
+    Always ``autoTick=False``: the owner drives ``_onTick`` from its own thread (see
+    ``cluster.raft.RaftReplica``) or, in tests, by hand.
+    """
+
+    def __init__(
+        self,
+        self_addr: str,
+        peers,
+        conf: SyncObjConf,
+        machine,
+        data_dir: Path,
+        *,
+        transport=None,
+        transport_class=None,
+        fsync: bool = True,
+    ):
+        data_dir = Path(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._machine = machine
+        self._journal_path = data_dir / "raft.journal"
+        self._dump_path = data_dir / "raft.dump"
+        self._incoming_path = data_dir / "raft.dump.incoming"
+        self._fsync = fsync
+        self._decoded_dump: tuple[Path, DumpHeader, bytes] | None = None
+        self._last_refusal_log = 0.0
+        # Counters for status and tests.
+        self.refused_truncations = 0  # AppendEntries refused for contradicting committed entries
+        self.snapshots_ignored = 0  # completed snapshots not installed (already passed / held)
+        self.snapshots_installed = 0
+
+        conf.autoTick = False
+        conf.useFork = False
+        conf.fullDumpFile = str(self._dump_path)
+        conf.serializer = self._write_dump_hook
+        conf.deserializer = self._read_dump_hook
+        # syncobj.py 166 would open pysyncobj's FileJournal here; we open our own right after.
+        conf.journalFile = None
+        kwargs = {}
+        if transport is not None:
+            kwargs["transport"] = transport
+        elif transport_class is not None:
+            kwargs["transportClass"] = transport_class
+        try:
+            super().__init__(self_addr, list(peers), conf, **kwargs)
+        except BaseException:
+            transport = getattr(self, "_SyncObj__transport", None)
+            if transport is not None:
+                transport.destroy()  # closes the listening socket, if one was bound
+            raise
+        conf.journalFile = str(self._journal_path)
+
+        journal = None
+        try:
+            journal = DurableJournal(
+                self._journal_path, app_version=raft_pin.PYSYNCOBJ_VERSION, fsync=fsync
+            )
+            if len(journal) == 0:
+                journal.add(_NO_OP, 1, 0)  # syncobj.py 167-168
+                journal.sync()
+            self._journal = journal
+            self._SyncObj__raftLog = journal
+            # syncobj.py 174-176, against the real journal.
+            self._SyncObj__raftCurrentTerm = max(journal.getCurrentTerm(), journal[-1][2])
+            self._SyncObj__votedForNodeId = journal.getVotedForNodeId()
+            self._SyncObj__raftCommitIndex = journal.getRaftCommitIndex()
+            self._SyncObj__serializer = HardenedSerializer(conf, self._incoming_path)
+            if self._incoming_path.exists():
+                self._incoming_path.unlink()  # a transfer a crash interrupted; never accepted
+            self._load_dump_at_start()
+            # syncobj.py 624-627 would load the dump lazily on the first tick, swallowing any
+            # error (1510-1511); it is loaded above instead, and errors stop the start.
+            self._SyncObj__needLoadDumpFile = False
+        except BaseException:
+            self._SyncObj__transport.destroy()
+            if journal is not None:
+                journal.close()
+            raise
+
+    # -- the one replicated method --------------------------------------------------------------
+
+    @replicated
+    def _apply_payload(self, payload):
+        return self._apply_guarded(payload)
+
+    def _apply_guarded(self, payload: bytes) -> bytes:
+        # A replicated method that raises is retried forever by syncobj.py 708-729 and every
+        # later command times out. A state machine that cannot apply a committed command
+        # cannot go on either: stop the process loudly.
+        index = self._SyncObj__raftLastApplied + 1
+        try:
+            result = self._machine.apply(payload)
+            if not isinstance(result, bytes):
+                raise TypeError(f"apply() returned {type(result).__name__}, not bytes")
+        except BaseException:
+            logger.critical(
+                "state machine apply() failed on committed log index %d; stopping "
+                "the process (exit %d) instead of retrying it forever",
+                index,
+                EXIT_APPLY_FAILED,
+                exc_info=True,
+            )
+            logging.shutdown()
+            os._exit(EXIT_APPLY_FAILED)
+        return result
+
+    def propose(self, payload: bytes, callback) -> None:
+        """Queue ``payload`` for replication; ``callback(result, FAIL_REASON)`` on tick thread."""
+        self._apply_payload(payload, callback=callback)
+
+    # -- dump hooks (SyncObjConf.serializer / deserializer) -------------------------------------
+
+    def _write_dump_hook(self, path, data) -> None:
+        # Called by Serializer.serialize (serializer.py 84-93) on the tick thread with
+        # data = (last entry, entry before it, set of Node) (syncobj.py 1469-1470); upstream
+        # renames ``path`` over the dump afterwards. We fsync the file here and the directory
+        # before the journal is trimmed (_SyncObj__deleteEntriesTo).
+        last, prev, cluster = data
+        header = DumpHeader(
+            last=tuple(last), prev=tuple(prev), cluster=tuple(sorted(node.id for node in cluster))
+        )
+        try:
+            blob = self._machine.snapshot()
+            if not isinstance(blob, bytes):
+                raise TypeError(f"snapshot() returned {type(blob).__name__}, not bytes")
+            raw = encode_dump(header, blob)
+            with open(path, "wb") as handle:
+                handle.write(raw)
+                handle.flush()
+                if self._fsync:
+                    os.fsync(handle.fileno())
+        except Exception:
+            # Upstream swallows the exception (serializer.py 98-102); say what it was.
+            logger.exception("writing the raft dump at index %d failed", header.index)
+            raise
+
+    def _read_dump_hook(self, path):
+        # Called by Serializer.deserialize (serializer.py 110-111), which returns
+        # (None,) + our tuple, the shape syncobj.py 1472-1511 expects.
+        cached, self._decoded_dump = self._decoded_dump, None
+        if cached is not None and cached[0] == Path(path):
+            header, blob = cached[1], cached[2]
+        else:
+            header, blob = decode_dump(Path(path).read_bytes(), source=str(path))
+        self._machine.restore(blob)
+        return header.last, header.prev, list(header.cluster)
+
+    # -- start-up: reconcile dump and journal (fix 4) --------------------------------------------
+
+    def _SyncObj__loadDumpFile(self, clearJournal):
+        # Replaces syncobj.py 1472-1511. Upstream calls it lazily on the first tick (626) and on
+        # snapshot install (1024); we call _load_dump_at_start from __init__ and install
+        # snapshots in _install_snapshot, so any other call is a bug.
+        raise AssertionError("HardenedSyncObj loads dumps itself")
+
+    def _load_dump_at_start(self) -> None:
+        journal = self._journal
+        if not self._dump_path.exists():
+            if journal.first_index() > 1:
+                # Window (a): the journal was trimmed after a compaction but the dump it relied
+                # on is gone. Upstream starts, never applies again, and keeps voting and
+                # acknowledging (its lastApplied stays 1 while the log starts later).
+                raise RaftStorageError(
+                    f"{self._journal_path} starts at log index {journal.first_index()} but "
+                    f"{self._dump_path} is missing: the state before that index is lost. "
+                    "Refusing to start. Restore the dump, or move the data directory aside to "
+                    "resync from the leader (only while the rest of the cluster holds a "
+                    "majority)."
+                )
+            return
+        header, blob = decode_dump(self._dump_path.read_bytes(), source=str(self._dump_path))
+        our_term = journal.term_at(header.index)
+        if our_term == header.term:
+            # The journal holds the dump's last entry: keep every entry, including those past
+            # the dump. Window (b): a crash between writing the dump and trimming the journal
+            # leaves an untrimmed journal, and upstream cut it back to the dump's two entries
+            # (1489-1495), dropping entries this node had acknowledged.
+            pass
+        elif our_term is not None or journal.last_index() < header.index:
+            # The journal either ends before the dump or disagrees with it at the dump's index
+            # (a snapshot install that a crash interrupted): the dump is the committed history,
+            # nothing in the journal past the disagreement can be committed.
+            journal.reset([header.prev, header.last])
+        else:
+            raise RaftStorageError(
+                f"{self._dump_path} covers log index {header.index} but {self._journal_path} "
+                f"starts at {journal.first_index()}: the entries between are lost. Refusing to "
+                "start. Move the data directory aside to resync from the leader (only while "
+                "the rest of the cluster holds a majority)."
+            )
+        self._decoded_dump = (self._dump_path, header, blob)
+        try:
+            data = self._SyncObj__serializer.deserialize()
+        except Exception as exc:
+            raise RaftStorageError(
+                f"restoring the state machine from {self._dump_path} (index {header.index}) "
+                f"failed: {exc!r}; refusing to start"
+            ) from exc
+        self._after_dump_loaded(data[1][1], data[3])
+        if self._SyncObj__raftCommitIndex > journal.last_index():
+            # Same clamp as syncobj.py 1499-1505.
+            self._SyncObj__raftCommitIndex = journal.last_index()
+        journal.setRaftCommitIndex(self._SyncObj__raftCommitIndex)
+
+    def _after_dump_loaded(self, index: int, cluster) -> None:
+        self._SyncObj__raftLastApplied = index
+        # The dump's last entry was applied, hence committed.
+        self._SyncObj__raftCommitIndex = max(self._SyncObj__raftCommitIndex, index)
+        if self._SyncObj__conf.dynamicMembershipChange:
+            self_node = self._SyncObj__selfNode
+            self._SyncObj__updateClusterConfiguration(
+                [node for node in cluster if node != self_node.id]
+            )
+        self._SyncObj__onSetCodeVersion(0)
+
+    # -- message handling --------------------------------------------------------------------
+
+    def _SyncObj__onMessageReceived(self, node, message):
+        # Upstream 909-1083. AppendEntries (945-1035) is handled by _on_append_entries; every
+        # other message type goes to upstream unchanged (its AppendEntries branch is then never
+        # entered, and the branches after it do not look at append_entries messages).
+        if not isinstance(message, dict) or "type" not in message:
+            logger.error("ignoring a malformed raft message from %s", node)
+            return
+        if message["type"] == "append_entries":
+            self._on_append_entries(node, message)
+            return
+        super()._SyncObj__onMessageReceived(node, message)
+
+    def _on_append_entries(self, node, message) -> None:
+        term = message["term"]
+        if term < self._SyncObj__raftCurrentTerm:
+            return  # upstream 945: a deposed leader's message is ignored
+        # Upstream 946-961, unchanged: follow this leader.
+        if term > self._SyncObj__raftCurrentTerm:
+            self._SyncObj__transferInProgress = False
+        if not self._SyncObj__transferInProgress:
+            self._SyncObj__raftElectionDeadline = _now() + self._SyncObj__generateRaftTimeout()
+        if self._SyncObj__raftLeader != node:
+            self._SyncObj__onLeaderChanged()
+        self._SyncObj__raftLeader = node
+        if term > self._SyncObj__raftCurrentTerm:
+            self._SyncObj__setCurrentTerm(term, None)
+        self._SyncObj__setState(_RAFT_STATE.FOLLOWER)
+        leader_commit = message["commit_index"]
+        self._SyncObj__leaderCommitIndex = leader_commit
+
+        if "prevLogIdx" in message:
+            self._on_log_entries(node, message, leader_commit)
+        elif message.get("serialized") is not None:
+            self._on_snapshot_chunk(node, message["serialized"])
+        # Upstream 1027-1035 then set commitIndex = min(leaderCommit, last log index) for every
+        # kind of AppendEntries, snapshot chunks included (fix 2). Ours moves it only in
+        # _on_log_entries, over entries it has just verified.
+
+    def _on_log_entries(self, node, message, leader_commit: int) -> None:
+        entries = message.get("entries", [])
+        transmission = message.get("transmission")
+        if transmission is not None:
+            # Upstream 965-980: one large entry sent in pieces. The adapter caps payloads below
+            # appendEntriesBatchSizeBytes so the leader never uses this path; kept for
+            # completeness, with the type checks upstream lacks.
+            data = message.get("data")
+            if not isinstance(data, bytes):
+                return
+            if transmission == "start":
+                self._SyncObj__recvTransmission = data
+            elif transmission in ("process", "finish"):
+                if not isinstance(self._SyncObj__recvTransmission, bytes):
+                    return  # the start of this entry was not seen
+                self._SyncObj__recvTransmission += data
+            else:
+                logger.error("ignoring an unknown transmission type %r", transmission)
+                return
+            if transmission != "finish":
+                self._SyncObj__sendNextNodeIdx(node, success=False, reset=False)
+                return
+            try:
+                entries = [_pickle.loads(self._SyncObj__recvTransmission)]
+            except Exception:
+                logger.exception("dropping a large log entry that did not decode")
+                self._SyncObj__recvTransmission = ""
+                self._SyncObj__sendNextNodeIdx(node, success=False, reset=False)
+                return
+            self._SyncObj__recvTransmission = ""
+
+        journal = self._journal
+        prev_idx = message["prevLogIdx"]
+        prev_term = message["prevLogTerm"]
+        applied = self._SyncObj__raftLastApplied
+        committed_floor = max(self._SyncObj__raftCommitIndex, applied)
+
+        if prev_idx is None:
+            # The leader has no entry before the nextIndex it holds for us (it rewound to a
+            # log end we reported past its own). Upstream answers "our last + 1" (984-987),
+            # which the leader turns into the same message again, forever. Point it at our
+            # committed prefix, which it holds.
+            self._SyncObj__sendNextNodeIdx(
+                node, nextNodeIdx=committed_floor + 1, success=False, reset=True
+            )
+            return
+        first_idx, last_idx = journal.first_index(), journal.last_index()
+        if prev_idx < first_idx:
+            # Compacted into our dump, hence applied and committed: it matches the leader's
+            # entry by Raft's Leader Completeness. Upstream treats it as missing (985-987).
+            if first_idx - 1 > applied:
+                logger.error(
+                    "log starts at %d past last applied %d; refusing AppendEntries",
+                    first_idx,
+                    applied,
+                )
+                return
+        elif prev_idx > last_idx:
+            self._SyncObj__sendNextNodeIdx(node, success=False, reset=True)  # upstream 985-987
+            return
+        elif journal.term_at(prev_idx) != prev_term:
+            if prev_idx <= committed_floor:
+                self._log_refusal(
+                    "leader %s has term %s at committed log index %d, ours is %s",
+                    node,
+                    prev_term,
+                    prev_idx,
+                    journal.term_at(prev_idx),
+                )
+            # upstream 988-990: walk nextIndex back
+            self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=prev_idx, success=False, reset=True)
+            return
+
+        for offset, entry in enumerate(entries):
+            if entry[1] != prev_idx + 1 + offset:
+                logger.error("ignoring AppendEntries from %s with non-consecutive indexes", node)
+                return
+
+        # Fix 1 (upstream 991-1006): skip entries we already hold with the same term; delete
+        # only from the first entry whose term differs, and never a committed/applied one.
+        append_from = len(entries)
+        for offset, (_command, idx, entry_term) in enumerate(entries):
+            if idx < first_idx:
+                continue  # compacted: committed, matches
+            if idx > last_idx:
+                append_from = offset
+                break
+            our_term = journal.term_at(idx)
+            if our_term == entry_term:
+                continue
+            if idx <= committed_floor:
+                self._log_refusal(
+                    "refusing to truncate log entries from index %d (commit index %d, last "
+                    "applied %d): leader %s sends term %d there, our entry has term %d",
+                    idx,
+                    self._SyncObj__raftCommitIndex,
+                    applied,
+                    node,
+                    entry_term,
+                    our_term,
+                )
+                self._SyncObj__sendNextNodeIdx(node, success=False, reset=False)
+                return
+            self._truncate_from(idx)
+            append_from = offset
+            break
+        new_entries = entries[append_from:]
+        for entry in new_entries:
+            journal.add(*entry)
+        if self._SyncObj__conf.dynamicMembershipChange:  # upstream 1008-1013, new entries only
+            for entry in new_entries:
+                request = self._SyncObj__parseChangeClusterRequest(entry[0])
+                if request is not None:
+                    self._SyncObj__doChangeCluster(request)
+
+        # Everything up to here now matches the leader's log.
+        verified_idx = prev_idx + len(entries)
+        self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=verified_idx + 1, success=True)
+
+        # Fix 1/2 (upstream 1027-1035): commitIndex = min(leaderCommit, last *verified* entry),
+        # and only ever upwards. Our log may hold entries past verified_idx that the leader has
+        # not vouched for.
+        new_commit = min(leader_commit, verified_idx)
+        if new_commit > self._SyncObj__raftCommitIndex:
+            self._SyncObj__raftCommitIndex = new_commit
+            journal.setRaftCommitIndex(new_commit)
+
+    def _truncate_from(self, idx: int) -> None:
+        journal = self._journal
+        doomed = journal[idx - journal.first_index() :]
+        if self._SyncObj__conf.dynamicMembershipChange:  # upstream 992-997
+            for entry in reversed(doomed):
+                request = self._SyncObj__parseChangeClusterRequest(entry[0])
+                if request is not None:
+                    self._SyncObj__doChangeCluster(request, reverse=True)
+        logger.info(
+            "deleting %d uncommitted log entries from index %d (leader's term differs)",
+            len(doomed),
+            idx,
+        )
+        self._SyncObj__deleteEntriesFrom(idx)
+
+    def _log_refusal(self, msg: str, *args) -> None:
+        self.refused_truncations += 1
+        now = time.monotonic()
+        if now - self._last_refusal_log >= 1.0:
+            self._last_refusal_log = now
+            logger.critical(msg, *args)
+
+    def _on_snapshot_chunk(self, node, serialized) -> None:
+        # Upstream 1022-1025; fix 2: no commit step for chunks; fix 3: stale snapshots ignored.
+        if not self._SyncObj__serializer.setTransmissionData(serialized):
+            return
+        try:
+            header, blob = decode_dump(
+                self._incoming_path.read_bytes(), source=f"snapshot from {node}"
+            )
+        except (OSError, RaftStorageError):
+            logger.exception("dropping a snapshot from %s", node)
+            self._discard_incoming()
+            return
+        applied = self._SyncObj__raftLastApplied
+        if header.index <= applied:
+            # Upstream installs it anyway (1497): lastApplied moves back and the entries after
+            # it are applied a second time.
+            logger.info(
+                "ignoring a snapshot at index %d from %s: already applied up to %d",
+                header.index,
+                node,
+                applied,
+            )
+            self.snapshots_ignored += 1
+            self._discard_incoming()
+            self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=header.index + 1, success=True)
+            return
+        if self._journal.term_at(header.index) == header.term:
+            # Our log already holds the snapshot's last entry, which is committed: keep our log
+            # (Raft, Figure 13, step 6) and let the apply loop catch up from it.
+            logger.info(
+                "snapshot at index %d from %s: our log holds it, applying from the log",
+                header.index,
+                node,
+            )
+            self.snapshots_ignored += 1
+            self._discard_incoming()
+            if header.index > self._SyncObj__raftCommitIndex:
+                self._SyncObj__raftCommitIndex = header.index
+                self._journal.setRaftCommitIndex(header.index)
+            self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=header.index + 1, success=True)
+            return
+        self._install_snapshot(node, header, blob)
+
+    def _install_snapshot(self, node, header: DumpHeader, blob: bytes) -> None:
+        try:
+            os.replace(self._incoming_path, self._dump_path)
+            if self._fsync:
+                fsync_dir(self._dump_path.parent)
+        except OSError as exc:
+            fatal_storage_failure("installing a snapshot", exc)
+        # From here the dump on disk is the leader's: a crash now is reconciled at start-up
+        # (the journal disagrees with the dump at its index, so it is reset to the dump).
+        self._decoded_dump = (self._dump_path, header, blob)
+        try:
+            data = self._SyncObj__serializer.deserialize()
+        except BaseException:
+            logger.critical(
+                "restoring the state machine from the leader's snapshot at index %d "
+                "failed; stopping the process (exit %d)",
+                header.index,
+                EXIT_RESTORE_FAILED,
+                exc_info=True,
+            )
+            logging.shutdown()
+            os._exit(EXIT_RESTORE_FAILED)
+        self._journal.reset([header.prev, header.last])
+        self._after_dump_loaded(data[1][1], data[3])
+        self._journal.setRaftCommitIndex(self._SyncObj__raftCommitIndex)
+        # Commands proposed here and waiting for an index the snapshot covers will never see
+        # it applied locally: their outcome is unknown (upstream leaves them waiting forever).
+        waiting = self._SyncObj__commandsWaitingCommit
+        for idx in sorted(i for i in waiting if i <= header.index):
+            for _term, callback in waiting.pop(idx):
+                callback(None, FAIL_REASON.UNKNOWN_OUTCOME)
+        self.snapshots_installed += 1
+        logger.info(
+            "installed a snapshot at index %d (term %d) from %s", header.index, header.term, node
+        )
+        self._SyncObj__sendNextNodeIdx(node, success=True)  # upstream 1025
+
+    def _discard_incoming(self) -> None:
+        try:
+            self._incoming_path.unlink(missing_ok=True)
+        except OSError:
+            logger.exception("cannot remove %s", self._incoming_path)
+
+    # -- durability ordering -------------------------------------------------------------------
+
+    def _SyncObj__sendNextNodeIdx(self, node, reset=False, nextNodeIdx=None, success=False):
+        # Upstream 1098-1106. An acknowledgement tells the leader our log holds entries; make
+        # them durable first (upstream never syncs the journal).
+        if success:
+            self._journal.sync()
+        super()._SyncObj__sendNextNodeIdx(
+            node, reset=reset, nextNodeIdx=nextNodeIdx, success=success
+        )
+
+    def _onTick(self, timeToWait=0.0):
+        # The leader appends its own entries in _checkCommandsToApply (syncobj.py 528) and
+        # counts itself toward their commit on the next tick (655-672): sync in between.
+        self._journal.sync()
+        super()._onTick(timeToWait)
+
+    def _SyncObj__deleteEntriesTo(self, toIDx):
+        # Upstream 1208-1213, called once a new dump is written (1425-1428). The dump's rename
+        # must be durable before the journal forgets the entries the dump replaces.
+        if self._fsync:
+            fsync_dir(self._dump_path.parent)
+        super()._SyncObj__deleteEntriesTo(toIDx)
+
+    # -- introspection for the adapter and tests -----------------------------------------------
+
+    def close_storage(self) -> None:
+        """Release files. Call only once ticking has stopped (after ``_doDestroy``)."""
+        self._SyncObj__serializer.close()
+
+    def raft_status(self) -> dict:
+        leader = self._SyncObj__raftLeader
+        state = self._SyncObj__raftState
+        match = self._SyncObj__raftMatchIndex if state == _RAFT_STATE.LEADER else {}
+        peers = []
+        for peer in sorted(self._SyncObj__otherNodes, key=lambda n: n.id):
+            peers.append(
+                {
+                    "id": peer.id,
+                    "match_index": match.get(peer),
+                    "connected": self.isNodeConnected(peer),
+                }
+            )
+        return {
+            "role": _ROLES[state],
+            "leader": leader.id if leader is not None else None,
+            "term": self._SyncObj__raftCurrentTerm,
+            "commit_index": self._SyncObj__raftCommitIndex,
+            "applied_index": self._SyncObj__raftLastApplied,
+            "log_first_index": self._journal.first_index(),
+            "log_last_index": self._journal.last_index(),
+            "peers": peers,
+            "refused_truncations": self.refused_truncations,
+            "snapshots_ignored": self.snapshots_ignored,
+            "snapshots_installed": self.snapshots_installed,
+        }
+
+
+__all__ = [
+    "EXIT_APPLY_FAILED",
+    "EXIT_RESTORE_FAILED",
+    "HardenedSerializer",
+    "HardenedSyncObj",
+    "write_file_atomically",
+]
