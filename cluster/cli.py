@@ -12,12 +12,194 @@ def main() -> None:
 
 @main.command()
 @click.option("--seed", default=7, show_default=True, help="Seed of the trading session.")
-@click.option("--orders", default=5000, show_default=True, help="Number of order commands.")
-def demo(seed: int, orders: int) -> None:
-    """Run a finite, seeded trading session and print what happened.
+@click.option("--orders", default=3000, show_default=True, help="Number of order commands.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Keep the cluster's files here (default: a temporary directory).")
+def demo(seed: int, orders: int, data_dir: str | None) -> None:
+    """Start a local 3-node cluster, run a seeded session with one leader kill, print it.
 
-    Example: quorumbook demo --seed 42 --orders 20000
+    Example: quorumbook demo --seed 42 --orders 5000
     """
-    from .demo import run
+    from pathlib import Path
 
-    run(seed, orders)
+    from .demo import run_cluster
+
+    run_cluster(seed, orders, Path(data_dir) if data_dir else None)
+
+
+@main.group()
+def node() -> None:
+    """Run a single node (the production path)."""
+
+
+@node.command("run")
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Node TOML config (node id, raft addr, peers, api port, data dir).")
+def node_run(config_path: str) -> None:
+    """Run one node until SIGTERM/SIGINT.
+
+    The Raft password comes from the config's password_file (mode 0600) or the
+    QUORUMBOOK_RAFT_PASSWORD environment variable, never from the command line.
+
+    Example: quorumbook node run --config /srv/qb/n1/node.toml
+    """
+    from pathlib import Path
+
+    from .config import ConfigError, load
+    from .node import run
+
+    try:
+        config = load(Path(config_path))
+        config.read_password()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    run(config)
+
+
+@main.group()
+def cluster() -> None:
+    """Start and inspect a local cluster."""
+
+
+@cluster.command("up")
+@click.option("--nodes", "n", type=click.IntRange(1, 7), default=3, show_default=True)
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for configs, secrets, node data and cluster.json.")
+@click.option("--restart/--no-restart", default=True, show_default=True,
+              help="Restart a node that dies (with backoff).")
+def cluster_up(n: int, data_dir: str, restart: bool) -> None:
+    """Start a local cluster of N node processes; stop them all on Ctrl-C.
+
+    Example: quorumbook cluster up --nodes 3 --data-dir /tmp/qb
+    """
+    import signal
+    import time
+    from pathlib import Path
+
+    from .launcher import LocalCluster
+
+    root = Path(data_dir)
+    cl = LocalCluster.open(root / "cluster.json") if (root / "cluster.json").exists() else \
+        LocalCluster.create(root, n)
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    cl.start()
+    try:
+        leader = cl.wait_for_leader(30)
+        click.echo(f"cluster of {len(cl.nodes)} up; leader {leader}; manifest {cl.manifest_path}")
+        for node_id, proc in cl.nodes.items():
+            click.echo(f"  {node_id}: api {proc.config.api_url}  raft {proc.config.raft_addr}  pid {proc.pid}")
+        click.echo(f"  admin credentials: {cl.admin_key_path}")
+        backoff = {nid: 1.0 for nid in cl.nodes}
+        next_try = {nid: 0.0 for nid in cl.nodes}
+        while not stopping:
+            time.sleep(0.2)
+            for node_id in cl.adopt_from_manifest():  # add-node / remove-node from another shell
+                click.echo(f"  membership changed: {node_id}")
+                backoff.setdefault(node_id, 1.0)
+                next_try.setdefault(node_id, 0.0)
+            if not restart:
+                continue
+            for node_id, proc in cl.nodes.items():
+                if proc.alive() or time.monotonic() < next_try[node_id]:
+                    continue
+                if proc.process is not None and next_try[node_id] == 0.0:
+                    next_try[node_id] = time.monotonic() + backoff[node_id]
+                    click.echo(f"  {node_id} exited ({proc.process.returncode}); restart in {backoff[node_id]:.0f} s")
+                    continue
+                cl.start(node_id)
+                proc.restarts += 1
+                next_try[node_id] = 0.0
+                backoff[node_id] = min(backoff[node_id] * 2, 30.0)
+                click.echo(f"  {node_id} restarted (pid {proc.pid})")
+    finally:
+        click.echo("stopping cluster")
+        cl.stop_all()
+
+
+@cluster.command("status")
+@click.option("--cluster", "manifest", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Path of the cluster's cluster.json.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def cluster_status(manifest: str, as_json: bool) -> None:
+    """Print every node's role, term, indexes and state hash.
+
+    Example: quorumbook cluster status --cluster /tmp/qb/cluster.json --json
+    """
+    import json
+    from pathlib import Path
+
+    from .launcher import LocalCluster
+
+    cl = LocalCluster.open(Path(manifest))
+    statuses = {nid: cl.status(nid) for nid in cl.nodes}
+    if as_json:
+        click.echo(json.dumps({"nodes": statuses}, indent=2))
+        return
+    for nid, s in statuses.items():
+        if s is None:
+            click.echo(f"{nid}: unreachable")
+        else:
+            click.echo(f"{nid}: {s['role']:9} term {s['term']} commit {s['commit_index']} "
+                       f"applied {s['applied_index']} cmd {s['cmd_index']} hash {s['state_hash'][:16]}")
+
+
+def _open(manifest: str):
+    from pathlib import Path
+
+    from .launcher import LocalCluster
+
+    return LocalCluster.open(Path(manifest))
+
+
+_cluster_option = click.option(
+    "--cluster", "manifest", required=True, type=click.Path(exists=True, dir_okay=False),
+    help="Path of the cluster's cluster.json.")
+
+
+@cluster.command("add-node")
+@_cluster_option
+def cluster_add_node(manifest: str) -> None:
+    """Start one more node and add it through the leader (one change at a time).
+
+    Example: quorumbook cluster add-node --cluster /tmp/qb/cluster.json
+    """
+    cl = _open(manifest)
+    node_id = cl.add_node()
+    click.echo(f"added {node_id}: api {cl.nodes[node_id].config.api_url} "
+               f"raft {cl.nodes[node_id].config.raft_addr} pid {cl.nodes[node_id].pid}")
+
+
+@cluster.command("remove-node")
+@_cluster_option
+@click.option("--node", "node_id", required=True, help="Id of the node to remove, e.g. n2.")
+def cluster_remove_node(manifest: str, node_id: str) -> None:
+    """Remove a node through the leader (moving leadership away first), then stop it.
+
+    Example: quorumbook cluster remove-node --cluster /tmp/qb/cluster.json --node n2
+    """
+    cl = _open(manifest)
+    if node_id not in cl.nodes:
+        raise click.ClickException(f"no node {node_id!r} in {manifest} (have {', '.join(cl.nodes)})")
+    cl.remove_node(node_id)
+    click.echo(f"removed {node_id}; members now {', '.join(cl.nodes)}")
+
+
+@cluster.command("transfer-leader")
+@_cluster_option
+@click.option("--to", "target", default=None, help="Node id to hand over to (default: any other).")
+def cluster_transfer_leader(manifest: str, target: str | None) -> None:
+    """Move leadership and wait until it has moved.
+
+    Example: quorumbook cluster transfer-leader --cluster /tmp/qb/cluster.json --to n3
+    """
+    cl = _open(manifest)
+    before = cl.wait_for_leader(20)
+    after = cl.transfer_leadership(target, away_from=before)
+    click.echo(f"leader {before} -> {after}")

@@ -1,20 +1,21 @@
-"""`quorumbook demo`: a finite, seeded trading session that prints what happened.
+"""`quorumbook demo`: a finite, seeded trading session through a local 3-node cluster.
 
-Until the cluster exists (issue 3) the session runs in-process against one `Exchange`; it
-still shows what a replica guarantees: a replay of the same commands gives the same state
-hash, and a snapshot restores to the same state.
+It starts the nodes, trades through the leader, SIGKILLs the leader half-way, measures the
+time to the next acknowledged batch, restarts the killed node, checks that every replica
+holds the same state hash, prints what happened and stops everything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import click
-
-from statemachine import Exchange
 
 MARKET = "BTC-USD"
 
@@ -78,57 +79,81 @@ class Session:
         return [self._stamp(c) for c in cmds]
 
 
-def run(seed: int, orders: int) -> None:
-    session = Session(seed)
-    commands = session.setup() + session.orders(orders)
-    ex = Exchange()
-    started = time.perf_counter()
-    counts: Counter[str] = Counter()
-    reasons: Counter[str] = Counter()
-    trades = []
-    snapshot_at = len(commands) // 2
-    blob = b""
-    for i, command in enumerate(commands):
-        for event in ex.apply(command):
+def _tally(results: list[dict], counts: Counter, reasons: Counter, trades: list) -> int:
+    """Count events of acknowledged commands; return how many commands had no outcome."""
+    unknown = 0
+    for result in results:
+        if "error" in result:
+            unknown += 1
+            continue
+        for event in result["events"]:
             counts[event["type"]] += 1
             if event["type"] == "rejected":
                 reasons[event["reason"]] += 1
             elif event["type"] == "trade":
                 trades.append(event)
-        if i + 1 == snapshot_at:
-            blob = ex.snapshot()
-    elapsed = time.perf_counter() - started
-    ex.check_invariants()
+    return unknown
 
-    click.echo(f"quorumbook demo (seed {seed}): {len(commands)} commands in {elapsed * 1000:.0f} ms, in-process")
-    click.echo("  (the replicated cluster arrives with the cluster issue; this is one replica's state machine)")
-    click.echo(f"  events: {dict(sorted(counts.items()))}")
-    click.echo(f"  rejections by reason: {dict(sorted(reasons.items()))}")
-    click.echo(f"  trades: {len(trades)}, volume {sum(t['qty'] for t in trades)} lots, "
-               f"fees {sum(t['maker_fee'] + t['taker_fee'] for t in trades)} USD cents")
-    for t in trades[:5]:
-        click.echo(f"    trade {t['trade_id']}: {t['qty']} lots @ {t['price']} "
-                   f"{t['taker_account']} ({t['taker_side']}) x {t['maker_account']}")
-    if len(trades) > 5:
-        click.echo(f"    ... {len(trades) - 5} more")
-    bids = ex.book_levels(MARKET, "buy", 3)
-    asks = ex.book_levels(MARKET, "sell", 3)
-    click.echo(f"  book {MARKET}: bids {bids}  asks {asks}")
-    click.echo("  balances (available/reserved) of the first traders and the fee account:")
-    balances = ex.balances()
-    for acct in ("trader00", "trader01", "trader02", "_fees"):
-        row = {asset: f"{a}/{r}" for (owner, asset), (a, r) in balances.items() if owner == acct}
-        click.echo(f"    {acct}: {row}")
 
-    replay = Exchange()
-    for command in commands:
-        replay.apply(command)
-    resumed = Exchange.restore(blob)
-    for command in commands[snapshot_at:]:
-        resumed.apply(command)
-    click.echo(f"  state hash            {ex.state_hash()}")
-    click.echo(f"  replayed from scratch {replay.state_hash()}")
-    click.echo(f"  snapshot at #{snapshot_at} + rest {resumed.state_hash()}")
-    if not ex.state_hash() == replay.state_hash() == resumed.state_hash():
-        raise click.ClickException("determinism check failed: state hashes differ")
-    click.echo("  determinism: OK (all three hashes equal)")
+def run_cluster(seed: int, orders: int, data_dir: Path | None) -> None:
+    """Start a local 3-node cluster, trade through it with one leader SIGKILL, and report."""
+    from api.client import AdminClient
+
+    from .launcher import LocalCluster
+
+    session = Session(seed)
+    setup = session.setup()
+    flow = session.orders(orders)
+    with contextlib.ExitStack() as stack:
+        root = data_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qb-demo-")))
+        cluster = stack.enter_context(LocalCluster.create(root / "cluster", 3))
+        cluster.start()
+        leader = cluster.wait_for_leader(30)
+        click.echo(f"quorumbook demo (seed {seed}): 3-node cluster up, leader {leader}")
+        for node_id, proc in cluster.nodes.items():
+            click.echo(f"  {node_id}: api {proc.config.api_url}  raft {proc.config.raft_addr}  pid {proc.pid}")
+        client = stack.enter_context(AdminClient(cluster.api_urls(), cluster.admin_credentials()))
+        counts: Counter[str] = Counter()
+        reasons: Counter[str] = Counter()
+        trades: list[dict] = []
+        unknown = _tally(client.submit(setup), counts, reasons, trades)
+        chunk = 25
+        kill_at = len(flow) // 2
+        killed: str | None = None
+        failover_s = None
+        started = time.perf_counter()
+        for i in range(0, len(flow), chunk):
+            if killed is None and i >= kill_at:
+                killed = cluster.wait_for_leader(10)
+                cluster.kill(killed)
+                t_kill = time.perf_counter()
+                click.echo(f"  killed leader {killed} (SIGKILL) after {i} orders")
+            results = client.submit(flow[i : i + chunk])
+            if killed is not None and failover_s is None:
+                failover_s = time.perf_counter() - t_kill
+                click.echo(f"  next acknowledged batch {failover_s * 1000:.0f} ms after the kill, "
+                           f"new leader {cluster.wait_for_leader(10, exclude=(killed,))}")
+            unknown += _tally(results, counts, reasons, trades)
+        elapsed = time.perf_counter() - started
+        assert killed is not None
+        cluster.start(killed)
+        client.barrier()
+        statuses = cluster.wait_converged(30)
+
+        click.echo(f"  {len(setup) + len(flow)} commands in {elapsed:.1f} s through the leader "
+                   f"({unknown} without a known outcome)")
+        click.echo(f"  events: {dict(sorted(counts.items()))}")
+        click.echo(f"  rejections by reason: {dict(sorted(reasons.items()))}")
+        click.echo(f"  trades: {len(trades)}, volume {sum(t['qty'] for t in trades)} lots, "
+                   f"fees {sum(t['maker_fee'] + t['taker_fee'] for t in trades)} USD cents")
+        for t in trades[:3]:
+            click.echo(f"    trade {t['trade_id']}: {t['qty']} lots @ {t['price']} "
+                       f"{t['taker_account']} ({t['taker_side']}) x {t['maker_account']}")
+        click.echo(f"  {killed} restarted from its data dir and caught up:")
+        for node_id, st in statuses.items():
+            click.echo(f"    {node_id}: {st['role']:9} term {st['term']} cmd_index {st['cmd_index']} "
+                       f"state {st['state_hash'][:24]}")
+        if len({st["state_hash"] for st in statuses.values()}) != 1:
+            raise click.ClickException("replicas diverged: state hashes differ")
+        click.echo("  all replicas hold the same state hash")
+        click.echo("  stopping the cluster")

@@ -1,0 +1,185 @@
+"""The node's HTTP API (Quart-trio on Hypercorn).
+
+This is the part the cluster needs: health, status and the signed admin command route.
+The public trading API (orders, books, WebSockets) is the API issue's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from .auth import AuthError, Verifier
+from .port import NodePort, NotLeaderError, OutcomeUnknownError
+
+MAX_BODY_BYTES = 1 << 20
+MAX_COMMANDS = 1000
+
+
+def error(status: int, code: str, message: str, headers: dict | None = None) -> Response:
+    body = json.dumps({"error": {"code": code, "message": message}})
+    return Response(body, status=status, content_type="application/json", headers=headers or {})
+
+
+def create_app(node: NodePort, verifier: Verifier) -> QuartTrio:
+    app = QuartTrio(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        code = (exc.name or "error").lower().replace(" ", "_")
+        return error(exc.code or 400, code, exc.description or exc.name or "error")
+
+    def not_leader_response() -> Response:
+        url = node.leader_url()
+        if url is None:
+            return error(503, "no_leader", "no leader elected yet; retry", {"Retry-After": "1"})
+        location = url + request.full_path.rstrip("?")
+        return error(307, "not_leader", "writes go to the leader",
+                     {"Location": location, "X-Leader": url})
+
+    async def authenticate(role: str) -> Response | None:
+        body = await request.get_data()
+        path = request.full_path.rstrip("?")
+        try:
+            creds = verifier.verify(request.headers, request.method, path, body)
+        except AuthError as exc:
+            return error(401, exc.code, exc.message)
+        if creds.role != role:
+            return error(403, "forbidden", f"this route needs a {role} key")
+        return None
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"ok": True, "node_id": node.node_id}
+
+    @app.get("/v1/cluster/status")
+    async def cluster_status() -> dict:
+        return node.status()
+
+    @app.post("/v1/admin/commands")
+    async def admin_commands() -> Response | dict:
+        denied = await authenticate("admin")
+        if denied is not None:
+            return denied
+        if not node.is_leader():
+            return not_leader_response()
+        try:
+            payload = json.loads(await request.get_data())
+        except ValueError:
+            return error(400, "malformed_json", "body is not valid JSON")
+        commands = payload.get("commands") if isinstance(payload, dict) else None
+        if not isinstance(commands, list) or not commands:
+            return error(400, "bad_request", "body must be {\"commands\": [command, ...]}")
+        if len(commands) > MAX_COMMANDS:
+            return error(413, "too_many_commands", f"at most {MAX_COMMANDS} commands per request")
+        results: list[dict] = [{} for _ in commands]
+
+        async def one(i: int, command: object) -> None:
+            try:
+                results[i] = {"events": await node.submit(command)}  # type: ignore[arg-type]
+            except NotLeaderError as exc:
+                results[i] = {"error": {"code": "not_leader", "message": str(exc),
+                                        "leader_url": exc.leader_url}}
+            except OutcomeUnknownError as exc:
+                results[i] = {"error": {"code": "outcome_unknown", "message": str(exc)}}
+
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for i, command in enumerate(commands):
+                nursery.start_soon(one, i, command)
+        return {"results": results, "elapsed_ms": round((time.perf_counter() - started) * 1000, 3)}
+
+    @app.get("/v1/admin/balances")
+    async def admin_balances() -> Response | dict:
+        """This node's applied balances (a stale read; see the API issue for linearizable reads)."""
+        denied = await authenticate("admin")
+        if denied is not None:
+            return denied
+        account = request.args.get("account")
+        rows = node.read(lambda ex: ex.balances(account))
+        return {
+            "node_id": node.node_id,
+            "cmd_index": node.read(lambda ex: ex.cmd_index),
+            "balances": [
+                {"account": acct, "asset": asset, "available": a, "reserved": r}
+                for (acct, asset), (a, r) in rows.items()
+            ],
+        }
+
+    async def json_body() -> dict | Response:
+        try:
+            payload = json.loads(await request.get_data() or b"{}")
+        except ValueError:
+            return error(400, "malformed_json", "body is not valid JSON")
+        if not isinstance(payload, dict):
+            return error(400, "bad_request", "body must be a JSON object")
+        return payload
+
+    @app.post("/v1/admin/members")
+    async def admin_members() -> Response | dict:
+        """Add or remove one member: {"action": "add"|"remove", "id", "raft_addr", "api_url"}."""
+        denied = await authenticate("admin")
+        if denied is not None:
+            return denied
+        if not node.is_leader():
+            return not_leader_response()
+        payload = await json_body()
+        if isinstance(payload, Response):
+            return payload
+        action = payload.get("action")
+        fields = [payload.get(k) for k in ("id", "raft_addr", "api_url")]
+        if action not in ("add", "remove") or not all(isinstance(f, str) and f for f in fields):
+            return error(400, "bad_request",
+                         'body must be {"action": "add"|"remove", "id", "raft_addr", "api_url"}')
+        try:
+            await node.change_membership(action, *fields)
+        except NotLeaderError as exc:
+            return error(409, "membership_change_failed", str(exc))
+        except OutcomeUnknownError as exc:
+            return error(503, "outcome_unknown", str(exc), {"Retry-After": "1"})
+        return node.status()
+
+    @app.post("/v1/admin/transfer-leader")
+    async def admin_transfer_leader() -> Response | dict:
+        """Hand leadership over: {"to": node_id} or {} for the most caught-up peer."""
+        denied = await authenticate("admin")
+        if denied is not None:
+            return denied
+        if not node.is_leader():
+            return not_leader_response()
+        payload = await json_body()
+        if isinstance(payload, Response):
+            return payload
+        target = payload.get("to")
+        if target is not None and not isinstance(target, str):
+            return error(400, "bad_request", '"to" must be a node id')
+        try:
+            await node.transfer_leadership(target)
+        except NotLeaderError as exc:
+            return error(409, "transfer_failed", str(exc))
+        except OutcomeUnknownError as exc:
+            return error(503, "outcome_unknown", str(exc), {"Retry-After": "1"})
+        return {"requested": True, "to": target}
+
+    @app.post("/v1/admin/barrier")
+    async def admin_barrier() -> Response | dict:
+        denied = await authenticate("admin")
+        if denied is not None:
+            return denied
+        if not node.is_leader():
+            return not_leader_response()
+        try:
+            await node.read_barrier()
+        except NotLeaderError:
+            return not_leader_response()
+        except OutcomeUnknownError as exc:
+            return error(503, "outcome_unknown", str(exc), {"Retry-After": "1"})
+        return node.status()
+
+    return app

@@ -1,0 +1,113 @@
+"""Request signing: HMAC-SHA256 over timestamp, method, path and body.
+
+Headers: `X-QB-Key` (key id), `X-QB-Timestamp` (Unix ms), `X-QB-Signature` (hex).
+The signed message is `"{timestamp}\\n{METHOD}\\n{path?query}\\n"` followed by the raw body.
+A request outside the timestamp window, or whose signature was already seen inside it, is
+rejected, so a captured request cannot be replayed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import stat
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+KEY_HEADER = "X-QB-Key"
+TS_HEADER = "X-QB-Timestamp"
+SIG_HEADER = "X-QB-Signature"
+WINDOW_MS = 5_000
+
+
+class AuthError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Credentials:
+    key_id: str
+    secret: str
+    role: str = "admin"
+    account: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps({"key_id": self.key_id, "secret": self.secret, "role": self.role,
+                           "account": self.account})
+
+
+def new_credentials(role: str = "admin", account: str | None = None) -> Credentials:
+    return Credentials(f"{role}-{secrets.token_hex(6)}", secrets.token_hex(32), role, account)
+
+
+def write_credentials(path: Path, creds: Credentials) -> None:
+    """Write with mode 0600 from the start (no window where others can read it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(creds.to_json())
+
+
+def read_credentials(path: Path) -> Credentials:
+    path = Path(path)
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        raise AuthError("insecure_credentials", f"{path} must be mode 0600")
+    raw = json.loads(path.read_text())
+    return Credentials(raw["key_id"], raw["secret"], raw.get("role", "admin"), raw.get("account"))
+
+
+def sign(secret: str, timestamp_ms: int, method: str, path: str, body: bytes) -> str:
+    message = f"{timestamp_ms}\n{method.upper()}\n{path}\n".encode() + body
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def signed_headers(creds: Credentials, method: str, path: str, body: bytes) -> dict[str, str]:
+    ts = time.time_ns() // 1_000_000
+    return {KEY_HEADER: creds.key_id, TS_HEADER: str(ts),
+            SIG_HEADER: sign(creds.secret, ts, method, path, body)}
+
+
+class Verifier:
+    """Checks signatures against known keys and remembers recent signatures (replays)."""
+
+    def __init__(self, keys: list[Credentials], window_ms: int = WINDOW_MS) -> None:
+        self._keys = {k.key_id: k for k in keys}
+        self.window_ms = window_ms
+        self._seen: dict[str, int] = {}
+
+    def verify(self, headers: Mapping[str, str], method: str, path: str, body: bytes,
+               now_ms: int | None = None) -> Credentials:
+        key_id = headers.get(KEY_HEADER)
+        ts_text = headers.get(TS_HEADER)
+        signature = headers.get(SIG_HEADER)
+        if not key_id or not ts_text or not signature:
+            raise AuthError("unauthenticated", "missing signature headers")
+        creds = self._keys.get(key_id)
+        if creds is None:
+            raise AuthError("unauthenticated", "unknown key")
+        if not ts_text.isdigit() or len(ts_text) > 16:
+            raise AuthError("unauthenticated", "bad timestamp")
+        ts = int(ts_text)
+        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        if abs(now - ts) > self.window_ms:
+            raise AuthError("expired", "timestamp outside the allowed window")
+        expected = sign(creds.secret, ts, method, path, body)
+        if not hmac.compare_digest(expected, signature):
+            raise AuthError("unauthenticated", "bad signature")
+        self._forget_before(now - self.window_ms)
+        if signature in self._seen:
+            raise AuthError("replayed", "this request was already received")
+        self._seen[signature] = ts
+        return creds
+
+    def _forget_before(self, cutoff_ms: int) -> None:
+        if len(self._seen) < 1024:
+            return
+        self._seen = {sig: ts for sig, ts in self._seen.items() if ts >= cutoff_ms}

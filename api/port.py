@@ -1,0 +1,39 @@
+"""What the API needs from a node. `cluster/` implements it; `api/` never imports `cluster/`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from statemachine import Exchange
+
+
+class NotLeaderError(Exception):
+    """Definite: not applied. `leader_url` is where the leader's API is, if one is known."""
+
+    def __init__(self, leader_url: str | None, message: str = "this node is not the leader") -> None:
+        super().__init__(message)
+        self.leader_url = leader_url
+
+
+class OutcomeUnknownError(Exception):
+    """The command may or may not have been applied (timeout, leader change)."""
+
+
+class NodePort(Protocol):
+    node_id: str
+
+    def is_leader(self) -> bool: ...
+    def leader_url(self) -> str | None: ...
+    def status(self) -> dict: ...
+    async def submit(self, command: dict) -> list[dict]: ...
+    async def read_barrier(self) -> None: ...
+    async def change_membership(self, action: str, node_id: str, raft_addr: str,
+                                api_url: str) -> None:
+        """Add or remove one member (one change at a time); NotLeaderError/OutcomeUnknownError."""
+
+    async def transfer_leadership(self, node_id: str | None) -> None:
+        """Ask the leader to hand over (to `node_id`, or the most caught-up peer)."""
+
+    def read(self, query: Callable[[Exchange], Any]) -> Any:
+        """Run a read-only query against this node's applied state (stale unless after a barrier)."""

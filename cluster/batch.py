@@ -1,0 +1,53 @@
+"""The one payload that goes through Raft: a versioned msgpack batch.
+
+`[VERSION, ts, entries]` where each entry is `[KIND_COMMAND, command]`, `[KIND_BARRIER]` or
+`[KIND_MEMBER, "add" | "remove", node_id, raft_addr, api_url]` (the replicated directory
+that tells every node where each member's API is).
+The leader stamps one wall-clock `ts` per batch; the apply side gives every command
+`max(ts, exchange.last_ts)`, which is the same on every replica, so a new leader whose clock
+is behind can never make commands fail for going back in time.
+The result of a batch is `[VERSION, results]`, one entry per input entry: the command's
+events, or `None` for a barrier. Only the proposing node reads it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+VERSION = 1
+KIND_COMMAND = 0
+KIND_BARRIER = 1
+KIND_MEMBER = 2
+
+
+class BatchError(ValueError):
+    """A payload that is not a batch this build understands."""
+
+
+def encode_batch(ts: int, entries: list[list[Any]]) -> bytes:
+    return msgpack.packb([VERSION, ts, entries], use_bin_type=True)
+
+
+def decode_batch(payload: bytes) -> tuple[int, list[list[Any]]]:
+    try:
+        version, ts, entries = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception as exc:  # any malformed payload is one clear error
+        raise BatchError(f"undecodable batch: {exc}") from exc
+    if version != VERSION:
+        raise BatchError(f"unsupported batch version {version!r}")
+    if type(ts) is not int or type(entries) is not list:
+        raise BatchError("malformed batch")
+    return ts, entries
+
+
+def encode_results(results: list[Any]) -> bytes:
+    return msgpack.packb([VERSION, results], use_bin_type=True)
+
+
+def decode_results(payload: bytes) -> list[Any]:
+    version, results = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    if version != VERSION:
+        raise BatchError(f"unsupported result version {version!r}")
+    return results

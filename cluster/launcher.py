@@ -1,0 +1,353 @@
+"""A local cluster of separate node processes on free loopback ports.
+
+Used by `quorumbook cluster up`, the demo, the tests, drills and the harness. Writes
+`DIR/cluster.json` (DESIGN.md "CLI"), one `node.toml` per node, a Raft password and admin
+credentials (both mode 0600). Every process it starts it stops, by pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from api.auth import new_credentials, read_credentials, write_credentials
+from api.client import ClusterUnavailable
+
+from .config import NodeConfig, Peer, dump, load
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class NodeProcess:
+    config_path: Path
+    config: NodeConfig
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+    adopted_pid: int | None = None  # a node started by another launcher (from cluster.json)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else self.adopted_pid
+
+    def alive(self) -> bool:
+        if self.process is not None:
+            return self.process.poll() is None
+        if self.adopted_pid is None:
+            return False
+        try:
+            os.kill(self.adopted_pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+
+class LocalCluster:
+    def __init__(self, root: Path, nodes: dict[str, NodeProcess]) -> None:
+        self.root = root
+        self.nodes = nodes
+
+    # ------------------------------------------------------------------ creation
+
+    @classmethod
+    def create(cls, root: Path, n: int = 3, **settings: object) -> LocalCluster:
+        """Write configs and secrets for a new cluster of `n` nodes under `root`."""
+        root = Path(root).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        password_file = root / "raft.password"
+        if not password_file.exists():
+            fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32))
+        admin_key = root / "admin.key"
+        if not admin_key.exists():
+            write_credentials(admin_key, new_credentials("admin"))
+        ids = [f"n{i}" for i in range(1, n + 1)]
+        addrs = {i: (f"127.0.0.1:{free_port()}", free_port()) for i in ids}
+        nodes = {}
+        for node_id in ids:
+            raft_addr, api_port = addrs[node_id]
+            peers = tuple(
+                Peer(other, addrs[other][0], f"http://127.0.0.1:{addrs[other][1]}")
+                for other in ids if other != node_id
+            )
+            config = NodeConfig(
+                node_id=node_id, raft_addr=raft_addr, api_host="127.0.0.1", api_port=api_port,
+                data_dir=root / node_id / "data", peers=peers, password_file=password_file,
+                admin_key_file=admin_key, **settings,  # type: ignore[arg-type]
+            )
+            path = root / node_id / "node.toml"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(dump(config))
+            nodes[node_id] = NodeProcess(path, config)
+        cluster = cls(root, nodes)
+        cluster.write_manifest()
+        return cluster
+
+    @classmethod
+    def open(cls, manifest: Path) -> LocalCluster:
+        """Attach to a cluster described by its `cluster.json` (pids are not adopted)."""
+        raw = json.loads(Path(manifest).read_text())
+        nodes = {}
+        for entry in raw["nodes"]:
+            path = Path(entry["config"])
+            nodes[entry["id"]] = NodeProcess(path, load(path), adopted_pid=entry.get("pid"))
+        return cls(Path(manifest).resolve().parent, nodes)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "cluster.json"
+
+    @property
+    def admin_key_path(self) -> Path:
+        return self.root / "admin.key"
+
+    def admin_credentials(self):
+        return read_credentials(self.admin_key_path)
+
+    def api_urls(self) -> list[str]:
+        return [n.config.api_url for n in self.nodes.values()]
+
+    def write_manifest(self) -> None:
+        manifest = {
+            "nodes": [
+                {
+                    "id": node_id,
+                    "api_url": n.config.api_url,
+                    "raft_addr": n.config.raft_addr,
+                    "pid": n.pid,
+                    "data_dir": str(n.config.data_dir),
+                    "config": str(n.config_path),
+                }
+                for node_id, n in self.nodes.items()
+            ],
+            "admin_credentials": str(self.admin_key_path),
+        }
+        tmp = self.manifest_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, self.manifest_path)
+
+    # ------------------------------------------------------------------ membership
+
+    def _rewrite_configs(self) -> None:
+        """Every node's config lists every current member (for restarts)."""
+        members = {nid: n.config for nid, n in self.nodes.items()}
+        for node_id, node in self.nodes.items():
+            peers = tuple(Peer(o, c.raft_addr, c.api_url) for o, c in members.items() if o != node_id)
+            node.config = dataclasses.replace(node.config, peers=peers)
+            node.config_path.write_text(dump(node.config))
+
+    def add_node(self) -> str:
+        """Start one more node and add it to the cluster through the leader."""
+        from api.client import AdminClient
+
+        template = next(iter(self.nodes.values())).config
+        node_id = f"n{max(int(nid[1:]) for nid in self.nodes) + 1}"
+        config = dataclasses.replace(
+            template, node_id=node_id, raft_addr=f"127.0.0.1:{free_port()}", api_port=free_port(),
+            data_dir=self.root / node_id / "data",
+        )
+        path = self.root / node_id / "node.toml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.nodes[node_id] = NodeProcess(path, config)
+        self._rewrite_configs()
+        self.start(node_id)
+        with AdminClient(self.api_urls(), self.admin_credentials()) as client:
+            client.change_membership("add", node_id, config.raft_addr, config.api_url)
+        self.write_manifest()
+        return node_id
+
+    def transfer_leadership(self, to: str | None = None, *, away_from: str | None = None,
+                            attempts: int = 10) -> str:
+        """Move leadership (to `to`, or to any other node) and wait until it has moved.
+
+        pysyncobj's transfer is best effort (Raft TimeoutNow: the target must be caught up and
+        then win its election), so this retries and verifies rather than trusting the request.
+        """
+        from api.client import AdminClient
+
+        for _ in range(attempts):
+            leader = self.wait_for_leader(20)
+            if (to is not None and leader == to) or (to is None and leader != (away_from or leader)):
+                return leader
+            with AdminClient([self.nodes[leader].config.api_url], self.admin_credentials()) as c, \
+                    contextlib.suppress(httpx.HTTPError, ClusterUnavailable):
+                # Denied (target not caught up) or the leader moved meanwhile: check, retry.
+                c.transfer_leader(to, deadline_s=5)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                status = self.status(leader, 1.0)
+                if status is None or status["leader"] != leader:
+                    break
+                time.sleep(0.05)
+        raise TimeoutError(f"leadership did not move in {attempts} attempts")
+
+    def remove_node(self, node_id: str) -> None:
+        """Remove a member through the leader, then stop its process."""
+        from api.client import AdminClient
+
+        config = self.nodes[node_id].config
+        others = [n.config.api_url for nid, n in self.nodes.items() if nid != node_id]
+        if self.wait_for_leader(20) == node_id:
+            self.transfer_leadership(away_from=node_id)
+        with AdminClient(others, self.admin_credentials()) as client:
+            client.change_membership("remove", node_id, config.raft_addr, config.api_url)
+        self.stop(node_id)
+        del self.nodes[node_id]
+        self._rewrite_configs()
+        self.write_manifest()
+
+    # ------------------------------------------------------------------ processes
+
+    def adopt_from_manifest(self) -> list[str]:
+        """Pick up nodes another launcher added to (or removed from) cluster.json."""
+        raw = json.loads(self.manifest_path.read_text())
+        listed = {entry["id"]: entry for entry in raw["nodes"]}
+        changed = []
+        for node_id, entry in listed.items():
+            if node_id not in self.nodes:
+                path = Path(entry["config"])
+                self.nodes[node_id] = NodeProcess(path, load(path), adopted_pid=entry.get("pid"))
+                changed.append(node_id)
+        for node_id in [nid for nid in self.nodes if nid not in listed]:
+            del self.nodes[node_id]
+            changed.append(node_id)
+        return changed
+
+    def start(self, node_id: str | None = None) -> None:
+        targets = [node_id] if node_id else list(self.nodes)
+        for nid in targets:
+            node = self.nodes[nid]
+            if node.alive():
+                continue
+            log = open(node.config_path.parent / "node.log", "ab")  # noqa: SIM115 - owned by Popen
+            node.process = subprocess.Popen(
+                [sys.executable, "-m", "cluster", "node", "run", "--config", str(node.config_path)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,  # our Ctrl-C reaches the launcher, which stops them in order
+            )
+            log.close()
+        self.write_manifest()
+
+    def signal(self, node_id: str, signum: int) -> None:
+        node = self.nodes[node_id]
+        if node.alive() and node.pid is not None:
+            os.kill(node.pid, signum)
+
+    def _wait_adopted(self, node: NodeProcess, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while node.alive():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def kill(self, node_id: str) -> None:
+        """SIGKILL and reap."""
+        node = self.nodes[node_id]
+        if node.process is None:
+            self.signal(node_id, signal.SIGKILL)
+            self._wait_adopted(node, 10)
+            return
+        if node.alive():
+            node.process.kill()
+        node.process.wait(timeout=10)
+
+    def stop(self, node_id: str, timeout_s: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout_s`."""
+        node = self.nodes[node_id]
+        if node.process is None:
+            self.signal(node_id, signal.SIGTERM)
+            if not self._wait_adopted(node, timeout_s):
+                self.signal(node_id, signal.SIGKILL)
+                self._wait_adopted(node, 10)
+            return
+        if node.alive():
+            node.process.send_signal(signal.SIGTERM)
+            try:
+                node.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                node.process.kill()
+                node.process.wait(timeout=10)
+        node.process.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for node_id in self.nodes:
+            if self.nodes[node_id].alive():
+                self.signal(node_id, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for node_id in self.nodes:
+            node = self.nodes[node_id]
+            if node.process is None:
+                if not self._wait_adopted(node, max(0.1, deadline - time.monotonic())):
+                    self.signal(node_id, signal.SIGKILL)
+                    self._wait_adopted(node, 10)
+                continue
+            try:
+                node.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                node.process.kill()
+                node.process.wait(timeout=10)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+    # ------------------------------------------------------------------ observation
+
+    def status(self, node_id: str, timeout_s: float = 2.0) -> dict | None:
+        url = self.nodes[node_id].config.api_url
+        try:
+            response = httpx.get(url + "/v1/cluster/status", timeout=timeout_s)
+            response.raise_for_status()
+            return response.json()
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def statuses(self) -> dict[str, dict | None]:
+        return {nid: (self.status(nid) if self.nodes[nid].alive() else None) for nid in self.nodes}
+
+    def wait_for_leader(self, timeout_s: float = 20.0, exclude: tuple[str, ...] = ()) -> str:
+        """Poll until one live node reports itself leader and a majority agrees."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            statuses = {k: v for k, v in self.statuses().items() if v and k not in exclude}
+            leaders = [s["node_id"] for s in statuses.values() if s["role"] == "leader"]
+            if len(leaders) == 1:
+                agree = sum(1 for s in statuses.values() if s["leader"] == leaders[0])
+                if agree * 2 > len(self.nodes):
+                    return leaders[0]
+            time.sleep(0.05)
+        raise TimeoutError(f"no leader within {timeout_s} s: {self.statuses()}")
+
+    def wait_converged(self, timeout_s: float = 20.0, nodes: list[str] | None = None) -> dict:
+        """Poll until the given live nodes report the same cmd_index and state hash."""
+        targets = nodes or [nid for nid, n in self.nodes.items() if n.alive()]
+        deadline = time.monotonic() + timeout_s
+        last: dict = {}
+        while time.monotonic() < deadline:
+            last = {nid: self.status(nid) for nid in targets}
+            if all(last.values()):
+                hashes = {(s["cmd_index"], s["state_hash"]) for s in last.values()}  # type: ignore[index]
+                if len(hashes) == 1:
+                    return last
+            time.sleep(0.05)
+        raise TimeoutError(f"nodes did not converge within {timeout_s} s: {last}")

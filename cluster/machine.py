@@ -1,0 +1,112 @@
+"""The replicated state machine as the Raft adapter sees it: bytes in, bytes out.
+
+Runs on pysyncobj's thread. It applies a batch to the `Exchange`, tells listeners (the
+trio side) what was applied, and answers snapshot/restore with the exchange's own codec.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import msgpack
+
+from statemachine import Exchange
+
+from .batch import (
+    KIND_BARRIER,
+    KIND_COMMAND,
+    KIND_MEMBER,
+    BatchError,
+    decode_batch,
+    encode_results,
+)
+
+log = logging.getLogger(__name__)
+
+# Called on pysyncobj's thread after each applied batch: (applied commands' events, exchange).
+AppliedListener = Callable[[list[list[dict]], Exchange], None]
+
+SNAPSHOT_VERSION = 1
+
+
+class MachineSnapshotError(ValueError):
+    """A node snapshot that is not ours or is damaged (the exchange blob is checked too)."""
+
+
+class ExchangeMachine:
+    """`StateMachinePort` over a `statemachine.Exchange`."""
+
+    def __init__(self) -> None:
+        self.exchange = Exchange()
+        # node_id -> (raft_addr, api_url): members added at run time, replicated like commands
+        self.directory: dict[str, tuple[str, str]] = {}
+        self.batches_applied = 0
+        self._listeners: list[AppliedListener] = []
+        self._lock = threading.Lock()  # guards reads from other threads (status, snapshots)
+
+    def add_listener(self, listener: AppliedListener) -> None:
+        self._listeners.append(listener)
+
+    def apply(self, payload: bytes) -> bytes:
+        try:
+            ts, entries = decode_batch(payload)
+        except BatchError as exc:
+            # Every replica sees the same bytes, so every replica skips it alike.
+            log.error("skipping an undecodable batch: %s", exc)
+            return encode_results([])
+        results: list = []
+        applied: list[list[dict]] = []
+        with self._lock:
+            ex = self.exchange
+            for entry in entries:
+                if type(entry) is list and entry and entry[0] == KIND_COMMAND and len(entry) == 2:
+                    command = entry[1]
+                    if type(command) is dict:
+                        command["ts"] = max(ts, ex.last_ts)
+                    events = ex.apply(command)
+                    results.append(events)
+                    applied.append(events)
+                elif type(entry) is list and entry == [KIND_BARRIER]:
+                    results.append(None)
+                elif type(entry) is list and len(entry) == 5 and entry[0] == KIND_MEMBER:
+                    _, action, node_id, raft_addr, api_url = entry
+                    if action == "add":
+                        self.directory[str(node_id)] = (str(raft_addr), str(api_url))
+                    elif action == "remove":
+                        self.directory.pop(str(node_id), None)
+                    results.append(None)
+                else:
+                    results.append(None)
+            self.batches_applied += 1
+        for listener in self._listeners:
+            listener(applied, ex)
+        return encode_results(results)
+
+    def snapshot(self) -> bytes:
+        with self._lock:
+            directory = sorted([k, *v] for k, v in self.directory.items())
+            return msgpack.packb([SNAPSHOT_VERSION, self.exchange.snapshot(), directory],
+                                 use_bin_type=True)
+
+    def restore(self, blob: bytes) -> None:
+        try:
+            version, exchange_blob, directory = msgpack.unpackb(blob, raw=False)
+        except Exception as exc:
+            raise MachineSnapshotError(f"undecodable node snapshot: {exc}") from exc
+        if version != SNAPSHOT_VERSION:
+            raise MachineSnapshotError(f"unsupported node snapshot version {version!r}")
+        exchange = Exchange.restore(exchange_blob)
+        with self._lock:
+            self.exchange = exchange
+            self.directory = {k: (a, u) for k, a, u in directory}
+
+    def members(self) -> dict[str, tuple[str, str]]:
+        with self._lock:
+            return dict(self.directory)
+
+    def read(self, fn: Callable[[Exchange], object]) -> object:
+        """Run a read-only query against the exchange without racing the apply thread."""
+        with self._lock:
+            return fn(self.exchange)

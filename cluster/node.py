@@ -1,0 +1,196 @@
+"""One node process: the Raft replica, the trio bridge and the HTTP API.
+
+`quorumbook node run --config FILE` calls `run(config)`. The process is trio in the main
+thread; pysyncobj ticks on its own thread, created here by the main thread (if the thread
+that created it exits, pysyncobj stops ticking silently).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from api.app import create_app
+from api.auth import Verifier, read_credentials
+from api.port import NotLeaderError, OutcomeUnknownError
+
+from .config import NodeConfig, Peer
+from .machine import ExchangeMachine
+from .raft import RaftReplica, RaftSettings
+from .replica import NotLeader, OutcomeUnknown, Replica
+
+log = logging.getLogger("quorumbook.node")
+
+
+class Node:
+    """Implements `api.port.NodePort` on top of a `Replica`."""
+
+    def __init__(self, config: NodeConfig, machine: ExchangeMachine, raft: RaftReplica,
+                 replica: Replica) -> None:
+        self.config = config
+        self.node_id = config.node_id
+        self.machine = machine
+        self.raft = raft
+        self.replica = replica
+        self._hash_cache: tuple[int, str] = (-1, "")
+
+    def _members(self) -> dict[str, Peer]:
+        """raft_addr -> member: the static config, overlaid by the replicated directory."""
+        members = {p.raft_addr: p for p in self.config.peers}
+        members[self.config.raft_addr] = Peer(self.node_id, self.config.raft_addr, self.config.api_url)
+        for node_id, (raft_addr, api_url) in sorted(self.machine.members().items()):
+            members[raft_addr] = Peer(node_id, raft_addr, api_url)
+        return members
+
+    def _peer_id(self, raft_addr: str | None) -> str | None:
+        if raft_addr is None:
+            return None
+        peer = self._members().get(raft_addr)
+        return peer.id if peer else raft_addr
+
+    def is_leader(self) -> bool:
+        return self.raft.is_leader()
+
+    def leader_url(self) -> str | None:
+        leader = self.raft.leader()
+        if leader is None:
+            return None
+        peer = self._members().get(leader)
+        return peer.api_url if peer else None
+
+    async def submit(self, command: dict) -> list[dict]:
+        try:
+            return await self.replica.submit(command)
+        except NotLeader as exc:
+            raise NotLeaderError(self.leader_url(), str(exc)) from None
+        except OutcomeUnknown as exc:
+            raise OutcomeUnknownError(str(exc)) from None
+
+    async def read_barrier(self) -> None:
+        try:
+            await self.replica.read_barrier()
+        except NotLeader as exc:
+            raise NotLeaderError(self.leader_url(), str(exc)) from None
+        except OutcomeUnknown as exc:
+            raise OutcomeUnknownError(str(exc)) from None
+
+    async def change_membership(self, action: str, node_id: str, raft_addr: str,
+                                api_url: str) -> None:
+        try:
+            if action == "add":
+                # Directory first, so every node can redirect to the new member at once.
+                await self.replica.record_member("add", node_id, raft_addr, api_url)
+                await self.replica.raft_admin("add", raft_addr)
+            else:
+                await self.replica.raft_admin("remove", raft_addr)
+                await self.replica.record_member("remove", node_id, raft_addr, api_url)
+        except NotLeader as exc:
+            raise NotLeaderError(self.leader_url(), str(exc)) from None
+        except OutcomeUnknown as exc:
+            raise OutcomeUnknownError(str(exc)) from None
+
+    async def transfer_leadership(self, node_id: str | None) -> None:
+        addr = None
+        if node_id is not None:
+            addr = next((a for a, p in self._members().items() if p.id == node_id), None)
+            if addr is None:
+                raise NotLeaderError(self.leader_url(), f"unknown node {node_id!r}")
+        try:
+            await self.replica.raft_admin("transfer", addr)
+        except NotLeader as exc:
+            raise NotLeaderError(self.leader_url(), str(exc)) from None
+        except OutcomeUnknown as exc:
+            raise OutcomeUnknownError(str(exc)) from None
+
+    def read(self, query):  # see api.port.NodePort.read
+        return self.machine.read(query)
+
+    def _state(self) -> tuple[int, str]:
+        def read(ex):
+            if self._hash_cache[0] != ex.cmd_index:
+                self._hash_cache = (ex.cmd_index, ex.state_hash())
+            return self._hash_cache
+
+        return self.machine.read(read)  # type: ignore[return-value]
+
+    def status(self) -> dict:
+        raft = self.raft.status()
+        cmd_index, state_hash = self._state()
+        return {
+            "node_id": self.node_id,
+            "role": raft["role"],
+            "leader": self._peer_id(raft["leader"]),
+            "term": raft["term"],
+            "commit_index": raft["commit_index"],
+            "applied_index": raft["applied_index"],
+            "cmd_index": cmd_index,
+            "state_hash": state_hash,
+            "peers": [
+                {"id": self._peer_id(p["id"]), "match_index": p.get("match_index"),
+                 "connected": p.get("connected")}
+                for p in raft.get("peers", [])
+            ],
+            "batches_proposed": self.replica.batches_proposed,
+            "indexer": {"active": False},
+        }
+
+
+async def _serve(config: NodeConfig) -> None:
+    password = config.read_password()
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    machine = ExchangeMachine()
+    raft = RaftReplica(
+        RaftSettings(
+            self_addr=config.raft_addr,
+            peers=tuple(p.raft_addr for p in config.peers),
+            password=password,
+            data_dir=config.data_dir,
+            election_timeout_min_s=config.election_timeout_min_s,
+            election_timeout_max_s=config.election_timeout_max_s,
+            append_entries_period_s=config.append_entries_period_s,
+            leader_fallback_timeout_s=config.leader_fallback_timeout_s,
+            compaction_min_entries=config.compaction_min_entries,
+            compaction_min_time_s=config.compaction_min_time_s,
+        ),
+        machine,
+    )
+    replica = Replica(raft, batch_window_s=config.batch_window_s, batch_max=config.batch_max,
+                      submit_timeout_s=config.submit_timeout_s)
+    node = Node(config, machine, raft, replica)
+    keys = [read_credentials(config.admin_key_file)] if config.admin_key_file else []
+    app = create_app(node, Verifier(keys))
+    hconfig = HypercornConfig()
+    hconfig.bind = [f"{config.api_host}:{config.api_port}"]
+    hconfig.keep_alive_max_requests = 1_000_000
+    hconfig.accesslog = None
+    hconfig.errorlog = "-"
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(replica.run)
+            stop = trio.Event()
+
+            async def watch_signals() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("node %s: signal %d, stopping", config.node_id, signum)
+                        stop.set()
+                        return
+
+            nursery.start_soon(watch_signals)
+            nursery.start_soon(lambda: serve(app, hconfig, shutdown_trigger=stop.wait))
+            log.info("node %s: raft %s, api %s", config.node_id, config.raft_addr, config.api_url)
+            await stop.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        raft.destroy()
+
+
+def run(config: NodeConfig) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    trio.run(_serve, config)

@@ -1,0 +1,230 @@
+"""The trio side of a node: batching, submission and the bridge from pysyncobj's thread.
+
+Callers `await replica.submit(command)`. A batcher task gathers the commands that arrive
+within `batch_window_s` (or up to `batch_max`), stamps one wall-clock `ts` and proposes the
+batch as one replicated call. pysyncobj reports the outcome on its own thread; the callback
+only hands it to trio with `TrioToken.run_sync_soon`, so no trio code ever blocks on
+pysyncobj. A caller gets events only once its command is committed and applied.
+
+Outcomes a caller can see (STYLE 9):
+- events (definite: applied; a `rejected` event is a definite "not applied");
+- `NotLeader` (definite: not proposed, or proposed and refused before it entered the log);
+- `OutcomeUnknown` (the command may or may not take effect: timeout, leader changed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from .batch import KIND_BARRIER, KIND_COMMAND, KIND_MEMBER, decode_results, encode_batch
+
+log = logging.getLogger(__name__)
+
+
+class SubmitFailure(Protocol):
+    definite: bool
+    reason: str
+
+
+class RaftPort(Protocol):
+    """What the replica needs from the Raft adapter (`cluster.raft.RaftReplica`)."""
+
+    def submit(self, payload: bytes, callback: Any) -> None: ...
+    def is_leader(self) -> bool: ...
+    def leader(self) -> str | None: ...
+    def status(self) -> dict: ...
+    def add_node(self, addr: str, callback: Any) -> None: ...
+    def remove_node(self, addr: str, callback: Any) -> None: ...
+    def transfer_leadership(self, addr: str | None, callback: Any) -> None: ...
+
+
+class NotLeader(Exception):
+    """Definite: the command was not applied. `leader` is the known leader's id, if any."""
+
+    def __init__(self, leader: str | None, reason: str = "not leader") -> None:
+        super().__init__(reason)
+        self.leader = leader
+
+
+class OutcomeUnknown(Exception):
+    """The command may or may not have been applied; a retry with the same
+    client_order_id (or ref) settles it."""
+
+
+@dataclass(eq=False)
+class _Slot:
+    entry: list
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+class Replica:
+    def __init__(
+        self,
+        raft: RaftPort,
+        *,
+        batch_window_s: float = 0.001,
+        batch_max: int = 1000,
+        submit_timeout_s: float = 5.0,
+        queue_max: int = 100_000,
+    ) -> None:
+        self.raft = raft
+        self.batch_window_s = batch_window_s
+        self.batch_max = batch_max
+        self.submit_timeout_s = submit_timeout_s
+        self._send, self._receive = trio.open_memory_channel[_Slot](queue_max)
+        self._token: trio.lowlevel.TrioToken | None = None
+        self.batches_proposed = 0
+        self.batch_sizes_total = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The batcher; run it in the node's nursery with `nursery.start`."""
+        self._token = trio.lowlevel.current_trio_token()
+        task_status.started()
+        async with self._receive:
+            while True:
+                first = await self._receive.receive()
+                batch = [first]
+                if self.batch_window_s > 0:
+                    with trio.move_on_after(self.batch_window_s):
+                        while len(batch) < self.batch_max:
+                            batch.append(await self._receive.receive())
+                while len(batch) < self.batch_max:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                self._propose(batch)
+                # Let resolved callers and new submitters run between batches.
+                await trio.lowlevel.checkpoint()
+
+    def _propose(self, batch: list[_Slot]) -> None:
+        if not self.raft.is_leader():
+            error = NotLeader(self.raft.leader())
+            for slot in batch:
+                slot.error = error
+                slot.done.set()
+            return
+        payload = encode_batch(time.time_ns(), [slot.entry for slot in batch])
+        self.batches_proposed += 1
+        self.batch_sizes_total += len(batch)
+        token = self._token
+        assert token is not None
+
+        def on_result(result: bytes | None, failure: SubmitFailure | None) -> None:
+            # pysyncobj's thread (or ours, for an immediate failure): hand over, never block.
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._resolve, batch, result, failure)
+
+        self.raft.submit(payload, on_result)
+
+    def _resolve(self, batch: list[_Slot], result: bytes | None, failure: Any) -> None:
+        if failure is not None:
+            if failure.definite:
+                error: BaseException = NotLeader(self.raft.leader(), failure.reason)
+            else:
+                error = OutcomeUnknown(failure.reason)
+            for slot in batch:
+                slot.error = error
+                slot.done.set()
+            return
+        assert result is not None
+        results = decode_results(result)
+        if len(results) != len(batch):
+            # Cannot happen for a batch we encoded; never guess which caller got what.
+            error = OutcomeUnknown("result count does not match the batch")
+            for slot in batch:
+                slot.error = error
+                slot.done.set()
+            return
+        for slot, value in zip(batch, results, strict=True):
+            slot.result = value
+            slot.done.set()
+
+    async def _submit_entry(self, entry: list, timeout_s: float | None) -> Any:
+        if not self.raft.is_leader():
+            raise NotLeader(self.raft.leader())
+        slot = _Slot(entry)
+        try:
+            self._send.send_nowait(slot)
+        except trio.WouldBlock:
+            raise NotLeader(self.raft.leader(), "submit queue full") from None
+        timeout = self.submit_timeout_s if timeout_s is None else timeout_s
+        with trio.move_on_after(timeout if timeout is not None else math.inf):
+            await slot.done.wait()
+        if not slot.done.is_set():
+            raise OutcomeUnknown(f"no outcome within {timeout} s")
+        if slot.error is not None:
+            raise slot.error
+        return slot.result
+
+    async def submit(self, command: dict, *, timeout_s: float | None = None) -> list[dict]:
+        """Replicate one command; return its events once committed and applied."""
+        return await self._submit_entry([KIND_COMMAND, command], timeout_s)
+
+    async def submit_many(self, commands: list[dict], *, timeout_s: float | None = None) -> list:
+        """Submit several commands concurrently; each outcome is an events list or an exception."""
+        outcomes: list[Any] = [None] * len(commands)
+
+        async def one(i: int, command: dict) -> None:
+            try:
+                outcomes[i] = await self.submit(command, timeout_s=timeout_s)
+            except (NotLeader, OutcomeUnknown) as exc:
+                outcomes[i] = exc
+
+        async with trio.open_nursery() as nursery:
+            for i, command in enumerate(commands):
+                nursery.start_soon(one, i, command)
+        return outcomes
+
+    async def read_barrier(self, *, timeout_s: float | None = None) -> None:
+        """Return once a no-op entry proposed now is committed and applied here.
+
+        Everything committed before the call is then applied locally, and a deposed leader
+        cannot pass it (its entry never commits), so reads after it are linearizable.
+        """
+        await self._submit_entry([KIND_BARRIER], timeout_s)
+
+    async def record_member(self, action: str, node_id: str, raft_addr: str, api_url: str) -> None:
+        """Replicate a directory entry (where a member's API is) through the log."""
+        await self._submit_entry([KIND_MEMBER, action, node_id, raft_addr, api_url], None)
+
+    async def raft_admin(self, op: str, addr: str | None, *, timeout_s: float = 10.0) -> None:
+        """Membership change or leader transfer through pysyncobj, awaited without blocking.
+
+        `op` is "add", "remove" or "transfer". Raises NotLeader or OutcomeUnknown like submit.
+        """
+        if not self.raft.is_leader():
+            raise NotLeader(self.raft.leader())
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        outcome: list[Any] = [None]
+
+        def finish(failure: Any) -> None:
+            outcome[0] = failure
+            done.set()
+
+        def on_result(result: Any, failure: Any) -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(finish, failure)
+
+        call = {"add": self.raft.add_node, "remove": self.raft.remove_node,
+                "transfer": self.raft.transfer_leadership}[op]
+        call(addr, on_result)
+        with trio.move_on_after(timeout_s):
+            await done.wait()
+        if not done.is_set():
+            raise OutcomeUnknown(f"{op} {addr}: no outcome within {timeout_s} s")
+        failure = outcome[0]
+        if failure is not None:
+            if failure.definite:
+                raise NotLeader(self.raft.leader(), f"{op} {addr}: {failure.reason}")
+            raise OutcomeUnknown(f"{op} {addr}: {failure.reason}")

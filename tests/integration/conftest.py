@@ -1,0 +1,33 @@
+"""Real node processes on free loopback ports; every process a test starts, it stops."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from api.client import AdminClient
+from cluster.launcher import LocalCluster
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path) -> Iterator:
+    made: list[LocalCluster] = []
+
+    def make(n: int = 3, **settings: object) -> LocalCluster:
+        cluster = LocalCluster.create(tmp_path / f"cluster{len(made)}", n, **settings)
+        made.append(cluster)
+        cluster.start()
+        cluster.wait_for_leader(30)
+        return cluster
+
+    try:
+        yield make
+    finally:
+        for cluster in made:
+            cluster.stop_all()
+
+
+def admin(cluster: LocalCluster) -> AdminClient:
+    return AdminClient(cluster.api_urls(), cluster.admin_credentials())

@@ -1,0 +1,92 @@
+"""The operator's path: `quorumbook cluster up` in one process, admin commands in others."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+QB = [sys.executable, "-m", "cluster"]
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*QB, *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_cluster_up_status_membership_and_ctrl_c(tmp_path: Path) -> None:
+    data = tmp_path / "qb"
+    up = subprocess.Popen([*QB, "cluster", "up", "--nodes", "3", "--data-dir", str(data)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    manifest = data / "cluster.json"
+    pids: list[int] = []
+    try:
+        wait_for(lambda: manifest.exists() and all(n["pid"] for n in json.loads(manifest.read_text())["nodes"]),
+                 30, "cluster.json with pids")
+        raw = json.loads(manifest.read_text())
+        assert {n["id"] for n in raw["nodes"]} == {"n1", "n2", "n3"}
+        assert oct(os.stat(raw["admin_credentials"]).st_mode & 0o777) == "0o600"
+        assert oct(os.stat(data / "raft.password").st_mode & 0o777) == "0o600"
+
+        def leader_known():
+            out = run("cluster", "status", "--cluster", str(manifest), "--json")
+            nodes = json.loads(out.stdout)["nodes"] if out.returncode == 0 else {}
+            roles = [s["role"] for s in nodes.values() if s]
+            return nodes if roles.count("leader") == 1 and len(roles) == 3 else None
+
+        wait_for(leader_known, 30, "a leader")
+        moved = run("cluster", "transfer-leader", "--cluster", str(manifest))
+        assert moved.returncode == 0, moved.stderr
+        assert "->" in moved.stdout
+
+        added = run("cluster", "add-node", "--cluster", str(manifest))
+        assert added.returncode == 0, added.stderr + added.stdout
+        assert "added n4" in added.stdout
+        raw = json.loads(manifest.read_text())
+        assert {n["id"] for n in raw["nodes"]} == {"n1", "n2", "n3", "n4"}
+
+        removed = run("cluster", "remove-node", "--cluster", str(manifest), "--node", "n2")
+        assert removed.returncode == 0, removed.stderr + removed.stdout
+        raw = json.loads(manifest.read_text())
+        assert {n["id"] for n in raw["nodes"]} == {"n1", "n3", "n4"}
+        status = wait_for(leader_known, 30, "a leader after the membership changes")
+        assert set(status) == {"n1", "n3", "n4"}
+
+        bad = run("cluster", "remove-node", "--cluster", str(manifest), "--node", "n9")
+        assert bad.returncode != 0 and "no node 'n9'" in bad.stderr
+        pids = [n["pid"] for n in raw["nodes"]]
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            output, _ = up.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            output, _ = up.communicate()
+        raw = json.loads(manifest.read_text()) if manifest.exists() else {"nodes": []}
+        for pid in pids + [n["pid"] for n in raw["nodes"] if n["pid"]]:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert up.returncode == 0, output
+    assert "stopping cluster" in output
+    assert not [pid for pid in pids if pid_alive(pid)], "cluster up left node processes behind"

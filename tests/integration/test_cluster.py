@@ -1,0 +1,219 @@
+"""A real 3-node cluster: replication, leader SIGKILL, restarts, compaction, isolation."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from api.client import ClusterUnavailable
+from cluster.launcher import LocalCluster
+
+from .conftest import admin
+
+MARKET = {"op": "create_market", "market": "BTC-USD", "base": "BTC", "quote": "USD",
+          "lot_size": 100, "tick_size": 5, "maker_fee_bps": 1, "taker_fee_bps": 2}
+
+
+def deposit(i: int) -> dict:
+    return {"op": "deposit", "account": f"k{i}", "asset": "USD", "amount": i + 1, "ref": f"r{i}"}
+
+
+class DepositLoad:
+    """Submits deposits with unique refs from a thread; records what was acknowledged."""
+
+    def __init__(self, cluster: LocalCluster, per_request: int = 5) -> None:
+        self.client = admin(cluster)
+        self.per_request = per_request
+        self.acked: dict[int, int] = {}  # i -> amount
+        self.unknown: set[int] = set()
+        self.resent = 0  # acknowledged as duplicate_ref: the resend itself took a cmd_index
+        self.counter = itertools.count()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            batch = [next(self.counter) for _ in range(self.per_request)]
+            try:
+                results = self.client.submit([deposit(i) for i in batch], deadline_s=10)
+            except (ClusterUnavailable, httpx.HTTPError):
+                self.unknown.update(batch)
+                continue
+            for i, result in zip(batch, results, strict=True):
+                events = result.get("events")
+                if events and events[0]["type"] == "balance":
+                    self.acked[i] = i + 1
+                elif events and events[0].get("reason") == "duplicate_ref":
+                    # The client resent a request whose first copy was applied before the
+                    # leader died: the ref says it is in the log, exactly once.
+                    self.acked[i] = i + 1
+                    self.resent += 1
+                elif result.get("error", {}).get("code") == "outcome_unknown":
+                    self.unknown.add(i)
+
+    def __enter__(self) -> DepositLoad:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        self.client.close()
+
+    def wait_acked(self, n: int, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.acked) < n:
+            assert time.monotonic() < deadline, f"only {len(self.acked)} acked"
+            time.sleep(0.02)
+
+
+def assert_acked_present(cluster: LocalCluster, acked: dict[int, int], unknown: set[int]) -> None:
+    """Every acknowledged deposit is in every live node's state, exactly as acknowledged."""
+    with admin(cluster) as client:
+        for node_id, proc in cluster.nodes.items():
+            if not proc.alive():
+                continue
+            rows = client.balances(proc.config.api_url)["balances"]
+            have = {int(r["account"][1:]): r["available"] for r in rows if r["account"].startswith("k")}
+            missing = [i for i in acked if have.get(i) != acked[i]]
+            assert not missing, f"{node_id} lost acknowledged deposits {missing[:10]}"
+            extra = [i for i in have if i not in acked and i not in unknown]
+            assert not extra, f"{node_id} holds deposits never submitted: {extra[:10]}"
+
+
+def test_commands_reach_every_node_with_equal_state(make_cluster) -> None:
+    cluster = make_cluster(3)
+    with admin(cluster) as client:
+        results = client.submit([MARKET] + [deposit(i) for i in range(50)])
+        assert all("events" in r for r in results)
+        assert results[0]["events"][0]["type"] == "market_created"
+        client.barrier()
+    statuses = cluster.wait_converged(20)
+    assert {s["cmd_index"] for s in statuses.values()} == {51}
+    assert len({s["state_hash"] for s in statuses.values()}) == 1
+    roles = sorted(s["role"] for s in statuses.values())
+    assert roles == ["follower", "follower", "leader"]
+    assert_acked_present(cluster, {i: i + 1 for i in range(50)}, set())
+
+
+def test_follower_redirects_writes_to_the_leader(make_cluster) -> None:
+    cluster = make_cluster(3)
+    leader = cluster.wait_for_leader()
+    follower = next(n for n in cluster.nodes if n != leader)
+    with admin(cluster) as client:
+        client.urls = [cluster.nodes[follower].config.api_url]  # only the follower is known
+        results = client.submit([deposit(1)])
+        assert results[0]["events"][0]["type"] == "balance"
+        assert client._leader == cluster.nodes[leader].config.api_url
+
+
+def test_leader_sigkill_under_load_loses_nothing_acknowledged(make_cluster) -> None:
+    cluster = make_cluster(3)
+    with DepositLoad(cluster) as load:
+        load.wait_acked(200)
+        old_leader = cluster.wait_for_leader()
+        cluster.kill(old_leader)
+        killed_at = len(load.acked)
+        new_leader = cluster.wait_for_leader(20, exclude=(old_leader,))
+        assert new_leader != old_leader
+        load.wait_acked(killed_at + 200)
+    # The killed node restarts from its data dir and catches up.
+    cluster.start(old_leader)
+    with admin(cluster) as client:
+        client.barrier()
+    statuses = cluster.wait_converged(30)
+    assert len({s["state_hash"] for s in statuses.values()}) == 1
+    assert_acked_present(cluster, load.acked, load.unknown)
+    # Nothing applied twice: every command in the log is one cmd_index (a client resend of a
+    # command whose first copy was applied is a second, rejected, command).
+    applied = next(iter(statuses.values()))["cmd_index"]
+    floor = len(load.acked) + load.resent
+    assert floor <= applied <= floor + len(load.unknown)
+
+
+def test_whole_cluster_restart_keeps_every_acknowledged_command(make_cluster) -> None:
+    cluster = make_cluster(3)
+    with admin(cluster) as client:
+        results = client.submit([MARKET] + [deposit(i) for i in range(100)])
+        acked = {i: i + 1 for i, r in enumerate(results[1:]) if "events" in r}
+    assert len(acked) == 100
+    for node_id in cluster.nodes:
+        cluster.kill(node_id)
+    cluster.start()
+    cluster.wait_for_leader(30)
+    with admin(cluster) as client:
+        client.barrier()
+    statuses = cluster.wait_converged(30)
+    assert {s["cmd_index"] for s in statuses.values()} == {101}
+    assert_acked_present(cluster, acked, set())
+
+
+def test_follower_restarted_after_compaction_restores_from_snapshot(make_cluster) -> None:
+    cluster = make_cluster(3, compaction_min_entries=20, compaction_min_time_s=0.2)
+    leader = cluster.wait_for_leader()
+    follower = next(n for n in cluster.nodes if n != leader)
+    cluster.stop(follower)
+    with admin(cluster) as client:
+        for chunk in range(20):
+            client.submit([deposit(chunk * 10 + j) for j in range(10)])
+        client.barrier()
+    dumps = [p for n in cluster.nodes.values() for p in n.config.data_dir.glob("*dump*")]
+    assert dumps, "no snapshot was written"
+    cluster.start(follower)
+    statuses = cluster.wait_converged(30)
+    assert {s["cmd_index"] for s in statuses.values()} == {200}
+    assert_acked_present(cluster, {i: i + 1 for i in range(200)}, set())
+
+
+def test_read_barrier_on_a_leader_cut_off_from_the_majority_does_not_return(make_cluster) -> None:
+    cluster = make_cluster(3)
+    leader = cluster.wait_for_leader()
+    followers = [n for n in cluster.nodes if n != leader]
+    with admin(cluster) as client:
+        client.submit([deposit(0)])
+        for f in followers:
+            cluster.signal(f, signal.SIGSTOP)
+        try:
+            client.urls = [cluster.nodes[leader].config.api_url]
+            client._leader = None
+            with pytest.raises((ClusterUnavailable, httpx.HTTPError)):
+                client.barrier(deadline_s=3)
+            # And it stops calling itself leader within about a second (leaderFallbackTimeout).
+            deadline = time.monotonic() + 3
+            while cluster.status(leader)["role"] == "leader":
+                assert time.monotonic() < deadline, "cut-off leader still claims leadership"
+                time.sleep(0.05)
+        finally:
+            for f in followers:
+                cluster.signal(f, signal.SIGCONT)
+    cluster.wait_for_leader(20)
+
+
+def test_add_a_fourth_node_then_remove_one_keeps_serving(make_cluster) -> None:
+    cluster = make_cluster(3)
+    with admin(cluster) as client:
+        client.submit([deposit(i) for i in range(20)])
+    new = cluster.add_node()
+    assert len(cluster.nodes) == 4
+    statuses = cluster.wait_converged(30)
+    assert statuses[new]["cmd_index"] >= 20
+    with admin(cluster) as client:
+        client.submit([deposit(i) for i in range(20, 40)])
+        leader_status = client.barrier()
+        assert len(leader_status["peers"]) == 3  # the leader sees three peers
+    # Remove the current leader: it hands over first, then leaves.
+    victim = cluster.wait_for_leader()
+    cluster.remove_node(victim)
+    assert victim not in cluster.nodes
+    with admin(cluster) as client:
+        client.submit([deposit(i) for i in range(40, 60)])
+        leader_status = client.barrier()
+        assert len(leader_status["peers"]) == 2
+    statuses = cluster.wait_converged(30)
+    assert {s["cmd_index"] for s in statuses.values()} == {60}
+    assert_acked_present(cluster, {i: i + 1 for i in range(60)}, set())
