@@ -136,6 +136,8 @@ class Node:
                 for p in raft.get("peers", [])
             ],
             "batches_proposed": self.replica.batches_proposed,
+            "raft": {k: raft[k] for k in ("log_first_index", "log_last_index", "refused_truncations",
+                                          "snapshots_ignored", "snapshots_installed") if k in raft},
             "indexer": {"active": False},
         }
 
