@@ -1,0 +1,175 @@
+"""The trio side of a node: batching, per-caller results, definite vs unknown outcomes.
+
+Against a real single-node RaftReplica (pysyncobj's own thread calls back) and, for the
+outcomes a healthy node cannot produce on demand, a fake of our RaftPort interface.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from cluster.batch import decode_batch, encode_results
+from cluster.machine import ExchangeMachine
+from cluster.raft import RaftReplica, RaftSettings
+from cluster.replica import NotLeader, OutcomeUnknown, Replica
+
+from .conftest import free_port
+
+MARKET = {"op": "create_market", "market": "X-Y", "base": "X", "quote": "Y", "lot_size": 1,
+          "tick_size": 1, "maker_fee_bps": 0, "taker_fee_bps": 0}
+
+
+def solo(data_dir: Path) -> tuple[ExchangeMachine, RaftReplica]:
+    machine = ExchangeMachine()
+    raft = RaftReplica(
+        RaftSettings(self_addr=f"127.0.0.1:{free_port()}", peers=(), password="test-secret",
+                     data_dir=data_dir, fsync=False),
+        machine,
+    )
+    return machine, raft
+
+
+async def wait_leader(raft: RaftReplica) -> None:
+    with trio.fail_after(10):
+        while not raft.is_leader():
+            await trio.sleep(0.01)
+
+
+def test_concurrent_callers_share_batches_and_each_gets_its_own_events(tmp_path: Path) -> None:
+    machine, raft = solo(tmp_path)
+    threads_seen: set[str] = set()
+    machine.add_listener(lambda applied, ex: threads_seen.add(threading.current_thread().name))
+
+    async def main() -> None:
+        await wait_leader(raft)
+        replica = Replica(raft, batch_window_s=0.002, batch_max=100)
+        results: dict[int, list[dict]] = {}
+        async with trio.open_nursery() as nursery:
+            await nursery.start(replica.run)
+            await replica.submit(MARKET)
+
+            async def one(i: int) -> None:
+                results[i] = await replica.submit(
+                    {"op": "deposit", "account": f"a{i}", "asset": "Y", "amount": i + 1,
+                     "ref": f"r{i}"})
+
+            async with trio.open_nursery() as callers:
+                for i in range(300):
+                    callers.start_soon(one, i)
+            await replica.read_barrier()
+            nursery.cancel_scope.cancel()
+        for i, events in results.items():
+            assert [e["type"] for e in events] == ["balance"]
+            assert events[0]["account"] == f"a{i}" and events[0]["available"] == i + 1
+        # 301 commands went out in far fewer replicated calls, never more than batch_max each.
+        assert replica.batches_proposed < 60
+        assert replica.batch_sizes_total == 302  # 301 commands + 1 barrier
+        assert machine.exchange.cmd_index == 301
+
+    try:
+        trio.run(main)
+    finally:
+        raft.destroy()
+    assert threads_seen and threading.main_thread().name not in threads_seen
+
+
+def test_the_leader_stamps_ts_and_it_never_goes_back(tmp_path: Path) -> None:
+    _, raft = solo(tmp_path)
+
+    async def main() -> None:
+        await wait_leader(raft)
+        replica = Replica(raft)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(replica.run)
+            first = await replica.submit({**MARKET, "ts": 4 * 10**18})  # a client ts is ignored
+            second = await replica.submit({**MARKET, "market": "X-Z"})
+            nursery.cancel_scope.cancel()
+        assert first[0]["ts"] < 4 * 10**18
+        assert second[0]["type"] == "market_created" and second[0]["ts"] >= first[0]["ts"]
+
+    try:
+        trio.run(main)
+    finally:
+        raft.destroy()
+
+
+class FakeRaft:
+    """Our RaftPort, scripted: leader or not, and what the callback says (or never says)."""
+
+    def __init__(self, *, leader: bool = True, outcome: str = "ok") -> None:
+        self.leader_flag = leader
+        self.outcome = outcome
+        self.submitted: list[bytes] = []
+
+    def is_leader(self) -> bool:
+        return self.leader_flag
+
+    def leader(self) -> str | None:
+        return "127.0.0.1:1" if not self.leader_flag else None
+
+    def status(self) -> dict:
+        return {}
+
+    def submit(self, payload: bytes, callback) -> None:
+        self.submitted.append(payload)
+        _, entries = decode_batch(payload)
+
+        class Failure:
+            def __init__(self, definite: bool, reason: str) -> None:
+                self.definite = definite
+                self.reason = reason
+
+        def later() -> None:
+            if self.outcome == "ok":
+                callback(encode_results([[{"type": "ok"}] for _ in entries]), None)
+            elif self.outcome == "leader_changed":
+                callback(None, Failure(False, "leader_changed"))
+            elif self.outcome == "not_leader":
+                callback(None, Failure(True, "not_leader"))
+            # "silent": never calls back
+
+        threading.Thread(target=later).start()
+
+
+@pytest.mark.parametrize(
+    ("fake", "expected"),
+    [
+        (FakeRaft(leader=False), NotLeader),
+        (FakeRaft(outcome="not_leader"), NotLeader),
+        (FakeRaft(outcome="leader_changed"), OutcomeUnknown),
+        (FakeRaft(outcome="silent"), OutcomeUnknown),
+    ],
+    ids=["follower", "refused", "leader-changed", "timeout"],
+)
+def test_every_failure_is_definite_or_unknown(fake: FakeRaft, expected: type) -> None:
+    async def main() -> None:
+        replica = Replica(fake, submit_timeout_s=0.3)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(replica.run)
+            with pytest.raises(expected):
+                await replica.submit(MARKET)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    if expected is NotLeader and not fake.leader_flag:
+        assert fake.submitted == []  # a follower proposes nothing
+
+
+def test_a_late_result_after_a_timeout_is_harmless() -> None:
+    fake = FakeRaft(outcome="silent")
+
+    async def main() -> None:
+        replica = Replica(fake, submit_timeout_s=0.1)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(replica.run)
+            with pytest.raises(OutcomeUnknown):
+                await replica.submit(MARKET)
+            fake.outcome = "ok"
+            assert (await replica.submit(MARKET)) == [{"type": "ok"}]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
