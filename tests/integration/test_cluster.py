@@ -98,6 +98,9 @@ def test_follower_restarted_after_compaction_restores_from_snapshot(make_cluster
     cluster.start(follower)
     statuses = cluster.wait_converged(30)
     assert {s["cmd_index"] for s in statuses.values()} == {200}
+    # The leader compacted past what the follower had, so it caught up from a snapshot.
+    assert statuses[follower]["raft"]["snapshots_installed"] >= 1
+    assert statuses[leader]["raft"]["log_first_index"] > 1
     assert_acked_present(cluster, {i: i + 1 for i in range(200)}, set())
 
 
