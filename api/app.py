@@ -1,7 +1,6 @@
 """The node's HTTP API (Quart-trio on Hypercorn).
 
-This is the part the cluster needs: health, status and the signed admin command route.
-The public trading API (orders, books, WebSockets) is the API issue's.
+Health, status and the signed admin routes live here; the trading API is `api/trading.py`.
 """
 
 from __future__ import annotations
@@ -14,7 +13,8 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from .auth import AuthError, Verifier
+from . import trading
+from .auth import AuthError, Verifier, new_key_id
 from .port import NodePort, NotLeaderError, OutcomeUnknownError
 
 MAX_BODY_BYTES = 1 << 20
@@ -166,6 +166,35 @@ def create_app(node: NodePort, verifier: Verifier) -> QuartTrio:
         except OutcomeUnknownError as exc:
             return error(503, "outcome_unknown", str(exc), {"Retry-After": "1"})
         return {"requested": True, "to": target}
+
+    @app.post("/v1/admin/keys")
+    async def admin_create_key() -> Response | dict:
+        """Create an API key: {"account": A, "role": "trader"} -> {key_id, secret, ...}.
+
+        The secret is shown once, here; the cluster stores only (key id, account, role).
+        """
+        denied = await authenticate("admin")
+        if denied is not None:
+            return denied
+        if not node.is_leader():
+            return not_leader_response()
+        payload = await json_body()
+        if isinstance(payload, Response):
+            return payload
+        account = payload.get("account")
+        role = payload.get("role", "trader")
+        if not isinstance(account, str) or not account or role not in ("trader", "admin"):
+            return error(400, "bad_request", 'body must be {"account": A, "role": "trader"|"admin"}')
+        key_id = new_key_id(role)
+        try:
+            secret = await node.create_key(key_id, account, role)
+        except NotLeaderError:
+            return not_leader_response()
+        except OutcomeUnknownError as exc:
+            return error(503, "outcome_unknown", str(exc), {"Retry-After": "1"})
+        return {"key_id": key_id, "secret": secret, "account": account, "role": role}
+
+    trading.register(app, node, verifier, error, not_leader_response)
 
     @app.post("/v1/admin/barrier")
     async def admin_barrier() -> Response | dict:

@@ -15,7 +15,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,11 +74,40 @@ def signed_headers(creds: Credentials, method: str, path: str, body: bytes) -> d
             SIG_HEADER: sign(creds.secret, ts, method, path, body)}
 
 
-class Verifier:
-    """Checks signatures against known keys and remembers recent signatures (replays)."""
+def derive_secret(master: str, key_id: str) -> str:
+    """A registry key's secret: HMAC of the cluster's API master secret and the key id.
 
-    def __init__(self, keys: list[Credentials], window_ms: int = WINDOW_MS) -> None:
+    The replicated key registry then holds no secret at all (key id, account, role), and
+    every node that has the master file can verify any key.
+    """
+    return hmac.new(master.encode(), f"qb-api-key:{key_id}".encode(), hashlib.sha256).hexdigest()
+
+
+def new_key_id(role: str) -> str:
+    return f"{role[:5]}-{secrets.token_hex(8)}"
+
+
+def read_secret_file(path: Path) -> str:
+    path = Path(path)
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        raise AuthError("insecure_credentials", f"{path} must be mode 0600")
+    return path.read_text().strip()
+
+
+KeyLookup = Callable[[str], "Credentials | None"]
+
+
+class Verifier:
+    """Checks signatures against known keys and remembers recent signatures (replays).
+
+    `keys` are static (the bootstrap admin key); `lookup` finds the rest (the replicated
+    registry, secrets derived from the master secret).
+    """
+
+    def __init__(self, keys: list[Credentials], window_ms: int = WINDOW_MS,
+                 lookup: KeyLookup | None = None) -> None:
         self._keys = {k.key_id: k for k in keys}
+        self._lookup = lookup
         self.window_ms = window_ms
         self._seen: dict[str, int] = {}
 
@@ -90,6 +119,8 @@ class Verifier:
         if not key_id or not ts_text or not signature:
             raise AuthError("unauthenticated", "missing signature headers")
         creds = self._keys.get(key_id)
+        if creds is None and self._lookup is not None:
+            creds = self._lookup(key_id)
         if creds is None:
             raise AuthError("unauthenticated", "unknown key")
         if not ts_text.isdigit() or len(ts_text) > 16:

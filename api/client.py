@@ -96,6 +96,12 @@ class AdminClient:
         response.raise_for_status()
         return response.json()
 
+    def create_key(self, account: str, role: str = "trader", *, deadline_s: float = 15.0
+                   ) -> Credentials:
+        """Create an API key for `account`; the secret is only returned here."""
+        raw = self._post("/v1/admin/keys", {"account": account, "role": role}, deadline_s)
+        return Credentials(raw["key_id"], raw["secret"], raw["role"], raw["account"])
+
     def change_membership(self, action: str, node_id: str, raft_addr: str, api_url: str,
                           *, deadline_s: float = 30.0) -> dict:
         payload = {"action": action, "id": node_id, "raft_addr": raft_addr, "api_url": api_url}

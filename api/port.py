@@ -35,5 +35,11 @@ class NodePort(Protocol):
     async def transfer_leadership(self, node_id: str | None) -> None:
         """Ask the leader to hand over (to `node_id`, or the most caught-up peer)."""
 
+    async def create_key(self, key_id: str, account: str, role: str) -> str:
+        """Register an API key through the log; return its secret."""
+
+    def recent_trades(self, market: str, limit: int) -> list[dict]:
+        """The last `limit` trades of a market this node has applied, oldest first."""
+
     def read(self, query: Callable[[Exchange], Any]) -> Any:
         """Run a read-only query against this node's applied state (stale unless after a barrier)."""

@@ -2,7 +2,9 @@
 
 `[VERSION, ts, entries]` where each entry is `[KIND_COMMAND, command]`, `[KIND_BARRIER]` or
 `[KIND_MEMBER, "add" | "remove", node_id, raft_addr, api_url]` (the replicated directory
-that tells every node where each member's API is).
+that tells every node where each member's API is) or `[KIND_KEY, "add" | "revoke", key_id,
+account, role]` (the API key registry; it holds no secret: a key's secret is derived from the
+cluster's API master secret and the key id, see `api/auth.py`).
 The leader stamps one wall-clock `ts` per batch; the apply side gives every command
 `max(ts, exchange.last_ts)`, which is the same on every replica, so a new leader whose clock
 is behind can never make commands fail for going back in time.
@@ -20,6 +22,7 @@ VERSION = 1
 KIND_COMMAND = 0
 KIND_BARRIER = 1
 KIND_MEMBER = 2
+KIND_KEY = 3
 
 
 class BatchError(ValueError):

@@ -36,6 +36,7 @@ class NodeConfig:
     peers: tuple[Peer, ...]
     password_file: Path | None = None
     admin_key_file: Path | None = None
+    api_master_file: Path | None = None  # derives API key secrets; same file on every node
     election_timeout_min_s: float = 0.15
     election_timeout_max_s: float = 0.30
     append_entries_period_s: float = 0.04
@@ -50,6 +51,16 @@ class NodeConfig:
     @property
     def api_url(self) -> str:
         return f"http://{self.api_host}:{self.api_port}"
+
+    def read_api_master(self) -> str | None:
+        if self.api_master_file is None:
+            return None
+        path = self.api_master_file
+        if not path.exists():
+            raise ConfigError(f"api_master_file {path} does not exist")
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:
+            raise ConfigError(f"api_master_file {path} must not be readable by group/others (chmod 600)")
+        return path.read_text().strip()
 
     def read_password(self) -> str:
         password = os.environ.get(PASSWORD_ENV)
@@ -92,6 +103,7 @@ def load(path: Path) -> NodeConfig:
             peers=peers,
             password_file=(base / raw["password_file"]).resolve() if "password_file" in raw else None,
             admin_key_file=(base / raw["admin_key_file"]).resolve() if "admin_key_file" in raw else None,
+            api_master_file=(base / raw["api_master_file"]).resolve() if "api_master_file" in raw else None,
             **timings,
             **batching,
         )
@@ -109,6 +121,8 @@ def dump(config: NodeConfig) -> str:
         lines.append(f'password_file = "{config.password_file}"')
     if config.admin_key_file is not None:
         lines.append(f'admin_key_file = "{config.admin_key_file}"')
+    if config.api_master_file is not None:
+        lines.append(f'api_master_file = "{config.api_master_file}"')
     lines += [
         "",
         "[raft]",

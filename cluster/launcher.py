@@ -75,6 +75,11 @@ class LocalCluster:
             fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_urlsafe(32))
+        api_master = root / "api.master"
+        if not api_master.exists():
+            fd = os.open(api_master, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
         admin_key = root / "admin.key"
         if not admin_key.exists():
             write_credentials(admin_key, new_credentials("admin"))
@@ -90,7 +95,7 @@ class LocalCluster:
             config = NodeConfig(
                 node_id=node_id, raft_addr=raft_addr, api_host="127.0.0.1", api_port=api_port,
                 data_dir=root / node_id / "data", peers=peers, password_file=password_file,
-                admin_key_file=admin_key, **settings,  # type: ignore[arg-type]
+                admin_key_file=admin_key, api_master_file=api_master, **settings,  # type: ignore[arg-type]
             )
             path = root / node_id / "node.toml"
             path.parent.mkdir(parents=True, exist_ok=True)

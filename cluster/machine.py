@@ -17,6 +17,7 @@ from statemachine import Exchange
 from .batch import (
     KIND_BARRIER,
     KIND_COMMAND,
+    KIND_KEY,
     KIND_MEMBER,
     BatchError,
     decode_batch,
@@ -42,6 +43,8 @@ class ExchangeMachine:
         self.exchange = Exchange()
         # node_id -> (raft_addr, api_url): members added at run time, replicated like commands
         self.directory: dict[str, tuple[str, str]] = {}
+        # key_id -> (account, role): API keys, replicated so every node accepts them
+        self.keys: dict[str, tuple[str, str]] = {}
         self.batches_applied = 0
         self._listeners: list[AppliedListener] = []
         self._lock = threading.Lock()  # guards reads from other threads (status, snapshots)
@@ -77,6 +80,13 @@ class ExchangeMachine:
                     elif action == "remove":
                         self.directory.pop(str(node_id), None)
                     results.append(None)
+                elif type(entry) is list and len(entry) == 5 and entry[0] == KIND_KEY:
+                    _, action, key_id, account, role = entry
+                    if action == "add":
+                        self.keys[str(key_id)] = (str(account), str(role))
+                    elif action == "revoke":
+                        self.keys.pop(str(key_id), None)
+                    results.append(None)
                 else:
                     results.append(None)
             self.batches_applied += 1
@@ -87,12 +97,13 @@ class ExchangeMachine:
     def snapshot(self) -> bytes:
         with self._lock:
             directory = sorted([k, *v] for k, v in self.directory.items())
-            return msgpack.packb([SNAPSHOT_VERSION, self.exchange.snapshot(), directory],
+            keys = sorted([k, *v] for k, v in self.keys.items())
+            return msgpack.packb([SNAPSHOT_VERSION, self.exchange.snapshot(), directory, keys],
                                  use_bin_type=True)
 
     def restore(self, blob: bytes) -> None:
         try:
-            version, exchange_blob, directory = msgpack.unpackb(blob, raw=False)
+            version, exchange_blob, directory, keys = msgpack.unpackb(blob, raw=False)
         except Exception as exc:
             raise MachineSnapshotError(f"undecodable node snapshot: {exc}") from exc
         if version != SNAPSHOT_VERSION:
@@ -101,6 +112,11 @@ class ExchangeMachine:
         with self._lock:
             self.exchange = exchange
             self.directory = {k: (a, u) for k, a, u in directory}
+            self.keys = {k: (a, r) for k, a, r in keys}
+
+    def key(self, key_id: str) -> tuple[str, str] | None:
+        with self._lock:
+            return self.keys.get(key_id)
 
     def members(self) -> dict[str, tuple[str, str]]:
         with self._lock:

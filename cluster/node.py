@@ -7,16 +7,18 @@ that created it exits, pysyncobj stops ticking silently).
 
 from __future__ import annotations
 
+import collections
 import logging
 import signal
 import sys
+import threading
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from api.app import create_app
-from api.auth import Verifier, read_credentials
+from api.auth import Credentials, Verifier, derive_secret, read_credentials
 from api.port import NotLeaderError, OutcomeUnknownError
 
 from .config import NodeConfig, Peer
@@ -38,6 +40,44 @@ class Node:
         self.raft = raft
         self.replica = replica
         self._hash_cache: tuple[int, str] = (-1, "")
+        self.api_master = config.read_api_master()
+        self._trades: dict[str, collections.deque] = {}
+        self._trades_lock = threading.Lock()
+        machine.add_listener(self._on_applied)
+
+    def _on_applied(self, applied: list[list[dict]], exchange: object) -> None:
+        """pysyncobj's thread: keep the recent trades of every market (derived, not replicated)."""
+        with self._trades_lock:
+            for events in applied:
+                for event in events:
+                    if event["type"] == "trade":
+                        ring = self._trades.get(event["market"])
+                        if ring is None:
+                            ring = self._trades[event["market"]] = collections.deque(maxlen=1000)
+                        ring.append(event)
+
+    def recent_trades(self, market: str, limit: int) -> list[dict]:
+        with self._trades_lock:
+            ring = self._trades.get(market, ())
+            return list(ring)[-limit:]
+
+    def lookup_key(self, key_id: str) -> Credentials | None:
+        entry = self.machine.key(key_id)
+        if entry is None or self.api_master is None:
+            return None
+        account, role = entry
+        return Credentials(key_id, derive_secret(self.api_master, key_id), role, account)
+
+    async def create_key(self, key_id: str, account: str, role: str) -> str:
+        if self.api_master is None:
+            raise NotLeaderError(None, "this node has no api_master_file configured")
+        try:
+            await self.replica.record_key("add", key_id, account, role)
+        except NotLeader as exc:
+            raise NotLeaderError(self.leader_url(), str(exc)) from None
+        except OutcomeUnknown as exc:
+            raise OutcomeUnknownError(str(exc)) from None
+        return derive_secret(self.api_master, key_id)
 
     def _members(self) -> dict[str, Peer]:
         """raft_addr -> member: the static config, overlaid by the replicated directory."""
@@ -165,7 +205,7 @@ async def _serve(config: NodeConfig) -> None:
                       submit_timeout_s=config.submit_timeout_s)
     node = Node(config, machine, raft, replica)
     keys = [read_credentials(config.admin_key_file)] if config.admin_key_file else []
-    app = create_app(node, Verifier(keys))
+    app = create_app(node, Verifier(keys, lookup=node.lookup_key))
     hconfig = HypercornConfig()
     hconfig.bind = [f"{config.api_host}:{config.api_port}"]
     hconfig.keep_alive_max_requests = 1_000_000

@@ -23,7 +23,14 @@ from typing import Any, Protocol
 
 import trio
 
-from .batch import KIND_BARRIER, KIND_COMMAND, KIND_MEMBER, decode_results, encode_batch
+from .batch import (
+    KIND_BARRIER,
+    KIND_COMMAND,
+    KIND_KEY,
+    KIND_MEMBER,
+    decode_results,
+    encode_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +203,10 @@ class Replica:
     async def record_member(self, action: str, node_id: str, raft_addr: str, api_url: str) -> None:
         """Replicate a directory entry (where a member's API is) through the log."""
         await self._submit_entry([KIND_MEMBER, action, node_id, raft_addr, api_url], None)
+
+    async def record_key(self, action: str, key_id: str, account: str, role: str) -> None:
+        """Replicate an API key registry entry (no secret) through the log."""
+        await self._submit_entry([KIND_KEY, action, key_id, account, role], None)
 
     async def raft_admin(self, op: str, addr: str | None, *, timeout_s: float = 10.0) -> None:
         """Membership change or leader transfer through pysyncobj, awaited without blocking.

@@ -1,0 +1,322 @@
+"""The trading API: orders, markets, books, trades, balances (REST under /v1).
+
+Every private route is signed (api/auth.py) with a trader key bound to one account: the
+command's `account` always comes from the key, never from the body, so a key can only touch
+its own orders. Rejections of the state machine become 4xx with the state machine's reason as
+the error code; nothing rejected changes state. Reads are linearizable by default (served by
+the leader after a read barrier); `?consistency=stale` is served by any node from its applied
+state and says which `seq` it reflects in `X-QB-Seq`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from quart import Response, request
+from quart_trio import QuartTrio
+
+from .auth import AuthError, Credentials, Verifier
+from .port import NodePort, NotLeaderError, OutcomeUnknownError
+
+MAX_BATCH_ORDERS = 100
+MAX_DEPTH = 1000
+
+# State machine reason -> HTTP status. Anything not listed is a 400 (malformed or invalid).
+REASON_STATUS = {
+    "unknown_market": 404,
+    "unknown_order": 404,
+    "duplicate_client_order_id": 409,
+    "duplicate_ref": 409,
+    "market_exists": 409,
+    "insufficient_funds": 422,
+    "post_only_would_cross": 422,
+    "fok_unfillable": 422,
+    "no_open_orders": 422,
+    "no_change": 422,
+}
+# Body fields a client may not set: the node sets them.
+RESERVED_FIELDS = ("op", "ts", "account")
+
+ErrorFn = Callable[..., Response]
+
+
+def summarize(events: list[dict]) -> dict:
+    """What a client wants to know about its command, from the command's events."""
+    first = events[0]
+    out: dict[str, Any] = {"seq": events[-1]["seq"], "events": events}
+    if first["type"] in ("accepted", "amended"):
+        order_id = first["order_id"]
+        trades = [e for e in events if e["type"] == "trade" and order_id in
+                  (e["taker_order_id"], e["maker_order_id"])]
+        status = "resting"
+        for e in events:
+            if e["type"] == "filled" and e["order_id"] == order_id:
+                status = "filled"
+            elif e["type"] == "cancelled" and e["order_id"] == order_id:
+                status = "cancelled"
+        out.update(order_id=order_id, client_order_id=first.get("client_order_id"),
+                   status=status, filled_qty=sum(t["qty"] for t in trades), trades=trades)
+    return out
+
+
+def register(app: QuartTrio, node: NodePort, verifier: Verifier, error: ErrorFn,
+             not_leader_response: Callable[[], Response]) -> None:
+
+    async def caller(role: str = "trader") -> Credentials | Response:
+        body = await request.get_data()
+        path = request.full_path.rstrip("?")
+        try:
+            creds = verifier.verify(request.headers, request.method, path, body)
+        except AuthError as exc:
+            return error(401, exc.code, exc.message)
+        if creds.role != role or (role == "trader" and not creds.account):
+            return error(403, "forbidden", f"this route needs a {role} key")
+        return creds
+
+    async def body_object() -> dict | Response:
+        raw = await request.get_data()
+        try:
+            payload = json.loads(raw) if raw else {}
+        except ValueError:
+            return error(400, "malformed_json", "body is not valid JSON")
+        if not isinstance(payload, dict):
+            return error(400, "bad_request", "body must be a JSON object")
+        for field in RESERVED_FIELDS:
+            if field in payload:
+                return error(400, "field_not_allowed", f"field {field!r} is set by the server")
+        return payload
+
+    async def execute(command: dict) -> tuple[int, dict]:
+        """Submit one command; (status, body). Raises NotLeader/OutcomeUnknown errors."""
+        events = await node.submit(command)
+        first = events[0]
+        if first["type"] == "rejected":
+            body = {"error": {"code": first["reason"], "message": first["message"]},
+                    "seq": first["seq"]}
+            if "order_id" in first:
+                body["error"]["order_id"] = first["order_id"]
+            return REASON_STATUS.get(first["reason"], 400), body
+        return 200, summarize(events)
+
+    async def write(command: dict, ok_status: int = 200) -> Response:
+        if not node.is_leader():
+            return not_leader_response()
+        try:
+            status, body = await execute(command)
+        except NotLeaderError:
+            return not_leader_response()
+        except OutcomeUnknownError as exc:
+            return error(503, "outcome_unknown",
+                         f"{exc}; resend with the same client_order_id to settle it",
+                         {"Retry-After": "1"})
+        return Response(json.dumps(body), status=ok_status if status == 200 else status,
+                        content_type="application/json")
+
+    async def read(query: Callable[[Any], Any]) -> Response:
+        """Linearizable by default (leader + read barrier); ?consistency=stale: any node."""
+        consistency = request.args.get("consistency", "linearizable")
+        if consistency not in ("linearizable", "stale"):
+            return error(400, "bad_consistency", "consistency must be linearizable or stale")
+        if consistency == "linearizable":
+            if not node.is_leader():
+                return not_leader_response()
+            try:
+                await node.read_barrier()
+            except NotLeaderError:
+                return not_leader_response()
+            except OutcomeUnknownError as exc:
+                return error(503, "no_quorum", str(exc), {"Retry-After": "1"})
+        seq, value = node.read(lambda ex: (ex.seq, query(ex)))
+        if isinstance(value, Response):
+            return value
+        return Response(json.dumps(value), status=200, content_type="application/json",
+                        headers={"X-QB-Seq": str(seq), "X-QB-Consistency": consistency})
+
+    def authed(role: str = "trader"):
+        def wrap(handler: Callable[..., Awaitable[Response]]):
+            async def inner(*args: Any, **kwargs: Any) -> Response:
+                creds = await caller(role)
+                if isinstance(creds, Response):
+                    return creds
+                return await handler(creds, *args, **kwargs)
+
+            inner.__name__ = handler.__name__
+            return inner
+
+        return wrap
+
+    # -------------------------------------------------------------- orders
+
+    @app.post("/v1/orders")
+    @authed()
+    async def place_order(creds: Credentials) -> Response:
+        payload = await body_object()
+        if isinstance(payload, Response):
+            return payload
+        return await write({"op": "place", **payload, "account": creds.account}, 201)
+
+    @app.post("/v1/orders/batch")
+    @authed()
+    async def place_orders(creds: Credentials) -> Response:
+        payload = await body_object()
+        if isinstance(payload, Response):
+            return payload
+        orders = payload.get("orders")
+        if not isinstance(orders, list) or not orders or set(payload) != {"orders"}:
+            return error(400, "bad_request", 'body must be {"orders": [order, ...]}')
+        if len(orders) > MAX_BATCH_ORDERS:
+            return error(413, "batch_too_large", f"at most {MAX_BATCH_ORDERS} orders per batch")
+        for order in orders:
+            if not isinstance(order, dict) or any(f in order for f in RESERVED_FIELDS):
+                return error(400, "bad_request", "each order must be an object without op/ts/account")
+        if not node.is_leader():
+            return not_leader_response()
+        results: list[dict] = [{} for _ in orders]
+
+        async def one(i: int, order: dict) -> None:
+            try:
+                status, body = await execute({"op": "place", **order, "account": creds.account})
+                results[i] = {"status": 201 if status == 200 else status, **body}
+            except NotLeaderError:
+                results[i] = {"status": 503, "error": {"code": "not_leader",
+                                                       "message": "leader changed; not applied"}}
+            except OutcomeUnknownError as exc:
+                results[i] = {"status": 503, "error": {"code": "outcome_unknown", "message": str(exc)}}
+
+        import trio
+
+        async with trio.open_nursery() as nursery:
+            for i, order in enumerate(orders):
+                nursery.start_soon(one, i, order)
+        return Response(json.dumps({"results": results}), status=200,
+                        content_type="application/json")
+
+    @app.post("/v1/orders/cancel")
+    @authed()
+    async def cancel_order(creds: Credentials) -> Response:
+        payload = await body_object()
+        if isinstance(payload, Response):
+            return payload
+        return await write({"op": "cancel", **payload, "account": creds.account})
+
+    @app.post("/v1/orders/amend")
+    @authed()
+    async def amend_order(creds: Credentials) -> Response:
+        payload = await body_object()
+        if isinstance(payload, Response):
+            return payload
+        return await write({"op": "amend", **payload, "account": creds.account})
+
+    @app.post("/v1/orders/cancel-all")
+    @authed()
+    async def cancel_all(creds: Credentials) -> Response:
+        payload = await body_object()
+        if isinstance(payload, Response):
+            return payload
+        return await write({"op": "cancel_all", **payload, "account": creds.account})
+
+    def order_view(ex: Any, account: str, order_id: int | None) -> dict | Response:
+        live = ex.order(order_id) if order_id is not None else None
+        if live is not None and live["account"] == account:
+            return {"status": "open", **live}
+        return error(404, "unknown_order", "no open order with this id for this account")
+
+    @app.get("/v1/orders/<int:order_id>")
+    @authed()
+    async def get_order(creds: Credentials, order_id: int) -> Response:
+        return await read(lambda ex: order_view(ex, creds.account, order_id))
+
+    @app.get("/v1/orders/by-client-id/<string:client_order_id>")
+    @authed()
+    async def get_order_by_client_id(creds: Credentials, client_order_id: str) -> Response:
+        """The SDK's outcome look-up: was this client_order_id ever accepted, and is it open?"""
+
+        def query(ex: Any) -> dict:
+            order_id = ex.order_id_for(creds.account, client_order_id)
+            if order_id is None:
+                return {"client_order_id": client_order_id, "status": "unknown"}
+            live = ex.order(order_id)
+            if live is not None:
+                return {"status": "open", **live}
+            return {"client_order_id": client_order_id, "order_id": order_id, "status": "done"}
+
+        return await read(query)
+
+    @app.get("/v1/orders")
+    @authed()
+    async def open_orders(creds: Credentials) -> Response:
+        market = request.args.get("market")
+        return await read(lambda ex: {"orders": ex.open_orders(account=creds.account, market=market)})
+
+    # -------------------------------------------------------------- markets and accounts
+
+    @app.get("/v1/markets")
+    async def markets() -> Response:
+        return await read(lambda ex: {"markets": ex.markets()})
+
+    @app.post("/v1/markets")
+    @authed("admin")
+    async def create_market(creds: Credentials) -> Response:
+        payload = await body_object()
+        if isinstance(payload, Response):
+            return payload
+        return await write({"op": "create_market", **payload}, 201)
+
+    @app.get("/v1/markets/<string:market>/book")
+    async def book(market: str) -> Response:
+        depth_text = request.args.get("depth", "50")
+        if not depth_text.isdigit() or not 1 <= int(depth_text) <= MAX_DEPTH:
+            return error(400, "bad_depth", f"depth must be an integer in [1, {MAX_DEPTH}]")
+        depth = int(depth_text)
+
+        def query(ex: Any) -> dict | Response:
+            if market not in {m["market"] for m in ex.markets()}:
+                return error(404, "unknown_market", f"unknown market {market!r}")
+            return {"market": market, "seq": ex.seq,
+                    "bids": ex.book_levels(market, "buy", depth),
+                    "asks": ex.book_levels(market, "sell", depth)}
+
+        return await read(query)
+
+    @app.get("/v1/markets/<string:market>/trades")
+    async def trades(market: str) -> Response:
+        limit_text = request.args.get("limit", "100")
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
+            return error(400, "bad_limit", "limit must be an integer in [1, 1000]")
+        limit = int(limit_text)
+
+        def query(ex: Any) -> dict | Response:
+            if market not in {m["market"] for m in ex.markets()}:
+                return error(404, "unknown_market", f"unknown market {market!r}")
+            return {"market": market, "trades": node.recent_trades(market, limit)}
+
+        return await read(query)
+
+    @app.get("/v1/accounts/me/balances")
+    @authed()
+    async def my_balances(creds: Credentials) -> Response:
+        def query(ex: Any) -> dict:
+            rows = ex.balances(creds.account)
+            return {"account": creds.account, "balances": [
+                {"asset": asset, "available": a, "reserved": r}
+                for (_, asset), (a, r) in rows.items()]}
+
+        return await read(query)
+
+    @app.post("/v1/accounts/<string:account>/deposits")
+    @authed("admin")
+    async def deposit(creds: Credentials, account: str) -> Response:
+        payload = await body_object()
+        if isinstance(payload, Response):
+            return payload
+        return await write({"op": "deposit", **payload, "account": account}, 201)
+
+    @app.post("/v1/accounts/<string:account>/withdrawals")
+    @authed("admin")
+    async def withdraw(creds: Credentials, account: str) -> Response:
+        payload = await body_object()
+        if isinstance(payload, Response):
+            return payload
+        return await write({"op": "withdraw", **payload, "account": account}, 201)

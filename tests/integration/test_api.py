@@ -1,0 +1,106 @@
+"""The trading REST API on a real 3-node cluster: keys, orders, reads, errors, redirects."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from api.auth import Credentials, signed_headers
+
+from .conftest import admin
+
+MARKET = {"op": "create_market", "market": "BTC-USD", "base": "BTC", "quote": "USD",
+          "lot_size": 100, "tick_size": 5, "maker_fee_bps": 1, "taker_fee_bps": 2}
+
+
+def call(url: str, creds: Credentials | None, method: str, path: str, body=None) -> httpx.Response:
+    raw = json.dumps(body).encode() if body is not None else b""
+    headers = signed_headers(creds, method, path, raw) if creds else {}
+    return httpx.request(method, url + path, content=raw, headers=headers, timeout=10)
+
+
+def test_orders_trade_and_reads_reflect_them(make_cluster) -> None:
+    cluster = make_cluster(3)
+    leader = cluster.wait_for_leader()
+    url = cluster.nodes[leader].config.api_url
+    follower_url = next(n.config.api_url for nid, n in cluster.nodes.items() if nid != leader)
+    with admin(cluster) as client:
+        client.submit([MARKET,
+                       {"op": "deposit", "account": "alice", "asset": "USD", "amount": 10**9, "ref": "a"},
+                       {"op": "deposit", "account": "bob", "asset": "BTC", "amount": 10**9, "ref": "b"}])
+        alice, bob = client.create_key("alice"), client.create_key("bob")
+
+    sell = call(url, bob, "POST", "/v1/orders", {"market": "BTC-USD", "side": "sell", "type": "limit",
+                                                 "price": 1000, "qty": 5, "client_order_id": "s1"})
+    assert sell.status_code == 201 and sell.json()["status"] == "resting"
+    buy = call(url, alice, "POST", "/v1/orders", {"market": "BTC-USD", "side": "buy", "type": "limit",
+                                                  "price": 1000, "qty": 2})
+    assert buy.status_code == 201
+    assert buy.json()["status"] == "filled" and buy.json()["filled_qty"] == 2
+
+    # The same client_order_id again: 409 with the first order's id, nothing traded.
+    again = call(url, bob, "POST", "/v1/orders", {"market": "BTC-USD", "side": "sell", "type": "limit",
+                                                  "price": 1000, "qty": 5, "client_order_id": "s1"})
+    assert again.status_code == 409
+    assert again.json()["error"] == {"code": "duplicate_client_order_id",
+                                     "message": "client_order_id already used",
+                                     "order_id": sell.json()["order_id"]}
+    # A key acts only for its own account: alice cannot cancel bob's order.
+    theft = call(url, alice, "POST", "/v1/orders/cancel", {"market": "BTC-USD", "order_id": 1})
+    assert theft.status_code == 404 and theft.json()["error"]["code"] == "unknown_order"
+    forged = call(url, alice, "POST", "/v1/orders", {"account": "bob", "market": "BTC-USD"})
+    assert forged.status_code == 400 and forged.json()["error"]["code"] == "field_not_allowed"
+
+    book = httpx.get(url + "/v1/markets/BTC-USD/book?depth=5").json()
+    assert book["asks"] == [[1000, 3]] and book["bids"] == []
+    mine = call(url, bob, "GET", "/v1/orders").json()["orders"]
+    assert [(o["order_id"], o["remaining"]) for o in mine] == [(1, 3)]
+    looked_up = call(url, bob, "GET", "/v1/orders/by-client-id/s1").json()
+    assert looked_up["status"] == "open" and looked_up["order_id"] == 1
+    balances = call(url, alice, "GET", "/v1/accounts/me/balances").json()["balances"]
+    assert {"asset": "BTC", "available": 200, "reserved": 0} in balances
+    trades = httpx.get(url + "/v1/markets/BTC-USD/trades").json()["trades"]
+    assert [(t["price"], t["qty"]) for t in trades] == [(1000, 2)]
+
+    # Followers redirect linearizable reads and writes; stale reads say what seq they reflect.
+    assert httpx.get(follower_url + "/v1/markets/BTC-USD/book").status_code == 307
+    stale = httpx.get(follower_url + "/v1/markets/BTC-USD/book?consistency=stale")
+    assert stale.status_code == 200 and int(stale.headers["X-QB-Seq"]) >= 1
+    redirected = call(follower_url, alice, "POST", "/v1/orders", {"market": "BTC-USD"})
+    assert redirected.status_code == 307 and redirected.headers["X-Leader"] == url
+
+
+def test_bad_requests_get_4xx_with_a_code_and_never_a_500(make_cluster) -> None:
+    cluster = make_cluster(3)
+    url = cluster.nodes[cluster.wait_for_leader()].config.api_url
+    with admin(cluster) as client:
+        client.submit([MARKET])
+        key = client.create_key("carol")
+    cases = [
+        (call(url, None, "POST", "/v1/orders", {"market": "BTC-USD"}), 401, "unauthenticated"),
+        (call(url, key, "POST", "/v1/orders", {"market": "BTC-USD", "side": "buy", "type": "limit",
+                                                "price": 1001, "qty": 1}), 400, "bad_tick"),
+        (call(url, key, "POST", "/v1/orders", {"market": "NOPE", "side": "buy", "type": "limit",
+                                                "price": 1000, "qty": 1}), 404, "unknown_market"),
+        (call(url, key, "POST", "/v1/orders", {"market": "BTC-USD", "side": "buy", "type": "limit",
+                                                "price": 1000, "qty": 1}), 422, "insufficient_funds"),
+        (call(url, key, "POST", "/v1/markets", {}), 403, "forbidden"),
+        (httpx.get(url + "/v1/nope"), 404, "not_found"),
+        (httpx.get(url + "/v1/markets/BTC-USD/book?depth=0"), 400, "bad_depth"),
+    ]
+    raw = b"{not json"
+    cases.append((httpx.post(url + "/v1/orders", content=raw,
+                             headers=signed_headers(key, "POST", "/v1/orders", raw)), 400, "malformed_json"))
+    big = json.dumps({"market": "x" * (2 << 20)}).encode()
+    cases.append((httpx.post(url + "/v1/orders", content=big,
+                             headers=signed_headers(key, "POST", "/v1/orders", big)), 413, "request_entity_too_large"))
+    replay_body = json.dumps({"market": "BTC-USD"}).encode()
+    headers = signed_headers(key, "POST", "/v1/orders/cancel-all", replay_body)
+    first = httpx.post(url + "/v1/orders/cancel-all", content=replay_body, headers=headers)
+    assert first.status_code == 422  # no open orders
+    cases.append((httpx.post(url + "/v1/orders/cancel-all", content=replay_body, headers=headers),
+                  401, "replayed"))
+    for response, status, code in cases:
+        assert response.status_code == status, (code, response.text)
+        assert response.json()["error"]["code"] == code
