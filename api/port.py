@@ -20,6 +20,21 @@ class OutcomeUnknownError(Exception):
     """The command may or may not have been applied (timeout, leader change)."""
 
 
+class Subscription(Protocol):
+    """Committed events as this node applies them, in `seq` order, from subscription on.
+
+    `receive()` returns the events of one applied command (a non-empty list). When the
+    subscriber falls more than its buffer behind, the subscription is closed and `receive()`
+    raises `trio.EndOfChannel`; `overflowed` then says why (a slow consumer is cut, never
+    buffered forever).
+    """
+
+    overflowed: bool
+
+    async def receive(self) -> list[dict]: ...
+    def close(self) -> None: ...
+
+
 class NodePort(Protocol):
     node_id: str
 
@@ -37,6 +52,9 @@ class NodePort(Protocol):
 
     async def create_key(self, key_id: str, account: str, role: str) -> str:
         """Register an API key through the log; return its secret."""
+
+    def subscribe(self, buffer: int = 10_000) -> Subscription:
+        """Follow committed events from now on (must be called from the trio thread)."""
 
     def recent_trades(self, market: str, limit: int) -> list[dict]:
         """The last `limit` trades of a market this node has applied, oldest first."""

@@ -8,6 +8,7 @@ that created it exits, pysyncobj stops ticking silently).
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import signal
 import sys
@@ -29,6 +30,34 @@ from .replica import NotLeader, OutcomeUnknown, Replica
 log = logging.getLogger("quorumbook.node")
 
 
+class _Subscription:
+    """A bounded trio channel of applied events (see api.port.Subscription)."""
+
+    def __init__(self, buffer: int, registry: set) -> None:
+        self._send, self._receive = trio.open_memory_channel[list[dict]](buffer)
+        self._registry = registry
+        self.overflowed = False
+
+    def offer(self, events: list[dict]) -> bool:
+        try:
+            self._send.send_nowait(events)
+        except trio.WouldBlock:
+            self.overflowed = True
+            self._send.close()
+            return False
+        except trio.ClosedResourceError:
+            return False
+        return True
+
+    async def receive(self) -> list[dict]:
+        return await self._receive.receive()
+
+    def close(self) -> None:
+        self._registry.discard(self)
+        self._send.close()
+        self._receive.close()
+
+
 class Node:
     """Implements `api.port.NodePort` on top of a `Replica`."""
 
@@ -44,6 +73,8 @@ class Node:
         self._trades: dict[str, collections.deque] = {}
         self._trades_lock = threading.Lock()
         machine.add_listener(self._on_applied)
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._subscribers: set[_Subscription] = set()
 
     def _on_applied(self, applied: list[list[dict]], exchange: object) -> None:
         """pysyncobj's thread: keep the recent trades of every market (derived, not replicated)."""
@@ -55,6 +86,33 @@ class Node:
                         if ring is None:
                             ring = self._trades[event["market"]] = collections.deque(maxlen=1000)
                         ring.append(event)
+        self._hand_to_trio(applied)
+
+    # -------------------------------------------------------------- committed-event feed
+
+    def start_feed(self) -> None:
+        """Call from the trio thread: applied events are handed to trio from here on."""
+        self._token = trio.lowlevel.current_trio_token()
+
+    def _hand_to_trio(self, applied: list[list[dict]]) -> None:
+        token = self._token
+        if token is None:
+            return
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(self._fan_out, applied)
+
+    def _fan_out(self, applied: list[list[dict]]) -> None:
+        """Trio thread, in apply order (run_sync_soon is FIFO)."""
+        for sub in list(self._subscribers):
+            for events in applied:
+                if events and not sub.offer(events):
+                    self._subscribers.discard(sub)
+                    break
+
+    def subscribe(self, buffer: int = 10_000) -> _Subscription:
+        sub = _Subscription(buffer, self._subscribers)
+        self._subscribers.add(sub)
+        return sub
 
     def recent_trades(self, market: str, limit: int) -> list[dict]:
         with self._trades_lock:
@@ -214,6 +272,7 @@ async def _serve(config: NodeConfig) -> None:
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(replica.run)
+            node.start_feed()
             stop = trio.Event()
 
             async def watch_signals() -> None:
