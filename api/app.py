@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import time
 
-import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -78,21 +77,15 @@ def create_app(node: NodePort, verifier: Verifier) -> QuartTrio:
             return error(400, "bad_request", "body must be {\"commands\": [command, ...]}")
         if len(commands) > MAX_COMMANDS:
             return error(413, "too_many_commands", f"at most {MAX_COMMANDS} commands per request")
-        results: list[dict] = [{} for _ in commands]
-
-        async def one(i: int, command: object) -> None:
-            try:
-                results[i] = {"events": await node.submit(command)}  # type: ignore[arg-type]
-            except NotLeaderError as exc:
-                results[i] = {"error": {"code": "not_leader", "message": str(exc),
-                                        "leader_url": exc.leader_url}}
-            except OutcomeUnknownError as exc:
-                results[i] = {"error": {"code": "outcome_unknown", "message": str(exc)}}
-
         started = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for i, command in enumerate(commands):
-                nursery.start_soon(one, i, command)
+        try:
+            # One slot for the whole request: committed together, no task per command.
+            results = [{"events": events} for events in await node.submit_many(commands)]
+        except NotLeaderError as exc:
+            results = [{"error": {"code": "not_leader", "message": str(exc),
+                                  "leader_url": exc.leader_url}}] * len(commands)
+        except OutcomeUnknownError as exc:
+            results = [{"error": {"code": "outcome_unknown", "message": str(exc)}}] * len(commands)
         return {"results": results, "elapsed_ms": round((time.perf_counter() - started) * 1000, 3)}
 
     @app.get("/v1/admin/balances")

@@ -88,9 +88,7 @@ def register(app: QuartTrio, node: NodePort, verifier: Verifier, error: ErrorFn,
                 return error(400, "field_not_allowed", f"field {field!r} is set by the server")
         return payload
 
-    async def execute(command: dict) -> tuple[int, dict]:
-        """Submit one command; (status, body). Raises NotLeader/OutcomeUnknown errors."""
-        events = await node.submit(command)
+    def outcome(events: list[dict]) -> tuple[int, dict]:
         first = events[0]
         if first["type"] == "rejected":
             body = {"error": {"code": first["reason"], "message": first["message"]},
@@ -99,6 +97,10 @@ def register(app: QuartTrio, node: NodePort, verifier: Verifier, error: ErrorFn,
                 body["error"]["order_id"] = first["order_id"]
             return REASON_STATUS.get(first["reason"], 400), body
         return 200, summarize(events)
+
+    async def execute(command: dict) -> tuple[int, dict]:
+        """Submit one command; (status, body). Raises NotLeader/OutcomeUnknown errors."""
+        return outcome(await node.submit(command))
 
     async def write(command: dict, ok_status: int = 200) -> Response:
         if not node.is_leader():
@@ -173,23 +175,20 @@ def register(app: QuartTrio, node: NodePort, verifier: Verifier, error: ErrorFn,
                 return error(400, "bad_request", "each order must be an object without op/ts/account")
         if not node.is_leader():
             return not_leader_response()
-        results: list[dict] = [{} for _ in orders]
-
-        async def one(i: int, order: dict) -> None:
-            try:
-                status, body = await execute({"op": "place", **order, "account": creds.account})
-                results[i] = {"status": 201 if status == 200 else status, **body}
-            except NotLeaderError:
-                results[i] = {"status": 503, "error": {"code": "not_leader",
-                                                       "message": "leader changed; not applied"}}
-            except OutcomeUnknownError as exc:
-                results[i] = {"status": 503, "error": {"code": "outcome_unknown", "message": str(exc)}}
-
-        import trio
-
-        async with trio.open_nursery() as nursery:
-            for i, order in enumerate(orders):
-                nursery.start_soon(one, i, order)
+        commands = [{"op": "place", **order, "account": creds.account} for order in orders]
+        try:
+            # One slot: the orders are committed together, in the order given.
+            outcomes = await node.submit_many(commands)
+        except NotLeaderError:
+            return not_leader_response()
+        except OutcomeUnknownError as exc:
+            return error(503, "outcome_unknown",
+                         f"{exc}; resend with the same client_order_ids to settle it",
+                         {"Retry-After": "1"})
+        results = []
+        for events in outcomes:
+            status, body = outcome(events)
+            results.append({"http_status": 201 if status == 200 else status, **body})
         return Response(json.dumps({"results": results}), status=200,
                         content_type="application/json")
 

@@ -169,6 +169,14 @@ class Node:
         except OutcomeUnknown as exc:
             raise OutcomeUnknownError(str(exc)) from None
 
+    async def submit_many(self, commands: list[dict]) -> list[list[dict]]:
+        try:
+            return await self.replica.submit_many(commands)
+        except NotLeader as exc:
+            raise NotLeaderError(self.leader_url(), str(exc)) from None
+        except OutcomeUnknown as exc:
+            raise OutcomeUnknownError(str(exc)) from None
+
     async def read_barrier(self) -> None:
         try:
             await self.replica.read_barrier()

@@ -67,7 +67,9 @@ class OutcomeUnknown(Exception):
 
 @dataclass(eq=False)
 class _Slot:
-    entry: list
+    """One caller's entries (one, or a whole request's worth); they commit together."""
+
+    entries: list[list]
     done: trio.Event = field(default_factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -100,15 +102,20 @@ class Replica:
             while True:
                 first = await self._receive.receive()
                 batch = [first]
+                size = len(first.entries)
                 if self.batch_window_s > 0:
                     with trio.move_on_after(self.batch_window_s):
-                        while len(batch) < self.batch_max:
-                            batch.append(await self._receive.receive())
-                while len(batch) < self.batch_max:
+                        while size < self.batch_max:
+                            slot = await self._receive.receive()
+                            batch.append(slot)
+                            size += len(slot.entries)
+                while size < self.batch_max:
                     try:
-                        batch.append(self._receive.receive_nowait())
+                        slot = self._receive.receive_nowait()
                     except trio.WouldBlock:
                         break
+                    batch.append(slot)
+                    size += len(slot.entries)
                 self._propose(batch)
                 # Let resolved callers and new submitters run between batches.
                 await trio.lowlevel.checkpoint()
@@ -120,9 +127,10 @@ class Replica:
                 slot.error = error
                 slot.done.set()
             return
-        payload = encode_batch(time.time_ns(), [slot.entry for slot in batch])
+        entries = [entry for slot in batch for entry in slot.entries]
+        payload = encode_batch(time.time_ns(), entries)
         self.batches_proposed += 1
-        self.batch_sizes_total += len(batch)
+        self.batch_sizes_total += len(entries)
         token = self._token
         assert token is not None
 
@@ -145,21 +153,26 @@ class Replica:
             return
         assert result is not None
         results = decode_results(result)
-        if len(results) != len(batch):
+        if len(results) != sum(len(slot.entries) for slot in batch):
             # Cannot happen for a batch we encoded; never guess which caller got what.
             error = OutcomeUnknown("result count does not match the batch")
             for slot in batch:
                 slot.error = error
                 slot.done.set()
             return
-        for slot, value in zip(batch, results, strict=True):
-            slot.result = value
+        at = 0
+        for slot in batch:
+            slot.result = results[at : at + len(slot.entries)]
+            at += len(slot.entries)
             slot.done.set()
 
     async def _submit_entry(self, entry: list, timeout_s: float | None) -> Any:
+        return (await self._submit_entries([entry], timeout_s))[0]
+
+    async def _submit_entries(self, entries: list[list], timeout_s: float | None) -> list:
         if not self.raft.is_leader():
             raise NotLeader(self.raft.leader())
-        slot = _Slot(entry)
+        slot = _Slot(entries)
         try:
             self._send.send_nowait(slot)
         except trio.WouldBlock:
@@ -177,20 +190,14 @@ class Replica:
         """Replicate one command; return its events once committed and applied."""
         return await self._submit_entry([KIND_COMMAND, command], timeout_s)
 
-    async def submit_many(self, commands: list[dict], *, timeout_s: float | None = None) -> list:
-        """Submit several commands concurrently; each outcome is an events list or an exception."""
-        outcomes: list[Any] = [None] * len(commands)
+    async def submit_many(self, commands: list[dict], *, timeout_s: float | None = None
+                          ) -> list[list[dict]]:
+        """Replicate several commands in order, in one batch: all are applied or none.
 
-        async def one(i: int, command: dict) -> None:
-            try:
-                outcomes[i] = await self.submit(command, timeout_s=timeout_s)
-            except (NotLeader, OutcomeUnknown) as exc:
-                outcomes[i] = exc
-
-        async with trio.open_nursery() as nursery:
-            for i, command in enumerate(commands):
-                nursery.start_soon(one, i, command)
-        return outcomes
+        Returns each command's events. One slot for the whole list (no task per command):
+        this is the fast path for batch requests.
+        """
+        return await self._submit_entries([[KIND_COMMAND, c] for c in commands], timeout_s)
 
     async def read_barrier(self, *, timeout_s: float | None = None) -> None:
         """Return once a no-op entry proposed now is committed and applied here.

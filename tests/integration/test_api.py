@@ -54,6 +54,7 @@ def test_orders_trade_and_reads_reflect_them(make_cluster) -> None:
 
     book = httpx.get(url + "/v1/markets/BTC-USD/book?depth=5").json()
     assert book["asks"] == [[1000, 3]] and book["bids"] == []
+    assert httpx.get(url + "/v1/markets/BTC-USD/book?depth=abc").status_code == 400
     mine = call(url, bob, "GET", "/v1/orders").json()["orders"]
     assert [(o["order_id"], o["remaining"]) for o in mine] == [(1, 3)]
     looked_up = call(url, bob, "GET", "/v1/orders/by-client-id/s1").json()
@@ -62,6 +63,17 @@ def test_orders_trade_and_reads_reflect_them(make_cluster) -> None:
     assert {"asset": "BTC", "available": 200, "reserved": 0} in balances
     trades = httpx.get(url + "/v1/markets/BTC-USD/trades").json()["trades"]
     assert [(t["price"], t["qty"]) for t in trades] == [(1000, 2)]
+
+    # A batch commits in order, each order with its own outcome.
+    batch = call(url, bob, "POST", "/v1/orders/batch", {"orders": [
+        {"market": "BTC-USD", "side": "sell", "type": "limit", "price": 1010, "qty": 1},
+        {"market": "BTC-USD", "side": "sell", "type": "limit", "price": 1011, "qty": 1},
+        {"market": "BTC-USD", "side": "sell", "type": "limit", "price": 1020, "qty": 1},
+    ]})
+    assert batch.status_code == 200
+    assert [r["http_status"] for r in batch.json()["results"]] == [201, 400, 201]
+    assert batch.json()["results"][0]["status"] == "resting"
+    assert batch.json()["results"][1]["error"]["code"] == "bad_tick"
 
     # Followers redirect linearizable reads and writes; stale reads say what seq they reflect.
     assert httpx.get(follower_url + "/v1/markets/BTC-USD/book").status_code == 307
