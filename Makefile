@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint bench bench-statemachine clean
+.PHONY: demo test lint bench bench-statemachine bench-replication bench-failover clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +25,16 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: bench-statemachine
+bench: bench-statemachine bench-replication bench-failover
 
 bench-statemachine: $(STAMP)
 	$(BIN)/python bench/statemachine.py
+
+bench-replication: $(STAMP)
+	$(BIN)/python -m bench.replication
+
+bench-failover: $(STAMP)
+	$(BIN)/python -m bench.failover
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -1,0 +1,432 @@
+"""Failover benchmark: SIGKILL the leader of a 3-node cluster under load, again and again.
+
+    .venv/bin/python -m bench.failover [--kills 10] [--interval 1.5] [--json] [--keep]
+
+A local 3-node cluster (`LocalCluster` in a temp dir, real node processes, default settings:
+election timeout 0.15-0.30 s, heartbeat 0.04 s). One client thread submits small requests
+(`--per-request` deposits, default 5) continuously; deposit i credits its own account `k{i}`
+with i + 1 USD under the unique ref `r{i}` (as tests/integration/test_cluster.py does). It
+records every acknowledged deposit, the time of each acknowledgement and the node that sent
+it. A `duplicate_ref` rejection counts as acknowledged: it proves the first copy applied.
+
+`--kills` times: let the load run `--interval` seconds, SIGKILL the leader
+(`LocalCluster.kill`), and measure the time from the kill to the first acknowledgement that
+arrives after it from another node (a reply the dead leader wrote before it died cannot
+count). While it waits, a watcher polls the survivors' `/v1/cluster/status` every 20 ms and
+records their role/term changes (printed for every failover over 0.5 s, to tell a slow
+election from a slow first commit). Then restart the killed node and wait until it has
+caught up (its applied `cmd_index` reaches the leader's, sampled after the restart).
+
+The client is `bench.replication.FastClient`, not `api.client.AdminClient`: AdminClient
+sleeps 50 ms after each round over the nodes, which would quantize a ~0.2 s failover by up
+to a quarter; FastClient sleeps 5 ms between rounds (and never busy-loops).
+
+At the end the load stops, a barrier commits, every node must report the same state hash,
+and every node's balances must hold every acknowledged deposit exactly (lost == 0) and no
+deposit that was never sent. Targets: median failover <= 0.5 s, max <= 1.0 s, lost == 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import itertools
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from api.client import AdminClient
+from bench.replication import FastClient, Unavailable
+from cluster.launcher import LocalCluster
+
+MEDIAN_TARGET_S = 0.5
+MAX_TARGET_S = 1.0
+
+
+def deposit(i: int) -> dict:
+    return {"op": "deposit", "account": f"k{i}", "asset": "USD", "amount": i + 1, "ref": f"r{i}"}
+
+
+@dataclass
+class Ack:
+    t: float  # perf_counter when the reply arrived
+    url: str  # the node that replied
+
+
+class DepositLoad:
+    """One thread of continuous deposit requests; records every acknowledgement."""
+
+    def __init__(self, urls: list[str], creds, per_request: int) -> None:
+        self.client = FastClient(urls, creds, timeout_s=10.0, poll_s=0.005)
+        self.per_request = per_request
+        self.acked: dict[int, int] = {}  # i -> amount
+        self.unknown: set[int] = set()
+        self.resent = 0  # acknowledged as duplicate_ref
+        self.acks: list[Ack] = []  # one per request with at least one acknowledgement
+        self.ack_times: list[float] = []
+        self.errors: list[str] = []
+        self.counter = itertools.count()
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="deposit-load", daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            batch = [next(self.counter) for _ in range(self.per_request)]
+            try:
+                reply = self.client.post_commands([deposit(i) for i in batch], deadline_s=10)
+            except (Unavailable, httpx.HTTPError) as exc:
+                with self.lock:
+                    self.unknown.update(batch)
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            t = time.perf_counter()
+            url = self.client.leader or ""
+            any_ack = False
+            with self.lock:
+                for i, result in zip(batch, reply["results"], strict=True):
+                    events = result.get("events")
+                    if events and events[0]["type"] == "balance":
+                        self.acked[i] = i + 1
+                        any_ack = True
+                    elif events and events[0].get("reason") == "duplicate_ref":
+                        self.acked[i] = i + 1
+                        self.resent += 1
+                        any_ack = True
+                    else:
+                        # outcome_unknown or not_leader: may or may not be in the log.
+                        self.unknown.add(i)
+                if any_ack:
+                    self.acks.append(Ack(t, url))
+                    self.ack_times.append(t)
+
+    def first_ack_after(self, t_kill: float, not_from: str) -> Ack | None:
+        with self.lock:
+            # One thread appends, so the list is in time order.
+            start = bisect.bisect_right(self.ack_times, t_kill)
+            return next((a for a in self.acks[start:] if a.url != not_from), None)
+
+    def acks_since(self, t: float) -> int:
+        with self.lock:
+            return sum(1 for a in self.acks[-200:] if a.t > t)
+
+    def __enter__(self) -> DepositLoad:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        self.client.close()
+
+
+@dataclass
+class Kill:
+    n: int
+    killed: str
+    term_before: int | None
+    elected_s: float | None = None  # a survivor first reported role leader
+    failover_s: float | None = None
+    new_leader: str | None = None
+    term_after: int | None = None
+    catch_up_s: float | None = None
+    notes: list[str] = field(default_factory=list)
+    timeline: list[str] = field(default_factory=list)  # survivors' role/term changes
+
+
+class ElectionWatch:
+    """Polls the surviving nodes' status every 20 ms from the kill until `close()`: when does
+    one of them first call itself leader, and which roles and terms did each go through on
+    the way (a split vote or a refused candidate shows as more than one candidate term)."""
+
+    def __init__(self, cluster: LocalCluster, survivors: list[str], t_kill: float) -> None:
+        self.cluster = cluster
+        self.survivors = survivors
+        self.t_kill = t_kill
+        self.elected_s: float | None = None
+        self.timeline: list[str] = []
+        self._last: dict[str, tuple] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="election-watch", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=0.5) as http:
+            while not self.stop.is_set():
+                for node_id in self.survivors:
+                    url = self.cluster.nodes[node_id].config.api_url
+                    try:
+                        status = http.get(url + "/v1/cluster/status").json()
+                    except (httpx.HTTPError, ValueError):
+                        continue
+                    now_ms = (time.perf_counter() - self.t_kill) * 1000
+                    seen = (status.get("role"), status.get("term"), status.get("leader"))
+                    if self._last.get(node_id) != seen:
+                        self._last[node_id] = seen
+                        self.timeline.append(
+                            f"+{now_ms:.0f}ms {node_id} {seen[0]} term {seen[1]} "
+                            f"(leader {seen[2]}, commit {status.get('commit_index')})"
+                        )
+                    if seen[0] == "leader" and self.elected_s is None:
+                        self.elected_s = now_ms / 1000
+                time.sleep(0.02)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+
+def _node_of(cluster: LocalCluster, url: str) -> str | None:
+    return next((nid for nid, n in cluster.nodes.items() if n.config.api_url == url), None)
+
+
+def wait_caught_up(cluster: LocalCluster, node_id: str, timeout_s: float) -> float:
+    """Seconds until `node_id` answers and has applied the leader's cmd_index (sampled once
+    it answers). Under steady load the nodes never report the same index at one instant, so
+    `LocalCluster.wait_converged` is used only once the load has stopped."""
+    t0 = time.perf_counter()
+    deadline = t0 + timeout_s
+    target = None
+    while time.perf_counter() < deadline:
+        if target is None:
+            if cluster.status(node_id, 1.0) is None:
+                time.sleep(0.05)
+                continue
+            leader = next(
+                (nid for nid, s in cluster.statuses().items() if s and s["role"] == "leader"), None
+            )
+            if leader is None:
+                time.sleep(0.05)
+                continue
+            target = cluster.status(leader)["cmd_index"]  # type: ignore[index]
+        status = cluster.status(node_id, 1.0)
+        if status is not None and status["cmd_index"] >= target:
+            return time.perf_counter() - t0
+        time.sleep(0.05)
+    raise TimeoutError(f"{node_id} did not catch up within {timeout_s} s")
+
+
+def verify(cluster: LocalCluster, load: DepositLoad) -> dict:
+    """Every node holds every acknowledged deposit, exactly, and nothing never sent."""
+    out: dict = {"nodes": {}, "lost": 0, "extra": 0}
+    lost_any: set[int] = set()
+    with AdminClient(cluster.api_urls(), cluster.admin_credentials(), timeout_s=30) as client:
+        for node_id, proc in cluster.nodes.items():
+            rows = client.balances(proc.config.api_url)["balances"]
+            have = {
+                int(r["account"][1:]): r["available"]
+                for r in rows
+                if r["account"].startswith("k") and r["account"][1:].isdigit()
+            }
+            missing = [i for i, amount in load.acked.items() if have.get(i) != amount]
+            extra = [i for i in have if i not in load.acked and i not in load.unknown]
+            lost_any.update(missing)
+            out["nodes"][node_id] = {
+                "deposits": len(have),
+                "missing": missing[:20],
+                "extra": extra[:20],
+                "extra_count": len(extra),
+            }
+            out["extra"] = max(out["extra"], len(extra))
+    out["lost"] = len(lost_any)
+    return out
+
+
+def run(root: Path, *, kills: int, interval_s: float, per_request: int) -> dict:
+    cluster = LocalCluster.create(root / "cluster", 3)
+    results: list[Kill] = []
+    with cluster:
+        cluster.start()
+        cluster.wait_for_leader(30)
+        creds = cluster.admin_credentials()
+        t_run = time.perf_counter()
+        with DepositLoad(cluster.api_urls(), creds, per_request) as load:
+            for n in range(1, kills + 1):
+                # Steady state first: acknowledgements flowing for `interval_s`.
+                t_settle = time.perf_counter()
+                time.sleep(interval_s)
+                if load.acks_since(t_settle) == 0:
+                    raise RuntimeError(
+                        f"kill {n}: no acknowledgement in the {interval_s} s before the kill"
+                    )
+                leader = cluster.wait_for_leader(20)
+                before = cluster.status(leader)
+                kill = Kill(n, leader, before["term"] if before else None)
+                killed_url = cluster.nodes[leader].config.api_url
+                survivors = [nid for nid in cluster.nodes if nid != leader]
+                t_kill = time.perf_counter()
+                cluster.kill(leader)
+                watch = ElectionWatch(cluster, survivors, t_kill)
+                deadline = t_kill + 30
+                ack = None
+                try:
+                    while ack is None and time.perf_counter() < deadline:
+                        ack = load.first_ack_after(t_kill, killed_url)
+                        if ack is None:
+                            time.sleep(0.002)
+                    time.sleep(0.1)  # let the watcher see the new leader's settled status
+                finally:
+                    watch.close()
+                kill.elected_s = watch.elected_s
+                kill.timeline = watch.timeline
+                if ack is None:
+                    kill.notes.append("no acknowledgement within 30 s of the kill")
+                else:
+                    kill.failover_s = ack.t - t_kill
+                    kill.new_leader = _node_of(cluster, ack.url)
+                    status = cluster.status(kill.new_leader) if kill.new_leader else None
+                    kill.term_after = status["term"] if status else None
+                cluster.start(leader)
+                try:
+                    kill.catch_up_s = wait_caught_up(cluster, leader, 60)
+                except TimeoutError as exc:
+                    kill.notes.append(str(exc))
+                results.append(kill)
+            load_seconds = time.perf_counter() - t_run
+        # Load stopped: commit a barrier, then every node must hold the same state.
+        with AdminClient(cluster.api_urls(), creds) as client:
+            client.barrier()
+        statuses = cluster.wait_converged(60)
+        hashes = {s["state_hash"] for s in statuses.values()}
+        check = verify(cluster, load)
+        applied = next(iter(statuses.values()))["cmd_index"]
+    times = [k.failover_s for k in results if k.failover_s is not None]
+    median = statistics.median(times) if times else float("inf")
+    worst = max(times) if len(times) == len(results) and times else float("inf")
+    res = {
+        "kills": [vars(k) for k in results],
+        "failover_median_s": median,
+        "failover_max_s": worst,
+        "failover_min_s": min(times) if times else None,
+        "median_target_s": MEDIAN_TARGET_S,
+        "max_target_s": MAX_TARGET_S,
+        "median_pass": median <= MEDIAN_TARGET_S,
+        "max_pass": worst <= MAX_TARGET_S,
+        "acknowledged": len(load.acked),
+        "acknowledged_as_duplicate_ref": load.resent,
+        "unknown_outcome": len(load.unknown),
+        "client_errors": len(load.errors),
+        "client_error_samples": load.errors[:5],
+        "lost": check["lost"],
+        "lost_pass": check["lost"] == 0,
+        "never_sent_but_present": check["extra"],
+        "verify": check["nodes"],
+        "state_hashes_equal": len(hashes) == 1,
+        "cmd_index_end": applied,
+        "per_request": per_request,
+        "interval_s": interval_s,
+        "load_seconds": load_seconds,
+    }
+    res["pass"] = (
+        res["median_pass"]
+        and res["max_pass"]
+        and res["lost_pass"]
+        and res["state_hashes_equal"]
+        and res["never_sent_but_present"] == 0
+    )
+    return res
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def print_report(res: dict, root: Path | None) -> None:
+    print(
+        f"Failover benchmark: 3-node cluster, one client thread of {res['per_request']}-deposit "
+        f"requests, leader SIGKILLed {len(res['kills'])} times ({res['interval_s']} s of load "
+        f"before each kill)"
+    )
+    print(
+        "  kill  killed  term  new leader  term  leader seen  kill -> next ack  killed node caught up"
+    )
+    for k in res["kills"]:
+        fo = f"{k['failover_s'] * 1000:8.0f} ms" if k["failover_s"] is not None else "    none"
+        cu = f"{k['catch_up_s']:.2f} s" if k["catch_up_s"] is not None else "no"
+        el = f"{k['elected_s'] * 1000:.0f} ms" if k["elected_s"] is not None else "?"
+        print(
+            f"  {k['n']:>4}  {k['killed']:>6}  {k['term_before'] or '?':>4}  "
+            f"{k['new_leader'] or '?':>10}  {k['term_after'] or '?':>4}  {el:>11}  {fo:>16}  {cu:>21}"
+            + (f"  ({'; '.join(k['notes'])})" if k["notes"] else "")
+        )
+    slow = [k for k in res["kills"] if k["failover_s"] is None or k["failover_s"] > MEDIAN_TARGET_S]
+    if slow:
+        print(
+            f"  survivors' role/term changes (status polled every 20 ms) for failovers over "
+            f"{MEDIAN_TARGET_S * 1000:.0f} ms:"
+        )
+        for k in slow:
+            print(f"    kill {k['n']} ({k['killed']} killed, term {k['term_before']}):")
+            for line in k["timeline"]:
+                print(f"      {line}")
+    print(
+        f"  failover median {res['failover_median_s'] * 1000:.0f} ms (target <= "
+        f"{MEDIAN_TARGET_S * 1000:.0f} ms) {_verdict(res['median_pass'])}; max "
+        f"{res['failover_max_s'] * 1000:.0f} ms (target <= {MAX_TARGET_S * 1000:.0f} ms) "
+        f"{_verdict(res['max_pass'])}"
+    )
+    print(
+        f"  acknowledged deposits {res['acknowledged']:,} ({res['acknowledged_as_duplicate_ref']} "
+        f"as duplicate_ref), unknown outcome {res['unknown_outcome']}, client errors "
+        f"{res['client_errors']}, {res['load_seconds']:.0f} s of load"
+    )
+    print(
+        f"  lost acknowledged deposits: {res['lost']} (target 0) {_verdict(res['lost_pass'])}; "
+        f"present but never sent: {res['never_sent_but_present']}"
+    )
+    print(
+        f"  state hashes equal on every node (cmd_index {res['cmd_index_end']:,}): "
+        f"{_verdict(res['state_hashes_equal'])}"
+    )
+    print(
+        f"  machine: {res['cpus']} CPUs, 1-minute load average {res['load_average_1m_before']:.2f} "
+        f"before the run, {res['load_average_1m_after']:.2f} after (our 3 nodes + client "
+        "add about 1.5)"
+    )
+    if root is not None:
+        print(f"  cluster dir kept: {root} (node logs: cluster/n*/node.log)")
+    print(f"overall: {_verdict(res['pass'])}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--kills", type=int, default=10)
+    ap.add_argument("--interval", type=float, default=1.5, help="seconds of load before each kill")
+    ap.add_argument("--per-request", type=int, default=5)
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (node logs)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 when a target is missed (default: 0 once the run completed, "
+        "like bench/statemachine.py, so `make bench` runs every benchmark)",
+    )
+    args = ap.parse_args(argv)
+    load_before = os.getloadavg()[0]
+    root = Path(tempfile.mkdtemp(prefix="qb-bench-failover-"))
+    try:
+        res = run(root, kills=args.kills, interval_s=args.interval, per_request=args.per_request)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    res["load_average_1m_before"] = load_before
+    res["load_average_1m_after"] = os.getloadavg()[0]
+    res["cpus"] = os.cpu_count()
+    if args.json:
+        print(json.dumps(res, sort_keys=True))
+    else:
+        print_report(res, root if args.keep else None)
+    return 1 if args.strict and not res["pass"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
