@@ -203,3 +203,39 @@ def cluster_transfer_leader(manifest: str, target: str | None) -> None:
     before = cl.wait_for_leader(20)
     after = cl.transfer_leadership(target, away_from=before)
     click.echo(f"leader {before} -> {after}")
+
+
+@main.command()
+@_cluster_option
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=100.0,
+              show_default=True, help="Operations per second (places and some cancels).")
+@click.option("--duration", "duration_s", type=click.FloatRange(min=0, min_open=True),
+              default=10.0, show_default=True, help="Seconds of flow; the run stops by itself.")
+@click.option("--seed", default=7, show_default=True, help="Seed of the order flow.")
+@click.option("--accounts", type=click.IntRange(1, 1000), default=8, show_default=True,
+              help="Trader accounts (funded once, a new key each run).")
+@click.option("--workers", type=click.IntRange(1, 1000), default=16, show_default=True,
+              help="Concurrent requests at most.")
+@click.option("--market", default="LG-USD", show_default=True,
+              help="Market to trade (created if missing).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def loadgen(manifest: str, rate: float, duration_s: float, seed: int, accounts: int,
+            workers: int, market: str, as_json: bool) -> None:
+    """Send a steady seeded order flow through the client SDK and report what came back.
+
+    Prints sent/acked/failed/unknown counts, trades and latency percentiles.
+
+    Example: quorumbook loadgen --cluster /tmp/qb/cluster.json --rate 200 --duration 30 --json
+    """
+    import json
+    from pathlib import Path
+
+    from .loadgen import format_report, progress_line, run
+
+    progress = None if as_json else (lambda tally: click.echo(progress_line(tally), err=True))
+    try:
+        report = run(Path(manifest), rate, duration_s, seed=seed, accounts=accounts,
+                     workers=workers, market=market, progress=progress)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps(report) if as_json else format_report(report))
