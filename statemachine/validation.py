@@ -29,6 +29,7 @@ STPS = ("cancel_taker", "cancel_maker", "cancel_both", "none")
 _ACCOUNT_RE = re.compile(r"[A-Za-z0-9.:-][A-Za-z0-9_.:-]{0,63}")
 _ASSET_RE = re.compile(r"[A-Z0-9]{1,16}")
 _MARKET_RE = re.compile(r"[A-Za-z0-9_.:/-]{1,32}")
+# The definition of a token; `is_token` implements it without the regex.
 _TOKEN_RE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,62}[\x21-\x7e]|[\x21-\x7e]")
 
 # op -> (required fields, optional fields); `op` and `ts` are implied for every op.
@@ -52,21 +53,41 @@ COMMAND_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     ),
     "cancel_all": (frozenset(("account",)), frozenset(("market",))),
 }
-_ALLOWED = {op: req | opt | {"op", "ts"} for op, (req, opt) in COMMAND_FIELDS.items()}
+# op -> (allowed fields, required fields), for the envelope check.
+_ENVELOPES = {op: (req | opt | {"op", "ts"}, req) for op, (req, opt) in COMMAND_FIELDS.items()}
 
-# Strings seen valid before; skips the regex on the hot path. Bounded so garbage cannot grow it.
-_valid_cache: dict[tuple[int, str], bool] = {}
-_VALID_CACHE_MAX = 100_000
+# Names already checked, one cache per pattern: the hot path does a dict lookup instead of a
+# regex. Bounded so garbage cannot grow them; past the bound a name is simply checked again.
+# `exchange.py` reads them directly (a hit there is exactly a `True` here).
+ACCOUNTS_SEEN: dict[str, bool] = {}
+ASSETS_SEEN: dict[str, bool] = {}
+MARKETS_SEEN: dict[str, bool] = {}
+_SEEN_MAX = 100_000
 
 
-def _matches(kind: int, pattern: re.Pattern[str], value: str) -> bool:
-    key = (kind, value)
-    hit = _valid_cache.get(key)
+def _matches(seen: dict[str, bool], pattern: re.Pattern[str], value: str) -> bool:
+    hit = seen.get(value)
     if hit is None:
         hit = pattern.fullmatch(value) is not None
-        if len(_valid_cache) < _VALID_CACHE_MAX:
-            _valid_cache[key] = hit
+        if len(seen) < _SEEN_MAX:
+            seen[value] = hit
     return hit
+
+
+def is_token(value: str) -> bool:
+    """`_TOKEN_RE` without the regex (and without a cache: client order ids rarely repeat).
+
+    Printable ASCII is exactly 0x20-0x7e, so this is 1-64 characters of it with no space at
+    either end; checked equal to the pattern for every single character and at the lengths
+    around the bounds.
+    """
+    return (
+        0 < len(value) <= 64
+        and value.isascii()
+        and value.isprintable()
+        and value[0] != " "
+        and value[-1] != " "
+    )
 
 
 def check_envelope(command: Any, last_ts: int) -> tuple[str, int]:
@@ -78,8 +99,8 @@ def check_envelope(command: Any, last_ts: int) -> tuple[str, int]:
     op = command["op"]
     if type(op) is not str:
         raise Rejection("wrong_type", "field 'op' must be a string")
-    allowed = _ALLOWED.get(op)
-    if allowed is None:
+    envelope = _ENVELOPES.get(op)
+    if envelope is None:
         raise Rejection("unknown_op", f"unknown op {op[:40]!r}")
     if "ts" not in command:
         raise Rejection("missing_field", "missing field 'ts'")
@@ -90,13 +111,16 @@ def check_envelope(command: Any, last_ts: int) -> tuple[str, int]:
         raise Rejection("bad_ts", "field 'ts' out of range")
     if ts < last_ts:
         raise Rejection("bad_ts", "ts went backwards")
-    if len(command) > len(allowed) or not allowed.issuperset(command):
+    allowed, required = envelope
+    # Subset tests through the keys view: `frozenset.issubset(dict)` would copy the dict's
+    # keys into a temporary set on every command.
+    keys = command.keys()
+    if not keys <= allowed:
         for key in sorted(command, key=repr):
             if key not in allowed:
                 shown = key[:40] if type(key) is str else type(key).__name__
                 raise Rejection("unknown_field", f"unknown field {shown!r} for op {op!r}")
-    required = COMMAND_FIELDS[op][0]
-    if not required.issubset(command):
+    if not keys >= required:
         missing = sorted(required.difference(command))
         raise Rejection("missing_field", f"missing field {missing[0]!r}")
     return op, ts
@@ -120,28 +144,28 @@ def text(command: dict, field: str) -> str:
 
 def account(command: dict) -> str:
     value = text(command, "account")
-    if not _matches(0, _ACCOUNT_RE, value):
+    if not _matches(ACCOUNTS_SEEN, _ACCOUNT_RE, value):
         raise Rejection("bad_account", "bad account id")
     return value
 
 
 def asset(command: dict, field: str = "asset") -> str:
     value = text(command, field)
-    if not _matches(1, _ASSET_RE, value):
+    if not _matches(ASSETS_SEEN, _ASSET_RE, value):
         raise Rejection("bad_asset", f"bad asset in field {field!r}")
     return value
 
 
 def market_name(command: dict) -> str:
     value = text(command, "market")
-    if not _matches(2, _MARKET_RE, value):
+    if not _matches(MARKETS_SEEN, _MARKET_RE, value):
         raise Rejection("bad_market", "bad market name")
     return value
 
 
 def token(command: dict, field: str, reason: str) -> str:
     value = text(command, field)
-    if not _matches(3, _TOKEN_RE, value):
+    if not is_token(value):
         raise Rejection(reason, f"field {field!r} must be 1-64 printable ASCII characters")
     return value
 
@@ -159,7 +183,7 @@ def safe_account(command: Any) -> str | None:
     """The command's account if it is a valid one, for the `rejected` event; never raises."""
     if type(command) is dict:
         value = command.get("account")
-        if type(value) is str and _matches(0, _ACCOUNT_RE, value):
+        if type(value) is str and _matches(ACCOUNTS_SEEN, _ACCOUNT_RE, value):
             return value
     return None
 
@@ -167,7 +191,7 @@ def safe_account(command: Any) -> str | None:
 def safe_client_order_id(command: Any) -> str | None:
     if type(command) is dict:
         value = command.get("client_order_id")
-        if type(value) is str and _matches(3, _TOKEN_RE, value):
+        if type(value) is str and is_token(value):
             return value
     return None
 

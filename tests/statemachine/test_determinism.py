@@ -1,0 +1,363 @@
+"""Determinism and snapshots: the properties replication rests on.
+
+Two replicas fed the same commands must hold the same state after every command; a replica
+restored from a snapshot must continue exactly like one that never stopped; and `restore`
+must refuse, with `SnapshotError` and without unpickling, anything that is not an intact
+snapshot of ours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import struct
+from pathlib import Path
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from statemachine import Exchange, SnapshotError
+
+from .strategies import busy_session, sessions
+
+MAGIC = b"QBOOKSNP"
+HEADER_LEN = len(MAGIC) + 2 + 32  # magic | version u16 BE | sha256(body)
+
+SETTINGS = settings(
+    max_examples=40,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    # Fail fast: one bug at a time, and no line-tracing `explain` pass after shrinking.
+    report_multiple_bugs=False,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+def run(ex: Exchange, cmds: list[dict]) -> list[list[dict]]:
+    return [ex.apply(cmd) for cmd in cmds]
+
+
+def split(blob: bytes) -> tuple[bytes, int, bytes, bytes]:
+    magic, body = blob[: len(MAGIC)], blob[HEADER_LEN:]
+    (version,) = struct.unpack(">H", blob[len(MAGIC) : len(MAGIC) + 2])
+    return magic, version, blob[len(MAGIC) + 2 : HEADER_LEN], body
+
+
+def seal(body: bytes, *, version: int | None = None, magic: bytes = MAGIC) -> bytes:
+    """A blob with a correct checksum around an arbitrary body."""
+    if version is None:
+        version = split(Exchange().snapshot())[1]
+    return magic + struct.pack(">H", version) + hashlib.sha256(body).digest() + body
+
+
+def no_ext(code: int, data: bytes) -> object:
+    raise AssertionError(f"snapshot body uses msgpack ext type {code}")
+
+
+def decode_body(blob: bytes) -> object:
+    return msgpack.unpackb(split(blob)[3], ext_hook=no_ext, strict_map_key=False, raw=False)
+
+
+@pytest.fixture(scope="module")
+def busy_blob() -> bytes:
+    """A snapshot with resting orders on both sides, fills, fees, refs and client order ids."""
+    ex = Exchange()
+    events = [ev for evs in run(ex, busy_session()) for ev in evs]
+    assert {"trade", "amended", "filled", "cancelled"} <= {ev["type"] for ev in events}
+    assert len(ex.open_orders()) >= 6
+    ex.check_invariants()
+    return ex.snapshot()
+
+
+# ---------------------------------------------------------------- determinism
+
+
+@SETTINGS
+@given(sessions())
+def test_two_replicas_agree_after_every_command(cmds: list[dict]) -> None:
+    a, b = Exchange(), Exchange()
+    for cmd in cmds:
+        assert a.apply(cmd) == b.apply(cmd), cmd
+        assert a.state_hash() == b.state_hash(), cmd
+    assert a.snapshot() == b.snapshot()
+    a.check_invariants()
+
+
+@SETTINGS
+@given(sessions(), st.data())
+def test_restore_midway_continues_identically(cmds: list[dict], data: st.DataObject) -> None:
+    cut = data.draw(st.integers(0, len(cmds)), label="cut")
+    straight = Exchange()
+    run(straight, cmds[:cut])
+
+    stopped = Exchange()
+    run(stopped, cmds[:cut])
+    blob = stopped.snapshot()
+    restored = Exchange.restore(blob)
+    assert restored.snapshot() == blob, "snapshot of a restored exchange is the same bytes"
+    assert restored.state_hash() == straight.state_hash()
+    restored.check_invariants()
+    assert (restored.seq, restored.cmd_index, restored.last_ts) == (
+        straight.seq,
+        straight.cmd_index,
+        straight.last_ts,
+    )
+
+    for cmd in cmds[cut:]:
+        assert restored.apply(cmd) == straight.apply(cmd), cmd
+        assert restored.state_hash() == straight.state_hash(), cmd
+    restored.check_invariants()
+    assert restored.snapshot() == straight.snapshot()
+
+
+def test_snapshot_of_fresh_exchange_round_trips() -> None:
+    blob = Exchange().snapshot()
+    assert Exchange.restore(blob).snapshot() == blob
+
+
+def test_snapshot_round_trips_extreme_legal_values() -> None:
+    """Largest documented values must survive msgpack (which stops at 64-bit ints)."""
+    ex = Exchange()
+    big_ts = 2**63 - 1  # the engine's ts ceiling (the doc states none)
+    cmds = [
+        {
+            "op": "create_market",
+            "ts": 1,
+            "market": "X" * 32,
+            "base": "B" * 16,
+            "quote": "Q" * 16,
+            "lot_size": 1,
+            "tick_size": 1,
+            "maker_fee_bps": 1000,
+            "taker_fee_bps": 1000,
+        },
+        {
+            "op": "deposit",
+            "ts": 2,
+            "account": "a" * 64,
+            "asset": "Q" * 16,
+            "amount": 2**62,
+            "ref": "~" * 64,
+        },
+        {
+            "op": "deposit",
+            "ts": 3,
+            "account": "b",
+            "asset": "B" * 16,
+            "amount": 2**62,
+            "ref": "!" + "r" * 63,
+        },
+        {
+            "op": "place",
+            "ts": 4,
+            "account": "b",
+            "market": "X" * 32,
+            "side": "sell",
+            "type": "limit",
+            "qty": 10**12,
+            "price": 2**62 // 10**12,
+            "client_order_id": "~" * 64,
+        },
+        {
+            "op": "place",
+            "ts": big_ts,
+            "account": "a" * 64,
+            "market": "X" * 32,
+            "side": "buy",
+            "type": "limit",
+            "qty": 3,
+            "price": 10**15,
+        },
+    ]
+    for cmd in cmds:
+        events = ex.apply(cmd)
+        assert events[0]["type"] != "rejected", events
+    ex.check_invariants()
+    blob = ex.snapshot()
+    again = Exchange.restore(blob)
+    assert again.snapshot() == blob
+    assert again.state_hash() == ex.state_hash()
+
+
+# ---------------------------------------------------------------- format
+
+
+def test_snapshot_format_is_header_plus_msgpack(busy_blob: bytes) -> None:
+    magic, version, digest, body = split(busy_blob)
+    assert magic == MAGIC
+    assert version >= 1
+    assert digest == hashlib.sha256(body).digest()
+    assert Exchange.restore(busy_blob).state_hash() == hashlib.sha256(body).hexdigest()
+    decoded = decode_body(busy_blob)  # raises on any ext type: no pickles smuggled in msgpack
+    assert isinstance(decoded, list), "the body is a positional msgpack array"
+    assert b"\x80\x04\x95" not in busy_blob and b"\x80\x05\x95" not in busy_blob, "pickle opcodes"
+
+
+def test_state_hash_is_sha256_of_body(busy_blob: bytes) -> None:
+    ex = Exchange.restore(busy_blob)
+    assert ex.state_hash() == hashlib.sha256(split(ex.snapshot())[3]).hexdigest()
+
+
+# ---------------------------------------------------------------- refusal
+
+
+def assert_refused(blob: object) -> None:
+    with pytest.raises(SnapshotError):
+        Exchange.restore(blob)  # type: ignore[arg-type]
+
+
+def test_restore_refuses_every_truncation(busy_blob: bytes) -> None:
+    for length in range(len(busy_blob)):
+        assert_refused(busy_blob[:length])
+
+
+def test_restore_refuses_every_single_bit_flip(busy_blob: bytes) -> None:
+    for i in range(len(busy_blob)):
+        corrupt = bytearray(busy_blob)
+        corrupt[i] ^= 1 << (i % 8)
+        assert_refused(bytes(corrupt))
+
+
+def test_restore_refuses_trailing_garbage(busy_blob: bytes) -> None:
+    assert_refused(busy_blob + b"\x00")
+    _, _, _, body = split(busy_blob)
+    assert_refused(seal(body + b"\xc0"))  # a valid checksum over a body with extra bytes
+
+
+def test_restore_refuses_wrong_magic_and_version(busy_blob: bytes) -> None:
+    _, version, _, body = split(busy_blob)
+    assert_refused(seal(body, magic=b"QBOOKSNQ"))
+    assert_refused(seal(body, magic=b"\x00" * 8))
+    for other in (0, version - 1, version + 1, 0xFFFF):
+        if other != version:
+            assert_refused(seal(body, version=other))
+
+
+@SETTINGS
+@given(st.binary(max_size=300))
+def test_restore_refuses_random_bytes(noise: bytes) -> None:
+    assert_refused(noise)
+    assert_refused(MAGIC + noise)
+    assert_refused(seal(noise))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        None,
+        [],
+        {},
+        0,
+        "x",
+        [1, 2, 3],
+        [None] * 11,
+        [[]] * 11,
+        [{}] * 11,
+    ],
+)
+def test_restore_refuses_foreign_bodies_with_valid_checksums(body: object) -> None:
+    assert_refused(seal(msgpack.packb(body)))
+
+
+def test_restore_refuses_reshaped_bodies(busy_blob: bytes) -> None:
+    body = decode_body(busy_blob)
+    assert isinstance(body, list)
+    variants = [body[:-1], [*body, 0], body[1:], [body[0], *body]]
+    for i in range(len(body)):
+        variants.append([*body[:i], "not this", *body[i + 1 :]])
+        variants.append([*body[:i], None, *body[i + 1 :]])
+        variants.append([*body[:i], -1, *body[i + 1 :]])
+    for variant in variants:
+        assert_refused(seal(msgpack.packb(variant)))
+
+
+def test_restore_refuses_non_bytes() -> None:
+    for value in (None, "QBOOKSNP", 42, [MAGIC], bytearray(b"x")):
+        assert_refused(value)
+
+
+class _CreatesMarker:
+    """Unpickling this object runs `open(path, "w")`, creating the marker file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_restore_never_unpickles(tmp_path: Path, busy_blob: bytes) -> None:
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(_CreatesMarker(str(probe)))).close()
+    assert probe.exists(), "the payload really does act when unpickled"
+
+    marker = tmp_path / "marker"
+    payload = pickle.dumps(_CreatesMarker(str(marker)), protocol=pickle.HIGHEST_PROTOCOL)
+    _, version, _, _ = split(busy_blob)
+    for blob in (
+        payload,
+        MAGIC + payload,
+        seal(payload),
+        seal(payload, version=version),
+        seal(msgpack.packb([payload])),
+        seal(msgpack.packb([msgpack.ExtType(1, payload)])),
+        pickle.dumps(busy_blob),
+    ):
+        assert_refused(blob)
+    assert not marker.exists(), "restore ran a pickle"
+
+
+# ---------------------------------------------------------------- rewritten bodies
+
+_leaf = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.text(max_size=5),
+    st.binary(max_size=5),
+    st.lists(st.integers(-3, 3), max_size=3),
+)
+
+
+def _paths(node: object, prefix: tuple = ()) -> list[tuple]:
+    out = [prefix]
+    if isinstance(node, list):
+        for i, child in enumerate(node):
+            out += _paths(child, (*prefix, i))
+    elif isinstance(node, dict):
+        for key in sorted(node, key=repr):
+            out += _paths(node[key], (*prefix, ("key", key)))
+    return out
+
+
+def _replace(node: object, path: tuple, value: object) -> object:
+    if not path:
+        return value
+    step, rest = path[0], path[1:]
+    if isinstance(step, tuple):  # a dict key
+        assert isinstance(node, dict)
+        return {**node, step[1]: _replace(node[step[1]], rest, value)}
+    assert isinstance(node, list)
+    return [*node[:step], _replace(node[step], rest, value), *node[step + 1 :]]
+
+
+@settings(SETTINGS, max_examples=150)
+@given(st.data())
+def test_rewritten_body_is_refused_or_consistent(busy_blob: bytes, data: st.DataObject) -> None:
+    """A body re-sealed with a valid checksum but one value changed: `restore` either refuses
+    it with SnapshotError (never another exception) or yields a consistent exchange."""
+    body = decode_body(busy_blob)
+    paths = [p for p in _paths(body) if p]
+    path = data.draw(st.sampled_from(paths), label="path")
+    blob = seal(msgpack.packb(_replace(body, path, data.draw(_leaf, label="value"))))
+    try:
+        ex = Exchange.restore(blob)
+    except SnapshotError:
+        return
+    ex.check_invariants()
+    assert ex.snapshot() == blob, "a restored snapshot re-encodes to the same bytes"
