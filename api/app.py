@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import trading
 from .auth import AuthError, Verifier, new_key_id
-from .port import NodePort, NotLeaderError, OutcomeUnknownError
+from .port import NodePort, NotLeaderError, OutcomeUnknownError, OverloadedError
 
 MAX_BODY_BYTES = 1 << 20
 MAX_COMMANDS = 1000
@@ -33,6 +33,10 @@ def create_app(node: NodePort, verifier: Verifier) -> QuartTrio:
     async def http_error(exc: HTTPException) -> Response:
         code = (exc.name or "error").lower().replace(" ", "_")
         return error(exc.code or 400, code, exc.description or exc.name or "error")
+
+    @app.errorhandler(OverloadedError)
+    async def overloaded(exc: OverloadedError) -> Response:
+        return error(503, "overloaded", f"{exc}; nothing was applied, retry", {"Retry-After": "1"})
 
     def not_leader_response() -> Response:
         url = node.leader_url()

@@ -16,6 +16,10 @@ class NotLeaderError(Exception):
         self.leader_url = leader_url
 
 
+class OverloadedError(Exception):
+    """Definite: the node's submit queue is full; nothing was applied. Retry later."""
+
+
 class OutcomeUnknownError(Exception):
     """The command may or may not have been applied (timeout, leader change)."""
 

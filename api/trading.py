@@ -227,7 +227,7 @@ def register(app: QuartTrio, node: NodePort, verifier: Verifier, error: ErrorFn,
     async def get_order(creds: Credentials, order_id: int) -> Response:
         return await read(lambda ex: order_view(ex, creds.account, order_id))
 
-    @app.get("/v1/orders/by-client-id/<string:client_order_id>")
+    @app.get("/v1/orders/by-client-id/<path:client_order_id>")
     @authed()
     async def get_order_by_client_id(creds: Credentials, client_order_id: str) -> Response:
         """The SDK's outcome look-up: was this client_order_id ever accepted, and is it open?"""

@@ -20,12 +20,12 @@ from hypercorn.trio import serve
 
 from api.app import create_app
 from api.auth import Credentials, Verifier, derive_secret, read_credentials
-from api.port import NotLeaderError, OutcomeUnknownError
+from api.port import NotLeaderError, OutcomeUnknownError, OverloadedError
 
 from .config import NodeConfig, Peer
 from .machine import ExchangeMachine
 from .raft import RaftReplica, RaftSettings
-from .replica import NotLeader, OutcomeUnknown, Replica
+from .replica import NotLeader, OutcomeUnknown, Overloaded, Replica
 
 log = logging.getLogger("quorumbook.node")
 
@@ -135,6 +135,8 @@ class Node:
             raise NotLeaderError(self.leader_url(), str(exc)) from None
         except OutcomeUnknown as exc:
             raise OutcomeUnknownError(str(exc)) from None
+        except Overloaded as exc:
+            raise OverloadedError(str(exc)) from None
         return derive_secret(self.api_master, key_id)
 
     def _members(self) -> dict[str, Peer]:
@@ -168,6 +170,8 @@ class Node:
             raise NotLeaderError(self.leader_url(), str(exc)) from None
         except OutcomeUnknown as exc:
             raise OutcomeUnknownError(str(exc)) from None
+        except Overloaded as exc:
+            raise OverloadedError(str(exc)) from None
 
     async def submit_many(self, commands: list[dict]) -> list[list[dict]]:
         try:
@@ -176,6 +180,8 @@ class Node:
             raise NotLeaderError(self.leader_url(), str(exc)) from None
         except OutcomeUnknown as exc:
             raise OutcomeUnknownError(str(exc)) from None
+        except Overloaded as exc:
+            raise OverloadedError(str(exc)) from None
 
     async def read_barrier(self) -> None:
         try:
@@ -184,6 +190,8 @@ class Node:
             raise NotLeaderError(self.leader_url(), str(exc)) from None
         except OutcomeUnknown as exc:
             raise OutcomeUnknownError(str(exc)) from None
+        except Overloaded as exc:
+            raise OverloadedError(str(exc)) from None
 
     async def change_membership(self, action: str, node_id: str, raft_addr: str,
                                 api_url: str) -> None:
@@ -199,6 +207,8 @@ class Node:
             raise NotLeaderError(self.leader_url(), str(exc)) from None
         except OutcomeUnknown as exc:
             raise OutcomeUnknownError(str(exc)) from None
+        except Overloaded as exc:
+            raise OverloadedError(str(exc)) from None
 
     async def transfer_leadership(self, node_id: str | None) -> None:
         addr = None
@@ -212,6 +222,8 @@ class Node:
             raise NotLeaderError(self.leader_url(), str(exc)) from None
         except OutcomeUnknown as exc:
             raise OutcomeUnknownError(str(exc)) from None
+        except Overloaded as exc:
+            raise OverloadedError(str(exc)) from None
 
     def read(self, query):  # see api.port.NodePort.read
         return self.machine.read(query)

@@ -60,6 +60,10 @@ class NotLeader(Exception):
         self.leader = leader
 
 
+class Overloaded(Exception):
+    """Definite: the submit queue is full; nothing was proposed. Retry after a pause."""
+
+
 class OutcomeUnknown(Exception):
     """The command may or may not have been applied; a retry with the same
     client_order_id (or ref) settles it."""
@@ -176,7 +180,7 @@ class Replica:
         try:
             self._send.send_nowait(slot)
         except trio.WouldBlock:
-            raise NotLeader(self.raft.leader(), "submit queue full") from None
+            raise Overloaded("submit queue full") from None
         timeout = self.submit_timeout_s if timeout_s is None else timeout_s
         with trio.move_on_after(timeout if timeout is not None else math.inf):
             await slot.done.wait()
