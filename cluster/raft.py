@@ -296,6 +296,14 @@ class RaftReplica:
         os.set_blocking(self._wake_w, False)
         self._obj._poller.subscribe(self._wake_r, self._on_wake, POLL_EVENT_TYPE.READ)
         self._status = self._obj.raft_status()
+        # Sends the leader's heartbeats while the tick thread is inside machine.apply()
+        # (HardenedSyncObj.run_heartbeat_helper); idle otherwise.
+        self._helper = threading.Thread(
+            target=self._obj.run_heartbeat_helper,
+            name=f"raft-heartbeat-{settings.self_addr}",
+            daemon=True,
+        )
+        self._helper.start()
         self._thread = threading.Thread(
             target=self._run, name=f"raft-{settings.self_addr}", daemon=True
         )
@@ -486,6 +494,8 @@ class RaftReplica:
                     detail="the replica stopped after proposing",
                 ),
             )
+        self._obj.stop_heartbeat_helper()
+        self._helper.join()
         try:
             self._obj._doDestroy()  # transport (sockets), consumers, journal
         finally:

@@ -20,12 +20,19 @@ enforced by ``cluster.raft_pin``. Each fix is described, with its test, in
    atomic compaction, strict meta file); at start-up the dump and journal are reconciled
    without dropping entries the journal holds past the dump, and a journal whose prefix has
    no dump is refused.
+5. Long ticks (upstream 611-706): a follower whose election deadline passed reads what is
+   waiting in its sockets before deciding to stand (upstream checks the deadline at the top
+   of a tick, before reading the AppendEntries that arrived while its previous tick was busy);
+   and a leader keeps sending heartbeats while the state machine applies a command
+   (upstream sends nothing until everything committed has been applied, 688-692, so one
+   slow batch made every follower start an election).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -205,6 +212,17 @@ class HardenedSyncObj(SyncObj):
         self.refused_truncations = 0  # AppendEntries refused for contradicting committed entries
         self.snapshots_ignored = 0  # completed snapshots not installed (already passed / held)
         self.snapshots_installed = 0
+        self.elections_averted = 0  # deadline passed, but a message waiting in a socket reset it
+        self.heartbeats_during_apply = 0  # AppendEntries rounds sent while apply() was running
+        # Fix 5. Whoever runs pysyncobj code holds the tick lock: the tick thread, except while
+        # it is inside machine.apply(), when the heartbeat helper (run_heartbeat_helper) may
+        # take it to send the leader's AppendEntries. pysyncobj is not thread-safe; this lock
+        # makes the two threads take turns.
+        self._tick_lock = threading.Lock()
+        self._apply_cond = threading.Condition(self._tick_lock)
+        self._in_tick = False
+        self._applying = False
+        self._helper_stopped = False
 
         conf.autoTick = False
         conf.useFork = False
@@ -265,6 +283,14 @@ class HardenedSyncObj(SyncObj):
         # later command times out. A state machine that cannot apply a committed command
         # cannot go on either: stop the process loudly.
         index = self._SyncObj__raftLastApplied + 1
+        # Fix 5: apply() touches only the state machine, so pysyncobj is free meanwhile: let
+        # the heartbeat helper in (upstream's leader is silent until it has applied all it
+        # committed, and one large batch outlasts the followers' election timeout).
+        hand_over = self._in_tick
+        if hand_over:
+            self._applying = True
+            self._apply_cond.notify()
+            self._tick_lock.release()
         try:
             result = self._machine.apply(payload)
             if not isinstance(result, bytes):
@@ -279,6 +305,10 @@ class HardenedSyncObj(SyncObj):
             )
             logging.shutdown()
             os._exit(EXIT_APPLY_FAILED)
+        finally:
+            if hand_over:
+                self._tick_lock.acquire()
+                self._applying = False
         return result
 
     def propose(self, payload: bytes, callback) -> None:
@@ -677,10 +707,74 @@ class HardenedSyncObj(SyncObj):
         )
 
     def _onTick(self, timeToWait=0.0):
-        # The leader appends its own entries in _checkCommandsToApply (syncobj.py 528) and
-        # counts itself toward their commit on the next tick (655-672): sync in between.
-        self._journal.sync()
-        super()._onTick(timeToWait)
+        with self._tick_lock:
+            self._in_tick = True
+            try:
+                # The leader appends its own entries in _checkCommandsToApply (syncobj.py 528)
+                # and counts itself toward their commit on the next tick (655-672): sync in
+                # between.
+                self._journal.sync()
+                self._read_before_standing()
+                super()._onTick(timeToWait)
+            finally:
+                self._in_tick = False
+
+    # -- timing (fix 5) --------------------------------------------------------------------------
+
+    def _read_before_standing(self) -> None:
+        # Upstream 634-650 starts an election as soon as the deadline has passed, at the top of
+        # the tick, and reads its sockets only at the end of the tick (706). After a tick that
+        # ran long (a large batch applied, the GIL held by another thread), the leader's
+        # AppendEntries is often already waiting: read it first; it resets the deadline.
+        if self._SyncObj__raftState == _RAFT_STATE.LEADER or self._SyncObj__selfNode is None:
+            return
+        if self._SyncObj__raftElectionDeadline >= _now():
+            return
+        self._poller.poll(0)
+        if self._SyncObj__raftElectionDeadline >= _now():
+            self.elections_averted += 1
+
+    def _heartbeat_step(self) -> float | None:
+        # Called with the tick lock held. While the tick thread is inside apply() on the
+        # leader, send AppendEntries whenever one is due (the same call the tick makes at
+        # 690-692); return the seconds until the next one, or None when there is nothing to
+        # do until the next apply() starts.
+        if not self._applying or self._SyncObj__raftState != _RAFT_STATE.LEADER:
+            return None
+        due_in = self._SyncObj__newAppendEntriesTime - _now()
+        if due_in > 0:
+            return due_in
+        self._SyncObj__sendAppendEntries()
+        self.heartbeats_during_apply += 1
+        return max(self._SyncObj__newAppendEntriesTime - _now(), 0.001)
+
+    def heartbeat_if_due(self) -> None:
+        """One step of the heartbeat helper (tests call it to stand for the helper thread)."""
+        with self._apply_cond:
+            self._heartbeat_step()
+
+    def run_heartbeat_helper(self) -> None:
+        """Body of the owner's heartbeat helper thread; returns after ``stop_heartbeat_helper``.
+
+        It sleeps until the tick thread enters apply() and then, if this node leads, sends
+        AppendEntries every ``appendEntriesPeriod`` until apply() returns. It holds the tick
+        lock whenever it is awake, so it never runs pysyncobj code alongside the tick thread.
+        """
+        with self._apply_cond:
+            while not self._helper_stopped:
+                try:
+                    wait = self._heartbeat_step()
+                except Exception:
+                    # As upstream's tick loop (592-597): log and carry on; the tick thread
+                    # sends the next heartbeat once apply() returns anyway.
+                    logger.exception("sending heartbeats during apply failed")
+                    wait = None
+                self._apply_cond.wait(wait)
+
+    def stop_heartbeat_helper(self) -> None:
+        with self._apply_cond:
+            self._helper_stopped = True
+            self._apply_cond.notify_all()
 
     def _SyncObj__deleteEntriesTo(self, toIDx):
         # Upstream 1208-1213, called once a new dump is written (1425-1428). The dump's rename
@@ -720,6 +814,8 @@ class HardenedSyncObj(SyncObj):
             "refused_truncations": self.refused_truncations,
             "snapshots_ignored": self.snapshots_ignored,
             "snapshots_installed": self.snapshots_installed,
+            "elections_averted": self.elections_averted,
+            "heartbeats_during_apply": self.heartbeats_during_apply,
         }
 
 

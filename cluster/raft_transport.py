@@ -18,20 +18,30 @@ upstream, and closed here:
 * any peer that knows the password can register as a read-only node and receive every log
   entry (transport.py 360-373); the cluster has no read-only members, so that is refused;
 * a message sent before the password handshake finished lacks the session key and makes the
-  peer drop the connection; ``send`` holds such messages back (see there).
+  peer drop the connection; ``send`` holds such messages back (see there);
+* a connection counts as dead when nothing was *read* from it for ``connectionTimeout``, and
+  that is checked only when something is sent or the socket polls ready (tcp_connection.py
+  186, 227-236). The link between two followers carries nothing while a leader lives, so the
+  first vote request after the leader dies finds it "idle", drops it and is lost: every
+  failover took two election rounds. ``HardenedTCPTransport`` sends a small keepalive on every
+  peer link that has not carried anything for ``keepalive_s`` (a quarter of the connection
+  timeout), and ``BoundedTcpConnection`` does not call a link idle while bytes from the peer
+  are waiting in the socket unread (a node whose tick stalled has simply not read them yet).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import socket
 import struct
 import time
 import zlib
 
 from pysyncobj import pickle as _pickle
-from pysyncobj.monotonic import monotonic as _monotonic
-from pysyncobj.tcp_connection import TcpConnection
+from pysyncobj import tcp_connection as _tcp_connection
+from pysyncobj import transport as _transport
+from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
 from pysyncobj.transport import TCPTransport
 
 from cluster import raft_pin  # noqa: F401  (refuses any pysyncobj but the pinned one)
@@ -41,6 +51,21 @@ logger = logging.getLogger(__name__)
 _LENGTH = struct.Struct("i")  # native int, as upstream (tcp_connection.py 147, 280)
 _MAX_UNAUTHENTICATED = 32
 _HANDSHAKE_TIMEOUT_S = 5.0
+# The keepalive is a Raft-looking message of a type no handler knows: a node that does not
+# filter it (an older build during a rolling upgrade) ignores it (syncobj.py 909-1083 only
+# acts on known types). Ours drops it in the transport, before Raft sees it.
+_KEEPALIVE_TYPE = "qb_keepalive"
+_KEEPALIVE = {"type": _KEEPALIVE_TYPE}
+
+
+def _transport_now() -> float:
+    # Looked up at call time, as pysyncobj's own modules do, so a test that installs a fake
+    # clock on pysyncobj.transport / pysyncobj.tcp_connection moves ours too.
+    return _transport.monotonicTime()
+
+
+def _connection_now() -> float:
+    return _tcp_connection.monotonicTime()
 
 
 class _RateLimitedLog:
@@ -74,6 +99,25 @@ class BoundedTcpConnection(TcpConnection):
 
     max_frame_bytes: int = 16 * 1024 * 1024
     rejected_frames = 0  # process-wide count of dropped connections (class attribute)
+
+    def _TcpConnection__processConnectionTimeout(self):
+        # Upstream 227-230 drops the connection when nothing was read from it for `timeout`,
+        # and checks that before reading (186) or before sending (233). A node whose tick was
+        # busy (a long apply) has not read what its peer sent meanwhile: bytes waiting in the
+        # socket prove the peer alive, so the link is not idle. They are read right after.
+        idle = _connection_now() - self._TcpConnection__lastReadTime
+        if idle > self._TcpConnection__timeout and self._peer_bytes_waiting():
+            return
+        super()._TcpConnection__processConnectionTimeout()
+
+    def _peer_bytes_waiting(self) -> bool:
+        sock = self._TcpConnection__socket
+        if sock is None or self.state != CONNECTION_STATE.CONNECTED:
+            return False
+        try:
+            return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))  # b"": EOF
+        except OSError:  # EAGAIN: nothing waiting; anything else: let upstream decide
+            return False
 
     def _announced_size_ok(self) -> bool:
         buf = self._TcpConnection__readBuffer
@@ -152,17 +196,33 @@ def _harden(conn: TcpConnection, max_frame_bytes: int) -> None:
 
 
 class HardenedTCPTransport(TCPTransport):
-    """``TCPTransport`` whose every connection is a ``BoundedTcpConnection``."""
+    """``TCPTransport`` whose every connection is a ``BoundedTcpConnection``, and whose every
+    peer link carries something at least every ``keepalive_s``."""
 
-    def __init__(self, syncObj, selfNode, otherNodes, *, max_frame_bytes: int):
+    def __init__(
+        self,
+        syncObj,
+        selfNode,
+        otherNodes,
+        *,
+        max_frame_bytes: int,
+        keepalive_s: float | None = None,
+    ):
         self._max_frame_bytes = max_frame_bytes
         self._handshake_started: dict[TcpConnection, float] = {}
+        # Well under the connection timeout, so the peer reads something from us several
+        # times per timeout even when one of our ticks runs long.
+        if keepalive_s is None:
+            keepalive_s = syncObj.conf.connectionTimeout / 4
+        self._keepalive_s = keepalive_s
+        self._last_sent: dict = {}  # node -> when a message to it last left
+        self.keepalives_sent = 0
         super().__init__(syncObj, selfNode, otherNodes)
 
     @classmethod
-    def factory(cls, *, max_frame_bytes: int):
+    def factory(cls, *, max_frame_bytes: int, keepalive_s: float | None = None):
         """A ``transportClass`` for ``SyncObj(..., transportClass=...)``."""
-        return functools.partial(cls, max_frame_bytes=max_frame_bytes)
+        return functools.partial(cls, max_frame_bytes=max_frame_bytes, keepalive_s=keepalive_s)
 
     def addNode(self, node):
         # transport.py 511-533 creates the outgoing connection object here.
@@ -182,7 +242,7 @@ class HardenedTCPTransport(TCPTransport):
             )
             conn.disconnect()
             return
-        self._handshake_started[conn] = _monotonic()
+        self._handshake_started[conn] = _transport_now()
         super()._onNewIncomingConnection(conn)
 
     def _onIncomingMessageReceived(self, conn, message):
@@ -206,13 +266,35 @@ class HardenedTCPTransport(TCPTransport):
         conn = self._connections.get(node)
         if conn is not None and self._syncObj.encryptor is not None and not conn.sendRandKey:
             return False
-        return super().send(node, message)
+        sent = super().send(node, message)
+        if sent:
+            self._last_sent[node] = _transport_now()
+        return sent
+
+    def _onMessageReceived(self, node, message):
+        # transport.py 106-108. Reading the keepalive already refreshed the connection's idle
+        # clock (tcp_connection.py 259); Raft never sees it.
+        if type(message) is dict and message.get("type") == _KEEPALIVE_TYPE:
+            return
+        super()._onMessageReceived(node, message)
+
+    def _send_keepalives(self) -> None:
+        now = _transport_now()
+        for node, conn in list(self._connections.items()):
+            if node not in self._nodes or conn.state != CONNECTION_STATE.CONNECTED:
+                continue
+            last = self._last_sent.get(node)
+            if last is not None and now - last < self._keepalive_s:
+                continue
+            if self.send(node, _KEEPALIVE):  # held back until the handshake is done
+                self.keepalives_sent += 1
 
     def _onTick(self):
         super()._onTick()
+        self._send_keepalives()
         if not self._handshake_started:
             return
-        now = _monotonic()
+        now = _transport_now()
         for conn, started in list(self._handshake_started.items()):
             if conn not in self._unknownConnections:
                 del self._handshake_started[conn]
@@ -221,6 +303,11 @@ class HardenedTCPTransport(TCPTransport):
                 conn.disconnect()
                 self._unknownConnections.discard(conn)
 
+    def dropNode(self, node):
+        super().dropNode(node)
+        self._last_sent.pop(node, None)
+
     def destroy(self):
         super().destroy()
         self._handshake_started.clear()
+        self._last_sent.clear()

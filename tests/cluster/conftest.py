@@ -8,6 +8,10 @@ script therefore produces the same run, message for message, against both classe
 
 Only the timing of deliveries, ticks and the clock is scripted: the messages themselves are
 whatever the nodes' own handlers send. (Where a test crafts a message instead, it says so.)
+
+``SimNet.deliver`` hands a message to the node's handler at once. ``SimNet.arrive`` models a
+message that has reached the node's socket but has not been read: the node reads it the next
+time its tick polls (``SimNode.socket``), as a TCP node would.
 """
 
 from __future__ import annotations
@@ -55,8 +59,11 @@ class RecordingMachine:
         self.state: list[bytes] = []
         self.executions: list[bytes] = []
         self.restores = 0
+        self.on_apply = None  # a test's hook: called with the payload, inside apply
 
     def apply(self, payload: bytes) -> bytes:
+        if self.on_apply is not None:
+            self.on_apply(payload)
         self.executions.append(payload)
         self.state.append(payload)
         return b"applied:" + payload
@@ -78,11 +85,14 @@ class PlainNode(SyncObj):
 
     def __init__(self, addr, peers, conf, transport):
         self.executions = []
+        self.on_apply = None  # a test's hook (see RecordingMachine)
         super().__init__(addr, peers, conf, transport=transport)
         self.state = []
 
     @replicated
     def apply(self, payload):
+        if self.on_apply is not None:
+            self.on_apply(payload)
         self.executions.append(payload)
         self.state.append(payload)
         return payload
@@ -151,8 +161,19 @@ class SimNode:
             raise ValueError(kind)
         for peer in peers:
             self.transport._onNodeConnected(TCPNode(peer))
+        # Messages that reached this node's socket but were not read yet (SimNet.arrive); the
+        # node reads them when its tick polls, wherever in the tick that poll is.
+        self.socket: collections.deque = collections.deque()
+        self._poll = self.sync._poller.poll
+        self.sync._poller.poll = self._poll_socket
         self.alive = True
         self._record()
+
+    def _poll_socket(self, timeout) -> None:
+        while self.socket and self.alive:
+            src, message = self.socket.popleft()
+            self.transport._onMessageReceived(TCPNode(src), message)
+        self._poll(timeout)
 
     # views on the node
     @property
@@ -195,6 +216,16 @@ class SimNode:
 
     def force_election_timeout(self) -> None:
         self.sync._SyncObj__raftElectionDeadline = 0
+
+    def set_apply_hook(self, hook) -> None:
+        """``hook(payload)`` runs inside this node's apply, before the state changes."""
+        if self.kind == "plain":
+            self.sync.on_apply = hook
+        else:
+            self.machine.on_apply = hook
+
+    def role(self) -> str:
+        return {0: "follower", 1: "candidate", 2: "leader"}[self.sync._SyncObj__raftState]
 
     def _record(self) -> None:
         self.applied_history.append(self.last_applied())
@@ -292,6 +323,15 @@ class SimNet:
                 target._record()
             delivered += 1
         return delivered
+
+    def arrive(self, src: str, dst: str) -> int:
+        """Move what is queued from ``src`` to ``dst`` into ``dst``'s socket, unread."""
+        queue = self.links[(src, dst)]
+        count = len(queue)
+        target = self.nodes[dst]
+        while queue:
+            target.socket.append((src, queue.popleft()))
+        return count
 
     def deliver_all(self, rounds: int = 50) -> None:
         """Deliver everything on every link that is not held, until nothing moves."""
