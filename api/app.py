@@ -12,9 +12,15 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import trading
+from . import trading, ws
 from .auth import AuthError, Verifier, new_key_id
-from .port import NodePort, NotLeaderError, OutcomeUnknownError, OverloadedError
+from .port import (
+    NodePort,
+    NotLeaderError,
+    OutcomeUnknownError,
+    OverloadedError,
+    UnencodableError,
+)
 
 MAX_BODY_BYTES = 1 << 20
 MAX_COMMANDS = 1000
@@ -33,6 +39,10 @@ def create_app(node: NodePort, verifier: Verifier) -> QuartTrio:
     async def http_error(exc: HTTPException) -> Response:
         code = (exc.name or "error").lower().replace(" ", "_")
         return error(exc.code or 400, code, exc.description or exc.name or "error")
+
+    @app.errorhandler(UnencodableError)
+    async def unencodable(exc: UnencodableError) -> Response:
+        return error(400, "wrong_type", f"{exc}; integers must fit in 64 bits")
 
     @app.errorhandler(OverloadedError)
     async def overloaded(exc: OverloadedError) -> Response:
@@ -192,6 +202,7 @@ def create_app(node: NodePort, verifier: Verifier) -> QuartTrio:
         return {"key_id": key_id, "secret": secret, "account": account, "role": role}
 
     trading.register(app, node, verifier, error, not_leader_response)
+    ws.register(app, node, verifier)
 
     @app.post("/v1/admin/barrier")
     async def admin_barrier() -> Response | dict:

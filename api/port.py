@@ -20,6 +20,10 @@ class OverloadedError(Exception):
     """Definite: the node's submit queue is full; nothing was applied. Retry later."""
 
 
+class UnencodableError(Exception):
+    """Definite: a value in the command cannot be carried by the log (400)."""
+
+
 class OutcomeUnknownError(Exception):
     """The command may or may not have been applied (timeout, leader change)."""
 

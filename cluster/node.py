@@ -20,12 +20,12 @@ from hypercorn.trio import serve
 
 from api.app import create_app
 from api.auth import Credentials, Verifier, derive_secret, read_credentials
-from api.port import NotLeaderError, OutcomeUnknownError, OverloadedError
+from api.port import NotLeaderError, OutcomeUnknownError, OverloadedError, UnencodableError
 
 from .config import NodeConfig, Peer
 from .machine import ExchangeMachine
 from .raft import RaftReplica, RaftSettings
-from .replica import NotLeader, OutcomeUnknown, Overloaded, Replica
+from .replica import NotLeader, OutcomeUnknown, Overloaded, Replica, Unencodable
 
 log = logging.getLogger("quorumbook.node")
 
@@ -137,6 +137,8 @@ class Node:
             raise OutcomeUnknownError(str(exc)) from None
         except Overloaded as exc:
             raise OverloadedError(str(exc)) from None
+        except Unencodable as exc:
+            raise UnencodableError(str(exc)) from None
         return derive_secret(self.api_master, key_id)
 
     def _members(self) -> dict[str, Peer]:
@@ -172,6 +174,8 @@ class Node:
             raise OutcomeUnknownError(str(exc)) from None
         except Overloaded as exc:
             raise OverloadedError(str(exc)) from None
+        except Unencodable as exc:
+            raise UnencodableError(str(exc)) from None
 
     async def submit_many(self, commands: list[dict]) -> list[list[dict]]:
         try:
@@ -182,6 +186,8 @@ class Node:
             raise OutcomeUnknownError(str(exc)) from None
         except Overloaded as exc:
             raise OverloadedError(str(exc)) from None
+        except Unencodable as exc:
+            raise UnencodableError(str(exc)) from None
 
     async def read_barrier(self) -> None:
         try:
@@ -192,6 +198,8 @@ class Node:
             raise OutcomeUnknownError(str(exc)) from None
         except Overloaded as exc:
             raise OverloadedError(str(exc)) from None
+        except Unencodable as exc:
+            raise UnencodableError(str(exc)) from None
 
     async def change_membership(self, action: str, node_id: str, raft_addr: str,
                                 api_url: str) -> None:
@@ -209,6 +217,8 @@ class Node:
             raise OutcomeUnknownError(str(exc)) from None
         except Overloaded as exc:
             raise OverloadedError(str(exc)) from None
+        except Unencodable as exc:
+            raise UnencodableError(str(exc)) from None
 
     async def transfer_leadership(self, node_id: str | None) -> None:
         addr = None
@@ -224,6 +234,8 @@ class Node:
             raise OutcomeUnknownError(str(exc)) from None
         except Overloaded as exc:
             raise OverloadedError(str(exc)) from None
+        except Unencodable as exc:
+            raise UnencodableError(str(exc)) from None
 
     def read(self, query):  # see api.port.NodePort.read
         return self.machine.read(query)

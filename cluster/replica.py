@@ -64,6 +64,11 @@ class Overloaded(Exception):
     """Definite: the submit queue is full; nothing was proposed. Retry after a pause."""
 
 
+class Unencodable(Exception):
+    """Definite: the command holds a value the log cannot carry (e.g. an integer beyond
+    64 bits); nothing was proposed."""
+
+
 class OutcomeUnknown(Exception):
     """The command may or may not have been applied; a retry with the same
     client_order_id (or ref) settles it."""
@@ -131,8 +136,26 @@ class Replica:
                 slot.error = error
                 slot.done.set()
             return
+        ts = time.time_ns()
+        try:
+            payload = encode_batch(ts, [entry for slot in batch for entry in slot.entries])
+        except (OverflowError, TypeError, ValueError):
+            # Some caller sent a value msgpack cannot encode: fail those callers (definite),
+            # never the batcher, and propose the rest.
+            good = []
+            for slot in batch:
+                try:
+                    encode_batch(ts, slot.entries)
+                except (OverflowError, TypeError, ValueError) as exc:
+                    slot.error = Unencodable(f"a value cannot be encoded: {exc}")
+                    slot.done.set()
+                else:
+                    good.append(slot)
+            if not good:
+                return
+            batch = good
+            payload = encode_batch(ts, [entry for slot in batch for entry in slot.entries])
         entries = [entry for slot in batch for entry in slot.entries]
-        payload = encode_batch(time.time_ns(), entries)
         self.batches_proposed += 1
         self.batch_sizes_total += len(entries)
         token = self._token

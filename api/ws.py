@@ -1,0 +1,490 @@
+"""Market data and order entry over one WebSocket, `/v1/ws` (docs/reference/websocket.md).
+
+JSON text frames. Channels: `book:<market>` (a snapshot, then one delta per `book` event),
+`trades:<market>` (every trade), `orders` (the authenticated account's order and fill events).
+Order entry (`place`, `cancel`, `amend`, `cancel_all`) answers each request id with the REST
+outcome: the same status, body and error codes.
+
+How a subscription stays gap-free: the connection registers with the node's committed-event
+feed *before* it reads the applied state (snapshot and its `seq`, both under the machine's
+lock), and nothing awaits in between. Every event applied after that read reaches the feed
+afterwards; events applied before it may still be in flight, and are dropped by `seq`. Each
+channel message carries `prev_seq` (the `seq` of that channel's previous message, or of its
+snapshot/acknowledgement), so a client can check the chain; the server never skips a message,
+it disconnects a slow consumer instead (`slow_consumer`, close code 1008).
+
+One outbox per connection, drained by one writer task: everything the client gets (feed,
+responses, heartbeats, errors) goes through it in order, and it is bounded in bytes.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+import msgpack
+import trio
+from quart import websocket
+from quart_trio import QuartTrio
+
+from .auth import KEY_HEADER, SIG_HEADER, TS_HEADER, AuthError, Credentials, Verifier
+from .port import NodePort, NotLeaderError, OutcomeUnknownError, OverloadedError, Subscription
+from .trading import REASON_STATUS, RESERVED_FIELDS, summarize
+
+PATH = "/v1/ws"
+# The signed message of the `auth` op: "{timestamp}\nWS\n/v1/ws\n" (api.auth.sign, empty body).
+AUTH_METHOD = "WS"
+
+CLOSE_POLICY = 1008  # slow consumer, too many bad messages
+CLOSE_RESTART = 1012  # the node's state jumped (it installed a Raft snapshot): resubscribe
+ORDER_OPS = {"place": 201, "cancel": 200, "amend": 200, "cancel_all": 200}  # op -> REST status
+ORDER_EVENTS = ("accepted", "cancelled", "amended", "filled")
+# Left out of the public trades channel: who traded, and what they paid.
+PRIVATE_TRADE_FIELDS = ("maker_account", "taker_account", "maker_fee", "taker_fee")
+MAX_CHANNELS = 256
+MAX_REQUEST_ID = 64
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Per-connection bounds. `from_env` reads `QB_WS_<FIELD>` (upper case) for each field."""
+
+    heartbeat_s: float = 5.0  # a heartbeat every this many seconds
+    max_queue_bytes: int = 1 << 20  # outbox: the feed waits above it; replies fail above 2x
+    feed_buffer: int = 10_000  # commands the feed may lag behind (>= a Raft batch); then cut
+    max_message_bytes: int = 64 << 10  # largest client frame we parse
+    max_inflight: int = 1_000  # order requests awaiting their outcome; beyond, reading pauses
+    error_budget: int = 50  # bad messages within error_window_s before the connection is closed
+    error_window_s: float = 10.0
+
+    @classmethod
+    def from_env(cls, env: Any = os.environ) -> Settings:
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"QB_WS_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = float(raw) if f.type == "float" else int(raw)
+        return cls(**values)
+
+
+class _Close:
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+
+
+class _Outbox:
+    """FIFO of encoded frames, bounded in bytes (frames are ASCII JSON: chars == bytes).
+
+    The feed waits for room (`room()`), so a burst waits in the node subscription, whose
+    buffer is the real lag bound; replies, snapshots and heartbeats are put at once, up to
+    twice the limit.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._items: collections.deque[str | _Close] = collections.deque()
+        self._limit = limit
+        self._wakeup = trio.Event()
+        self._space = trio.Event()
+        self.size = 0
+
+    def put(self, text: str) -> bool:
+        """False when the frame does not fit (one frame always fits an empty outbox)."""
+        if self._items and self.size + len(text) > 2 * self._limit:
+            return False
+        self._items.append(text)
+        self.size += len(text)
+        self._wakeup.set()
+        return True
+
+    async def room(self) -> None:
+        while self.size >= self._limit:
+            self._space = trio.Event()
+            await self._space.wait()
+
+    def replace_all(self, *items: str | _Close) -> None:
+        self._items.clear()
+        self._items.extend(items)
+        self.size = sum(len(i) for i in items if isinstance(i, str))
+        self._wakeup.set()
+        self._space.set()
+
+    async def get(self) -> str | _Close:
+        while not self._items:
+            self._wakeup = trio.Event()
+            await self._wakeup.wait()
+        item = self._items.popleft()
+        if isinstance(item, str):
+            self.size -= len(item)
+            if self.size < self._limit:
+                self._space.set()
+        return item
+
+
+def _encode(message: dict) -> str:
+    return json.dumps(message, separators=(",", ":"))
+
+
+def _valid_request_id(value: object) -> bool:
+    if type(value) is int:
+        return -(1 << 63) <= value < (1 << 63)
+    return isinstance(value, str) and 0 < len(value) <= MAX_REQUEST_ID
+
+
+def _channel(value: object) -> tuple[str, str | None] | None:
+    """("book"|"trades"|"orders", market) for a well-formed channel name."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    if value == "orders":
+        return "orders", None
+    kind, _, market = value.partition(":")
+    if kind in ("book", "trades") and market:
+        return kind, market
+    return None
+
+
+class _Connection:
+    def __init__(self, ws: Any, node: NodePort, verifier: Verifier, settings: Settings) -> None:
+        self.ws = ws
+        self.node = node
+        self.verifier = verifier
+        self.settings = settings
+        self.outbox = _Outbox(settings.max_queue_bytes)
+        self.creds: Credentials | None = None
+        # channel -> seq of the last message sent on it (its snapshot/ack seq at first)
+        self.channels: dict[str, int] = {}
+        self.sub: Subscription | None = None
+        self.feed_pos = 0  # every channel is complete through this seq (once subscribed)
+        self.closing = False
+        self.errors: collections.deque[float] = collections.deque()
+        self.inflight = trio.Semaphore(settings.max_inflight)
+        self.nursery: trio.Nursery | None = None
+
+    # -------------------------------------------------------------- lifecycle
+
+    async def run(self) -> None:
+        await self.ws.accept()
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self._write_loop)
+                nursery.start_soon(self._heartbeat_loop)
+                await self._read_loop()
+        finally:
+            if self.sub is not None:
+                self.sub.close()
+
+    async def _write_loop(self) -> None:
+        while True:
+            item = await self.outbox.get()
+            if isinstance(item, _Close):
+                await self.ws.close(item.code, item.reason)
+                assert self.nursery is not None
+                self.nursery.cancel_scope.cancel()
+                return
+            # Hypercorn shields the socket write: a peer that never reads blocks here (see doc).
+            await self.ws.send(item)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await trio.sleep(self.settings.heartbeat_s)
+            self.send({"type": "heartbeat", "seq": self.position()})
+
+    def position(self) -> int:
+        """A seq through which every subscribed channel's messages have been queued."""
+        if self.sub is not None:
+            return self.feed_pos
+        return self.node.read(lambda ex: ex.seq)
+
+    def send(self, message: dict) -> None:
+        if self.closing:
+            return
+        if not self.outbox.put(_encode(message)):
+            self.fail("slow_consumer", "the client reads too slowly; resubscribe after reconnecting")
+
+    def fail(self, code: str, message: str, close_code: int = CLOSE_POLICY) -> None:
+        """Drop what is queued, tell the client why and close (the writer does it in order)."""
+        if self.closing:
+            return
+        self.closing = True
+        if self.sub is not None:
+            self.sub.close()
+        frame = {"type": "error", "code": code, "message": message, "seq": self.position()}
+        self.outbox.replace_all(_encode(frame), _Close(close_code, code))
+
+    def error(self, code: str, message: str, **extra: Any) -> None:
+        """A bad message: answer it; close the connection if they keep coming."""
+        self.send({"type": "error", "code": code, "message": message, **extra,
+                   "seq": self.position()})
+        now = trio.current_time()
+        self.errors.append(now)
+        while self.errors and self.errors[0] < now - self.settings.error_window_s:
+            self.errors.popleft()
+        if len(self.errors) > self.settings.error_budget:
+            self.fail("too_many_errors", "too many bad messages; closing")
+
+    # -------------------------------------------------------------- client messages
+
+    async def _read_loop(self) -> None:
+        while not self.closing:
+            raw = await self.ws.receive()
+            if not isinstance(raw, str):
+                self.error("bad_frame", "send JSON text frames")
+                continue
+            if len(raw) > self.settings.max_message_bytes:
+                self.error("message_too_large",
+                           f"messages are at most {self.settings.max_message_bytes} bytes")
+                continue
+            try:
+                msg = json.loads(raw)
+            except (ValueError, RecursionError):
+                self.error("malformed_json", "message is not valid JSON")
+                continue
+            if not isinstance(msg, dict):
+                self.error("bad_request", "a message is a JSON object with an \"op\"")
+                continue
+            await self._dispatch(msg)
+        await trio.sleep_forever()  # closing: the writer ends the connection
+
+    async def _dispatch(self, msg: dict) -> None:
+        op = msg.get("op")
+        if not isinstance(op, str):
+            op = None
+        if op in ORDER_OPS:
+            request_id = msg.get("request_id")
+            if not _valid_request_id(request_id):
+                self.error("bad_request_id",
+                           f"order requests need a request_id: a string of 1-{MAX_REQUEST_ID} "
+                           "characters or an integer", op=op)
+                return
+            await self.inflight.acquire()  # back-pressure: stop reading while too many are out
+            assert self.nursery is not None
+            self.nursery.start_soon(self._order, op, request_id, msg)
+        elif op in ("subscribe", "unsubscribe"):
+            channel = msg.get("channel")
+            parsed = _channel(channel)
+            if parsed is None:
+                self.error("bad_channel", 'channel must be "book:<market>", "trades:<market>" '
+                           'or "orders"', op=op)
+            elif op == "subscribe":
+                self._subscribe(channel, *parsed)
+            else:
+                self._unsubscribe(channel)
+        elif op == "auth":
+            self._auth(msg)
+        elif op == "ping":
+            pong: dict[str, Any] = {"type": "pong", "seq": self.position()}
+            if "request_id" in msg:
+                pong["request_id"] = msg["request_id"]
+            self.send(pong)
+        else:
+            self.error("unknown_op", "op must be one of subscribe, unsubscribe, auth, ping, "
+                       "place, cancel, amend, cancel_all")
+
+    def _auth(self, msg: dict) -> None:
+        if self.creds is not None:
+            self.error("already_authenticated", "this connection is already authenticated",
+                       op="auth")
+            return
+        key_id, ts, signature = msg.get("key_id"), msg.get("timestamp"), msg.get("signature")
+        if type(ts) is int:
+            ts = str(ts)
+        if not all(isinstance(v, str) for v in (key_id, ts, signature)):
+            self.error("bad_request", "auth needs key_id, timestamp (Unix ms) and signature",
+                       op="auth")
+            return
+        headers = {KEY_HEADER: key_id, TS_HEADER: ts, SIG_HEADER: signature}
+        try:
+            creds = self.verifier.verify(headers, AUTH_METHOD, PATH, b"")
+        except AuthError as exc:
+            self.error(exc.code, exc.message, op="auth")
+            return
+        self.creds = creds
+        self.send({"type": "authenticated", "key_id": creds.key_id, "account": creds.account,
+                   "role": creds.role, "seq": self.position()})
+
+    # -------------------------------------------------------------- channels
+
+    def _subscribe(self, channel: str, kind: str, market: str | None) -> None:
+        if kind == "orders" and (self.creds is None or not self.creds.account):
+            code = "unauthenticated" if self.creds is None else "forbidden"
+            self.error(code, "the orders channel needs an authenticated trader key",
+                       op="subscribe", channel=channel)
+            return
+        if channel not in self.channels and len(self.channels) >= MAX_CHANNELS:
+            self.error("too_many_channels", f"at most {MAX_CHANNELS} channels per connection",
+                       op="subscribe", channel=channel)
+            return
+        # Feed first, state second, no await in between: nothing falls in the gap.
+        if self.sub is None:
+            self.sub = self.node.subscribe(self.settings.feed_buffer)
+            assert self.nursery is not None
+            self.nursery.start_soon(self._feed_loop, self.sub)
+            fresh = True
+        else:
+            fresh = False
+
+        def query(ex: Any) -> tuple[int, Any]:
+            if market is not None and market not in {m["market"] for m in ex.markets()}:
+                return ex.seq, None
+            if kind == "book":
+                return ex.seq, (ex.book_levels(market, "buy"), ex.book_levels(market, "sell"))
+            return ex.seq, True
+
+        seq, found = self.node.read(query)
+        if fresh:
+            self.feed_pos = seq
+        if found is None:
+            self.error("unknown_market", f"unknown market {market!r}", op="subscribe",
+                       channel=channel)
+            return
+        self.channels[channel] = seq  # a resubscription restarts the channel here
+        if kind == "book":
+            bids, asks = found
+            self.send({"type": "snapshot", "channel": channel, "seq": seq,
+                       "bids": [list(level) for level in bids],
+                       "asks": [list(level) for level in asks]})
+        else:
+            self.send({"type": "subscribed", "channel": channel, "seq": seq})
+
+    def _unsubscribe(self, channel: str) -> None:
+        if self.channels.pop(channel, None) is None:
+            self.error("not_subscribed", "not subscribed to this channel", op="unsubscribe",
+                       channel=channel)
+            return
+        self.send({"type": "unsubscribed", "channel": channel, "seq": self.position()})
+
+    async def _feed_loop(self, sub: Subscription) -> None:
+        while not sub.overflowed:
+            try:
+                events = await sub.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            await self.outbox.room()  # back-pressure: a burst waits in the subscription
+            if self.closing:
+                break
+            self._route(events)
+        if sub.overflowed:
+            self.fail("slow_consumer", "the client fell too far behind the feed; "
+                      "resubscribe after reconnecting")
+
+    def _route(self, events: list[dict]) -> None:
+        """One applied command's events to the subscribed channels (trio thread, no await)."""
+        first = events[0]["seq"]
+        if first > self.feed_pos + 1:
+            # Every command has events and the feed hands over every applied command in order,
+            # so its seqs are contiguous from the first read on; a jump means the node
+            # restored a snapshot under us, and no channel can be continued.
+            self.fail("resync", f"this node's state jumped from seq {self.feed_pos} to "
+                      f"{first - 1} (it installed a snapshot); reconnect and resubscribe",
+                      CLOSE_RESTART)
+            return
+        channels = self.channels
+        account = self.creds.account if self.creds is not None else None
+        mine = account is not None and "orders" in channels
+        for event in events:
+            kind = event["type"]
+            if kind == "book":
+                channel = "book:" + event["market"]
+                if channel in channels:
+                    self._emit(channel, event, {
+                        "type": "delta", "channel": channel, "seq": event["seq"],
+                        "side": event["side"], "price": event["price"],
+                        "level_qty": event["level_qty"], "ts": event["ts"]})
+            elif kind == "trade":
+                channel = "trades:" + event["market"]
+                if channel in channels:
+                    public = {k: v for k, v in event.items() if k not in PRIVATE_TRADE_FIELDS}
+                    self._emit(channel, event, {**public, "channel": channel})
+                if mine and account in (event["maker_account"], event["taker_account"]):
+                    self._emit("orders", event, {**event, "channel": "orders"})
+            elif mine and kind in ORDER_EVENTS and event.get("account") == account:
+                self._emit("orders", event, {**event, "channel": "orders"})
+        if events[-1]["seq"] > self.feed_pos:
+            self.feed_pos = events[-1]["seq"]
+
+    def _emit(self, channel: str, event: dict, message: dict) -> None:
+        last = self.channels[channel]
+        seq = event["seq"]
+        if seq <= last:  # applied before this channel's snapshot: already in it
+            return
+        message["prev_seq"] = last
+        self.channels[channel] = seq
+        self.send(message)
+
+    # -------------------------------------------------------------- order entry
+
+    async def _order(self, op: str, request_id: str | int, msg: dict) -> None:
+        try:
+            status, body = await self._execute(op, msg)
+        finally:
+            self.inflight.release()
+        if "seq" not in body:
+            body["seq"] = self.node.read(lambda ex: ex.seq)
+        # Like one result of POST /v1/orders/batch: the REST status and the REST body.
+        self.send({"type": "response", "request_id": request_id, "op": op,
+                   "http_status": status, **body})
+
+    async def _execute(self, op: str, msg: dict) -> tuple[int, dict]:
+        """(REST status, REST body: the order summary or {"error": ...}) for one request."""
+        creds = self.creds
+        if creds is None:
+            return 401, _err("unauthenticated", "authenticate first (op auth)")
+        if creds.role != "trader" or not creds.account:
+            return 403, _err("forbidden", "order entry needs a trader key")
+        order = {k: v for k, v in msg.items() if k not in ("op", "request_id")}
+        for name in RESERVED_FIELDS:
+            if name in order:
+                return 400, _err("field_not_allowed", f"field {name!r} is set by the server")
+        command = {"op": op, **order, "account": creds.account}
+        try:  # what the log cannot carry (e.g. an integer beyond 64 bits) never reaches it
+            msgpack.packb(command, use_bin_type=True)
+        except (OverflowError, ValueError, TypeError):
+            return 400, _err("wrong_type", "a field holds a value out of range")
+        if not self.node.is_leader():
+            return self._not_leader(self.node.leader_url())
+        try:
+            events = await self.node.submit(command)
+        except NotLeaderError as exc:
+            return self._not_leader(exc.leader_url or self.node.leader_url())
+        except OutcomeUnknownError as exc:
+            return 503, _err("outcome_unknown",
+                             f"{exc}; resend with the same client_order_id to settle it")
+        except OverloadedError as exc:
+            return 503, _err("overloaded", f"{exc}; nothing was applied, retry")
+        first = events[0]
+        if first["type"] == "rejected":
+            body = _err(first["reason"], first["message"])
+            if "order_id" in first:
+                body["error"]["order_id"] = first["order_id"]
+            body["seq"] = first["seq"]
+            return REASON_STATUS.get(first["reason"], 400), body
+        summary = summarize(events)
+        # Other accounts' balances and order events (a maker's fill) are theirs, not ours.
+        summary["events"] = [e for e in events if e.get("account") in (None, creds.account)]
+        return ORDER_OPS[op], summary
+
+    @staticmethod
+    def _not_leader(url: str | None) -> tuple[int, dict]:
+        if url is None:
+            return 503, _err("no_leader", "no leader elected yet; retry")
+        body = _err("not_leader", "order entry goes to the leader")
+        body["error"]["leader_url"] = url
+        return 307, body
+
+
+def _err(code: str, message: str) -> dict:
+    return {"error": {"code": code, "message": message}}
+
+
+def register(app: QuartTrio, node: NodePort, verifier: Verifier,
+             settings: Settings | None = None) -> None:
+    settings = settings or Settings.from_env()
+
+    @app.websocket(PATH)
+    async def market_data_ws() -> None:
+        conn = _Connection(websocket._get_current_object(), node, verifier, settings)
+        await conn.run()
