@@ -42,13 +42,38 @@ RESERVED_FIELDS = ("op", "ts", "account")
 ErrorFn = Callable[..., Response]
 
 
-def summarize(events: list[dict]) -> dict:
+def private_view(events: list[dict], account: str | None) -> list[dict]:
+    """The command's events as `account` may see them: its own balances and order events,
+    public book events, and trades without the other party's account or fee."""
+    if account is None:  # admin
+        return events
+    out = []
+    for e in events:
+        if e["type"] == "trade":
+            mine = {k: v for k, v in e.items()
+                    if k not in ("maker_account", "taker_account", "maker_fee", "taker_fee")}
+            if e["taker_account"] == account:
+                mine["taker_fee"] = e["taker_fee"]
+            if e["maker_account"] == account:
+                mine["maker_fee"] = e["maker_fee"]
+            out.append(mine)
+        elif e.get("account", account) == account:
+            out.append(e)
+    return out
+
+
+def public_trade(e: dict) -> dict:
+    return {k: v for k, v in e.items()
+            if k not in ("maker_account", "taker_account", "maker_fee", "taker_fee")}
+
+
+def summarize(events: list[dict], account: str | None = None) -> dict:
     """What a client wants to know about its command, from the command's events."""
     first = events[0]
-    out: dict[str, Any] = {"seq": events[-1]["seq"], "events": events}
+    out: dict[str, Any] = {"seq": events[-1]["seq"], "events": private_view(events, account)}
     if first["type"] in ("accepted", "amended"):
         order_id = first["order_id"]
-        trades = [e for e in events if e["type"] == "trade" and order_id in
+        trades = [e for e in out["events"] if e["type"] == "trade" and order_id in
                   (e["taker_order_id"], e["maker_order_id"])]
         status = "resting"
         for e in events:
@@ -88,7 +113,7 @@ def register(app: QuartTrio, node: NodePort, verifier: Verifier, error: ErrorFn,
                 return error(400, "field_not_allowed", f"field {field!r} is set by the server")
         return payload
 
-    def outcome(events: list[dict]) -> tuple[int, dict]:
+    def outcome(events: list[dict], account: str | None = None) -> tuple[int, dict]:
         first = events[0]
         if first["type"] == "rejected":
             body = {"error": {"code": first["reason"], "message": first["message"]},
@@ -96,11 +121,12 @@ def register(app: QuartTrio, node: NodePort, verifier: Verifier, error: ErrorFn,
             if "order_id" in first:
                 body["error"]["order_id"] = first["order_id"]
             return REASON_STATUS.get(first["reason"], 400), body
-        return 200, summarize(events)
+        return 200, summarize(events, account)
 
     async def execute(command: dict) -> tuple[int, dict]:
         """Submit one command; (status, body). Raises NotLeader/OutcomeUnknown errors."""
-        return outcome(await node.submit(command))
+        return outcome(await node.submit(command), command.get("account") if command.get("op") in
+                       ("place", "cancel", "amend", "cancel_all") else None)
 
     async def write(command: dict, ok_status: int = 200) -> Response:
         if not node.is_leader():
@@ -187,7 +213,7 @@ def register(app: QuartTrio, node: NodePort, verifier: Verifier, error: ErrorFn,
                          {"Retry-After": "1"})
         results = []
         for events in outcomes:
-            status, body = outcome(events)
+            status, body = outcome(events, creds.account)
             results.append({"http_status": 201 if status == 200 else status, **body})
         return Response(json.dumps({"results": results}), status=200,
                         content_type="application/json")
@@ -289,7 +315,8 @@ def register(app: QuartTrio, node: NodePort, verifier: Verifier, error: ErrorFn,
         def query(ex: Any) -> dict | Response:
             if market not in {m["market"] for m in ex.markets()}:
                 return error(404, "unknown_market", f"unknown market {market!r}")
-            return {"market": market, "trades": node.recent_trades(market, limit)}
+            return {"market": market,
+                    "trades": [public_trade(t) for t in node.recent_trades(market, limit)]}
 
         return await read(query)
 

@@ -462,9 +462,7 @@ class _Connection:
                 body["error"]["order_id"] = first["order_id"]
             body["seq"] = first["seq"]
             return REASON_STATUS.get(first["reason"], 400), body
-        summary = summarize(events)
-        # Other accounts' balances and order events (a maker's fill) are theirs, not ours.
-        summary["events"] = [e for e in events if e.get("account") in (None, creds.account)]
+        summary = summarize(events, creds.account)  # only what this account may see
         return ORDER_OPS[op], summary
 
     @staticmethod

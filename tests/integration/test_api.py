@@ -38,6 +38,9 @@ def test_orders_trade_and_reads_reflect_them(make_cluster) -> None:
                                                   "price": 1000, "qty": 2})
     assert buy.status_code == 201
     assert buy.json()["status"] == "filled" and buy.json()["filled_qty"] == 2
+    # Alice sees her side only: not bob's balances, fills, account name or fee.
+    assert "bob" not in buy.text
+    assert all(e.get("account", "alice") == "alice" for e in buy.json()["events"])
 
     # The same client_order_id again: 409 with the first order's id, nothing traded.
     again = call(url, bob, "POST", "/v1/orders", {"market": "BTC-USD", "side": "sell", "type": "limit",
@@ -63,6 +66,7 @@ def test_orders_trade_and_reads_reflect_them(make_cluster) -> None:
     assert {"asset": "BTC", "available": 200, "reserved": 0} in balances
     trades = httpx.get(url + "/v1/markets/BTC-USD/trades").json()["trades"]
     assert [(t["price"], t["qty"]) for t in trades] == [(1000, 2)]
+    assert "maker_account" not in trades[0] and "taker_fee" not in trades[0]  # public tape
 
     # A batch commits in order, each order with its own outcome.
     batch = call(url, bob, "POST", "/v1/orders/batch", {"orders": [
