@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -129,16 +130,8 @@ class Node:
     async def create_key(self, key_id: str, account: str, role: str) -> str:
         if self.api_master is None:
             raise NotLeaderError(None, "this node has no api_master_file configured")
-        try:
+        with self._outcomes():
             await self.replica.record_key("add", key_id, account, role)
-        except NotLeader as exc:
-            raise NotLeaderError(self.leader_url(), str(exc)) from None
-        except OutcomeUnknown as exc:
-            raise OutcomeUnknownError(str(exc)) from None
-        except Overloaded as exc:
-            raise OverloadedError(str(exc)) from None
-        except Unencodable as exc:
-            raise UnencodableError(str(exc)) from None
         return derive_secret(self.api_master, key_id)
 
     def _members(self) -> dict[str, Peer]:
@@ -155,6 +148,20 @@ class Node:
         peer = self._members().get(raft_addr)
         return peer.id if peer else raft_addr
 
+    @contextlib.contextmanager
+    def _outcomes(self) -> Iterator[None]:
+        """The replica's outcomes as the API's exceptions (api/ never imports cluster/)."""
+        try:
+            yield
+        except NotLeader as exc:
+            raise NotLeaderError(self.leader_url(), str(exc)) from None
+        except OutcomeUnknown as exc:
+            raise OutcomeUnknownError(str(exc)) from None
+        except Overloaded as exc:
+            raise OverloadedError(str(exc)) from None
+        except Unencodable as exc:
+            raise UnencodableError(str(exc)) from None
+
     def is_leader(self) -> bool:
         return self.raft.is_leader()
 
@@ -166,44 +173,20 @@ class Node:
         return peer.api_url if peer else None
 
     async def submit(self, command: dict) -> list[dict]:
-        try:
+        with self._outcomes():
             return await self.replica.submit(command)
-        except NotLeader as exc:
-            raise NotLeaderError(self.leader_url(), str(exc)) from None
-        except OutcomeUnknown as exc:
-            raise OutcomeUnknownError(str(exc)) from None
-        except Overloaded as exc:
-            raise OverloadedError(str(exc)) from None
-        except Unencodable as exc:
-            raise UnencodableError(str(exc)) from None
 
     async def submit_many(self, commands: list[dict]) -> list[list[dict]]:
-        try:
+        with self._outcomes():
             return await self.replica.submit_many(commands)
-        except NotLeader as exc:
-            raise NotLeaderError(self.leader_url(), str(exc)) from None
-        except OutcomeUnknown as exc:
-            raise OutcomeUnknownError(str(exc)) from None
-        except Overloaded as exc:
-            raise OverloadedError(str(exc)) from None
-        except Unencodable as exc:
-            raise UnencodableError(str(exc)) from None
 
     async def read_barrier(self) -> None:
-        try:
+        with self._outcomes():
             await self.replica.read_barrier()
-        except NotLeader as exc:
-            raise NotLeaderError(self.leader_url(), str(exc)) from None
-        except OutcomeUnknown as exc:
-            raise OutcomeUnknownError(str(exc)) from None
-        except Overloaded as exc:
-            raise OverloadedError(str(exc)) from None
-        except Unencodable as exc:
-            raise UnencodableError(str(exc)) from None
 
     async def change_membership(self, action: str, node_id: str, raft_addr: str,
                                 api_url: str) -> None:
-        try:
+        with self._outcomes():
             if action == "add":
                 # Directory first, so every node can redirect to the new member at once.
                 await self.replica.record_member("add", node_id, raft_addr, api_url)
@@ -211,14 +194,6 @@ class Node:
             else:
                 await self.replica.raft_admin("remove", raft_addr)
                 await self.replica.record_member("remove", node_id, raft_addr, api_url)
-        except NotLeader as exc:
-            raise NotLeaderError(self.leader_url(), str(exc)) from None
-        except OutcomeUnknown as exc:
-            raise OutcomeUnknownError(str(exc)) from None
-        except Overloaded as exc:
-            raise OverloadedError(str(exc)) from None
-        except Unencodable as exc:
-            raise UnencodableError(str(exc)) from None
 
     async def transfer_leadership(self, node_id: str | None) -> None:
         addr = None
@@ -226,16 +201,8 @@ class Node:
             addr = next((a for a, p in self._members().items() if p.id == node_id), None)
             if addr is None:
                 raise NotLeaderError(self.leader_url(), f"unknown node {node_id!r}")
-        try:
+        with self._outcomes():
             await self.replica.raft_admin("transfer", addr)
-        except NotLeader as exc:
-            raise NotLeaderError(self.leader_url(), str(exc)) from None
-        except OutcomeUnknown as exc:
-            raise OutcomeUnknownError(str(exc)) from None
-        except Overloaded as exc:
-            raise OverloadedError(str(exc)) from None
-        except Unencodable as exc:
-            raise UnencodableError(str(exc)) from None
 
     def read(self, query):  # see api.port.NodePort.read
         return self.machine.read(query)
