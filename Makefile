@@ -28,7 +28,7 @@ lint: $(STAMP)
 bench: bench-statemachine bench-replication bench-failover
 
 bench-statemachine: $(STAMP)
-	$(BIN)/python bench/statemachine.py
+	$(BIN)/python -m bench.statemachine
 
 bench-replication: $(STAMP)
 	$(BIN)/python -m bench.replication

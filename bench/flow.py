@@ -1,12 +1,21 @@
 """A seeded, engine-neutral order flow for benchmarks and demos.
 
-`generate(n, seed=...)` returns a `Flow`: one market, many funded accounts, and a list of ops:
-passive GTC limit orders a few ticks (exponential, mean 20) from a random-walk mid price;
-~10% aggressive limits that take the first 1-3 resting orders (a fifth of them with extra
-size that rests after the sweep); and ~30% cancels of uniformly chosen live orders (20% while
-the book holds fewer than `book_target` orders, 40% above, so the book hovers near that size
-instead of growing without bound). All randomness comes from one `random.Random(seed)`, so
-the same arguments always give the same flow.
+`generate(n, seed=..., profile=...)` returns a `Flow`: one market, many funded accounts, and
+a list of ops: passive GTC limit orders some ticks from a random-walk mid price (exponential
+offset); ~10% aggressive limits that take the first 1-3 resting orders (a fifth of them with
+extra size that rests after the sweep); and ~30% cancels of uniformly chosen live orders (20%
+while the book holds fewer than `book_target` orders, 40% above, so the book hovers near that
+size instead of growing without bound). A warm-up stretch of the same flow builds the book
+first. All randomness comes from one `random.Random(seed)`, so the same arguments always give
+the same flow.
+
+Two shapes of book (`PROFILES`):
+
+- `deep` (what a real exchange book looks like): ~40,000 resting orders from 5,000 accounts,
+  offsets with a mean of 300 ticks, so each side spreads over ~1,500 price levels, dense near
+  the mid and thinning out away from it;
+- `shallow`: ~5,000 resting orders from 1,000 accounts within ~100-200 levels per side (mean
+  offset 20 ticks): a toy book, where an engine's per-level costs hardly show.
 
 The generator runs its own tiny price-time matcher while it generates, so that:
 
@@ -44,15 +53,50 @@ MAKER_FEE_BPS = 1
 TAKER_FEE_BPS = 2
 START_MID = 1_000_000
 DEPOSIT_BASE = 10**12
-DEPOSIT_QUOTE = 10**15
+DEPOSIT_QUOTE = 10**14  # x accounts must stay under the 2**62 supply limit
 
 P_CANCEL_BELOW = 0.20  # cancel share while the book is under its target size...
 P_CANCEL_ABOVE = 0.40  # ...and over it: ~30% overall, and the book stays near the target
 P_CROSS = 0.10
 P_MID_STEP = 0.10  # chance the mid moves one tick before a place
-PASSIVE_MEAN_OFFSET = 20.0  # ticks from the mid, exponential
+PASSIVE_MEAN_OFFSET = 20.0  # ticks from the mid, exponential (the shallow profile's)
 PASSIVE_MAX_QTY = 100
-BOOK_TARGET = 5000  # resting orders the flow hovers around
+BOOK_TARGET = 5000  # resting orders the flow hovers around (the shallow profile's)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The shape of book a flow builds and keeps."""
+
+    name: str
+    book_target: int  # resting orders the flow hovers around
+    mean_offset: float  # mean distance of a passive order from the mid, in ticks
+    warmup: int  # untimed ops that build the book first
+    accounts: int
+    # A share of the passive orders placed close to the mid instead (mean `near_offset`
+    # ticks): the dense inside of a real book, which keeps the spread tight.
+    near_share: float = 0.0
+    near_offset: float = 0.0
+
+
+PROFILES = {
+    "deep": Profile(
+        "deep",
+        book_target=40_000,
+        mean_offset=250.0,
+        warmup=130_000,
+        accounts=5000,
+        near_share=0.3,
+        near_offset=15.0,
+    ),
+    "shallow": Profile(
+        "shallow",
+        book_target=BOOK_TARGET,
+        mean_offset=PASSIVE_MEAN_OFFSET,
+        warmup=30_000,
+        accounts=1000,
+    ),
+}
 
 
 @dataclass
@@ -216,8 +260,14 @@ def generate(
     warmup: int = 30_000,
     accounts: int = 1000,
     book_target: int = BOOK_TARGET,
+    mean_offset: float = PASSIVE_MEAN_OFFSET,
+    near_share: float = 0.0,
+    near_offset: float = 0.0,
 ) -> Flow:
-    """`warmup` ops (untimed, they build the book) followed by `n` measured ops."""
+    """`warmup` ops (untimed, they build the book) followed by `n` measured ops.
+
+    The defaults are the shallow profile; `generate_profile` takes a `Profile`.
+    """
     rng = random.Random(seed)
     names = account_names(accounts)
     sim = _Sim()
@@ -252,7 +302,9 @@ def generate(
             if rand() < 0.2:
                 qty += rng.randint(1, PASSIVE_MAX_QTY)
         else:
-            offset = 1 + int(rng.expovariate(1.0 / PASSIVE_MEAN_OFFSET))
+            # (No extra draw without a near share: the shallow flow stays what it was.)
+            near = near_share > 0 and rand() < near_share
+            offset = 1 + int(rng.expovariate(1.0 / (near_offset if near else mean_offset)))
             price = mid - offset if side == "buy" else mid + offset
             qty = rng.randint(1, PASSIVE_MAX_QTY)
         price = max(price, 1)
@@ -275,6 +327,20 @@ def generate(
         resting_end=resting,
         book_at_start=book_at_start,
         book_at_end=sim.shape(),
+    )
+
+
+def generate_profile(n: int, profile: Profile, *, seed: int = 1) -> Flow:
+    """`generate` with the warm-up, accounts and book shape of `profile`."""
+    return generate(
+        n,
+        seed=seed,
+        warmup=profile.warmup,
+        accounts=profile.accounts,
+        book_target=profile.book_target,
+        mean_offset=profile.mean_offset,
+        near_share=profile.near_share,
+        near_offset=profile.near_offset,
     )
 
 

@@ -629,7 +629,9 @@ class Exchange:
             level = book.asks[price]
             released = order.remaining * market.lot_size
             bal = self._balances[account][market.base]
-        book.remove(order)
+        level.kill(order)  # `book.remove`, with the level already at hand
+        if level.count == 0:
+            book.drop(order.side, -price if order.side == BUY else price)
         bal.available += released
         bal.reserved -= released
         del self._orders[order.order_id]
@@ -637,10 +639,23 @@ class Exchange:
         del mine[order.order_id]
         if not mine:
             del self._account_orders[account]
-        events.append(self._cancelled_event(order, "user"))
         seq = self._seq
         ts = self._last_ts
         cmd_index = self._cmd_index
+        events.append(
+            {
+                "type": "cancelled",
+                "order_id": order.order_id,
+                "client_order_id": order.client_order_id,
+                "account": order.account,
+                "market": order.market,
+                "reason": "user",
+                "remaining": order.remaining,
+                "seq": seq + 1,
+                "ts": ts,
+                "cmd_index": cmd_index,
+            }
+        )
         events.append(
             {
                 "type": "book",
@@ -648,7 +663,7 @@ class Exchange:
                 "side": order.side,
                 "price": price,
                 "level_qty": level.qty if level.count else 0,  # 0: the level is gone
-                "seq": seq + 1,
+                "seq": seq + 2,
                 "ts": ts,
                 "cmd_index": cmd_index,
             }
@@ -660,12 +675,12 @@ class Exchange:
                 "asset": bal.asset,
                 "available": bal.available,
                 "reserved": bal.reserved,
-                "seq": seq + 2,
+                "seq": seq + 3,
                 "ts": ts,
                 "cmd_index": cmd_index,
             }
         )
-        self._seq = seq + 2
+        self._seq = seq + 3
 
     def _cancel_all(self, command: dict, events: list[dict]) -> None:
         account = v.account(command)

@@ -44,6 +44,7 @@ def check(ex: Any) -> None:
         book = market.book
         tick = market.tick_size
         lot_size = market.lot_size
+        max_bps = market.max_bps
         for side, levels in ((BUY, book.bids), (SELL, book.asks)):
             buy = side == BUY
             asset = market.quote if buy else market.base
@@ -55,13 +56,13 @@ def check(ex: Any) -> None:
                 price = level.price
                 if key != (-price if buy else price):
                     raise InvariantError(f"{name} {side}: level keyed {key} holds price {price}")
-                n_live = qty = n_dead = 0
+                qty = n_dead = 0
                 for o in level.orders:
                     if not o.alive:
                         n_dead += 1
                         continue
-                    n_live += 1
-                    qty += o.remaining
+                    remaining = o.remaining
+                    qty += remaining
                     oid = o.order_id
                     account = o.account
                     if orders_index.get(oid) is not o:
@@ -71,7 +72,7 @@ def check(ex: Any) -> None:
                                       f"order {oid} missing from its account's index")
                     if not (o.market == name and o.side == side and o.price == price):
                         _order_broken(name, side, level, tick, f"order {oid} sits in the wrong level")
-                    if not 0 < o.remaining <= o.original:
+                    if not 0 < remaining <= o.original:
                         _order_broken(name, side, level, tick,
                                       f"order {oid}: filled + remaining != original")
                     if o.tif not in _RESTING_TIFS:
@@ -80,14 +81,16 @@ def check(ex: Any) -> None:
                     if coid is not None and coids.get(account, _NONE).get(coid) != oid:
                         _order_broken(name, side, level, tick,
                                       f"order {oid}: client_order_id not recorded")
-                    if buy:
-                        amount = market.buy_reserve(o.price, o.remaining)
+                    if buy:  # `market.buy_reserve(o.price, remaining)`, inline
+                        notional = o.price * remaining
+                        amount = notional + notional * max_bps // 10000
                     else:
-                        amount = o.remaining * lot_size
+                        amount = remaining * lot_size
                     so_far = held.get(account)
                     if so_far is None:
                         so_far = expected_reserved.get((account, asset), 0)
                     held[account] = so_far + amount
+                n_live = len(level.orders) - n_dead
                 _check_level(name, side, level, tick, n_live, qty, n_dead)
                 live += n_live
             for account, amount in held.items():

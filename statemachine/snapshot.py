@@ -30,6 +30,7 @@ _TIF_CODES = {"gtc": 0, "post_only": 1}
 _TIFS = {code: tif for tif, code in _TIF_CODES.items()}
 _STP_CODES = {"cancel_taker": 0, "cancel_maker": 1, "cancel_both": 2, "none": 3}
 _STPS = {code: stp for stp, code in _STP_CODES.items()}
+_INTS = (int, int, int, int, int)
 
 
 def pack(fields: list) -> bytes:
@@ -181,8 +182,7 @@ def _build(fields: list) -> Any:
     if type(refs) is not list:
         raise SnapshotError("snapshot refs are not a list")
     ex._refs = {_str(ref) for ref in refs}
-    ex._coids = {_str(acct): {_str(coid): _int(oid, 1) for coid, oid in pairs}
-                 for acct, pairs in coids}
+    ex._coids = {_str(acct): _coid_index(pairs) for acct, pairs in coids}
     orders = ex._orders
     account_orders = ex._account_orders
     tifs, stps = _TIFS, _STPS
@@ -200,42 +200,45 @@ def _build(fields: list) -> Any:
                 ):
                     raise SnapshotError("snapshot book levels are out of order or empty")
                 previous = price
-                # One level in one go: no per-order book lookups or method calls. The steps
-                # per order keep the order they had when each order went through `Book.add`,
-                # so a malformed body fails on the same entry with the same message. A price
-                # written twice adds to the level already built, as `Book.add` did.
-                level = None
+                # One level in one go: no per-order book lookups or method calls.
+                level = book_side[-price if side == BUY else price] = Level(price)
+                append = level.orders.append
+                qty = 0
                 for oid, acct, remaining, original, coid, tif, stp in entries:
-                    if (type(acct) is not str or (coid is not None and type(coid) is not str)
-                            or type(oid) is not int or type(remaining) is not int
-                            or type(original) is not int or type(tif) is not int
-                            or type(stp) is not int or oid < 1):
+                    # (One tuple compare for the five integers: fewer steps than five `is`.)
+                    if (
+                        (type(oid), type(remaining), type(original), type(tif), type(stp)) != _INTS
+                        or type(acct) is not str
+                        or (coid is not None and type(coid) is not str)
+                        or oid < 1
+                    ):
                         raise SnapshotError("snapshot order is malformed")
                     order = Order(oid, acct, name, side, price, remaining, tifs[tif], stps[stp], coid)
                     order.original = original
-                    if level is None:
-                        key = -price if side == BUY else price
-                        level = book_side.get(key)
-                        if level is None:
-                            level = book_side[key] = Level(price)
-                        append = level.orders.append
-                        qty = level.qty
-                        count = level.count
                     append(order)
                     qty += remaining
-                    count += 1
                     orders[oid] = order
                     mine = account_orders.get(acct)
                     if mine is None:
                         mine = account_orders[acct] = {}
                     mine[oid] = order
-                if level is not None:
-                    level.qty = qty
-                    level.count = count
+                level.qty = qty
+                level.count = len(entries)
         book.reset_best()
     # No re-sorting of the per-account indexes: their order means nothing (cancel_all sorts
     # the order ids itself), only their contents are state.
     return ex
+
+
+def _coid_index(pairs: list) -> dict[str, int]:
+    """One account's client_order_id -> order_id (one entry per order ever placed with one,
+    so inline checks rather than a call per value)."""
+    index = {}
+    for coid, oid in pairs:
+        if type(coid) is not str or type(oid) is not int or oid < 1:
+            raise SnapshotError("snapshot client order id entry is malformed")
+        index[coid] = oid
+    return index
 
 
 def _int(value: Any, lo: int = 0) -> int:

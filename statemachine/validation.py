@@ -53,6 +53,8 @@ COMMAND_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     ),
     "cancel_all": (frozenset(("account",)), frozenset(("market",))),
 }
+_MISSING = object()  # `command.get(field, _MISSING)`: tells a missing field from a None value
+
 # op -> (allowed fields, required fields), for the envelope check.
 _ENVELOPES = {op: (req | opt | {"op", "ts"}, req) for op, (req, opt) in COMMAND_FIELDS.items()}
 
@@ -94,22 +96,22 @@ def check_envelope(command: Any, last_ts: int) -> tuple[str, int]:
     """Check the parts shared by every command; return (op, ts)."""
     if type(command) is not dict:
         raise Rejection("bad_command", "a command must be a map")
-    if "op" not in command:
-        raise Rejection("missing_field", "missing field 'op'")
-    op = command["op"]
+    op = command.get("op", _MISSING)
     if type(op) is not str:
+        if op is _MISSING:
+            raise Rejection("missing_field", "missing field 'op'")
         raise Rejection("wrong_type", "field 'op' must be a string")
     envelope = _ENVELOPES.get(op)
     if envelope is None:
         raise Rejection("unknown_op", f"unknown op {op[:40]!r}")
-    if "ts" not in command:
-        raise Rejection("missing_field", "missing field 'ts'")
-    ts = command["ts"]
+    ts = command.get("ts", _MISSING)
     if type(ts) is not int:
+        if ts is _MISSING:
+            raise Rejection("missing_field", "missing field 'ts'")
         raise Rejection("wrong_type", "field 'ts' must be an integer")
-    if ts < 0 or ts > MAX_TS:
-        raise Rejection("bad_ts", "field 'ts' out of range")
-    if ts < last_ts:
+    if not last_ts <= ts <= MAX_TS:  # (last_ts >= 0)
+        if ts < 0 or ts > MAX_TS:
+            raise Rejection("bad_ts", "field 'ts' out of range")
         raise Rejection("bad_ts", "ts went backwards")
     allowed, required = envelope
     # Subset tests through the keys view: `frozenset.issubset(dict)` would copy the dict's
