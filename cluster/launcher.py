@@ -330,7 +330,7 @@ class LocalCluster:
     def statuses(self) -> dict[str, dict | None]:
         return {nid: (self.status(nid) if self.nodes[nid].alive() else None) for nid in self.nodes}
 
-    def wait_for_leader(self, timeout_s: float = 20.0, exclude: tuple[str, ...] = ()) -> str:
+    def wait_for_leader(self, timeout_s: float = 30.0, exclude: tuple[str, ...] = ()) -> str:
         """Poll until one live node reports itself leader and a majority agrees."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -87,11 +87,6 @@ class Level:
         self.count = 0  # live orders
         self.dead = 0  # dead entries still in the deque
 
-    def append(self, order: Order) -> None:
-        self.orders.append(order)
-        self.qty += order.remaining
-        self.count += 1
-
     def kill(self, order: Order) -> None:
         """Remove a live order that is not at the front being matched (cancel, amend)."""
         order.alive = False
@@ -141,7 +136,7 @@ class Book:
                 level = self.asks[price] = Level(price)
                 if self.best_ask is None or price < self.best_ask.price:
                     self.best_ask = level
-        level.orders.append(order)  # `Level.append`, inline: every resting order comes here
+        level.orders.append(order)
         level.qty += order.remaining
         level.count += 1
         return level
