@@ -367,11 +367,7 @@ class Exchange:
 
     def _find_order(self, command: dict, account: str, market: Market) -> Order:
         order_id = command.get("order_id", _ABSENT)
-        if (
-            type(order_id) is int
-            and 0 < order_id <= MAX_ID
-            and "client_order_id" not in command
-        ):
+        if type(order_id) is int and 0 < order_id <= MAX_ID and "client_order_id" not in command:
             pass  # the usual case: a valid order_id alone
         elif order_id is not _ABSENT and "client_order_id" in command:
             raise Rejection("ambiguous_order_ref", "give order_id or client_order_id, not both")
@@ -843,7 +839,9 @@ class Exchange:
             self._drop_record(taker)
         events.append(self._cancelled_event(taker, end_reason or "ioc"))
 
-    def _match(self, market: Market, taker: Order, is_market: bool, events: list[dict]) -> str | None:
+    def _match(
+        self, market: Market, taker: Order, is_market: bool, events: list[dict]
+    ) -> str | None:
         """Trade `taker` against the best opposite levels while they cross its price.
 
         Returns why matching ended early ("stp", "funds"), or None.

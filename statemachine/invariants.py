@@ -66,21 +66,28 @@ def check(ex: Any) -> None:
                     oid = o.order_id
                     account = o.account
                     if orders_index.get(oid) is not o:
-                        _order_broken(name, side, level, tick, f"order {oid} resting but not indexed")
+                        _order_broken(
+                            name, side, level, tick, f"order {oid} resting but not indexed"
+                        )
                     if account_index.get(account, _NONE).get(oid) is not o:
-                        _order_broken(name, side, level, tick,
-                                      f"order {oid} missing from its account's index")
+                        _order_broken(
+                            name, side, level, tick, f"order {oid} missing from its account's index"
+                        )
                     if not (o.market == name and o.side == side and o.price == price):
-                        _order_broken(name, side, level, tick, f"order {oid} sits in the wrong level")
+                        _order_broken(
+                            name, side, level, tick, f"order {oid} sits in the wrong level"
+                        )
                     if not 0 < remaining <= o.original:
-                        _order_broken(name, side, level, tick,
-                                      f"order {oid}: filled + remaining != original")
+                        _order_broken(
+                            name, side, level, tick, f"order {oid}: filled + remaining != original"
+                        )
                     if o.tif not in _RESTING_TIFS:
                         _order_broken(name, side, level, tick, f"order {oid}: {o.tif} resting")
                     coid = o.client_order_id
                     if coid is not None and coids.get(account, _NONE).get(coid) != oid:
-                        _order_broken(name, side, level, tick,
-                                      f"order {oid}: client_order_id not recorded")
+                        _order_broken(
+                            name, side, level, tick, f"order {oid}: client_order_id not recorded"
+                        )
                     if buy:  # `market.buy_reserve(o.price, remaining)`, inline
                         notional = o.price * remaining
                         amount = notional + notional * max_bps // 10000
