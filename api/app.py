@@ -5,7 +5,6 @@ Health, status and the signed admin routes live here; the trading API is `api/tr
 
 from __future__ import annotations
 
-import json
 import time
 
 from quart import Response, request
@@ -13,7 +12,8 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from . import trading, ws
-from .auth import AuthError, Verifier, new_key_id
+from .auth import Credentials, Verifier, new_key_id
+from .common import Http, error
 from .port import (
     NodePort,
     NotLeaderError,
@@ -24,11 +24,6 @@ from .port import (
 
 MAX_BODY_BYTES = 1 << 20
 MAX_COMMANDS = 1000
-
-
-def error(status: int, code: str, message: str, headers: dict | None = None) -> Response:
-    body = json.dumps({"error": {"code": code, "message": message}})
-    return Response(body, status=status, content_type="application/json", headers=headers or {})
 
 
 def create_app(node: NodePort, verifier: Verifier) -> QuartTrio:
@@ -48,24 +43,9 @@ def create_app(node: NodePort, verifier: Verifier) -> QuartTrio:
     async def overloaded(exc: OverloadedError) -> Response:
         return error(503, "overloaded", f"{exc}; nothing was applied, retry", {"Retry-After": "1"})
 
-    def not_leader_response() -> Response:
-        url = node.leader_url()
-        if url is None:
-            return error(503, "no_leader", "no leader elected yet; retry", {"Retry-After": "1"})
-        location = url + request.full_path.rstrip("?")
-        return error(307, "not_leader", "writes go to the leader",
-                     {"Location": location, "X-Leader": url})
-
-    async def authenticate(role: str) -> Response | None:
-        body = await request.get_data()
-        path = request.full_path.rstrip("?")
-        try:
-            creds = verifier.verify(request.headers, request.method, path, body)
-        except AuthError as exc:
-            return error(401, exc.code, exc.message)
-        if creds.role != role:
-            return error(403, "forbidden", f"this route needs a {role} key")
-        return None
+    http = Http(node, verifier)
+    not_leader_response = http.not_leader
+    json_body = http.json_object
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -76,17 +56,12 @@ def create_app(node: NodePort, verifier: Verifier) -> QuartTrio:
         return node.status()
 
     @app.post("/v1/admin/commands")
-    async def admin_commands() -> Response | dict:
-        denied = await authenticate("admin")
-        if denied is not None:
-            return denied
-        if not node.is_leader():
-            return not_leader_response()
-        try:
-            payload = json.loads(await request.get_data())
-        except ValueError:
-            return error(400, "malformed_json", "body is not valid JSON")
-        commands = payload.get("commands") if isinstance(payload, dict) else None
+    @http.authed("admin", leader=True)
+    async def admin_commands(_: Credentials) -> Response | dict:
+        payload = await json_body()
+        if isinstance(payload, Response):
+            return payload
+        commands = payload.get("commands")
         if not isinstance(commands, list) or not commands:
             return error(400, "bad_request", "body must be {\"commands\": [command, ...]}")
         if len(commands) > MAX_COMMANDS:
@@ -103,11 +78,9 @@ def create_app(node: NodePort, verifier: Verifier) -> QuartTrio:
         return {"results": results, "elapsed_ms": round((time.perf_counter() - started) * 1000, 3)}
 
     @app.get("/v1/admin/balances")
-    async def admin_balances() -> Response | dict:
+    @http.authed("admin")
+    async def admin_balances(_: Credentials) -> Response | dict:
         """This node's applied balances (a stale read; see the API issue for linearizable reads)."""
-        denied = await authenticate("admin")
-        if denied is not None:
-            return denied
         account = request.args.get("account")
         rows = node.read(lambda ex: ex.balances(account))
         return {
@@ -119,23 +92,10 @@ def create_app(node: NodePort, verifier: Verifier) -> QuartTrio:
             ],
         }
 
-    async def json_body() -> dict | Response:
-        try:
-            payload = json.loads(await request.get_data() or b"{}")
-        except ValueError:
-            return error(400, "malformed_json", "body is not valid JSON")
-        if not isinstance(payload, dict):
-            return error(400, "bad_request", "body must be a JSON object")
-        return payload
-
     @app.post("/v1/admin/members")
-    async def admin_members() -> Response | dict:
+    @http.authed("admin", leader=True)
+    async def admin_members(_: Credentials) -> Response | dict:
         """Add or remove one member: {"action": "add"|"remove", "id", "raft_addr", "api_url"}."""
-        denied = await authenticate("admin")
-        if denied is not None:
-            return denied
-        if not node.is_leader():
-            return not_leader_response()
         payload = await json_body()
         if isinstance(payload, Response):
             return payload
@@ -153,13 +113,9 @@ def create_app(node: NodePort, verifier: Verifier) -> QuartTrio:
         return node.status()
 
     @app.post("/v1/admin/transfer-leader")
-    async def admin_transfer_leader() -> Response | dict:
+    @http.authed("admin", leader=True)
+    async def admin_transfer_leader(_: Credentials) -> Response | dict:
         """Hand leadership over: {"to": node_id} or {} for the most caught-up peer."""
-        denied = await authenticate("admin")
-        if denied is not None:
-            return denied
-        if not node.is_leader():
-            return not_leader_response()
         payload = await json_body()
         if isinstance(payload, Response):
             return payload
@@ -175,16 +131,12 @@ def create_app(node: NodePort, verifier: Verifier) -> QuartTrio:
         return {"requested": True, "to": target}
 
     @app.post("/v1/admin/keys")
-    async def admin_create_key() -> Response | dict:
+    @http.authed("admin", leader=True)
+    async def admin_create_key(_: Credentials) -> Response | dict:
         """Create an API key: {"account": A, "role": "trader"} -> {key_id, secret, ...}.
 
         The secret is shown once, here; the cluster stores only (key id, account, role).
         """
-        denied = await authenticate("admin")
-        if denied is not None:
-            return denied
-        if not node.is_leader():
-            return not_leader_response()
         payload = await json_body()
         if isinstance(payload, Response):
             return payload
@@ -201,16 +153,12 @@ def create_app(node: NodePort, verifier: Verifier) -> QuartTrio:
             return error(503, "outcome_unknown", str(exc), {"Retry-After": "1"})
         return {"key_id": key_id, "secret": secret, "account": account, "role": role}
 
-    trading.register(app, node, verifier, error, not_leader_response)
+    trading.register(app, node, http)
     ws.register(app, node, verifier)
 
     @app.post("/v1/admin/barrier")
-    async def admin_barrier() -> Response | dict:
-        denied = await authenticate("admin")
-        if denied is not None:
-            return denied
-        if not node.is_leader():
-            return not_leader_response()
+    @http.authed("admin", leader=True)
+    async def admin_barrier(_: Credentials) -> Response | dict:
         try:
             await node.read_barrier()
         except NotLeaderError:

@@ -32,6 +32,13 @@ class AuthError(Exception):
         self.message = message
 
 
+class UnknownKeyError(AuthError):
+    """The key id is not (yet) known to this node."""
+
+    def __init__(self) -> None:
+        super().__init__("unauthenticated", "unknown key")
+
+
 @dataclass(frozen=True)
 class Credentials:
     key_id: str
@@ -122,7 +129,7 @@ class Verifier:
         if creds is None and self._lookup is not None:
             creds = self._lookup(key_id)
         if creds is None:
-            raise AuthError("unauthenticated", "unknown key")
+            raise UnknownKeyError()
         if not ts_text.isdigit() or len(ts_text) > 16:
             raise AuthError("unauthenticated", "bad timestamp")
         ts = int(ts_text)

@@ -11,13 +11,14 @@ state and says which `seq` it reflects in `X-QB-Seq`.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from .auth import AuthError, Credentials, Verifier
+from .auth import Credentials
+from .common import Http, error
 from .port import NodePort, NotLeaderError, OutcomeUnknownError
 
 MAX_BATCH_ORDERS = 100
@@ -38,9 +39,6 @@ REASON_STATUS = {
 }
 # Body fields a client may not set: the node sets them.
 RESERVED_FIELDS = ("op", "ts", "account")
-
-ErrorFn = Callable[..., Response]
-
 
 def private_view(events: list[dict], account: str | None) -> list[dict]:
     """The command's events as `account` may see them: its own balances and order events,
@@ -86,32 +84,12 @@ def summarize(events: list[dict], account: str | None = None) -> dict:
     return out
 
 
-def register(app: QuartTrio, node: NodePort, verifier: Verifier, error: ErrorFn,
-             not_leader_response: Callable[[], Response]) -> None:
-
-    async def caller(role: str = "trader") -> Credentials | Response:
-        body = await request.get_data()
-        path = request.full_path.rstrip("?")
-        try:
-            creds = verifier.verify(request.headers, request.method, path, body)
-        except AuthError as exc:
-            return error(401, exc.code, exc.message)
-        if creds.role != role or (role == "trader" and not creds.account):
-            return error(403, "forbidden", f"this route needs a {role} key")
-        return creds
+def register(app: QuartTrio, node: NodePort, http: Http) -> None:
+    not_leader_response = http.not_leader
+    authed = http.authed
 
     async def body_object() -> dict | Response:
-        raw = await request.get_data()
-        try:
-            payload = json.loads(raw) if raw else {}
-        except ValueError:
-            return error(400, "malformed_json", "body is not valid JSON")
-        if not isinstance(payload, dict):
-            return error(400, "bad_request", "body must be a JSON object")
-        for field in RESERVED_FIELDS:
-            if field in payload:
-                return error(400, "field_not_allowed", f"field {field!r} is set by the server")
-        return payload
+        return await http.json_object(RESERVED_FIELDS)
 
     def outcome(events: list[dict], account: str | None = None) -> tuple[int, dict]:
         first = events[0]
@@ -161,19 +139,6 @@ def register(app: QuartTrio, node: NodePort, verifier: Verifier, error: ErrorFn,
             return value
         return Response(json.dumps(value), status=200, content_type="application/json",
                         headers={"X-QB-Seq": str(seq), "X-QB-Consistency": consistency})
-
-    def authed(role: str = "trader"):
-        def wrap(handler: Callable[..., Awaitable[Response]]):
-            async def inner(*args: Any, **kwargs: Any) -> Response:
-                creds = await caller(role)
-                if isinstance(creds, Response):
-                    return creds
-                return await handler(creds, *args, **kwargs)
-
-            inner.__name__ = handler.__name__
-            return inner
-
-        return wrap
 
     # -------------------------------------------------------------- orders
 
