@@ -148,6 +148,15 @@ _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout,
              httpx.UnsupportedProtocol, httpx.LocalProtocolError)
 
 
+def tls_context(verify: Any) -> Any:
+    """`verify=` as httpx takes it: True/False, an `ssl.SSLContext`, or a CA file path."""
+    if isinstance(verify, (str, bytes)) or hasattr(verify, "__fspath__"):
+        import ssl
+
+        return ssl.create_default_context(cafile=verify)
+    return verify
+
+
 def _error_of(body: Any) -> dict:
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         return body["error"]
@@ -521,9 +530,11 @@ class Client(_Api):
     """
 
     def __init__(self, urls: list[str], creds: Credentials | None, *, timeout_s: float = 3.0,
-                 deadline_s: float = 15.0, transport: httpx.BaseTransport | None = None) -> None:
+                 deadline_s: float = 15.0, transport: httpx.BaseTransport | None = None,
+                 verify: Any = True) -> None:
         self._core = _Core(urls, creds, timeout_s=timeout_s, deadline_s=deadline_s)
-        self._http = httpx.Client(transport=transport, timeout=timeout_s)
+        self._http = httpx.Client(transport=transport, timeout=timeout_s,
+                                  verify=tls_context(verify))
 
     def _run(self, flow: _Flow[T]) -> T:
         answer: _Answer = None
@@ -560,9 +571,10 @@ class AsyncClient(_Api):
 
     def __init__(self, urls: list[str], creds: Credentials | None, *, timeout_s: float = 3.0,
                  deadline_s: float = 15.0,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None, verify: Any = True) -> None:
         self._core = _Core(urls, creds, timeout_s=timeout_s, deadline_s=deadline_s)
-        self._http = httpx.AsyncClient(transport=transport, timeout=timeout_s)
+        self._http = httpx.AsyncClient(transport=transport, timeout=timeout_s,
+                                       verify=tls_context(verify))
 
     async def _run(self, flow: _Flow[T]) -> T:
         answer: _Answer = None
@@ -595,11 +607,12 @@ class AsyncClient(_Api):
 # ---------------------------------------------------------------------- operators
 
 class AdminClient:
-    def __init__(self, urls: list[str], creds: Credentials, *, timeout_s: float = 10.0) -> None:
+    def __init__(self, urls: list[str], creds: Credentials, *, timeout_s: float = 10.0,
+                 verify: Any = True) -> None:
         self.urls = list(urls)
         self.creds = creds
         self.timeout_s = timeout_s
-        self._http = httpx.Client(timeout=timeout_s)
+        self._http = httpx.Client(timeout=timeout_s, verify=tls_context(verify))
         self._leader: str | None = None
 
     def close(self) -> None:
