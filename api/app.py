@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import time
 
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from . import trading, ws
 from .auth import Credentials, Verifier, new_key_id
 from .common import Http, error
+from .metrics import CONTENT_TYPE, Metrics
 from .port import (
     NodePort,
     NotLeaderError,
@@ -21,14 +22,46 @@ from .port import (
     OverloadedError,
     UnencodableError,
 )
+from .rate_limit import RateLimiter
 
 MAX_BODY_BYTES = 1 << 20
 MAX_COMMANDS = 1000
+READY_MAX_LAG_ENTRIES = 100
 
 
-def create_app(node: NodePort, verifier: Verifier) -> QuartTrio:
+def readiness(health: dict, max_lag_entries: int = READY_MAX_LAG_ENTRIES) -> str | None:
+    """Why this node cannot serve (None: it can). The rule of `GET /readyz`:
+    a leader is known (this node or another), and the node has applied the Raft log up to
+    what it knows is committed, give or take `max_lag_entries` entries."""
+    if health["leader"] is None:
+        return f"no leader known (role {health['role']}, term {health['term']})"
+    lag = health["commit_index"] - health["applied_index"]
+    if lag > max_lag_entries:
+        return (f"applied index {health['applied_index']} is {lag} entries behind commit "
+                f"index {health['commit_index']} (at most {max_lag_entries})")
+    return None
+
+
+def create_app(node: NodePort, verifier: Verifier, *, limiter: RateLimiter | None = None,
+               ready_max_lag_entries: int = READY_MAX_LAG_ENTRIES) -> QuartTrio:
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    metrics = Metrics(node)
+    limiter = RateLimiter() if limiter is None else limiter
+
+    @app.before_request
+    async def start_clock() -> None:
+        g.qb_started = time.perf_counter()
+
+    @app.after_request
+    async def count_request(response: Response) -> Response:
+        started = getattr(g, "qb_started", None)
+        if started is not None:
+            # The route template, never the raw path: the label set stays bounded.
+            route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+            metrics.observe_request(route, request.method, response.status_code,
+                                    time.perf_counter() - started)
+        return response
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
@@ -43,13 +76,27 @@ def create_app(node: NodePort, verifier: Verifier) -> QuartTrio:
     async def overloaded(exc: OverloadedError) -> Response:
         return error(503, "overloaded", f"{exc}; nothing was applied, retry", {"Retry-After": "1"})
 
-    http = Http(node, verifier)
+    http = Http(node, verifier, limiter, metrics.rate_limited)
     not_leader_response = http.not_leader
     json_body = http.json_object
 
     @app.get("/healthz")
     async def healthz() -> dict:
         return {"ok": True, "node_id": node.node_id}
+
+    @app.get("/readyz")
+    async def readyz() -> Response | dict:
+        health = node.health()
+        reason = readiness(health, ready_max_lag_entries)
+        if reason is not None:
+            return error(503, "not_ready", reason, {"Retry-After": "1"})
+        return {"ready": True, "node_id": node.node_id, "role": health["role"],
+                "leader": health["leader"],
+                "lag_entries": health["commit_index"] - health["applied_index"]}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), status=200, content_type=CONTENT_TYPE)
 
     @app.get("/v1/cluster/status")
     async def cluster_status() -> dict:
@@ -154,7 +201,7 @@ def create_app(node: NodePort, verifier: Verifier) -> QuartTrio:
         return {"key_id": key_id, "secret": secret, "account": account, "role": role}
 
     trading.register(app, node, http)
-    ws.register(app, node, verifier)
+    ws.register(app, node, verifier, limiter=limiter)
 
     @app.post("/v1/admin/barrier")
     @http.authed("admin", leader=True)

@@ -10,6 +10,7 @@ from quart import Response, request
 
 from .auth import AuthError, Credentials, UnknownKeyError, Verifier
 from .port import NodePort
+from .rate_limit import RateLimiter
 
 
 def error(status: int, code: str, message: str, headers: dict | None = None) -> Response:
@@ -17,12 +18,25 @@ def error(status: int, code: str, message: str, headers: dict | None = None) -> 
     return Response(body, status=status, content_type="application/json", headers=headers or {})
 
 
+def rate_limited(retry_after_s: int) -> Response:
+    """429: this key's token bucket is empty; nothing was applied."""
+    body = json.dumps({"error": {"code": "rate_limited",
+                                 "message": "too many requests for this key; retry after "
+                                            f"{retry_after_s} s (nothing was applied)",
+                                 "retry_after_s": retry_after_s}})
+    return Response(body, status=429, content_type="application/json",
+                    headers={"Retry-After": str(retry_after_s)})
+
+
 class Http:
     """Request helpers bound to one node and its key verifier."""
 
-    def __init__(self, node: NodePort, verifier: Verifier) -> None:
+    def __init__(self, node: NodePort, verifier: Verifier, limiter: RateLimiter | None = None,
+                 limited: Any = None) -> None:
         self.node = node
         self.verifier = verifier
+        self.limiter = limiter
+        self.limited = limited  # a prometheus Counter labelled by role, if any
 
     def not_leader(self) -> Response:
         """307 to the leader's same path (header X-Leader), or 503 + Retry-After without one."""
@@ -34,7 +48,7 @@ class Http:
                      {"Location": location, "X-Leader": url})
 
     async def caller(self, role: str) -> Credentials | Response:
-        """The signed caller holding a `role` key, or the 401/403 (or redirect) to answer.
+        """The signed caller holding a `role` key, or the 401/403/429 (or redirect) to answer.
 
         A key the node does not know yet may have been created a moment ago and not be
         applied here: a follower sends such a request to the leader, which knows every key
@@ -50,6 +64,12 @@ class Http:
             return error(401, exc.code, exc.message)
         except AuthError as exc:
             return error(401, exc.code, exc.message)
+        if self.limiter is not None:
+            retry_after_s = self.limiter.check(creds.key_id, creds.role)
+            if retry_after_s is not None:
+                if self.limited is not None:
+                    self.limited.labels(creds.role).inc()
+                return rate_limited(retry_after_s)
         if creds.role != role or (role == "trader" and not creds.account):
             return error(403, "forbidden", f"this route needs a {role} key")
         return creds

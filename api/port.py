@@ -49,6 +49,15 @@ class NodePort(Protocol):
     def is_leader(self) -> bool: ...
     def leader_url(self) -> str | None: ...
     def status(self) -> dict: ...
+    def health(self) -> dict:
+        """Cheap figures (no state hash), for /readyz and /metrics: node_id, role
+        ("leader"|"follower"|"candidate"), leader (its id, or None when none is known), term,
+        commit_index, applied_index (Raft log) and cmd_index (state machine)."""
+
+    def histograms(self) -> dict:
+        """{"qb_commit_latency_seconds", "qb_batch_size_entries"}: each {"buckets": [[upper
+        bound, cumulative count], ...], "sum", "count"}."""
+
     async def submit(self, command: dict) -> list[dict]: ...
     async def submit_many(self, commands: list[dict]) -> list[list[dict]]:
         """Commands in order, committed together (all or none); each command's events."""

@@ -32,6 +32,7 @@ from quart_trio import QuartTrio
 
 from .auth import KEY_HEADER, SIG_HEADER, TS_HEADER, AuthError, Credentials, Verifier
 from .port import NodePort, NotLeaderError, OutcomeUnknownError, OverloadedError, Subscription
+from .rate_limit import RateLimiter
 from .trading import REASON_STATUS, RESERVED_FIELDS, summarize
 
 PATH = "/v1/ws"
@@ -147,8 +148,10 @@ def _channel(value: object) -> tuple[str, str | None] | None:
 
 
 class _Connection:
-    def __init__(self, ws: Any, node: NodePort, verifier: Verifier, settings: Settings) -> None:
+    def __init__(self, ws: Any, node: NodePort, verifier: Verifier, settings: Settings,
+                 limiter: RateLimiter | None = None) -> None:
         self.ws = ws
+        self.limiter = limiter  # order entry shares the key's REST token bucket
         self.node = node
         self.verifier = verifier
         self.settings = settings
@@ -435,6 +438,13 @@ class _Connection:
             return 401, _err("unauthenticated", "authenticate first (op auth)")
         if creds.role != "trader" or not creds.account:
             return 403, _err("forbidden", "order entry needs a trader key")
+        if self.limiter is not None:
+            retry_after_s = self.limiter.check(creds.key_id, creds.role)
+            if retry_after_s is not None:
+                body = _err("rate_limited", f"too many requests for this key; retry after "
+                            f"{retry_after_s} s (nothing was applied)")
+                body["error"]["retry_after_s"] = retry_after_s
+                return 429, body
         order = {k: v for k, v in msg.items() if k not in ("op", "request_id")}
         for name in RESERVED_FIELDS:
             if name in order:
@@ -479,10 +489,10 @@ def _err(code: str, message: str) -> dict:
 
 
 def register(app: QuartTrio, node: NodePort, verifier: Verifier,
-             settings: Settings | None = None) -> None:
+             settings: Settings | None = None, limiter: RateLimiter | None = None) -> None:
     settings = settings or Settings.from_env()
 
     @app.websocket(PATH)
     async def market_data_ws() -> None:
-        conn = _Connection(websocket._get_current_object(), node, verifier, settings)
+        conn = _Connection(websocket._get_current_object(), node, verifier, settings, limiter)
         await conn.run()

@@ -46,11 +46,24 @@ class NodeConfig:
     batch_window_s: float = 0.001
     batch_max: int = 1000
     submit_timeout_s: float = 5.0
+    # [api]: HTTPS (and wss) when both files are given; per-key rate limits (0 = none);
+    # /readyz's allowed lag between the commit and applied Raft indexes.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    rate_limit_per_s: float = 200.0
+    rate_limit_burst: int = 400
+    admin_rate_limit_per_s: float = 0.0
+    admin_rate_limit_burst: int = 400
+    ready_max_lag_entries: int = 100
     extra: dict = field(default_factory=dict)
 
     @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None and self.tls_key_file is not None
+
+    @property
     def api_url(self) -> str:
-        return f"http://{self.api_host}:{self.api_port}"
+        return f"{'https' if self.tls else 'http'}://{self.api_host}:{self.api_port}"
 
     def read_api_master(self) -> str | None:
         if self.api_master_file is None:
@@ -78,6 +91,10 @@ class NodeConfig:
         return password
 
 
+API_SETTINGS = ("rate_limit_per_s", "rate_limit_burst", "admin_rate_limit_per_s",
+                "admin_rate_limit_burst", "ready_max_lag_entries")
+
+
 def load(path: Path) -> NodeConfig:
     try:
         raw = tomllib.loads(Path(path).read_text())
@@ -94,6 +111,10 @@ def load(path: Path) -> NodeConfig:
         ) if k in raft}
         batching = {k: raw["batch"][k] for k in ("batch_window_s", "batch_max", "submit_timeout_s")
                     if k in raw.get("batch", {})}
+        api_settings = {k: api[k] for k in API_SETTINGS if k in api}
+        tls = {k: (base / api[k]).resolve() for k in ("tls_cert_file", "tls_key_file") if k in api}
+        if len(tls) == 1:
+            raise ConfigError(f"config {path}: [api] needs both tls_cert_file and tls_key_file")
         return NodeConfig(
             node_id=raw["node_id"],
             raft_addr=raft["addr"],
@@ -106,6 +127,8 @@ def load(path: Path) -> NodeConfig:
             api_master_file=(base / raw["api_master_file"]).resolve() if "api_master_file" in raw else None,
             **timings,
             **batching,
+            **api_settings,
+            **tls,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"config {path}: missing or bad setting {exc}") from exc
@@ -137,6 +160,9 @@ def dump(config: NodeConfig) -> str:
         "[api]",
         f'host = "{config.api_host}"',
         f"port = {config.api_port}",
+        *(f"{k} = {getattr(config, k)}" for k in API_SETTINGS),
+        *(f'{k} = "{getattr(config, k)}"' for k in ("tls_cert_file", "tls_key_file")
+          if getattr(config, k) is not None),
         "",
         "[batch]",
         f"batch_window_s = {config.batch_window_s}",

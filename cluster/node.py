@@ -22,6 +22,7 @@ from hypercorn.trio import serve
 from api.app import create_app
 from api.auth import Credentials, Verifier, derive_secret, read_credentials
 from api.port import NotLeaderError, OutcomeUnknownError, OverloadedError, UnencodableError
+from api.rate_limit import RateLimiter, RateLimits
 
 from .config import NodeConfig, Peer
 from .machine import ExchangeMachine
@@ -215,6 +216,22 @@ class Node:
 
         return self.machine.read(read)  # type: ignore[return-value]
 
+    def health(self) -> dict:
+        raft = self.raft.status()
+        return {
+            "node_id": self.node_id,
+            "role": raft["role"],
+            "leader": self._peer_id(raft["leader"]),
+            "term": raft["term"],
+            "commit_index": raft["commit_index"],
+            "applied_index": raft["applied_index"],
+            "cmd_index": self.machine.read(lambda ex: ex.cmd_index),
+        }
+
+    def histograms(self) -> dict:
+        return {"qb_commit_latency_seconds": self.replica.commit_latency_s.figures(),
+                "qb_batch_size_entries": self.replica.batch_sizes.figures()}
+
     def status(self) -> dict:
         raft = self.raft.status()
         cmd_index, state_hash = self._state()
@@ -262,9 +279,16 @@ async def _serve(config: NodeConfig) -> None:
                       submit_timeout_s=config.submit_timeout_s)
     node = Node(config, machine, raft, replica)
     keys = [read_credentials(config.admin_key_file)] if config.admin_key_file else []
-    app = create_app(node, Verifier(keys, lookup=node.lookup_key))
+    limiter = RateLimiter(RateLimits(
+        per_s=config.rate_limit_per_s, burst=config.rate_limit_burst,
+        admin_per_s=config.admin_rate_limit_per_s, admin_burst=config.admin_rate_limit_burst))
+    app = create_app(node, Verifier(keys, lookup=node.lookup_key), limiter=limiter,
+                     ready_max_lag_entries=config.ready_max_lag_entries)
     hconfig = HypercornConfig()
     hconfig.bind = [f"{config.api_host}:{config.api_port}"]
+    if config.tls:  # HTTPS and wss on the API port
+        hconfig.certfile = str(config.tls_cert_file)
+        hconfig.keyfile = str(config.tls_key_file)
     hconfig.keep_alive_max_requests = 1_000_000
     hconfig.accesslog = None
     hconfig.errorlog = "-"

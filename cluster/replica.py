@@ -74,6 +74,37 @@ class OutcomeUnknown(Exception):
     client_order_id (or ref) settles it."""
 
 
+COMMIT_LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
+                            2.0, 5.0, 10.0)
+BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+
+
+class Histogram:
+    """Cumulative buckets, a sum and a count (what Prometheus exposes), trio thread only."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)  # observations <= bound, per bound (not cumulative)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+                return
+
+    def figures(self) -> dict:
+        """{"buckets": [[bound, cumulative count], ...], "sum", "count"} (+Inf is "count")."""
+        running, buckets = 0, []
+        for bound, n in zip(self.bounds, self.counts, strict=True):
+            running += n
+            buckets.append([bound, running])
+        return {"buckets": buckets, "sum": self.sum, "count": self.count}
+
+
 @dataclass(eq=False)
 class _Slot:
     """One caller's entries (one, or a whole request's worth); they commit together."""
@@ -102,6 +133,9 @@ class Replica:
         self._token: trio.lowlevel.TrioToken | None = None
         self.batches_proposed = 0
         self.batch_sizes_total = 0
+        self.batch_sizes = Histogram(BATCH_SIZE_BUCKETS)
+        # Proposal to commit-and-apply on this leader, for batches that committed.
+        self.commit_latency_s = Histogram(COMMIT_LATENCY_BUCKETS_S)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The batcher; run it in the node's nursery with `nursery.start`."""
@@ -158,17 +192,22 @@ class Replica:
         entries = [entry for slot in batch for entry in slot.entries]
         self.batches_proposed += 1
         self.batch_sizes_total += len(entries)
+        self.batch_sizes.observe(len(entries))
         token = self._token
         assert token is not None
+        proposed = time.perf_counter()
 
         def on_result(result: bytes | None, failure: SubmitFailure | None) -> None:
             # pysyncobj's thread (or ours, for an immediate failure): hand over, never block.
             with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(self._resolve, batch, result, failure)
+                token.run_sync_soon(self._resolve, batch, result, failure, proposed)
 
         self.raft.submit(payload, on_result)
 
-    def _resolve(self, batch: list[_Slot], result: bytes | None, failure: Any) -> None:
+    def _resolve(self, batch: list[_Slot], result: bytes | None, failure: Any,
+                 proposed: float | None = None) -> None:
+        if failure is None and proposed is not None:
+            self.commit_latency_s.observe(time.perf_counter() - proposed)
         if failure is not None:
             if failure.definite:
                 error: BaseException = NotLeader(self.raft.leader(), failure.reason)

@@ -1,0 +1,227 @@
+"""Operations routes in process, against a stand-in node: `/readyz`, `/metrics` and the
+per-key rate limits (an injected clock: no sleeping)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from api.app import create_app
+from api.auth import Credentials, Verifier, new_credentials, signed_headers
+from api.rate_limit import RateLimiter, RateLimits
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class StandInNode:
+    """A follower that redirects every signed route; its figures are set by the test."""
+
+    node_id = "n2"
+
+    def __init__(self, **health: object) -> None:
+        self.figures = {"node_id": "n2", "role": "follower", "leader": "n1", "term": 3,
+                        "commit_index": 40, "applied_index": 40, "cmd_index": 17, **health}
+
+    def is_leader(self) -> bool:
+        return False
+
+    def leader_url(self) -> str | None:
+        return "http://127.0.0.1:9001"
+
+    def health(self) -> dict:
+        return dict(self.figures)
+
+    def histograms(self) -> dict:
+        return {
+            "qb_commit_latency_seconds": {"buckets": [[0.001, 2], [0.01, 5]], "sum": 0.02,
+                                          "count": 6},
+            "qb_batch_size_entries": {"buckets": [[1, 4], [10, 6]], "sum": 30.0, "count": 6},
+        }
+
+
+class Caller:
+    """Requests against one app, in one trio run per call."""
+
+    def __init__(self, node: StandInNode, known: list[Credentials],
+                 limiter: RateLimiter | None = None) -> None:
+        self.app = create_app(node, Verifier(known), limiter=limiter)
+
+    def get(self, path: str, signer: Credentials | None = None) -> tuple[int, bytes, dict]:
+        async def go():
+            client = self.app.test_client()
+            headers = signed_headers(signer, "GET", path, b"") if signer else {}
+            response = await client.get(path, headers=headers)
+            return response.status_code, await response.get_data(), response.headers
+
+        return trio.run(go)
+
+
+def metric_samples(text: bytes) -> dict[tuple, float]:
+    """{(sample name, sorted label items): value} of a Prometheus text exposition."""
+    out = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+# ---------------------------------------------------------------------- /readyz
+
+
+def test_ready_when_a_leader_is_known_and_the_applied_index_keeps_up() -> None:
+    status, body, _ = Caller(StandInNode(commit_index=140, applied_index=40), []).get("/readyz")
+    assert status == 200
+    assert json.loads(body) == {"ready": True, "node_id": "n2", "role": "follower",
+                                "leader": "n1", "lag_entries": 100}
+
+
+def test_not_ready_without_a_leader() -> None:
+    node = StandInNode(role="candidate", leader=None)
+    status, body, headers = Caller(node, []).get("/readyz")
+    assert (status, headers["Retry-After"]) == (503, "1")
+    error = json.loads(body)["error"]
+    assert error["code"] == "not_ready"
+    assert error["message"] == "no leader known (role candidate, term 3)"
+
+
+def test_not_ready_while_applying_falls_behind_the_commit_index() -> None:
+    status, body, _ = Caller(StandInNode(commit_index=141, applied_index=40), []).get("/readyz")
+    assert status == 503
+    assert json.loads(body)["error"]["message"] == (
+        "applied index 40 is 101 entries behind commit index 141 (at most 100)")
+
+
+def test_healthz_stays_a_liveness_check() -> None:
+    status, body, _ = Caller(StandInNode(leader=None), []).get("/healthz")
+    assert (status, json.loads(body)) == (200, {"ok": True, "node_id": "n2"})
+
+
+# ---------------------------------------------------------------------- /metrics
+
+
+def test_metrics_show_node_figures_and_requests_by_route_template() -> None:
+    trader = new_credentials("trader", "alice")
+    caller = Caller(StandInNode(), [trader])
+    assert caller.get("/v1/orders/7", trader)[0] == 307
+    assert caller.get("/v1/orders/8", trader)[0] == 307
+    assert caller.get("/no/such/route")[0] == 404
+    status, text, headers = caller.get("/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    samples = metric_samples(text)
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    # Two raw paths, one series: the label is the url rule.
+    assert value("qb_http_requests_total", route="/v1/orders/<int:order_id>", method="GET",
+                 status="307") == 2
+    assert value("qb_http_requests_total", route="unmatched", method="GET", status="404") == 1
+    assert value("qb_http_request_duration_seconds_count",
+                 route="/v1/orders/<int:order_id>", method="GET") == 2
+    assert not any("/v1/orders/7" in str(key) for key in samples)
+    assert value("qb_raft_role", role="follower") == 1
+    assert value("qb_raft_role", role="leader") == 0
+    assert value("qb_raft_leader_known") == 1
+    assert (value("qb_raft_term"), value("qb_raft_commit_index"),
+            value("qb_raft_applied_index"), value("qb_cmd_index")) == (3, 40, 40, 17)
+    assert value("qb_commit_latency_seconds_bucket", le="0.001") == 2
+    assert value("qb_commit_latency_seconds_bucket", le="+Inf") == 6
+    assert value("qb_commit_latency_seconds_sum") == 0.02
+    assert value("qb_batch_size_entries_bucket", le="10.0") == 6
+    assert value("qb_batch_size_entries_count") == 6
+
+
+def test_every_app_has_its_own_registry() -> None:
+    trader = new_credentials("trader", "alice")
+    first, second = Caller(StandInNode(), [trader]), Caller(StandInNode(), [trader])
+    first.get("/v1/orders/7", trader)
+    key = ("qb_http_requests_total",
+           (("method", "GET"), ("route", "/v1/orders/<int:order_id>"), ("status", "307")))
+    assert metric_samples(first.get("/metrics")[1])[key] == 1
+    assert key not in metric_samples(second.get("/metrics")[1])
+
+
+# ---------------------------------------------------------------------- rate limits
+
+
+def test_a_key_over_its_limit_gets_429_with_retry_after_then_recovers() -> None:
+    clock = FakeClock()
+    alice, bob = new_credentials("trader", "alice"), new_credentials("trader", "bob")
+    caller = Caller(StandInNode(), [alice, bob],
+                    RateLimiter(RateLimits(per_s=0.5, burst=2), clock=clock))
+    assert [caller.get("/v1/orders/1", alice)[0] for _ in range(2)] == [307, 307]
+    status, body, headers = caller.get("/v1/orders/1", alice)
+    assert (status, headers["Retry-After"]) == (429, "2")  # one token per 2 s
+    assert json.loads(body)["error"]["code"] == "rate_limited"
+    assert json.loads(body)["error"]["retry_after_s"] == 2
+    assert caller.get("/v1/orders/1", bob)[0] == 307  # buckets are per key
+    clock.now += 1.0  # half a token: the wait is rounded up to whole seconds
+    status, _, headers = caller.get("/v1/orders/1", alice)
+    assert (status, headers["Retry-After"]) == (429, "1")
+    clock.now += 1.0
+    assert caller.get("/v1/orders/1", alice)[0] == 307
+    samples = metric_samples(caller.get("/metrics")[1])
+    assert samples[("qb_rate_limited_total", (("role", "trader"),))] == 2
+
+
+def test_unauthenticated_requests_take_no_token() -> None:
+    clock = FakeClock()
+    alice = new_credentials("trader", "alice")
+    limiter = RateLimiter(RateLimits(per_s=1, burst=1), clock=clock)
+    caller = Caller(StandInNode(), [alice], limiter)
+    forged = Credentials(alice.key_id, "0" * 64, "trader", "alice")
+    assert [caller.get("/v1/orders/1", forged)[0] for _ in range(3)] == [401, 401, 401]
+    assert caller.get("/v1/orders/1", alice)[0] == 307
+
+
+def test_the_bucket_refills_at_the_rate_up_to_the_burst() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(RateLimits(per_s=10, burst=5), clock=clock)
+    assert [limiter.check("k") for _ in range(6)] == [None] * 5 + [1]
+    clock.now += 0.25  # 2.5 tokens
+    assert [limiter.check("k") for _ in range(3)] == [None, None, 1]
+    clock.now += 3600  # never more than the burst
+    assert [limiter.check("k") for _ in range(6)] == [None] * 5 + [1]
+
+
+def test_admin_keys_are_exempt_by_default_or_have_their_own_limit() -> None:
+    clock = FakeClock()
+    exempt = RateLimiter(RateLimits(per_s=1, burst=1), clock=clock)
+    assert [exempt.check("a", "admin") for _ in range(1000)] == [None] * 1000
+    own = RateLimiter(RateLimits(per_s=1, burst=1, admin_per_s=100, admin_burst=3), clock=clock)
+    assert [own.check("a", "admin") for _ in range(4)] == [None, None, None, 1]
+    assert [own.check("t") for _ in range(2)] == [None, 1]
+
+
+@pytest.mark.parametrize("per_s", [0.0, -1.0])
+def test_a_rate_of_zero_turns_the_limit_off(per_s: float) -> None:
+    limiter = RateLimiter(RateLimits(per_s=per_s, burst=1), clock=FakeClock())
+    assert {limiter.check("k") for _ in range(100)} == {None}
+    assert len(limiter) == 0
+
+
+def test_idle_buckets_are_evicted_and_the_count_is_bounded() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(RateLimits(per_s=10, burst=5, max_keys=100), clock=clock)
+    for i in range(1000):
+        limiter.check(f"k{i}")
+    assert len(limiter) == 100  # beyond max_keys the least recently used goes
+    clock.now += 0.5  # every bucket is full again: they carry nothing, and go
+    limiter.check("fresh")
+    assert len(limiter) == 1
+    # A bucket still refilling is kept: its key cannot get a new full burst.
+    for _ in range(5):
+        limiter.check("busy")
+    clock.now += 0.2
+    limiter.check("other")
+    assert limiter.check("busy") is None and limiter.check("busy") is None
+    assert limiter.check("busy") == 1
