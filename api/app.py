@@ -31,10 +31,13 @@ READY_MAX_LAG_ENTRIES = 100
 
 def readiness(health: dict, max_lag_entries: int = READY_MAX_LAG_ENTRIES) -> str | None:
     """Why this node cannot serve (None: it can). The rule of `GET /readyz`:
-    a leader is known (this node or another), and the node has applied the Raft log up to
-    what it knows is committed, give or take `max_lag_entries` entries."""
+    a leader is known (this node, or another to which this node's link is up), and the node
+    has applied the Raft log up to what it knows is committed, give or take
+    `max_lag_entries` entries."""
     if health["leader"] is None:
         return f"no leader known (role {health['role']}, term {health['term']})"
+    if not health["leader_connected"]:
+        return f"no link to the leader {health['leader']} (term {health['term']})"
     lag = health["commit_index"] - health["applied_index"]
     if lag > max_lag_entries:
         return (f"applied index {health['applied_index']} is {lag} entries behind commit "

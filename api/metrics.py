@@ -37,8 +37,10 @@ class _NodeCollector(Collector):
         for name in ROLES:
             role.add_metric([name], 1.0 if health["role"] == name else 0.0)
         yield role
-        yield GaugeMetricFamily("qb_raft_leader_known", "1 when this node knows a leader",
-                                value=1.0 if health["leader"] is not None else 0.0)
+        known = health["leader"] is not None and health["leader_connected"]
+        yield GaugeMetricFamily("qb_raft_leader_known",
+                                "1 when this node leads, or follows a leader it is linked to",
+                                value=1.0 if known else 0.0)
         for key, doc in (("term", "current Raft term"),
                          ("commit_index", "highest Raft log index known to be committed"),
                          ("applied_index", "highest Raft log index applied here"),

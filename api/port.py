@@ -51,7 +51,8 @@ class NodePort(Protocol):
     def status(self) -> dict: ...
     def health(self) -> dict:
         """Cheap figures (no state hash), for /readyz and /metrics: node_id, role
-        ("leader"|"follower"|"candidate"), leader (its id, or None when none is known), term,
+        ("leader"|"follower"|"candidate"), leader (its id, or None when none is known),
+        leader_connected (this node is the leader, or its link to the leader is up), term,
         commit_index, applied_index (Raft log) and cmd_index (state machine)."""
 
     def histograms(self) -> dict:

@@ -239,3 +239,83 @@ def loadgen(manifest: str, rate: float, duration_s: float, seed: int, accounts: 
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(report) if as_json else format_report(report))
+
+
+@main.group()
+def keys() -> None:
+    """Manage API keys (through the admin API of a running cluster)."""
+
+
+@keys.command("create")
+@click.option("--account", required=True, help="Account the key trades for, e.g. alice.")
+@click.option("--role", type=click.Choice(["trader", "admin"]), default="trader",
+              show_default=True)
+@click.option("--cluster", "manifest", type=click.Path(exists=True, dir_okay=False),
+              help="Path of the cluster's cluster.json (node URLs and admin credentials).")
+@click.option("--url", "urls", multiple=True,
+              help="A node's API URL (repeat for every node); instead of --cluster.")
+@click.option("--admin-key-file", type=click.Path(exists=True, dir_okay=False),
+              help="Admin credentials (JSON, mode 0600); with --url.")
+@click.option("--ca-file", type=click.Path(exists=True, dir_okay=False),
+              help="CA certificate to trust for https:// URLs (default: the system's CAs).")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="Write the key (JSON, mode 0600) to this new file instead of printing it.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def keys_create(account: str, role: str, manifest: str | None, urls: tuple[str, ...],
+                admin_key_file: str | None, ca_file: str | None, out: str | None,
+                as_json: bool) -> None:
+    """Create an API key; its secret is shown once (or written to --out) and never stored.
+
+    Example: quorumbook keys create --account alice --cluster /tmp/qb/cluster.json --out alice.key
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    import httpx
+
+    from api.auth import AuthError, read_credentials
+    from api.client import AdminClient, ClusterUnavailable
+
+    if bool(manifest) == bool(urls):
+        raise click.UsageError("give either --cluster or --url (with --admin-key-file)")
+    try:
+        if manifest:
+            cl = _open(manifest)
+            node_urls, admin_creds = cl.api_urls(), cl.admin_credentials()
+            verify = ca_file or cl.verify
+        else:
+            if not admin_key_file:
+                raise click.UsageError("--url needs --admin-key-file")
+            node_urls, admin_creds = list(urls), read_credentials(Path(admin_key_file))
+            verify = ca_file or True
+    except AuthError as exc:
+        raise click.ClickException(exc.message) from exc
+    out_fd = None
+    if out:  # created before the key, so a bad path costs no key
+        try:
+            out_fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise click.ClickException(f"cannot create {out}: {exc.strerror}") from exc
+    try:
+        with AdminClient(node_urls, admin_creds, verify=verify) as client:
+            creds = client.create_key(account, role)
+    except (httpx.HTTPError, ClusterUnavailable) as exc:
+        if out_fd is not None:
+            os.close(out_fd)
+            os.unlink(out)
+        raise click.ClickException(f"key not created: {exc}") from exc
+    summary = {"key_id": creds.key_id, "account": creds.account, "role": creds.role}
+    if out_fd is not None:
+        with os.fdopen(out_fd, "w") as f:
+            f.write(creds.to_json() + "\n")
+        summary["file"] = str(Path(out).resolve())
+    else:
+        summary["secret"] = creds.secret
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    for name, value in summary.items():
+        click.echo(f"{name}: {value}")
+    if out_fd is None:
+        click.echo("the secret is shown only now: store it (mode 0600)", err=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from api.auth import new_credentials, read_credentials, write_credentials
-from api.client import ClusterUnavailable
+from api.client import ClusterUnavailable, tls_context
 
 from .config import NodeConfig, Peer, dump, load
 
@@ -85,11 +85,12 @@ class LocalCluster:
             write_credentials(admin_key, new_credentials("admin"))
         ids = [f"n{i}" for i in range(1, n + 1)]
         addrs = {i: (f"127.0.0.1:{free_port()}", free_port()) for i in ids}
+        scheme = "https" if settings.get("tls_cert_file") else "http"
         nodes = {}
         for node_id in ids:
             raft_addr, api_port = addrs[node_id]
             peers = tuple(
-                Peer(other, addrs[other][0], f"http://127.0.0.1:{addrs[other][1]}")
+                Peer(other, addrs[other][0], f"{scheme}://127.0.0.1:{addrs[other][1]}")
                 for other in ids if other != node_id
             )
             config = NodeConfig(
@@ -128,6 +129,13 @@ class LocalCluster:
 
     def api_urls(self) -> list[str]:
         return [n.config.api_url for n in self.nodes.values()]
+
+    @property
+    def verify(self) -> object:
+        """What an HTTPS client trusts here: the nodes' certificate (self-signed in a local
+        cluster, so it is its own CA), or True (the system's CAs) over plain HTTP."""
+        config = next(iter(self.nodes.values())).config
+        return tls_context(config.tls_cert_file) if config.tls else True
 
     def write_manifest(self) -> None:
         manifest = {
@@ -173,7 +181,7 @@ class LocalCluster:
         self.nodes[node_id] = NodeProcess(path, config)
         self._rewrite_configs()
         self.start(node_id)
-        with AdminClient(self.api_urls(), self.admin_credentials()) as client:
+        with AdminClient(self.api_urls(), self.admin_credentials(), verify=self.verify) as client:
             client.change_membership("add", node_id, config.raft_addr, config.api_url)
         self.write_manifest()
         return node_id
@@ -191,7 +199,8 @@ class LocalCluster:
             leader = self.wait_for_leader(20)
             if (to is not None and leader == to) or (to is None and leader != (away_from or leader)):
                 return leader
-            with AdminClient([self.nodes[leader].config.api_url], self.admin_credentials()) as c, \
+            with AdminClient([self.nodes[leader].config.api_url], self.admin_credentials(),
+                             verify=self.verify) as c, \
                     contextlib.suppress(httpx.HTTPError, ClusterUnavailable):
                 # Denied (target not caught up) or the leader moved meanwhile: check, retry.
                 c.transfer_leader(to, deadline_s=5)
@@ -211,7 +220,7 @@ class LocalCluster:
         others = [n.config.api_url for nid, n in self.nodes.items() if nid != node_id]
         if self.wait_for_leader(20) == node_id:
             self.transfer_leadership(away_from=node_id)
-        with AdminClient(others, self.admin_credentials()) as client:
+        with AdminClient(others, self.admin_credentials(), verify=self.verify) as client:
             client.change_membership("remove", node_id, config.raft_addr, config.api_url)
         self.stop(node_id)
         del self.nodes[node_id]
@@ -321,7 +330,8 @@ class LocalCluster:
     def status(self, node_id: str, timeout_s: float = 2.0) -> dict | None:
         url = self.nodes[node_id].config.api_url
         try:
-            response = httpx.get(url + "/v1/cluster/status", timeout=timeout_s)
+            response = httpx.get(url + "/v1/cluster/status", timeout=timeout_s,
+                                 verify=self.verify)
             response.raise_for_status()
             return response.json()
         except (httpx.HTTPError, ValueError):

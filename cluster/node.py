@@ -222,6 +222,10 @@ class Node:
             "node_id": self.node_id,
             "role": raft["role"],
             "leader": self._peer_id(raft["leader"]),
+            # pysyncobj keeps a follower's last leader while it is connected to no one (it
+            # does not even stand for election then): only a live link makes that leader real.
+            "leader_connected": raft["role"] == "leader" or any(
+                p["id"] == raft["leader"] and p.get("connected") for p in raft.get("peers", [])),
             "term": raft["term"],
             "commit_index": raft["commit_index"],
             "applied_index": raft["applied_index"],

@@ -28,7 +28,7 @@ class StandInNode:
     node_id = "n2"
 
     def __init__(self, **health: object) -> None:
-        self.figures = {"node_id": "n2", "role": "follower", "leader": "n1", "term": 3,
+        self.figures = {"node_id": "n2", "role": "follower", "leader": "n1", "leader_connected": True, "term": 3,
                         "commit_index": 40, "applied_index": 40, "cmd_index": 17, **health}
 
     def is_leader(self) -> bool:
@@ -91,6 +91,12 @@ def test_not_ready_without_a_leader() -> None:
     error = json.loads(body)["error"]
     assert error["code"] == "not_ready"
     assert error["message"] == "no leader known (role candidate, term 3)"
+
+
+def test_not_ready_when_the_known_leader_is_out_of_reach() -> None:
+    status, body, _ = Caller(StandInNode(leader_connected=False), []).get("/readyz")
+    assert status == 503
+    assert json.loads(body)["error"]["message"] == "no link to the leader n1 (term 3)"
 
 
 def test_not_ready_while_applying_falls_behind_the_commit_index() -> None:

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+
 QB = [sys.executable, "-m", "cluster"]
 
 
@@ -90,3 +92,51 @@ def test_cluster_up_status_membership_and_ctrl_c(tmp_path: Path) -> None:
     assert up.returncode == 0, output
     assert "stopping cluster" in output
     assert not [pid for pid in pids if pid_alive(pid)], "cluster up left node processes behind"
+
+
+def whoami(url: str, creds) -> dict:
+    """The key's own balances route, signed with it: proves the key is live on the cluster."""
+    from api.auth import signed_headers
+
+    path = "/v1/accounts/me/balances"
+    response = httpx.get(url + path, headers=signed_headers(creds, "GET", path, b""), timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_keys_create_prints_the_secret_once_or_writes_a_0600_file(make_cluster,
+                                                                   tmp_path: Path) -> None:
+    from api.auth import Credentials, read_credentials
+
+    cluster = make_cluster(1)
+    manifest = str(cluster.manifest_path)
+    url = cluster.api_urls()[0]
+
+    shown = run("keys", "create", "--account", "alice", "--cluster", manifest, "--json")
+    assert shown.returncode == 0, shown.stderr
+    raw = json.loads(shown.stdout)
+    assert set(raw) == {"key_id", "secret", "account", "role"}
+    assert (raw["account"], raw["role"]) == ("alice", "trader")
+    assert whoami(url, Credentials(raw["key_id"], raw["secret"], "trader", "alice"))["account"] \
+        == "alice"
+
+    out = tmp_path / "bob.key"
+    written = run("keys", "create", "--account", "bob", "--url", url,
+                  "--admin-key-file", str(cluster.admin_key_path), "--out", str(out))
+    assert written.returncode == 0, written.stderr
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+    creds = read_credentials(out)
+    assert (creds.account, creds.role) == ("bob", "trader")
+    assert creds.secret not in written.stdout + written.stderr  # only the file holds it
+    assert f"key_id: {creds.key_id}" in written.stdout
+    assert whoami(url, creds)["account"] == "bob"
+
+    again = run("keys", "create", "--account", "bob", "--cluster", manifest, "--out", str(out))
+    assert again.returncode != 0 and "cannot create" in again.stderr
+    assert read_credentials(out) == creds  # never overwritten
+
+    admin = run("keys", "create", "--account", "ops", "--role", "admin", "--cluster", manifest,
+                "--json")
+    assert admin.returncode == 0 and json.loads(admin.stdout)["role"] == "admin"
+    neither = run("keys", "create", "--account", "x")
+    assert neither.returncode == 2 and "either --cluster or --url" in neither.stderr
