@@ -4,13 +4,15 @@ per-key rate limits (an injected clock: no sleeping)."""
 from __future__ import annotations
 
 import json
+import time
+import types
 
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import create_app
-from api.auth import Credentials, Verifier, new_credentials, signed_headers
+from api.auth import Credentials, Verifier, new_credentials, sign, signed_headers
 from api.rate_limit import RateLimiter, RateLimits
 
 
@@ -39,6 +41,9 @@ class StandInNode:
 
     def health(self) -> dict:
         return dict(self.figures)
+
+    def read(self, query):  # the WebSocket's seq look-ups
+        return query(types.SimpleNamespace(seq=5))
 
     def histograms(self) -> dict:
         return {
@@ -231,3 +236,30 @@ def test_idle_buckets_are_evicted_and_the_count_is_bounded() -> None:
     limiter.check("other")
     assert limiter.check("busy") is None and limiter.check("busy") is None
     assert limiter.check("busy") == 1
+
+
+def test_websocket_order_entry_shares_the_key_bucket() -> None:
+    clock = FakeClock()
+    alice = new_credentials("trader", "alice")
+    caller = Caller(StandInNode(), [alice], RateLimiter(RateLimits(per_s=1, burst=2), clock))
+    assert caller.get("/v1/orders/1", alice)[0] == 307  # one token through REST
+
+    async def go() -> list[dict]:
+        async with caller.app.test_client().websocket("/v1/ws") as ws:
+            ts = time.time_ns() // 1_000_000  # the signature window is wall-clock time
+            await ws.send(json.dumps({"op": "auth", "key_id": alice.key_id, "timestamp": ts,
+                                      "signature": sign(alice.secret, ts, "WS", "/v1/ws", b"")}))
+            replies = [json.loads(await ws.receive())]
+            for i in range(2):
+                await ws.send(json.dumps({"op": "place", "request_id": i, **ORDER}))
+                replies.append(json.loads(await ws.receive()))
+            return replies
+
+    auth, first, second = trio.run(go)
+    assert auth["type"] == "authenticated"
+    assert (first["http_status"], first["error"]["code"]) == (307, "not_leader")
+    assert (second["http_status"], second["error"]["code"]) == (429, "rate_limited")
+    assert second["error"]["retry_after_s"] == 1
+
+
+ORDER = {"market": "BTC-USD", "side": "buy", "type": "limit", "qty": 1, "price": 5}
