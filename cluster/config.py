@@ -115,6 +115,13 @@ def load(path: Path) -> NodeConfig:
         tls = {k: (base / api[k]).resolve() for k in ("tls_cert_file", "tls_key_file") if k in api}
         if len(tls) == 1:
             raise ConfigError(f"config {path}: [api] needs both tls_cert_file and tls_key_file")
+        for name, value in api_settings.items():
+            if not isinstance(value, int | float) or value < 0:
+                raise ConfigError(f"config {path}: [api] {name} must be a number >= 0")
+        for rate, burst in (("rate_limit_per_s", "rate_limit_burst"),
+                            ("admin_rate_limit_per_s", "admin_rate_limit_burst")):
+            if api_settings.get(rate, 1) > 0 and api_settings.get(burst, 1) < 1:
+                raise ConfigError(f"config {path}: [api] {burst} must be >= 1 when {rate} > 0")
         return NodeConfig(
             node_id=raw["node_id"],
             raft_addr=raft["addr"],
