@@ -27,6 +27,10 @@
    `check_invariants()`, timed alone too), and the same figures for 100k orders that carry a
    client_order_id.
 
+`make bench-statemachine` measures the mypyc build of the engine (build/native, the one a
+production node runs; docs/adr/0003-compiled-state-machine.md); `python -m bench.statemachine`
+from the checkout measures the pure-Python sources. The report says which it imported.
+
 gc runs as is in every timed section (the snapshot codec pauses it itself while it runs);
 snapshot and restore are also timed with gc disabled by the caller, for information (the
 targets are judged on the gc-as-is figures).
@@ -414,8 +418,17 @@ def _print_throughput(tp: dict) -> None:
     )
 
 
+def engine_build() -> str:
+    """Which statemachine this process imported: the mypyc build (make native) or the sources."""
+    from statemachine import exchange
+
+    where = exchange.__file__ or "?"
+    return f"compiled with mypyc ({where})" if where.endswith(".so") else f"pure Python ({where})"
+
+
 def print_report(res: dict) -> None:
     print(f"quorumbook state machine benchmark  (seed {res['seed']}, Python {res['python']})")
+    print(f"engine: {res['engine_build']}")
     print()
     print("1. matching throughput: statemachine.Exchange.apply vs lightmatchingengine")
     for tp in res["throughput"]:
@@ -491,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {
         "seed": args.seed,
         "python": sys.version.split()[0],
+        "engine_build": engine_build(),
         "throughput": tps,
         "snapshots": snaps,
         "all_pass": all(tp["ratio_pass"] for tp in tps if tp["judged"])

@@ -23,11 +23,15 @@ from api.app import create_app
 from api.auth import Credentials, Verifier, derive_secret, read_credentials
 from api.port import NotLeaderError, OutcomeUnknownError, OverloadedError, UnencodableError
 from api.rate_limit import RateLimiter, RateLimits
+from statemachine import exchange as _exchange_module
 
 from .config import NodeConfig, Peer
 from .machine import ExchangeMachine
 from .raft import RaftReplica, RaftSettings
 from .replica import NotLeader, OutcomeUnknown, Overloaded, Replica, Unencodable
+
+# Which build of the state machine this process runs (docs/adr/0003-compiled-state-machine.md).
+ENGINE = "compiled" if (_exchange_module.__file__ or "").endswith(".so") else "pure"
 
 log = logging.getLogger("quorumbook.node")
 
@@ -248,6 +252,7 @@ class Node:
             "applied_index": raft["applied_index"],
             "cmd_index": cmd_index,
             "state_hash": state_hash,
+            "engine": ENGINE,
             "peers": [
                 {"id": self._peer_id(p["id"]), "match_index": p.get("match_index"),
                  "connected": p.get("connected")}

@@ -173,7 +173,7 @@ class Exchange:
         return encode(self)
 
     @classmethod
-    def restore(cls, blob: bytes) -> Exchange:
+    def restore(cls, blob: Any) -> Exchange:  # Any: non-bytes get SnapshotError, not TypeError
         from .snapshot import decode
 
         return decode(blob)
@@ -261,7 +261,7 @@ class Exchange:
         return event
 
     def _rejected_event(self, command: Any, rejection: Rejection) -> dict:
-        event = {
+        event: dict[str, Any] = {
             "type": "rejected",
             "op": v.safe_op(command),
             "reason": rejection.reason,
@@ -535,8 +535,8 @@ class Exchange:
             if not rests_untouched:
                 bal = self._bal(account, market.quote if buy else market.base)
             # (Else `bal` is the one the funds check found; it records nothing as touched.)
-            bal.available -= reserve
-            bal.reserved += reserve
+            bal.available -= reserve  # type: ignore[union-attr]
+            bal.reserved += reserve  # type: ignore[union-attr]
         self._seq += 1
         ts = self._last_ts
         cmd_index = self._cmd_index
@@ -586,10 +586,10 @@ class Exchange:
         events.append(
             {
                 "type": "balance",
-                "account": bal.account,
-                "asset": bal.asset,
-                "available": bal.available,
-                "reserved": bal.reserved,
+                "account": bal.account,  # type: ignore[union-attr]
+                "asset": bal.asset,  # type: ignore[union-attr]
+                "available": bal.available,  # type: ignore[union-attr]
+                "reserved": bal.reserved,  # type: ignore[union-attr]
                 "seq": seq + 2,
                 "ts": ts,
                 "cmd_index": cmd_index,
@@ -925,7 +925,7 @@ class Exchange:
                         freed = held + held * max_bps // 10000 - (left + left * max_bps // 10000)
                         taker_quote.reserved -= freed
                         taker_quote.available += freed - notional - taker_fee
-                    taker_base.available += base_amount
+                    taker_base.available += base_amount  # type: ignore[union-attr]
                     bal(maker_account, base).reserved -= base_amount
                     bal(maker_account, quote).available += notional - maker_fee
                 else:
@@ -943,7 +943,7 @@ class Exchange:
                         taker_base.available -= base_amount
                     else:
                         taker_base.reserved -= base_amount
-                    taker_quote.available += notional - taker_fee
+                    taker_quote.available += notional - taker_fee  # type: ignore[union-attr]
                 if maker_fee or taker_fee:
                     if fees is None:
                         fees = bal(FEE_ACCOUNT, quote)

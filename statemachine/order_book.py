@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from sortedcontainers import SortedDict
+from sortedcontainers import SortedDict  # type: ignore[import-untyped]
 
 BUY = "buy"
 SELL = "sell"

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 
 from .errors import InvariantError, SnapshotError
 from .order_book import BUY, SELL, Level, Order

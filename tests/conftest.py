@@ -1,4 +1,10 @@
-"""Shared pytest options."""
+"""Shared pytest options, and the check that a compiled run really tests the compiled engine."""
+
+import os
+
+import pytest
+
+COMPILED_MODULES = ("statemachine.order_book", "statemachine.exchange", "statemachine.validation")
 
 
 def pytest_addoption(parser):
@@ -8,3 +14,16 @@ def pytest_addoption(parser):
         default=False,
         help="rewrite the '<' event lines of tests/golden/*.txt from the engine's output",
     )
+
+
+def pytest_sessionstart(session):
+    """QB_NATIVE=1 (make test's second run): the mypyc build of build/native must be the one
+    imported, else that run would silently test the pure sources a second time."""
+    if os.environ.get("QB_NATIVE") != "1":
+        return
+    import importlib
+
+    pure = [name for name in COMPILED_MODULES
+            if not importlib.import_module(name).__file__.endswith(".so")]
+    if pure:
+        pytest.exit(f"QB_NATIVE=1 but not compiled: {', '.join(pure)} (run `make native`)", 2)
