@@ -11,7 +11,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import trading, ws
+from . import openapi, trading, ws
 from .auth import Credentials, Verifier, new_key_id
 from .common import Http, error
 from .metrics import CONTENT_TYPE, Metrics
@@ -104,6 +104,10 @@ def create_app(node: NodePort, verifier: Verifier, *, limiter: RateLimiter | Non
     @app.get("/v1/cluster/status")
     async def cluster_status() -> dict:
         return node.status()
+
+    @app.get(openapi.PATH)
+    async def openapi_document() -> dict:
+        return openapi.document()
 
     @app.post("/v1/admin/commands")
     @http.authed("admin", leader=True)

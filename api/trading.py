@@ -254,7 +254,7 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
             return payload
         return await write({"op": "create_market", **payload}, 201)
 
-    @app.get("/v1/markets/<string:market>/book")
+    @app.get("/v1/markets/<path:market>/book")  # path: a market name may hold "/"
     async def book(market: str) -> Response:
         depth_text = request.args.get("depth", "50")
         if not depth_text.isdigit() or not 1 <= int(depth_text) <= MAX_DEPTH:
@@ -270,7 +270,7 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
 
         return await read(query)
 
-    @app.get("/v1/markets/<string:market>/trades")
+    @app.get("/v1/markets/<path:market>/trades")
     async def trades(market: str) -> Response:
         limit_text = request.args.get("limit", "100")
         if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
