@@ -39,9 +39,18 @@ import anyio
 import httpx
 
 from .auth import KEY_HEADER, SIG_HEADER, TS_HEADER, Credentials, sign
+from .subscription import (
+    AsyncSubscription,
+    Book,
+    Gap,
+    Subscription,
+    _BookTracker,
+    _EventTracker,
+    _Stream,
+)
 
-__all__ = ["AdminClient", "ApiError", "AsyncClient", "Client", "ClusterUnavailable",
-           "OutcomeUnknown"]
+__all__ = ["AdminClient", "ApiError", "AsyncClient", "AsyncSubscription", "Book", "Client",
+           "ClusterUnavailable", "Gap", "OutcomeUnknown", "Subscription"]
 
 MAX_BATCH_ORDERS = 100  # the server's bound (api/trading.py); place_batch splits longer lists
 
@@ -155,6 +164,20 @@ def tls_context(verify: Any) -> Any:
 
         return ssl.create_default_context(cafile=verify)
     return verify
+
+
+def _ssl_context(verify: Any) -> Any:
+    """The `ssl.SSLContext` for WebSocket connections to https nodes (None: the default)."""
+    context = tls_context(verify)
+    if context is True:
+        return None
+    if context is False:
+        import ssl
+
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _error_of(body: Any) -> dict:
@@ -441,7 +464,11 @@ class _Api:
     def stats(self) -> collections.Counter[str]:
         """Counters: retries (attempts after the first), redirects (307), transport_errors,
         busy (503/429), replayed (401 replayed, re-signed), unknown (attempts whose outcome was
-        unknown), recovered (places settled by the outcome look-up)."""
+        unknown), recovered (places settled by the outcome look-up); subscriptions:
+        ws_connects, ws_reconnects, ws_resnapshots (book snapshots after the first),
+        ws_seq_gaps (prev_seq breaks), ws_gaps (`Gap`s handed out), ws_duplicates (events
+        dropped as already delivered), ws_idle_timeouts, ws_connect_errors,
+        ws_transport_errors, ws_closed_<code> (closes by the node, ws_closed_eof for none)."""
         return self._core.stats
 
     def place(self, market: str, side: str, type: str, qty: int, price: int | None = None,
@@ -519,6 +546,53 @@ class _Api:
         path = f"/v1/markets/{_path(market)}/trades" + _query(limit=limit)
         return self._run(self._core.get(path, signed=False, key="trades"))
 
+    # ------------------------------------------------------------------ WebSocket subscriptions
+
+    def _subscription(self, stream: _Stream) -> Any:
+        raise NotImplementedError
+
+    def _stream(self, channel: str, tracker: Any, creds: Credentials | None,
+                idle_timeout_s: float, max_outage_s: float | None) -> Any:
+        core = self._core
+        return self._subscription(_Stream(
+            core.urls, channel, tracker, creds,
+            lambda c: _SIGNER.headers(c, "WS", "/v1/ws", b""), core.stats,
+            api_error=lambda status, code, message: ApiError(status, code, message),
+            unavailable=ClusterUnavailable, connect_timeout_s=core.timeout_s,
+            idle_timeout_s=idle_timeout_s, max_outage_s=max_outage_s,
+            backoff_s=core.backoff_s))
+
+    def subscribe_book(self, market: str, *, idle_timeout_s: float = 15.0,
+                       max_outage_s: float | None = 60.0) -> Any:
+        """The market's order book, kept up to date over `/v1/ws` -> an iterator of `Book`.
+
+        A `Book` comes after the snapshot, after every delta and when a heartbeat moves its
+        `seq`; it is the same object each time, updated in place. On a `prev_seq` gap the
+        subscription takes a new snapshot; on a close, a dead node or `idle_timeout_s` of
+        silence it reconnects to the next node. It never hands out a book built across a gap,
+        nor one older than the last (`seq` never goes back). `ClusterUnavailable` when no node
+        served it for `max_outage_s` (None: keep trying); `ApiError` for an unknown market.
+        """
+        return self._stream("book:" + market, _BookTracker(market, self._core.stats), None,
+                            idle_timeout_s, max_outage_s)
+
+    def subscribe_trades(self, market: str, *, idle_timeout_s: float = 15.0,
+                         max_outage_s: float | None = 60.0) -> Any:
+        """The market's trades (dicts, in `seq` order, each once) -> an iterator; a `Gap` item
+        marks where trades may have been missed across a reconnection."""
+        return self._stream("trades:" + market, _EventTracker("trades:" + market,
+                                                              self._core.stats),
+                            None, idle_timeout_s, max_outage_s)
+
+    def subscribe_orders(self, *, idle_timeout_s: float = 15.0,
+                         max_outage_s: float | None = 60.0) -> Any:
+        """The caller's order events and fills (the private `orders` channel, authenticated
+        with the client's key) -> an iterator of dicts and `Gap`s, like `subscribe_trades`."""
+        if self._core.creds is None:
+            raise ValueError("the orders channel needs credentials")
+        return self._stream("orders", _EventTracker("orders", self._core.stats),
+                            self._core.creds, idle_timeout_s, max_outage_s)
+
 
 # ---------------------------------------------------------------------- the two drivers
 
@@ -535,6 +609,10 @@ class Client(_Api):
         self._core = _Core(urls, creds, timeout_s=timeout_s, deadline_s=deadline_s)
         self._http = httpx.Client(transport=transport, timeout=timeout_s,
                                   verify=tls_context(verify))
+        self._ssl = _ssl_context(verify)
+
+    def _subscription(self, stream: _Stream) -> Subscription:
+        return Subscription(stream, self._ssl)
 
     def _run(self, flow: _Flow[T]) -> T:
         answer: _Answer = None
@@ -575,6 +653,10 @@ class AsyncClient(_Api):
         self._core = _Core(urls, creds, timeout_s=timeout_s, deadline_s=deadline_s)
         self._http = httpx.AsyncClient(transport=transport, timeout=timeout_s,
                                        verify=tls_context(verify))
+        self._ssl = _ssl_context(verify)
+
+    def _subscription(self, stream: _Stream) -> AsyncSubscription:
+        return AsyncSubscription(stream, self._ssl)
 
     async def _run(self, flow: _Flow[T]) -> T:
         answer: _Answer = None
