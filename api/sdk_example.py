@@ -16,7 +16,7 @@ from pathlib import Path
 import trio
 
 from api.auth import read_credentials
-from api.client import AdminClient, ApiError, AsyncClient, Client, ClusterUnavailable
+from api.client import AdminClient, ApiError, AsyncClient, Client, ClusterUnavailable, Gap
 
 MARKET = {"op": "create_market", "market": "EX-USD", "base": "EX", "quote": "USD",
           "lot_size": 100, "tick_size": 5, "maker_fee_bps": 1, "taker_fee_bps": 2}
@@ -85,6 +85,34 @@ def main() -> None:
             print("async: cancelled them all; open now:", len(await aclient.open_orders("EX-USD")))
 
     trio.run(trade_async)
+
+    # A local order book kept over the WebSocket: a snapshot, then every change. It follows
+    # the cluster through reconnections and gaps by itself (docs/reference/sdk.md).
+    with Client(urls, key) as client, client.subscribe_book("EX-USD") as books:
+        book = next(books)
+        print(f"book at seq {book.seq} from {books.url}: bids {book.bids(3)} asks {book.asks(3)}")
+        placed = client.place("EX-USD", "buy", "limit", 3, price=950)
+        while book.seq < placed["seq"]:  # each change comes as the same Book, updated
+            book = next(books)
+        print(f"after our bid (seq {book.seq}): best bid {book.best_bid()}")
+        client.cancel("EX-USD", placed["order_id"])
+
+    # Trades and our own order events: in seq order, each once; a Gap says what may be missing.
+    async def watch_async() -> None:
+        async with AsyncClient(urls, key) as aclient, aclient.subscribe_orders() as mine:
+            start = await mine.wait_subscribed()  # every event after this seq will come
+            print(f"orders channel open at seq {start} on {mine.url}")
+            sell = await aclient.place("EX-USD", "sell", "limit", 1, price=3000)
+            async for item in mine:
+                if isinstance(item, Gap):
+                    print("may have missed events", item)
+                    continue
+                print(f"orders channel: {item['type']} order {item.get('order_id')} seq {item['seq']}")
+                if item["type"] == "accepted" and item["order_id"] == sell["order_id"]:
+                    break
+            await aclient.cancel("EX-USD", sell["order_id"])
+
+    trio.run(watch_async)
 
 
 if __name__ == "__main__":

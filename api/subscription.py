@@ -344,6 +344,7 @@ class _Stream:
     backoff_s: float = 0.02
     backoff_max_s: float = 1.0
     url: str | None = None  # the node currently serving the subscription
+    start_seq: int | None = None  # seq of the first snapshot/acknowledgement
     _start: int = field(default=0)
 
     def flow(self) -> _Flow:
@@ -421,6 +422,8 @@ class _Stream:
                                    code, m.get("message", ""))
                 if m.get("channel") == self.channel and m.get("type") in ("snapshot", "subscribed"):
                     served = True
+                    if self.start_seq is None:
+                        self.start_seq = m["seq"]
                 items, resubscribe = self.tracker.handle(m)
                 for item in items:
                     yield _Emit(item)
@@ -469,25 +472,42 @@ class Subscription:
         self._ssl = ssl_context
         self._sock: socket.socket | None = None
         self._answer: Any = None
+        self._ready: collections.deque[Any] = collections.deque()  # items wait_subscribed took
         self._done = False
 
     @property
     def url(self) -> str | None:
         return self._stream.url
 
+    def wait_subscribed(self) -> int:
+        """Connect and subscribe now (the first `next()` does it too) -> the `seq` the channel
+        starts at: every event after it will be yielded, or reported in a `Gap`."""
+        while self._stream.start_seq is None:
+            item = self._drive(lambda: self._stream.start_seq is not None)
+            if item is not None:
+                self._ready.append(item)
+        return self._stream.start_seq
+
     def __iter__(self) -> Subscription:
         return self
 
     def __next__(self) -> Any:
+        if self._ready:
+            return self._ready.popleft()
+        return self._drive(lambda: False)
+
+    def _drive(self, stop: Any) -> Any:
+        """Perform steps until the flow hands out an item (returned) or `stop()` (None)."""
         if self._done:
             raise StopIteration
         try:
-            while True:
+            while not stop():
                 step = self._flow.send(self._answer)
                 self._answer = None
                 if isinstance(step, _Emit):
                     return step.item
                 self._answer = self._perform(step)
+            return None
         except BaseException:
             self.close()
             raise
@@ -555,28 +575,45 @@ class AsyncSubscription:
         self._conn: ByteStream | None = None
         self._answer: Any = None
         self._redo: _Step | None = None  # a read or sleep that a cancellation interrupted
+        self._ready: collections.deque[Any] = collections.deque()  # items wait_subscribed took
         self._done = False
 
     @property
     def url(self) -> str | None:
         return self._stream.url
 
+    async def wait_subscribed(self) -> int:
+        """Connect and subscribe now (the first `__anext__` does it too) -> the `seq` the
+        channel starts at: every event after it will be yielded, or reported in a `Gap`."""
+        while self._stream.start_seq is None:
+            item = await self._drive(lambda: self._stream.start_seq is not None)
+            if item is not None:
+                self._ready.append(item)
+        return self._stream.start_seq
+
     def __aiter__(self) -> AsyncSubscription:
         return self
 
     async def __anext__(self) -> Any:
+        if self._ready:
+            return self._ready.popleft()
+        return await self._drive(lambda: False)
+
+    async def _drive(self, stop: Any) -> Any:
+        """Perform steps until the flow hands out an item (returned) or `stop()` (None)."""
         if self._done:
             raise StopAsyncIteration
         try:
             if self._redo is not None:
                 step, self._redo = self._redo, None
                 self._answer = await self._perform(step)
-            while True:
+            while not stop():
                 step = self._flow.send(self._answer)
                 self._answer = None
                 if isinstance(step, _Emit):
                     return step.item
                 self._answer = await self._perform(step)
+            return None
         except anyio.get_cancelled_exc_class():
             raise
         except BaseException:

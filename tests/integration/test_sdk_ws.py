@@ -157,7 +157,7 @@ def test_async_subscriptions_follow_the_flow_through_a_node_sigkill(make_cluster
     orders: list[Any] = []
     accepted: dict[int, int] = {}  # seq of alice's `accepted` events -> order id
     reads: list[tuple[int, list, list]] = []
-    serving: list[str | None] = []
+    starts: list[int] = []  # the seq each subscription started at: book, trades, orders
 
     async def main() -> None:
         async with AsyncClient(urls, keys["alice"]) as alice, \
@@ -205,13 +205,13 @@ def test_async_subscriptions_follow_the_flow_through_a_node_sigkill(make_cluster
                 raise AssertionError(f"timed out waiting for {what}")
 
             killed: dict[str, str] = {}
+            for sub in (book_sub, trades_sub, orders_sub):
+                starts.append(await sub.wait_subscribed())
+            assert book_sub.url == trades_sub.url == orders_sub.url == leader_url
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(collect, book_sub, history, True)
                 nursery.start_soon(collect, trades_sub, trades)
                 nursery.start_soon(collect, orders_sub, orders)
-                await wait(lambda: history and trades_sub.url and orders_sub.url, 20,
-                           "the first snapshot")
-                assert book_sub.url == trades_sub.url == orders_sub.url == leader_url
                 nursery.start_soon(flow)
                 await read_rest(15)
                 await wait(lambda: placed >= 20, 30, "the flow")
@@ -223,7 +223,6 @@ def test_async_subscriptions_follow_the_flow_through_a_node_sigkill(make_cluster
                 await wait(lambda: book_sub.url not in (None, leader_url)
                            and any(b.snapshot for b in history[before:]), 30,
                            "a new snapshot from another node")
-                serving.append(book_sub.url)
                 target = placed + 20
                 await read_rest(15)
                 await wait(lambda: placed >= target, 30, "the flow after the kill")
@@ -253,22 +252,23 @@ def test_async_subscriptions_follow_the_flow_through_a_node_sigkill(make_cluster
     # Trades: once each, in seq order; every trade after the start came, or lies in a Gap.
     with Client(cluster.api_urls(), None) as client:
         expected = {t["seq"]: t["trade_id"] for t in client.trades(M, limit=1000)}
-    check_events(trades, expected)
+    check_events(trades, expected, starts[1])
     # Own orders: alice's acceptances likewise (other event types are checked for order).
     check_events([e for e in orders if isinstance(e, Gap) or e["type"] == "accepted"],
-                 accepted, key="order_id")
+                 accepted, starts[2], key="order_id")
     assert all(isinstance(e, Gap) or e["type"] != "accepted" or e["account"] == "alice"
                for e in orders)
 
 
-def check_events(items: list[Any], expected: dict[int, int], key: str = "trade_id") -> None:
+def check_events(items: list[Any], expected: dict[int, int], start: int,
+                 key: str = "trade_id") -> None:
+    """Once each, in seq order, and every expected event after `start` came or is in a Gap."""
     events = [e for e in items if not isinstance(e, Gap)]
     gaps = [g for g in items if isinstance(g, Gap)]
     seqs = [e["seq"] for e in events]
     assert seqs == sorted(set(seqs)), "out of order or duplicated"
     assert events, "nothing came"
     got = {e["seq"]: e[key] for e in events}
-    start = events[0]["prev_seq"]
     for seq, ident in expected.items():
         if seq <= start:
             continue
