@@ -13,7 +13,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import openapi, trading, ws
 from .auth import Credentials, Verifier, new_key_id
-from .common import Http, error
+from .common import Http, error, json_response
 from .metrics import CONTENT_TYPE, Metrics
 from .port import (
     NodePort,
@@ -49,6 +49,7 @@ def create_app(node: NodePort, verifier: Verifier, *, limiter: RateLimiter | Non
                ready_max_lag_entries: int = READY_MAX_LAG_ENTRIES) -> QuartTrio:
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # events keep their field order
     metrics = Metrics(node)
     limiter = RateLimiter() if limiter is None else limiter
 
@@ -129,7 +130,8 @@ def create_app(node: NodePort, verifier: Verifier, *, limiter: RateLimiter | Non
                                   "leader_url": exc.leader_url}}] * len(commands)
         except OutcomeUnknownError as exc:
             results = [{"error": {"code": "outcome_unknown", "message": str(exc)}}] * len(commands)
-        return {"results": results, "elapsed_ms": round((time.perf_counter() - started) * 1000, 3)}
+        return json_response({"results": results,
+                              "elapsed_ms": round((time.perf_counter() - started) * 1000, 3)})
 
     @app.get("/v1/admin/balances")
     @http.authed("admin")

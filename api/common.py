@@ -6,6 +6,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 from quart import Response, request
 
 from .auth import AuthError, Credentials, UnknownKeyError, Verifier
@@ -13,19 +14,31 @@ from .port import NodePort
 from .rate_limit import RateLimiter
 
 
+def dumps(value: Any) -> bytes:
+    """Compact JSON. orjson, which refuses integers beyond 64 bits: those (an echo of a
+    client's own huge number, say) go through the standard library instead."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # orjson.JSONEncodeError
+        return json.dumps(value, separators=(",", ":")).encode()
+
+
+def json_response(value: Any, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(dumps(value), status=status, content_type="application/json",
+                    headers=headers or {})
+
+
 def error(status: int, code: str, message: str, headers: dict | None = None) -> Response:
-    body = json.dumps({"error": {"code": code, "message": message}})
-    return Response(body, status=status, content_type="application/json", headers=headers or {})
+    return json_response({"error": {"code": code, "message": message}}, status, headers)
 
 
 def rate_limited(retry_after_s: int) -> Response:
     """429: this key's token bucket is empty; nothing was applied."""
-    body = json.dumps({"error": {"code": "rate_limited",
-                                 "message": "too many requests for this key; retry after "
-                                            f"{retry_after_s} s (nothing was applied)",
-                                 "retry_after_s": retry_after_s}})
-    return Response(body, status=429, content_type="application/json",
-                    headers={"Retry-After": str(retry_after_s)})
+    return json_response({"error": {"code": "rate_limited",
+                                     "message": "too many requests for this key; retry after "
+                                                f"{retry_after_s} s (nothing was applied)",
+                                     "retry_after_s": retry_after_s}},
+                         429, {"Retry-After": str(retry_after_s)})
 
 
 class Http:

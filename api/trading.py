@@ -10,7 +10,6 @@ state and says which `seq` it reflects in `X-QB-Seq`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +17,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from .auth import Credentials
-from .common import Http, error
+from .common import Http, error, json_response
 from .port import NodePort, NotLeaderError, OutcomeUnknownError
 
 MAX_BATCH_ORDERS = 100
@@ -117,8 +116,7 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
             return error(503, "outcome_unknown",
                          f"{exc}; resend with the same client_order_id to settle it",
                          {"Retry-After": "1"})
-        return Response(json.dumps(body), status=ok_status if status == 200 else status,
-                        content_type="application/json")
+        return json_response(body, ok_status if status == 200 else status)
 
     async def read(query: Callable[[Any], Any]) -> Response:
         """Linearizable by default (leader + read barrier); ?consistency=stale: any node."""
@@ -137,8 +135,7 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
         seq, value = node.read(lambda ex: (ex.seq, query(ex)))
         if isinstance(value, Response):
             return value
-        return Response(json.dumps(value), status=200, content_type="application/json",
-                        headers={"X-QB-Seq": str(seq), "X-QB-Consistency": consistency})
+        return json_response(value, 200, {"X-QB-Seq": str(seq), "X-QB-Consistency": consistency})
 
     # -------------------------------------------------------------- orders
 
@@ -180,8 +177,7 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
         for events in outcomes:
             status, body = outcome(events, creds.account)
             results.append({"http_status": 201 if status == 200 else status, **body})
-        return Response(json.dumps({"results": results}), status=200,
-                        content_type="application/json")
+        return json_response({"results": results})
 
     @app.post("/v1/orders/cancel")
     @authed()

@@ -31,6 +31,7 @@ from quart import websocket
 from quart_trio import QuartTrio
 
 from .auth import KEY_HEADER, SIG_HEADER, TS_HEADER, AuthError, Credentials, Verifier
+from .common import dumps
 from .port import NodePort, NotLeaderError, OutcomeUnknownError, OverloadedError, Subscription
 from .rate_limit import RateLimiter
 from .trading import REASON_STATUS, RESERVED_FIELDS, summarize
@@ -126,7 +127,7 @@ class _Outbox:
 
 
 def _encode(message: dict) -> str:
-    return json.dumps(message, separators=(",", ":"))
+    return dumps(message).decode()
 
 
 def _valid_request_id(value: object) -> bool:

@@ -8,8 +8,9 @@ cluster's API master secret and the key id, see `api/auth.py`).
 The leader stamps one wall-clock `ts` per batch; the apply side gives every command
 `max(ts, exchange.last_ts)`, which is the same on every replica, so a new leader whose clock
 is behind can never make commands fail for going back in time.
-The result of a batch is `[VERSION, results]`, one entry per input entry: the command's
-events, or `None` for a barrier. Only the proposing node reads it.
+The result of a batch is a list with one entry per input entry: the command's events, or
+`None` for a barrier. Only the proposing node reads it, in its own process: it is handed over
+as Python objects, never encoded.
 """
 
 from __future__ import annotations
@@ -45,12 +46,3 @@ def decode_batch(payload: bytes) -> tuple[int, list[list[Any]]]:
     return ts, entries
 
 
-def encode_results(results: list[Any]) -> bytes:
-    return msgpack.packb([VERSION, results], use_bin_type=True)
-
-
-def decode_results(payload: bytes) -> list[Any]:
-    version, results = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-    if version != VERSION:
-        raise BatchError(f"unsupported result version {version!r}")
-    return results

@@ -21,7 +21,6 @@ from .batch import (
     KIND_MEMBER,
     BatchError,
     decode_batch,
-    encode_results,
 )
 
 log = logging.getLogger(__name__)
@@ -52,13 +51,15 @@ class ExchangeMachine:
     def add_listener(self, listener: AppliedListener) -> None:
         self._listeners.append(listener)
 
-    def apply(self, payload: bytes) -> bytes:
+    def apply(self, payload: bytes) -> list:
+        """One entry per batch entry: the command's events, or None. Only the proposer reads
+        it, in this process: the events are shared with the listeners, so nobody mutates them."""
         try:
             ts, entries = decode_batch(payload)
         except BatchError as exc:
             # Every replica sees the same bytes, so every replica skips it alike.
             log.error("skipping an undecodable batch: %s", exc)
-            return encode_results([])
+            return []
         results: list = []
         applied: list[list[dict]] = []
         with self._lock:
@@ -92,7 +93,7 @@ class ExchangeMachine:
             self.batches_applied += 1
         for listener in self._listeners:
             listener(applied, ex)
-        return encode_results(results)
+        return results
 
     def snapshot(self) -> bytes:
         with self._lock:

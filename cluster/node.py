@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -323,7 +324,18 @@ async def _serve(config: NodeConfig) -> None:
         raft.destroy()
 
 
+# Cyclic GC for a node: the exchange's state (orders, levels, balances, events) holds no
+# reference cycles, so refcounting frees it; the collector only has to find the cycles of
+# libraries (tracebacks, trio tasks). With the default gen0 threshold (700) a node collects
+# dozens of times per batch of commands, each time walking the young objects a batch makes
+# (a batch of 250 commands: apply 16.6 ms with the defaults, 7.9 ms with these, 6.8 ms with
+# gc off, measured in process). Fewer, larger young collections instead.
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
 def run(config: NodeConfig) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    gc.set_threshold(*GC_THRESHOLDS)
+    gc.freeze()  # what start-up made (modules, config) is never garbage: stop walking it
     trio.run(_serve, config)

@@ -293,8 +293,6 @@ class HardenedSyncObj(SyncObj):
             self._tick_lock.release()
         try:
             result = self._machine.apply(payload)
-            if not isinstance(result, bytes):
-                raise TypeError(f"apply() returned {type(result).__name__}, not bytes")
         except BaseException:
             logger.critical(
                 "state machine apply() failed on committed log index %d; stopping "

@@ -28,7 +28,6 @@ from .batch import (
     KIND_COMMAND,
     KIND_KEY,
     KIND_MEMBER,
-    decode_results,
     encode_batch,
 )
 
@@ -197,14 +196,14 @@ class Replica:
         assert token is not None
         proposed = time.perf_counter()
 
-        def on_result(result: bytes | None, failure: SubmitFailure | None) -> None:
+        def on_result(result: object, failure: SubmitFailure | None) -> None:
             # pysyncobj's thread (or ours, for an immediate failure): hand over, never block.
             with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(self._resolve, batch, result, failure, proposed)
 
         self.raft.submit(payload, on_result)
 
-    def _resolve(self, batch: list[_Slot], result: bytes | None, failure: Any,
+    def _resolve(self, batch: list[_Slot], result: list | None, failure: Any,
                  proposed: float | None = None) -> None:
         if failure is None and proposed is not None:
             self.commit_latency_s.observe(time.perf_counter() - proposed)
@@ -217,9 +216,8 @@ class Replica:
                 slot.error = error
                 slot.done.set()
             return
-        assert result is not None
-        results = decode_results(result)
-        if len(results) != sum(len(slot.entries) for slot in batch):
+        results = result
+        if type(results) is not list or len(results) != sum(len(slot.entries) for slot in batch):
             # Cannot happen for a batch we encoded; never guess which caller got what.
             error = OutcomeUnknown("result count does not match the batch")
             for slot in batch:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from cluster.batch import decode_batch, encode_results
+from cluster.batch import decode_batch
 from cluster.machine import ExchangeMachine
 from cluster.raft import RaftReplica, RaftSettings
 from cluster.replica import NotLeader, OutcomeUnknown, Replica
@@ -125,7 +125,7 @@ class FakeRaft:
 
         def later() -> None:
             if self.outcome == "ok":
-                callback(encode_results([[{"type": "ok"}] for _ in entries]), None)
+                callback([[{"type": "ok"}] for _ in entries], None)
             elif self.outcome == "leader_changed":
                 callback(None, Failure(False, "leader_changed"))
             elif self.outcome == "not_leader":
