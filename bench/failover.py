@@ -243,6 +243,7 @@ def verify(cluster: LocalCluster, load: DepositLoad) -> dict:
 
 def run(root: Path, *, kills: int, interval_s: float, per_request: int) -> dict:
     cluster = LocalCluster.create(root / "cluster", 3)
+    cluster.exit_with_launcher = True
     results: list[Kill] = []
     with cluster:
         cluster.start()

@@ -369,6 +369,7 @@ def run_cluster(
     root: Path, *, seconds: float, warmup_s: float, clients: int, per_request: int, seed: int
 ) -> dict:
     cluster = LocalCluster.create(root / "cluster", 3)
+    cluster.exit_with_launcher = True
     with cluster:
         cluster.start()
         leader = cluster.wait_for_leader(30)

@@ -14,6 +14,9 @@ from pathlib import Path
 
 PASSWORD_ENV = "QUORUMBOOK_RAFT_PASSWORD"
 
+# Set by a launcher that wants its nodes to stop when it is gone (see LocalCluster).
+EXIT_WITH_PARENT_ENV = "QB_EXIT_WITH_PARENT"
+
 
 class ConfigError(ValueError):
     """A node configuration that cannot be used; the message says what to fix."""

@@ -107,6 +107,7 @@ def run_cluster(seed: int, orders: int, data_dir: Path | None) -> None:
     with contextlib.ExitStack() as stack:
         root = data_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qb-demo-")))
         cluster = stack.enter_context(LocalCluster.create(root / "cluster", 3))
+        cluster.exit_with_launcher = True
         cluster.start()
         leader = cluster.wait_for_leader(30)
         click.echo(f"quorumbook demo (seed {seed}): 3-node cluster up, leader {leader}")

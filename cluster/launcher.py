@@ -25,7 +25,7 @@ import httpx
 from api.auth import new_credentials, read_credentials, write_credentials
 from api.client import ClusterUnavailable, tls_context
 
-from .config import NodeConfig, Peer, dump, load
+from .config import EXIT_WITH_PARENT_ENV, NodeConfig, Peer, dump, load
 
 
 def free_port() -> int:
@@ -62,6 +62,10 @@ class LocalCluster:
     def __init__(self, root: Path, nodes: dict[str, NodeProcess]) -> None:
         self.root = root
         self.nodes = nodes
+        # Tests, benchmarks and the demo set this: their nodes stop when this process is
+        # gone, even killed without its cleanup running. `cluster up` leaves it off: its
+        # nodes may be adopted by the next launcher (cluster.json).
+        self.exit_with_launcher = False
 
     # ------------------------------------------------------------------ creation
 
@@ -251,9 +255,12 @@ class LocalCluster:
             if node.alive():
                 continue
             log = open(node.config_path.parent / "node.log", "ab")  # noqa: SIM115 - owned by Popen
+            env = dict(os.environ)
+            if self.exit_with_launcher:
+                env[EXIT_WITH_PARENT_ENV] = str(os.getpid())
             node.process = subprocess.Popen(
                 [sys.executable, "-m", "cluster", "node", "run", "--config", str(node.config_path)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True,  # our Ctrl-C reaches the launcher, which stops them in order
             )
             log.close()

@@ -11,9 +11,11 @@ import collections
 import contextlib
 import gc
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import trio
@@ -26,7 +28,7 @@ from api.port import NotLeaderError, OutcomeUnknownError, OverloadedError, Unenc
 from api.rate_limit import RateLimiter, RateLimits
 from statemachine import exchange as _exchange_module
 
-from .config import NodeConfig, Peer
+from .config import EXIT_WITH_PARENT_ENV, NodeConfig, Peer
 from .machine import ExchangeMachine
 from .raft import RaftReplica, RaftSettings
 from .replica import NotLeader, OutcomeUnknown, Overloaded, Replica, Unencodable
@@ -333,9 +335,25 @@ async def _serve(config: NodeConfig) -> None:
 GC_THRESHOLDS = (50_000, 20, 100)
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+    """Stop (SIGTERM to ourselves: the orderly path) once `parent_pid` is no longer our
+    parent: the test or benchmark that started this node is gone, cleanup or not."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        log.warning("launcher %d is gone; stopping", parent_pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def run(config: NodeConfig) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parent = os.environ.get(EXIT_WITH_PARENT_ENV)
+    if parent and parent.isdigit():
+        _exit_with_parent(int(parent))
     gc.set_threshold(*GC_THRESHOLDS)
     gc.freeze()  # what start-up made (modules, config) is never garbage: stop walking it
     trio.run(_serve, config)

@@ -18,6 +18,7 @@ def make_cluster(tmp_path: Path) -> Iterator:
     def make(n: int = 3, **settings: object) -> LocalCluster:
         cluster = LocalCluster.create(tmp_path / f"cluster{len(made)}", n, **settings)
         made.append(cluster)
+        cluster.exit_with_launcher = True  # a test run killed mid-way leaves no node behind
         cluster.start()
         cluster.wait_for_leader(30)
         return cluster

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -151,3 +156,49 @@ def test_add_a_fourth_node_then_remove_one_keeps_serving(make_cluster) -> None:
     statuses = cluster.wait_converged(30)
     assert {s["cmd_index"] for s in statuses.values()} == {60}
     assert_acked_present(cluster, {i: i + 1 for i in range(60)}, set())
+
+
+LAUNCHER = """
+import sys, time
+from pathlib import Path
+from cluster.launcher import LocalCluster
+cluster = LocalCluster.create(Path(sys.argv[1]), 3)
+cluster.exit_with_launcher = True
+cluster.start()
+print(" ".join(str(n.pid) for n in cluster.nodes.values()), flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (not yet reaped by init) counts as gone.
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    return False
+
+
+def test_nodes_stop_when_their_launcher_is_killed(tmp_path: Path) -> None:
+    """A test or benchmark SIGKILLed mid-way (no cleanup runs) leaves no node process."""
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(tmp_path / "c")],
+                                stdout=subprocess.PIPE, text=True)
+    pids: list[int] = []
+    try:
+        pids = [int(p) for p in launcher.stdout.readline().split()]
+        assert len(pids) == 3 and all(_alive(p) for p in pids)
+        launcher.kill()
+        launcher.wait(10)
+        deadline = time.monotonic() + 15
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in pids if _alive(p)]
+    finally:
+        launcher.kill()
+        launcher.wait(10)
+        launcher.stdout.close()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
