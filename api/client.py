@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import json
 import secrets
 import threading
 import time
@@ -39,6 +38,7 @@ import anyio
 import httpx
 
 from .auth import KEY_HEADER, SIG_HEADER, TS_HEADER, Credentials, sign
+from .jsoncodec import dumps, loads
 from .subscription import (
     AsyncSubscription,
     Book,
@@ -248,7 +248,7 @@ class _Core:
         verifies the signature over the *decoded* path and the raw query, so that is what is
         signed; for the paths this client builds the two differ only inside an encoded segment.
         """
-        raw = json.dumps(body, separators=(",", ":")).encode() if body is not None else b""
+        raw = dumps(body) if body is not None else b""
         signed_path = _signed_form(path)
         deadline = time.monotonic() + (self.deadline_s if deadline_s is None else deadline_s)
         url = self.leader or self.urls[0]
@@ -282,7 +282,7 @@ class _Core:
             else:
                 assert isinstance(answer, httpx.Response)
                 try:
-                    payload = answer.json()
+                    payload = loads(answer.content)
                 except ValueError:
                     payload = None
                 status = answer.status_code
@@ -709,7 +709,7 @@ class AdminClient:
     def status(self, url: str) -> dict:
         response = self._http.get(url + "/v1/cluster/status")
         response.raise_for_status()
-        return response.json()
+        return loads(response.content)
 
     def statuses(self) -> dict[str, dict | None]:
         out: dict[str, dict | None] = {}
@@ -721,7 +721,7 @@ class AdminClient:
         return out
 
     def _post(self, path: str, payload: Any, deadline_s: float) -> dict:
-        body = json.dumps(payload).encode()
+        body = dumps(payload)
         deadline = time.monotonic() + deadline_s
         candidates = ([self._leader] if self._leader else []) + self.urls
         attempt = 0
@@ -744,7 +744,7 @@ class AdminClient:
                     continue
                 if response.status_code < 300:
                     self._leader = url
-                    return response.json()
+                    return loads(response.content)
                 if response.status_code not in (503, 307):
                     raise httpx.HTTPStatusError(
                         f"{response.status_code}: {response.text}", request=response.request,
@@ -763,7 +763,7 @@ class AdminClient:
         path = "/v1/admin/balances" + (f"?account={account}" if account else "")
         response = self._http.get(url + path, headers=_SIGNER.headers(self.creds, "GET", path, b""))
         response.raise_for_status()
-        return response.json()
+        return loads(response.content)
 
     def create_key(self, account: str, role: str = "trader", *, deadline_s: float = 15.0
                    ) -> Credentials:

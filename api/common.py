@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
 from quart import Response, request
 
 from .auth import AuthError, Credentials, UnknownKeyError, Verifier
+from .jsoncodec import dumps, loads
 from .port import NodePort
 from .rate_limit import RateLimiter
-
-
-def dumps(value: Any) -> bytes:
-    """Compact JSON. orjson, which refuses integers beyond 64 bits: those (an echo of a
-    client's own huge number, say) go through the standard library instead."""
-    try:
-        return orjson.dumps(value)
-    except TypeError:  # orjson.JSONEncodeError
-        return json.dumps(value, separators=(",", ":")).encode()
 
 
 def json_response(value: Any, status: int = 200, headers: dict | None = None) -> Response:
@@ -110,7 +100,7 @@ class Http:
         """The body as a JSON object ({} when empty), or the 400 to answer."""
         raw = await request.get_data()
         try:
-            payload = json.loads(raw) if raw else {}
+            payload = loads(raw) if raw else {}
         except ValueError:
             return error(400, "malformed_json", "body is not valid JSON")
         if not isinstance(payload, dict):

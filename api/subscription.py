@@ -42,6 +42,7 @@ from wsproto.events import (
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from .auth import KEY_HEADER, SIG_HEADER, TS_HEADER, Credentials
+from .jsoncodec import loads
 
 WS_PATH = "/v1/ws"
 READ_BYTES = 1 << 16
@@ -183,7 +184,7 @@ class _Wire:
                     if event.message_finished:
                         text, self._parts = "".join(self._parts), []
                         try:
-                            message = json.loads(text)
+                            message = loads(text)
                         except ValueError:
                             continue
                         if isinstance(message, dict):

@@ -20,7 +20,6 @@ responses, heartbeats, errors) goes through it in order, and it is bounded in by
 from __future__ import annotations
 
 import collections
-import json
 import os
 from dataclasses import dataclass, fields
 from typing import Any
@@ -31,7 +30,7 @@ from quart import websocket
 from quart_trio import QuartTrio
 
 from .auth import KEY_HEADER, SIG_HEADER, TS_HEADER, AuthError, Credentials, Verifier
-from .common import dumps
+from .jsoncodec import dumps, loads
 from .port import NodePort, NotLeaderError, OutcomeUnknownError, OverloadedError, Subscription
 from .rate_limit import RateLimiter
 from .trading import REASON_STATUS, RESERVED_FIELDS, summarize
@@ -243,7 +242,7 @@ class _Connection:
                            f"messages are at most {self.settings.max_message_bytes} bytes")
                 continue
             try:
-                msg = json.loads(raw)
+                msg = loads(raw)
             except (ValueError, RecursionError):
                 self.error("malformed_json", "message is not valid JSON")
                 continue

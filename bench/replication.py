@@ -53,6 +53,7 @@ from pathlib import Path
 import httpx
 
 from api.auth import Credentials, signed_headers
+from api.jsoncodec import dumps, loads
 from cluster.launcher import LocalCluster, free_port
 from statemachine import Exchange
 
@@ -99,7 +100,7 @@ class FastClient:
         self.close()
 
     def post_commands(self, commands: list[dict], deadline_s: float = 30.0) -> dict:
-        body = json.dumps({"commands": commands}).encode()
+        body = dumps({"commands": commands})
         deadline = time.monotonic() + deadline_s
         while True:
             # One round: the known leader, then every node; a redirect to a node not yet
@@ -131,7 +132,7 @@ class FastClient:
                     continue
                 if response.status_code < 300:
                     self.leader = url
-                    return response.json()
+                    return loads(response.content)
                 if response.status_code != 503:
                     raise httpx.HTTPStatusError(
                         f"{response.status_code}: {response.text[:300]}",
