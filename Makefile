@@ -50,11 +50,11 @@ bench: bench-statemachine bench-replication bench-failover
 bench-statemachine: $(STAMP) $(NATIVE_STAMP)
 	$(NATIVE_ENV) $(BIN)/python -P -m bench.statemachine
 
-bench-replication: $(STAMP)
-	$(BIN)/python -m bench.replication
+bench-replication: $(STAMP) $(NATIVE_STAMP)
+	$(NATIVE_ENV) $(BIN)/python -P -m bench.replication
 
-bench-failover: $(STAMP)
-	$(BIN)/python -m bench.failover
+bench-failover: $(STAMP) $(NATIVE_STAMP)
+	$(NATIVE_ENV) $(BIN)/python -P -m bench.failover
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

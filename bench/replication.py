@@ -308,6 +308,13 @@ def _first_kind(events: list[dict]) -> str:
 # ---------------------------------------------------------------- 3. Exchange in-process
 
 
+def _engine_build() -> str:
+    """The build of the state machine this process imported (docs/adr/0003)."""
+    from statemachine import exchange
+
+    return "compiled" if (exchange.__file__ or "").endswith(".so") else "pure"
+
+
 def run_exchange(
     clients: int, per_request: int, seed: int, commands: int, warmup_rounds: int = 10
 ) -> dict:
@@ -349,6 +356,7 @@ def run_exchange(
         "commands": done,
         "seconds": elapsed,
         "ops_per_s": done / elapsed,
+        "engine": _engine_build(),
         "rejected_share": rejected / done,
         "events": tally,
         "resting_orders_end": len(ex.open_orders()),
@@ -498,6 +506,7 @@ def run_cluster(
             "commands_per_batch": (cmds_in_batches / batches) if batches else None,
             "state_hashes_equal": len(hashes) == 1,
             "cmd_index_end": next(iter(statuses.values()))["cmd_index"],
+            "engines": sorted({s.get("engine", "?") for s in statuses.values()}),
         }
 
 
@@ -643,7 +652,8 @@ def print_report(res: dict) -> None:
         f"quorumbook 3-node cluster (journal + fsync, batch window 1 ms / max 1000): "
         f"{ours['clients']} HTTP clients x {ours['per_request']} commands per request, one "
         f"request in flight per client, {ours['warmup_s']:.0f} s warm-up, "
-        f"{ours['seconds']:.0f} s measured"
+        f"{ours['seconds']:.0f} s measured; state machine on the nodes: "
+        f"{'/'.join(ours['engines'])}"
     )
     print(
         f"  committed commands/s     {ours['ops_per_s']:>10,.0f}  "
@@ -708,8 +718,8 @@ def print_report(res: dict) -> None:
         )
     print()
     print(
-        f"statemachine.Exchange in this process, one core, the same mix ({ex['commands']:,} "
-        f"commands, apply calls timed alone):"
+        f"statemachine.Exchange ({ex['engine']}) in this process, one core, the same mix "
+        f"({ex['commands']:,} commands, apply calls timed alone):"
     )
     print(
         f"  ops/s                    {ex['ops_per_s']:>10,.0f}  (rejected "

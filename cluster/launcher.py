@@ -259,7 +259,10 @@ class LocalCluster:
             if self.exit_with_launcher:
                 env[EXIT_WITH_PARENT_ENV] = str(os.getpid())
             node.process = subprocess.Popen(
-                [sys.executable, "-m", "cluster", "node", "run", "--config", str(node.config_path)],
+                # -P: the working directory does not shadow PYTHONPATH (a mypyc build of the
+                # state machine there is what the node runs; docs/adr/0003).
+                [sys.executable, "-P", "-m", "cluster", "node", "run", "--config",
+                 str(node.config_path)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True,  # our Ctrl-C reaches the launcher, which stops them in order
             )
