@@ -9,7 +9,6 @@ would read an integer beyond 64 bits as a float, so text holding a run of 19 or 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import orjson
@@ -22,13 +21,15 @@ def dumps(value: Any) -> bytes:
         return json.dumps(value, separators=(",", ":")).encode()
 
 
-_LONG_DIGITS = re.compile(r"[0-9]{19}")
-_LONG_DIGITS_B = re.compile(rb"[0-9]{19}")
+# Every digit becomes "0": a run of 19 is then one C-speed substring search (a regex costs
+# more than orjson's whole parse).
+_DIGITS_TO_ZERO = bytes.maketrans(b"0123456789", b"0000000000")
+_LONG_RUN = b"0" * 19
 
 
 def loads(raw: bytes | str) -> Any:
-    long_digits = _LONG_DIGITS_B if isinstance(raw, bytes | bytearray) else _LONG_DIGITS
-    if long_digits.search(raw) is None:
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+    if _LONG_RUN not in data.translate(_DIGITS_TO_ZERO):
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
