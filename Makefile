@@ -14,7 +14,7 @@ NATIVE_MODULES := statemachine/order_book.py statemachine/exchange.py statemachi
 NATIVE_ENV := QB_NATIVE=1 PYTHONPATH=$(CURDIR)/$(NATIVE):$(CURDIR)
 NATIVE_PYTEST := $(NATIVE_ENV) $(BIN)/python -P -m pytest -q -p no:cacheprovider --import-mode=append
 
-.PHONY: demo test native lint bench bench-statemachine bench-replication bench-failover clean
+.PHONY: demo test native lint bench bench-statemachine bench-replication bench-failover bench-api clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,7 +45,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: bench-statemachine bench-replication bench-failover
+bench: bench-statemachine bench-replication bench-failover bench-api
 
 bench-statemachine: $(STAMP) $(NATIVE_STAMP)
 	$(NATIVE_ENV) $(BIN)/python -P -m bench.statemachine
@@ -55,6 +55,9 @@ bench-replication: $(STAMP) $(NATIVE_STAMP)
 
 bench-failover: $(STAMP) $(NATIVE_STAMP)
 	$(NATIVE_ENV) $(BIN)/python -P -m bench.failover
+
+bench-api: $(STAMP) $(NATIVE_STAMP)
+	$(NATIVE_ENV) $(BIN)/python -P -m bench.api
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
