@@ -60,6 +60,10 @@ class NodePort(Protocol):
         bound, cumulative count], ...], "sum", "count"}."""
 
     async def submit(self, command: dict) -> list[dict]: ...
+    def precheck(self, command: dict) -> dict | None:
+        """The `rejected` event (without seq, ts, cmd_index) a trader command would get in any
+        state, so it need not be logged; None: submit it. Exact: statemachine/precheck.py."""
+
     async def submit_many(self, commands: list[dict]) -> list[list[dict]]:
         """Commands in order, committed together (all or none); each command's events."""
 

@@ -36,6 +36,7 @@ REASON_STATUS = {
     "no_open_orders": 422,
     "no_change": 422,
 }
+TRADER_OPS = ("place", "cancel", "amend", "cancel_all")
 # Body fields a client may not set: the node sets them.
 RESERVED_FIELDS = ("op", "ts", "account")
 
@@ -93,17 +94,23 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
     def outcome(events: list[dict], account: str | None = None) -> tuple[int, dict]:
         first = events[0]
         if first["type"] == "rejected":
-            body = {"error": {"code": first["reason"], "message": first["message"]},
-                    "seq": first["seq"]}
+            body = {"error": {"code": first["reason"], "message": first["message"]}}
+            if "seq" in first:  # absent when the node refused it before the log
+                body["seq"] = first["seq"]
             if "order_id" in first:
                 body["error"]["order_id"] = first["order_id"]
             return REASON_STATUS.get(first["reason"], 400), body
         return 200, summarize(events, account)
 
     async def execute(command: dict) -> tuple[int, dict]:
-        """Submit one command; (status, body). Raises NotLeader/OutcomeUnknown errors."""
-        return outcome(await node.submit(command), command.get("account") if command.get("op") in
-                       ("place", "cancel", "amend", "cancel_all") else None)
+        """Submit one command; (status, body). Raises NotLeader/OutcomeUnknown errors.
+
+        A trader command the log would refuse in any state is answered without it."""
+        account = command.get("account") if command.get("op") in TRADER_OPS else None
+        early = node.precheck(command)
+        if early is not None:
+            return outcome([early], account)
+        return outcome(await node.submit(command), account)
 
     async def write(command: dict, ok_status: int = 200) -> Response:
         if not node.is_leader():
@@ -164,9 +171,18 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
         if not node.is_leader():
             return not_leader_response()
         commands = [{"op": "place", **order, "account": creds.account} for order in orders]
+        # Orders the log would refuse in any state are answered here; the rest go in one
+        # slot, committed together, in the order given.
+        outcomes: list[list[dict] | None] = [None] * len(commands)
+        for i, command in enumerate(commands):
+            early = node.precheck(command)
+            if early is not None:
+                outcomes[i] = [early]
+        pending = [i for i, events in enumerate(outcomes) if events is None]
         try:
-            # One slot: the orders are committed together, in the order given.
-            outcomes = await node.submit_many(commands)
+            submitted = await node.submit_many([commands[i] for i in pending]) if pending else []
+            for i, events in zip(pending, submitted, strict=True):
+                outcomes[i] = events
         except NotLeaderError:
             return not_leader_response()
         except OutcomeUnknownError as exc:

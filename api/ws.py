@@ -456,8 +456,9 @@ class _Connection:
             return 400, _err("wrong_type", "a field holds a value out of range")
         if not self.node.is_leader():
             return self._not_leader(self.node.leader_url())
+        early = self.node.precheck(command)  # refused in any state: never logged
         try:
-            events = await self.node.submit(command)
+            events = [early] if early is not None else await self.node.submit(command)
         except NotLeaderError as exc:
             return self._not_leader(exc.leader_url or self.node.leader_url())
         except OutcomeUnknownError as exc:
@@ -470,7 +471,8 @@ class _Connection:
             body = _err(first["reason"], first["message"])
             if "order_id" in first:
                 body["error"]["order_id"] = first["order_id"]
-            body["seq"] = first["seq"]
+            if "seq" in first:  # absent when refused before the log
+                body["seq"] = first["seq"]
             return REASON_STATUS.get(first["reason"], 400), body
         summary = summarize(events, creds.account)  # only what this account may see
         return ORDER_OPS[op], summary

@@ -27,6 +27,7 @@ from api.auth import Credentials, Verifier, derive_secret, read_credentials
 from api.port import NotLeaderError, OutcomeUnknownError, OverloadedError, UnencodableError
 from api.rate_limit import RateLimiter, RateLimits
 from statemachine import exchange as _exchange_module
+from statemachine.precheck import ShapeCheck
 
 from .config import EXIT_WITH_PARENT_ENV, NodeConfig, Peer
 from .machine import ExchangeMachine
@@ -84,6 +85,7 @@ class Node:
         machine.add_listener(self._on_applied)
         self._token: trio.lowlevel.TrioToken | None = None
         self._subscribers: set[_Subscription] = set()
+        self._shape_check = ShapeCheck()  # used from the trio thread only
 
     def _on_applied(self, applied: list[list[dict]], exchange: object) -> None:
         """pysyncobj's thread: keep the recent trades of every market (derived, not replicated)."""
@@ -179,6 +181,15 @@ class Node:
             return None
         peer = self._members().get(leader)
         return peer.api_url if peer else None
+
+    def precheck(self, command: dict) -> dict | None:
+        exchange = self.machine.exchange  # markets only grow: a count is enough to see a change
+        event = self._shape_check.rejection(
+            command, exchange.market_count, lambda: self.machine.read(lambda ex: ex.markets())
+        )
+        if event is None:
+            return None
+        return {k: v for k, v in event.items() if k not in ("seq", "ts", "cmd_index")}
 
     async def submit(self, command: dict) -> list[dict]:
         with self._outcomes():

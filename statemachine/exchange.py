@@ -200,6 +200,11 @@ class Exchange:
     def last_ts(self) -> int:
         return self._last_ts
 
+    @property
+    def market_count(self) -> int:
+        """Markets are only ever added: a cheap "did they change?" for readers."""
+        return len(self._markets)
+
     def markets(self) -> list[dict]:
         return [self._markets[name].as_dict() for name in sorted(self._markets)]
 

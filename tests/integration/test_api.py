@@ -126,3 +126,40 @@ def test_bad_requests_get_4xx_with_a_code_and_never_a_500(make_cluster) -> None:
         assert response.status_code == status, (code, response.text)
         if code is not None:
             assert response.json()["error"]["code"] == code
+
+
+def test_malformed_orders_are_answered_without_entering_the_log(make_cluster) -> None:
+    """A trader command the log would refuse in any state is refused by the leader itself:
+    same code and status, no `seq`, and the log (cmd_index) does not move."""
+    cluster = make_cluster(3)
+    url = cluster.nodes[cluster.wait_for_leader()].config.api_url
+    with admin(cluster) as client:
+        client.submit([MARKET, {"op": "deposit", "account": "dave", "asset": "USD",
+                                "amount": 10**9, "ref": "dave-usd"}])
+        key = client.create_key("dave")
+        client.barrier()
+    order = {"market": "BTC-USD", "side": "buy", "type": "limit", "price": 1000, "qty": 1}
+
+    def cmd_index() -> int:
+        return httpx.get(url + "/v1/cluster/status", timeout=10).json()["cmd_index"]
+
+    before = cmd_index()
+    cases = [
+        ("/v1/orders", {**order, "price": 1001}, 400, "bad_tick"),
+        ("/v1/orders", {**order, "qty": "1"}, 400, "wrong_type"),
+        ("/v1/orders", {**order, "qty": 0}, 400, "bad_qty"),
+        ("/v1/orders", {**order, "colour": "red"}, 400, "unknown_field"),
+        ("/v1/orders", {k: v for k, v in order.items() if k != "side"}, 400, "missing_field"),
+        ("/v1/orders/cancel", {"market": "BTC-USD", "order_id": 0}, 400, "bad_order_id"),
+        ("/v1/orders/amend", {"market": "BTC-USD", "order_id": 1, "client_order_id": "x",
+                              "qty": 1}, 400, "ambiguous_order_ref"),
+    ]
+    for path, body, status, code in cases:
+        response = call(url, key, "POST", path, body)
+        assert response.status_code == status, (code, response.text)
+        assert response.json()["error"]["code"] == code and "seq" not in response.json()
+    batch = call(url, key, "POST", "/v1/orders/batch", {"orders": [{**order, "qty": -1}, order]})
+    results = batch.json()["results"]
+    assert [r["http_status"] for r in results] == [400, 201], results
+    assert "seq" not in results[0] and results[1]["status"] == "resting"
+    assert cmd_index() == before + 1  # only the good order of the batch was logged
