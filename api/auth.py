@@ -9,6 +9,7 @@ rejected, so a captured request cannot be replayed.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import json
 import os
@@ -116,7 +117,10 @@ class Verifier:
         self._keys = {k.key_id: k for k in keys}
         self._lookup = lookup
         self.window_ms = window_ms
+        # Signatures seen within the window, and a heap of (timestamp, signature) to forget
+        # them in timestamp order: O(log n) per request at any rate.
         self._seen: dict[str, int] = {}
+        self._expiry: list[tuple[int, str]] = []
 
     def verify(self, headers: Mapping[str, str], method: str, path: str, body: bytes,
                now_ms: int | None = None) -> Credentials:
@@ -143,9 +147,11 @@ class Verifier:
         if signature in self._seen:
             raise AuthError("replayed", "this request was already received")
         self._seen[signature] = ts
+        heapq.heappush(self._expiry, (ts, signature))
         return creds
 
     def _forget_before(self, cutoff_ms: int) -> None:
-        if len(self._seen) < 1024:
-            return
-        self._seen = {sig: ts for sig, ts in self._seen.items() if ts >= cutoff_ms}
+        """A request stamped before the cutoff is refused as expired: its signature can go."""
+        expiry, seen = self._expiry, self._seen
+        while expiry and expiry[0][0] < cutoff_ms:
+            del seen[heapq.heappop(expiry)[1]]
