@@ -450,13 +450,14 @@ class _Connection:
             if name in order:
                 return 400, _err("field_not_allowed", f"field {name!r} is set by the server")
         command = {"op": op, **order, "account": creds.account}
-        try:  # what the log cannot carry (e.g. an integer beyond 64 bits) never reaches it
-            msgpack.packb(command, use_bin_type=True)
-        except (OverflowError, ValueError, TypeError):
-            return 400, _err("wrong_type", "a field holds a value out of range")
         if not self.node.is_leader():
             return self._not_leader(self.node.leader_url())
         early = self.node.precheck(command)  # refused in any state: never logged
+        if early is None:
+            try:  # what the log cannot carry (e.g. an integer beyond 64 bits) never reaches it
+                msgpack.packb(command, use_bin_type=True)
+            except (OverflowError, ValueError, TypeError):
+                return 400, _err("wrong_type", "a field holds a value out of range")
         try:
             events = [early] if early is not None else await self.node.submit(command)
         except NotLeaderError as exc:

@@ -105,10 +105,14 @@ def test_bad_requests_get_4xx_with_a_code_and_never_a_500(make_cluster) -> None:
         (httpx.get(url + "/v1/nope"), 404, "not_found"),
         (httpx.get(url + "/v1/markets/BTC-USD/book?depth=0"), 400, "bad_depth"),
     ]
-    # An integer beyond 64 bits cannot enter the log: a definite 400, and the leader lives on.
+    # Out of range whatever the state: refused before the log, as the log would.
     cases.append((call(url, key, "POST", "/v1/orders", {"market": "BTC-USD", "side": "buy",
                                                         "type": "limit", "price": 1000,
-                                                        "qty": 10**30}), 400, "wrong_type"))
+                                                        "qty": 10**30}), 400, "bad_qty"))
+    # An integer beyond 64 bits that only the state could judge (amend looks the order up
+    # first) cannot enter the log: a definite 400, and the leader lives on.
+    cases.append((call(url, key, "POST", "/v1/orders/amend", {"market": "BTC-USD", "order_id": 1,
+                                                              "qty": 10**30}), 400, "wrong_type"))
     cases.append((httpx.get(url + "/healthz"), 200, None))
     raw = b"{not json"
     cases.append((httpx.post(url + "/v1/orders", content=raw,

@@ -391,8 +391,13 @@ def test_order_entry_over_ws_with_request_ids(make_cluster) -> None:
         assert forged["http_status"] == 400 and forged["error"]["code"] == "field_not_allowed"
         bad_tick, _ = ws.request({"op": "place", "request_id": "r7", **order, "price": 1001})
         assert bad_tick["http_status"] == 400 and bad_tick["error"]["code"] == "bad_tick"
-        # An integer the log cannot carry is refused before it reaches it.
+        # Out of range whatever the state: refused before the log, as REST does.
         huge, _ = ws.request({"op": "place", "request_id": "r8", **order, "qty": 10**30})
+        assert huge["http_status"] == 400 and huge["error"]["code"] == "bad_qty"
+        # An integer the log cannot carry, in a command only the state could judge (amend
+        # looks the order up first), is refused before it reaches the log.
+        huge, _ = ws.request({"op": "amend", "request_id": "r9", "market": M, "order_id": 1,
+                              "qty": 10**30})
         assert huge["http_status"] == 400 and huge["error"]["code"] == "wrong_type"
         ws.send({"op": "place", **order})
         assert ws.recv()["code"] == "bad_request_id"
