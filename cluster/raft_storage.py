@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from pysyncobj.journal import Journal
 from cluster import raft_pin  # noqa: F401  (refuses any pysyncobj but the pinned one)
 
 logger = logging.getLogger(__name__)
+# A journal sync longer than this is logged: it delays the leader's heartbeats.
+SLOW_SYNC_S = 0.05
 
 # Exit code when durable storage fails under a running node (disk full, EIO, ...). Carrying on
 # would leave memory and disk disagreeing about the log, so the process stops instead.
@@ -247,7 +250,11 @@ class DurableJournal(Journal):
 
     def _durable_sync(self) -> None:
         if self._fsync:
+            started = time.monotonic()
             os.fdatasync(self._fd)
+            took = time.monotonic() - started
+            if took > SLOW_SYNC_S:  # the tick thread sends no heartbeat meanwhile
+                logger.warning("fdatasync of the journal took %.0f ms", took * 1000)
         self.sync_count += 1
 
     def sync(self) -> None:

@@ -713,9 +713,30 @@ class HardenedSyncObj(SyncObj):
                 # between.
                 self._journal.sync()
                 self._read_before_standing()
+                state, term = self._SyncObj__raftState, self._SyncObj__raftCurrentTerm
                 super()._onTick(timeToWait)
+                self._log_role_change(state, term)
             finally:
                 self._in_tick = False
+
+    def _log_role_change(self, state, term: int) -> None:
+        """One line per role change, so an SRE can tell why an election happened."""
+        now_state, now_term = self._SyncObj__raftState, self._SyncObj__raftCurrentTerm
+        if now_state == state and now_term == term:
+            return
+        if now_state == _RAFT_STATE.CANDIDATE and state != _RAFT_STATE.CANDIDATE:
+            logger.info("standing for election in term %d: no AppendEntries from a leader "
+                           "within the election timeout (term was %d)", now_term, term)
+        elif state == _RAFT_STATE.LEADER and now_state != _RAFT_STATE.LEADER:
+            reason = ("a higher term was seen" if now_term > term else
+                      "no answer from a majority within leaderFallbackTimeout")
+            logger.info("stepped down as leader (term %d -> %d): %s", term, now_term, reason)
+        elif now_state == _RAFT_STATE.LEADER and state == _RAFT_STATE.FOLLOWER:
+            # Stood and won within one tick (the votes arrive in the tick's final poll).
+            logger.info("stood for election (no AppendEntries from a leader within the "
+                        "election timeout) and became leader in term %d", now_term)
+        elif now_state == _RAFT_STATE.LEADER and state != _RAFT_STATE.LEADER:
+            logger.info("became leader in term %d", now_term)
 
     # -- timing (fix 5) --------------------------------------------------------------------------
 
