@@ -84,6 +84,53 @@ def summarize(events: list[dict], account: str | None = None) -> dict:
     return out
 
 
+def command_outcome(events: list[dict], account: str | None = None) -> tuple[int, dict]:
+    """(REST status, body) of one command's events: the summary, or the rejection as an error."""
+    first = events[0]
+    if first["type"] == "rejected":
+        body = {"error": {"code": first["reason"], "message": first["message"]}}
+        if "seq" in first:  # absent when the node refused it before the log
+            body["seq"] = first["seq"]
+        if "order_id" in first:
+            body["error"]["order_id"] = first["order_id"]
+        return REASON_STATUS.get(first["reason"], 400), body
+    return 200, summarize(events, account)
+
+
+def batch_shape_error(payload: dict) -> tuple[int, str, str] | None:
+    """(status, code, message) when a batch of orders is not `{"orders": [order, ...]}` with
+    1..MAX_BATCH_ORDERS objects that leave op/ts/account to the server; None when it is."""
+    orders = payload.get("orders")
+    if not isinstance(orders, list) or not orders or set(payload) != {"orders"}:
+        return 400, "bad_request", 'body must be {"orders": [order, ...]}'
+    if len(orders) > MAX_BATCH_ORDERS:
+        return 413, "batch_too_large", f"at most {MAX_BATCH_ORDERS} orders per batch"
+    for order in orders:
+        if not isinstance(order, dict) or any(f in order for f in RESERVED_FIELDS):
+            return 400, "bad_request", "each order must be an object without op/ts/account"
+    return None
+
+
+async def place_batch(node: NodePort, account: str, orders: list[dict]) -> list[dict]:
+    """Place `orders` for `account`: one result per order, `{http_status, ...body}`.
+
+    Orders the log would refuse in any state are answered here; the rest go in one slot,
+    committed together, in the order given. Raises NotLeaderError / OutcomeUnknownError.
+    """
+    commands = [{"op": "place", **order, "account": account} for order in orders]
+    refused = [node.precheck(command) for command in commands]
+    outcomes: list[list[dict] | None] = [None if early is None else [early] for early in refused]
+    pending = [i for i, events in enumerate(outcomes) if events is None]
+    submitted = await node.submit_many([commands[i] for i in pending]) if pending else []
+    for i, events in zip(pending, submitted, strict=True):
+        outcomes[i] = events
+    results = []
+    for events in outcomes:
+        status, body = command_outcome(events, account)
+        results.append({"http_status": 201 if status == 200 else status, **body})
+    return results
+
+
 def register(app: QuartTrio, node: NodePort, http: Http) -> None:
     not_leader_response = http.not_leader
     authed = http.authed
@@ -91,16 +138,7 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
     async def body_object() -> dict | Response:
         return await http.json_object(RESERVED_FIELDS)
 
-    def outcome(events: list[dict], account: str | None = None) -> tuple[int, dict]:
-        first = events[0]
-        if first["type"] == "rejected":
-            body = {"error": {"code": first["reason"], "message": first["message"]}}
-            if "seq" in first:  # absent when the node refused it before the log
-                body["seq"] = first["seq"]
-            if "order_id" in first:
-                body["error"]["order_id"] = first["order_id"]
-            return REASON_STATUS.get(first["reason"], 400), body
-        return 200, summarize(events, account)
+    outcome = command_outcome
 
     async def execute(command: dict) -> tuple[int, dict]:
         """Submit one command; (status, body). Raises NotLeader/OutcomeUnknown errors.
@@ -160,39 +198,19 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
         payload = await body_object()
         if isinstance(payload, Response):
             return payload
-        orders = payload.get("orders")
-        if not isinstance(orders, list) or not orders or set(payload) != {"orders"}:
-            return error(400, "bad_request", 'body must be {"orders": [order, ...]}')
-        if len(orders) > MAX_BATCH_ORDERS:
-            return error(413, "batch_too_large", f"at most {MAX_BATCH_ORDERS} orders per batch")
-        for order in orders:
-            if not isinstance(order, dict) or any(f in order for f in RESERVED_FIELDS):
-                return error(400, "bad_request", "each order must be an object without op/ts/account")
+        shape = batch_shape_error(payload)
+        if shape is not None:
+            return error(*shape)
         if not node.is_leader():
             return not_leader_response()
-        commands = [{"op": "place", **order, "account": creds.account} for order in orders]
-        # Orders the log would refuse in any state are answered here; the rest go in one
-        # slot, committed together, in the order given.
-        outcomes: list[list[dict] | None] = [None] * len(commands)
-        for i, command in enumerate(commands):
-            early = node.precheck(command)
-            if early is not None:
-                outcomes[i] = [early]
-        pending = [i for i, events in enumerate(outcomes) if events is None]
         try:
-            submitted = await node.submit_many([commands[i] for i in pending]) if pending else []
-            for i, events in zip(pending, submitted, strict=True):
-                outcomes[i] = events
+            results = await place_batch(node, creds.account, payload["orders"])
         except NotLeaderError:
             return not_leader_response()
         except OutcomeUnknownError as exc:
             return error(503, "outcome_unknown",
                          f"{exc}; resend with the same client_order_ids to settle it",
                          {"Retry-After": "1"})
-        results = []
-        for events in outcomes:
-            status, body = outcome(events, creds.account)
-            results.append({"http_status": 201 if status == 200 else status, **body})
         return json_response({"results": results})
 
     @app.post("/v1/orders/cancel")

@@ -31,9 +31,16 @@ from quart_trio import QuartTrio
 
 from .auth import KEY_HEADER, SIG_HEADER, TS_HEADER, AuthError, Credentials, Verifier
 from .jsoncodec import dumps, loads
-from .port import NodePort, NotLeaderError, OutcomeUnknownError, OverloadedError, Subscription
+from .port import (
+    NodePort,
+    NotLeaderError,
+    OutcomeUnknownError,
+    OverloadedError,
+    Subscription,
+    UnencodableError,
+)
 from .rate_limit import RateLimiter
-from .trading import REASON_STATUS, RESERVED_FIELDS, summarize
+from .trading import REASON_STATUS, RESERVED_FIELDS, batch_shape_error, place_batch, summarize
 
 PATH = "/v1/ws"
 # The signed message of the `auth` op: "{timestamp}\nWS\n/v1/ws\n" (api.auth.sign, empty body).
@@ -41,7 +48,8 @@ AUTH_METHOD = "WS"
 
 CLOSE_POLICY = 1008  # slow consumer, too many bad messages
 CLOSE_RESTART = 1012  # the node's state jumped (it installed a Raft snapshot): resubscribe
-ORDER_OPS = {"place": 201, "cancel": 200, "amend": 200, "cancel_all": 200}  # op -> REST status
+# op -> REST status; place_batch is POST /v1/orders/batch over the socket.
+ORDER_OPS = {"place": 201, "cancel": 200, "amend": 200, "cancel_all": 200, "place_batch": 200}
 ORDER_EVENTS = ("accepted", "cancelled", "amended", "filled")
 # Left out of the public trades channel: who traded, and what they paid.
 PRIVATE_TRADE_FIELDS = ("maker_account", "taker_account", "maker_fee", "taker_fee")
@@ -446,6 +454,8 @@ class _Connection:
                 body["error"]["retry_after_s"] = retry_after_s
                 return 429, body
         order = {k: v for k, v in msg.items() if k not in ("op", "request_id")}
+        if op == "place_batch":
+            return await self._place_batch(creds, order)
         for name in RESERVED_FIELDS:
             if name in order:
                 return 400, _err("field_not_allowed", f"field {name!r} is set by the server")
@@ -477,6 +487,26 @@ class _Connection:
             return REASON_STATUS.get(first["reason"], 400), body
         summary = summarize(events, creds.account)  # only what this account may see
         return ORDER_OPS[op], summary
+
+    async def _place_batch(self, creds: Credentials, payload: dict) -> tuple[int, dict]:
+        shape = batch_shape_error(payload)
+        if shape is not None:
+            status, code, message = shape
+            return status, _err(code, message)
+        if not self.node.is_leader():
+            return self._not_leader(self.node.leader_url())
+        try:
+            results = await place_batch(self.node, creds.account, payload["orders"])
+        except UnencodableError as exc:  # as REST answers it: nothing was logged
+            return 400, _err("wrong_type", f"{exc}; integers must fit in 64 bits")
+        except NotLeaderError as exc:
+            return self._not_leader(exc.leader_url or self.node.leader_url())
+        except OutcomeUnknownError as exc:
+            return 503, _err("outcome_unknown",
+                             f"{exc}; resend with the same client_order_ids to settle it")
+        except OverloadedError as exc:
+            return 503, _err("overloaded", f"{exc}; nothing was applied, retry")
+        return 200, {"results": results}
 
     @staticmethod
     def _not_leader(url: str | None) -> tuple[int, dict]:

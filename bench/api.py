@@ -29,6 +29,8 @@ One run, on this machine, with one client (this process, one thread per connecti
    own trader key (`auth`), each keeping `--ws-window` `place` requests in flight (request
    ids; responses matched by id); orders/s counts `response`s with `http_status` 201.
    Target: >= 10,000.
+5. WebSocket batch order entry, for information: the same sockets, each keeping 4
+   `place_batch` messages of 100 orders in flight; orders/s counts orders answered 201.
 
 Connection reuse: Hypercorn closes a keep-alive connection after `keep_alive_max_requests`
 requests (its default is 1000; `cluster/node.py` sets 1,000,000, and so does the baseline),
@@ -422,7 +424,9 @@ def batch_sender(traders: list[Trader], seed: int, tag: str, statuses: Statuses)
 
 
 def ws_phase(url: str, traders: list[Trader], *, seed: int, connections: int, window: int,
-             warmup_s: float, seconds: float) -> dict:
+             warmup_s: float, seconds: float, per_message: int = 1) -> dict:
+    """`window` messages in flight per socket; `per_message` > 1: `place_batch` messages of
+    that many orders (acknowledged = orders answered 201)."""
     statuses: Counter = Counter()
     records: list[tuple[float, float, int]] = []
     lock = threading.Lock()
@@ -464,7 +468,11 @@ def ws_phase(url: str, traders: list[Trader], *, seed: int, connections: int, wi
                     frames = []
                     while len(pending) < window:
                         next_id += 1
-                        msg = {"op": "place", "request_id": next_id, **flow.order()}
+                        if per_message == 1:
+                            msg = {"op": "place", "request_id": next_id, **flow.order()}
+                        else:
+                            msg = {"op": "place_batch", "request_id": next_id,
+                                   "orders": [flow.order() for _ in range(per_message)]}
                         frames.append(ws.send(wse.TextMessage(dumps(msg).decode())))
                         pending[next_id] = now
                     sock.sendall(b"".join(frames))
@@ -492,8 +500,12 @@ def ws_phase(url: str, traders: list[Trader], *, seed: int, connections: int, wi
                             t_sent = pending.pop(msg["request_id"])
                             t1 = time.perf_counter()
                             status = msg["http_status"]
-                            local[status] += 1
-                            out.append((t1, t1 - t_sent, 1 if status == 201 else 0))
+                            if "results" in msg:  # place_batch: one status per order
+                                codes = [r["http_status"] for r in msg["results"]]
+                            else:
+                                codes = [status]
+                            local.update(codes)
+                            out.append((t1, t1 - t_sent, codes.count(201)))
                         elif kind == "error":
                             raise RuntimeError(f"server error frame: {msg}")
                     elif isinstance(event, wse.CloseConnection):
@@ -514,6 +526,7 @@ def ws_phase(url: str, traders: list[Trader], *, seed: int, connections: int, wi
     return {
         "connections": connections,
         "window": window,
+        "per_message": per_message,
         "seconds": seconds,
         "acknowledged": acked,
         "per_s": acked / seconds,
@@ -640,6 +653,12 @@ def run(root: Path, args: argparse.Namespace) -> dict:
                                  window=args.ws_window, **phase)
             res["ws"]["load_average_1m"] = _load()
 
+        with _client_cpu(cpu, "ws_batch"):
+            res["ws_batch"] = ws_phase(url, traders, seed=args.seed,
+                                       connections=args.ws_connections, window=4,
+                                       per_message=100, **phase)
+            res["ws_batch"]["load_average_1m"] = _load()
+
         statuses_end = cluster.wait_converged(60)
         res["state_hashes_equal"] = len({s["state_hash"] for s in statuses_end.values()}) == 1
         res["cmd_index_end"] = next(iter(statuses_end.values()))["cmd_index"]
@@ -733,7 +752,15 @@ def print_report(res: dict) -> None:
           f"statuses {w['statuses']}")
     print(f"   = {w['per_s'] / WS_TARGET:.0%} of the target (>= {WS_TARGET:,}/s)  "
           f"{_verdict(tg['ws'])}")
-    errors = [e for r in (t, s, lat, b, w) for e in r["errors"]]
+    wb = res["ws_batch"]
+    print()
+    print(f"5. WebSocket batch order entry (for information: the high-rate client's path), "
+          f"{wb['connections']} sockets x {wb['window']} place_batch messages of "
+          f"{wb['per_message']} orders in flight, {wb['seconds']:.0f} s:")
+    print(f"   {wb['per_s']:,.0f} orders/s ({wb['acknowledged']:,} orders answered 201); "
+          f"message p50 {wb['p50_ms']:.0f} ms, p99 {wb['p99_ms']:.0f} ms  (load "
+          f"{wb['load_average_1m']:.2f}); statuses {wb['statuses']}")
+    errors = [e for r in (t, s, lat, b, w, wb) for e in r["errors"]]
     if errors:
         print(f"\nclient errors: {errors}")
     print(f"\nstate hashes equal on every node after the run: "

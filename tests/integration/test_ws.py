@@ -419,6 +419,21 @@ def test_order_entry_over_ws_with_request_ids(make_cluster) -> None:
         assert everything["http_status"] == 200
         assert sum(e["type"] == "cancelled" for e in everything["events"]) == 60
 
+        # A batch in one message, as POST /v1/orders/batch: one result per order, in order;
+        # the malformed one refused before the log, the others committed together.
+        batch, _ = ws.request({"op": "place_batch", "request_id": "b1", "orders": [
+            {**order, "price": 905}, {**order, "qty": 0}, {**order, "price": 910}]})
+        assert batch["http_status"] == 200, batch
+        assert [r["http_status"] for r in batch["results"]] == [201, 400, 201]
+        assert batch["results"][1]["error"]["code"] == "bad_qty"
+        assert [r["status"] for r in batch["results"][::2]] == ["resting", "resting"]
+        too_many, _ = ws.request({"op": "place_batch", "request_id": "b2",
+                                  "orders": [order] * 101})
+        assert too_many["http_status"] == 413 and too_many["error"]["code"] == "batch_too_large"
+        forged, _ = ws.request({"op": "place_batch", "request_id": "b3",
+                                "orders": [{**order, "account": "bob"}]})
+        assert forged["http_status"] == 400
+
     with WsClient(url) as ws:
         ws.auth(poor)
         broke, _ = ws.request({"op": "place", "request_id": 1, **order})
