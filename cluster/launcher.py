@@ -363,6 +363,19 @@ class LocalCluster:
             time.sleep(0.05)
         raise TimeoutError(f"no leader within {timeout_s} s: {self.statuses()}")
 
+    def wait_all_following(self, timeout_s: float = 30.0) -> str:
+        """Poll until every node answers and names the same leader (a fresh cluster's last
+        node may still be starting when a majority already has one)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            statuses = list(self.statuses().values())
+            leaders = {s["leader"] if s else None for s in statuses}
+            if len(leaders) == 1 and None not in leaders:
+                return leaders.pop()
+            time.sleep(0.05)
+        raise TimeoutError(f"not every node follows one leader within {timeout_s} s: "
+                           f"{self.statuses()}")
+
     def wait_converged(self, timeout_s: float = 20.0, nodes: list[str] | None = None) -> dict:
         """Poll until the given live nodes report the same cmd_index and state hash."""
         targets = nodes or [nid for nid, n in self.nodes.items() if n.alive()]

@@ -20,7 +20,7 @@ def make_cluster(tmp_path: Path) -> Iterator:
         made.append(cluster)
         cluster.exit_with_launcher = True  # a test run killed mid-way leaves no node behind
         cluster.start()
-        cluster.wait_for_leader(30)
+        cluster.wait_all_following(30)  # every node up, every API port listening
         return cluster
 
     try:
