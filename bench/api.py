@@ -436,7 +436,7 @@ def ws_phase(url: str, traders: list[Trader], *, seed: int, connections: int, wi
 
     def worker(k: int) -> None:
         trader = traders[k % len(traders)]
-        flow = OrderFlow(f"ws{k}", seed)
+        flow = OrderFlow(f"ws{per_message}-{k}", seed)  # own client_order_ids per phase
         sock = socket.create_connection((host, port), timeout=30)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
