@@ -274,7 +274,8 @@ class Node:
             ],
             "batches_proposed": self.replica.batches_proposed,
             "raft": {k: raft[k] for k in ("log_first_index", "log_last_index", "refused_truncations",
-                                          "snapshots_ignored", "snapshots_installed") if k in raft},
+                                          "snapshots_ignored", "snapshots_installed",
+                                          "elections_averted", "pre_votes_refused") if k in raft},
             "indexer": {"active": False},
         }
 

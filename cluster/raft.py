@@ -291,6 +291,7 @@ class RaftReplica:
                 settings.data_dir,
                 transport_class=transport_class,
                 fsync=settings.fsync,
+                pre_vote=True,
             )
         except RaftStorageError as exc:
             raise RaftStartupError(str(exc)) from exc

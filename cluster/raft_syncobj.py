@@ -198,8 +198,17 @@ class HardenedSyncObj(SyncObj):
         transport=None,
         transport_class=None,
         fsync: bool = True,
+        pre_vote: bool = False,
     ):
         data_dir = Path(data_dir)
+        # Pre-vote (Raft thesis 9.6), on for real nodes, off by default so the scripted-timing
+        # tests of the fixes keep upstream's election messages.
+        self._pre_vote = pre_vote
+        self._pre_vote_term: int | None = None  # the term a pre-vote round asks about
+        self._pre_vote_grants: set = set()
+        self._pre_vote_won = False
+        self._leader_contact = float("-inf")  # when an AppendEntries of our leader last came
+        self.pre_votes_refused = 0  # pre-votes this node refused: elections it did not allow
         data_dir.mkdir(parents=True, exist_ok=True)
         self._machine = machine
         self._journal_path = data_dir / "raft.journal"
@@ -427,15 +436,93 @@ class HardenedSyncObj(SyncObj):
         if not isinstance(message, dict) or "type" not in message:
             logger.error("ignoring a malformed raft message from %s", node)
             return
-        if message["type"] == "append_entries":
+        kind = message["type"]
+        if kind == "append_entries":
             self._on_append_entries(node, message)
             return
+        if kind == "pre_vote":
+            self._on_pre_vote(node, message)
+            return
+        if kind == "pre_vote_response":
+            self._on_pre_vote_response(node, message)
+            return
         super()._SyncObj__onMessageReceived(node, message)
+
+    # -- pre-vote (Raft thesis 9.6) -------------------------------------------------------------
+
+    def _maybe_pre_vote(self) -> None:
+        """Called at the top of a tick. Upstream stands for election (term + 1, which deposes
+        the leader wherever the vote request arrives) as soon as its deadline has passed
+        (syncobj.py 634-650). A follower that merely missed heartbeats — its own tick or
+        process starved of CPU — would then depose a healthy leader. Instead, first ask the
+        others whether they would vote (without changing any term): only a majority that has
+        not heard from a leader within the minimum election timeout lets the election go on.
+        """
+        if not self._pre_vote or self._SyncObj__selfNode is None:
+            return
+        if self._SyncObj__raftState == _RAFT_STATE.LEADER:
+            self._pre_vote_term = None
+            return
+        if self._pre_vote_won:
+            self._pre_vote_won = False
+            return  # upstream stands in this tick
+        if self._SyncObj__transferInProgress:
+            return  # the leader asked for this election (TimeoutNow): no pre-vote
+        now = _now()
+        if self._SyncObj__raftElectionDeadline >= now or not self._SyncObj__connectedToAnyone():
+            return
+        # The deadline passed: hold upstream's election back and ask first.
+        self._SyncObj__raftElectionDeadline = now + self._SyncObj__generateRaftTimeout()
+        self._pre_vote_term = self._SyncObj__raftCurrentTerm + 1
+        self._pre_vote_grants = {self._SyncObj__selfNode}
+        message = {
+            "type": "pre_vote",
+            "term": self._pre_vote_term,
+            "last_log_index": self._SyncObj__getCurrentLogIndex(),
+            "last_log_term": self._SyncObj__getCurrentLogTerm(),
+        }
+        for other in self._SyncObj__otherNodes:
+            self._SyncObj__transport.send(other, message)
+        self._count_pre_votes()
+
+    def _on_pre_vote(self, node, message) -> None:
+        # Grant only if this node would vote: no leader heard from recently (a leader itself
+        # never grants), the term is newer, the candidate's log as up to date as ours.
+        term, last_index, last_term = (message.get(k) for k in
+                                       ("term", "last_log_index", "last_log_term"))
+        if not all(type(v) is int for v in (term, last_index, last_term)):
+            return
+        recent = _now() - self._leader_contact < self._SyncObj__conf.raftMinTimeout
+        our_term = self._SyncObj__getCurrentLogTerm()
+        up_to_date = last_term > our_term or (
+            last_term == our_term and last_index >= self._SyncObj__getCurrentLogIndex())
+        granted = (self._SyncObj__raftState != _RAFT_STATE.LEADER and not recent
+                   and term > self._SyncObj__raftCurrentTerm and up_to_date)
+        if not granted:
+            self.pre_votes_refused += 1
+        self._SyncObj__transport.send(node, {"type": "pre_vote_response", "term": term,
+                                             "granted": granted})
+
+    def _on_pre_vote_response(self, node, message) -> None:
+        if (self._pre_vote_term is None or message.get("term") != self._pre_vote_term
+                or message.get("granted") is not True):
+            return
+        self._pre_vote_grants.add(node)
+        self._count_pre_votes()
+
+    def _count_pre_votes(self) -> None:
+        if self._pre_vote_term != self._SyncObj__raftCurrentTerm + 1:
+            return  # the term moved on meanwhile: this round is stale
+        if len(self._pre_vote_grants) * 2 > len(self._SyncObj__otherNodes) + 1:
+            self._pre_vote_term = None
+            self._pre_vote_won = True
+            self._SyncObj__raftElectionDeadline = 0  # upstream stands on the next tick
 
     def _on_append_entries(self, node, message) -> None:
         term = message["term"]
         if term < self._SyncObj__raftCurrentTerm:
             return  # upstream 945: a deposed leader's message is ignored
+        self._leader_contact = _now()  # a current leader exists: refuse pre-votes a while
         # Upstream 946-961, unchanged: follow this leader.
         if term > self._SyncObj__raftCurrentTerm:
             self._SyncObj__transferInProgress = False
@@ -713,6 +800,7 @@ class HardenedSyncObj(SyncObj):
                 # between.
                 self._journal.sync()
                 self._read_before_standing()
+                self._maybe_pre_vote()
                 state, term = self._SyncObj__raftState, self._SyncObj__raftCurrentTerm
                 super()._onTick(timeToWait)
                 self._log_role_change(state, term)
@@ -835,6 +923,7 @@ class HardenedSyncObj(SyncObj):
             "snapshots_installed": self.snapshots_installed,
             "elections_averted": self.elections_averted,
             "heartbeats_during_apply": self.heartbeats_during_apply,
+            "pre_votes_refused": self.pre_votes_refused,
         }
 
 

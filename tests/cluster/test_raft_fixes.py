@@ -899,3 +899,59 @@ def test_journal_whose_creation_was_interrupted_counts_as_new(tmp_path):
     journal = DurableJournal(tmp_path / "raft.journal", app_version="0.3.17")
     assert len(journal) == 0
     journal.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-vote (Raft thesis 9.6): a follower that missed heartbeats does not depose a healthy leader
+# ---------------------------------------------------------------------------------------------
+
+
+def _terms(*nodes) -> list[int]:
+    return [n.sync._SyncObj__raftCurrentTerm for n in nodes]
+
+
+@pytest.mark.parametrize("pre_vote", [False, True])
+def test_a_stalled_follower_deposes_the_leader_only_without_pre_vote(sim: SimNet, pre_vote):
+    """B's timer runs out (its process was starved) while A leads and C hears A. Upstream: B
+    stands in term 2 and its vote request alone makes A step down. With pre-vote, B first
+    asks; C (heard A just now) and A (leads) refuse; nobody's term moves."""
+    a, b, c = sim.cluster("hardened")
+    sim.elect(a)
+    for node in (a, b, c):
+        node.sync._pre_vote = pre_vote
+    sim.step()  # a heartbeat round: B and C hear from A
+    b.force_election_timeout()
+    b.tick()
+    sim.deliver_all()
+    for _ in range(3):  # B keeps timing out: every round is refused the same way
+        b.force_election_timeout()
+        b.tick()
+        sim.deliver_all()
+    if pre_vote:
+        assert a.is_leader() and _terms(a, b, c) == [1, 1, 1]
+        assert a.sync.pre_votes_refused + c.sync.pre_votes_refused == 8
+        sim.step()
+        assert b.role() == "follower" and b.sync._SyncObj__raftLeader is not None
+    else:
+        assert not a.is_leader() and _terms(a)[0] > 1
+
+
+def test_with_pre_vote_a_lost_leader_is_still_replaced(sim: SimNet):
+    """(The simulation's election timeouts are 10-20 s.)"""
+    a, b, c = sim.cluster("hardened")
+    sim.elect(a)
+    for node in (a, b, c):
+        node.sync._pre_vote = True
+    sim.step()
+    sim.crash(a)
+    sim.clock.advance(20.0)  # past every election timeout: nobody has heard from A since
+    waited = 0.0
+    while not (b.is_leader() or c.is_leader()) and waited < 60.0:
+        for node in (b, c):
+            node.tick()
+        sim.deliver_all()
+        sim.clock.advance(0.5)
+        waited += 0.5
+    assert [b.is_leader(), c.is_leader()].count(True) == 1
+    assert waited <= 20.0  # within one more election timeout, split votes included
+    assert max(_terms(b, c)) <= 3
