@@ -93,11 +93,18 @@ def test_follower_restarted_after_compaction_restores_from_snapshot(make_cluster
     cluster = make_cluster(3, compaction_min_entries=20, compaction_min_time_s=0.2)
     leader = cluster.wait_for_leader()
     follower = next(n for n in cluster.nodes if n != leader)
+    had = cluster.status(follower)["applied_index"]
     cluster.stop(follower)
     with admin(cluster) as client:
         for chunk in range(20):
             client.submit([deposit(chunk * 10 + j) for j in range(10)])
         client.barrier()
+    # Compaction runs on the leader's own schedule: wait until its log starts past what the
+    # follower holds, so the follower can only catch up from the snapshot.
+    deadline = time.monotonic() + 30
+    while cluster.status(leader)["raft"]["log_first_index"] <= had + 1:
+        assert time.monotonic() < deadline, "the leader did not compact"
+        time.sleep(0.05)
     dumps = [p for n in cluster.nodes.values() for p in n.config.data_dir.glob("*dump*")]
     assert dumps, "no snapshot was written"
     cluster.start(follower)
