@@ -22,13 +22,17 @@ def error(status: int, code: str, message: str, headers: dict | None = None) -> 
     return json_response({"error": {"code": code, "message": message}}, status, headers)
 
 
+def rate_limited_body(retry_after_s: int) -> dict:
+    """The 429 body (REST and WebSocket): this key's token bucket is empty, nothing applied."""
+    return {"error": {"code": "rate_limited",
+                      "message": f"too many requests for this key; retry after {retry_after_s} s "
+                                 "(nothing was applied)",
+                      "retry_after_s": retry_after_s}}
+
+
 def rate_limited(retry_after_s: int) -> Response:
-    """429: this key's token bucket is empty; nothing was applied."""
-    return json_response({"error": {"code": "rate_limited",
-                                     "message": "too many requests for this key; retry after "
-                                                f"{retry_after_s} s (nothing was applied)",
-                                     "retry_after_s": retry_after_s}},
-                         429, {"Retry-After": str(retry_after_s)})
+    return json_response(rate_limited_body(retry_after_s), 429,
+                         {"Retry-After": str(retry_after_s)})
 
 
 class Http:

@@ -138,8 +138,6 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
     async def body_object() -> dict | Response:
         return await http.json_object(RESERVED_FIELDS)
 
-    outcome = command_outcome
-
     async def execute(command: dict) -> tuple[int, dict]:
         """Submit one command; (status, body). Raises NotLeader/OutcomeUnknown errors.
 
@@ -147,8 +145,8 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
         account = command.get("account") if command.get("op") in TRADER_OPS else None
         early = node.precheck(command)
         if early is not None:
-            return outcome([early], account)
-        return outcome(await node.submit(command), account)
+            return command_outcome([early], account)
+        return command_outcome(await node.submit(command), account)
 
     async def write(command: dict, ok_status: int = 200) -> Response:
         if not node.is_leader():

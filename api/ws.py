@@ -24,12 +24,12 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
-import msgpack
 import trio
 from quart import websocket
 from quart_trio import QuartTrio
 
 from .auth import KEY_HEADER, SIG_HEADER, TS_HEADER, AuthError, Credentials, Verifier
+from .common import rate_limited_body
 from .jsoncodec import dumps, loads
 from .port import (
     NodePort,
@@ -40,7 +40,7 @@ from .port import (
     UnencodableError,
 )
 from .rate_limit import RateLimiter
-from .trading import REASON_STATUS, RESERVED_FIELDS, batch_shape_error, place_batch, summarize
+from .trading import RESERVED_FIELDS, batch_shape_error, command_outcome, place_batch
 
 PATH = "/v1/ws"
 # The signed message of the `auth` op: "{timestamp}\nWS\n/v1/ws\n" (api.auth.sign, empty body).
@@ -449,10 +449,7 @@ class _Connection:
         if self.limiter is not None:
             retry_after_s = self.limiter.check(creds.key_id, creds.role)
             if retry_after_s is not None:
-                body = _err("rate_limited", f"too many requests for this key; retry after "
-                            f"{retry_after_s} s (nothing was applied)")
-                body["error"]["retry_after_s"] = retry_after_s
-                return 429, body
+                return 429, rate_limited_body(retry_after_s)
         order = {k: v for k, v in msg.items() if k not in ("op", "request_id")}
         if op == "place_batch":
             return await self._place_batch(creds, order)
@@ -463,13 +460,10 @@ class _Connection:
         if not self.node.is_leader():
             return self._not_leader(self.node.leader_url())
         early = self.node.precheck(command)  # refused in any state: never logged
-        if early is None:
-            try:  # what the log cannot carry (e.g. an integer beyond 64 bits) never reaches it
-                msgpack.packb(command, use_bin_type=True)
-            except (OverflowError, ValueError, TypeError):
-                return 400, _err("wrong_type", "a field holds a value out of range")
         try:
             events = [early] if early is not None else await self.node.submit(command)
+        except UnencodableError as exc:  # as REST answers it: nothing was logged
+            return 400, _err("wrong_type", f"{exc}; integers must fit in 64 bits")
         except NotLeaderError as exc:
             return self._not_leader(exc.leader_url or self.node.leader_url())
         except OutcomeUnknownError as exc:
@@ -477,16 +471,9 @@ class _Connection:
                              f"{exc}; resend with the same client_order_id to settle it")
         except OverloadedError as exc:
             return 503, _err("overloaded", f"{exc}; nothing was applied, retry")
-        first = events[0]
-        if first["type"] == "rejected":
-            body = _err(first["reason"], first["message"])
-            if "order_id" in first:
-                body["error"]["order_id"] = first["order_id"]
-            if "seq" in first:  # absent when refused before the log
-                body["seq"] = first["seq"]
-            return REASON_STATUS.get(first["reason"], 400), body
-        summary = summarize(events, creds.account)  # only what this account may see
-        return ORDER_OPS[op], summary
+        # Only what this account may see, as the REST route answers it.
+        status, body = command_outcome(events, creds.account)
+        return (ORDER_OPS[op] if status == 200 else status), body
 
     async def _place_batch(self, creds: Credentials, payload: dict) -> tuple[int, dict]:
         shape = batch_shape_error(payload)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import secrets
@@ -134,10 +135,11 @@ class LocalCluster:
     def api_urls(self) -> list[str]:
         return [n.config.api_url for n in self.nodes.values()]
 
-    @property
+    @functools.cached_property
     def verify(self) -> object:
         """What an HTTPS client trusts here: the nodes' certificate (self-signed in a local
-        cluster, so it is its own CA), or True (the system's CAs) over plain HTTP."""
+        cluster, so it is its own CA), or True (the system's CAs) over plain HTTP. Built once:
+        the status polls call it many times a second."""
         config = next(iter(self.nodes.values())).config
         return tls_context(config.tls_cert_file) if config.tls else True
 

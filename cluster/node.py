@@ -235,7 +235,10 @@ class Node:
         return self.machine.read(read)  # type: ignore[return-value]
 
     def health(self) -> dict:
-        raft = self.raft.status()
+        return self._summary(self.raft.status(), self.machine.read(lambda ex: ex.cmd_index))
+
+    def _summary(self, raft: dict, cmd_index: int) -> dict:
+        """What /readyz, /metrics and the status share, from one read of the Raft status."""
         return {
             "node_id": self.node_id,
             "role": raft["role"],
@@ -247,7 +250,7 @@ class Node:
             "term": raft["term"],
             "commit_index": raft["commit_index"],
             "applied_index": raft["applied_index"],
-            "cmd_index": self.machine.read(lambda ex: ex.cmd_index),
+            "cmd_index": cmd_index,
         }
 
     def histograms(self) -> dict:
@@ -258,13 +261,7 @@ class Node:
         raft = self.raft.status()
         cmd_index, state_hash = self._state()
         return {
-            "node_id": self.node_id,
-            "role": raft["role"],
-            "leader": self._peer_id(raft["leader"]),
-            "term": raft["term"],
-            "commit_index": raft["commit_index"],
-            "applied_index": raft["applied_index"],
-            "cmd_index": cmd_index,
+            **self._summary(raft, cmd_index),
             "state_hash": state_hash,
             "engine": ENGINE,
             "peers": [
