@@ -46,7 +46,7 @@ class ExchangeMachine:
         self.keys: dict[str, tuple[str, str]] = {}
         self.batches_applied = 0
         self._listeners: list[AppliedListener] = []
-        self._lock = threading.Lock()  # guards reads from other threads (status, snapshots)
+        self._lock = threading.Lock()  # apply/restore vs `read` queries from other threads
 
     def add_listener(self, listener: AppliedListener) -> None:
         self._listeners.append(listener)
@@ -96,11 +96,14 @@ class ExchangeMachine:
         return results
 
     def snapshot(self) -> bytes:
-        with self._lock:
-            directory = sorted([k, *v] for k, v in self.directory.items())
-            keys = sorted([k, *v] for k, v in self.keys.items())
-            return msgpack.packb([SNAPSHOT_VERSION, self.exchange.snapshot(), directory, keys],
-                                 use_bin_type=True)
+        """The node's state as bytes. Call it on the thread that applies (pysyncobj's): that
+        thread is the only writer, so the state cannot change underneath, and readers on
+        other threads are not held up for the hundreds of ms a large book takes to encode
+        (the API's reads would stall the trio thread for that long behind `_lock`)."""
+        directory = sorted([k, *v] for k, v in self.directory.items())
+        keys = sorted([k, *v] for k, v in self.keys.items())
+        return msgpack.packb([SNAPSHOT_VERSION, self.exchange.snapshot(), directory, keys],
+                             use_bin_type=True)
 
     def restore(self, blob: bytes) -> None:
         try:
@@ -115,13 +118,15 @@ class ExchangeMachine:
             self.directory = {k: (a, u) for k, a, u in directory}
             self.keys = {k: (a, r) for k, a, r in keys}
 
+    # key() and members() run on the API's hot path (every signed request, every redirect)
+    # and take no lock: a dict lookup or copy is one atomic step under the GIL, and the apply
+    # thread only ever sets or pops single entries of these dicts.
+
     def key(self, key_id: str) -> tuple[str, str] | None:
-        with self._lock:
-            return self.keys.get(key_id)
+        return self.keys.get(key_id)
 
     def members(self) -> dict[str, tuple[str, str]]:
-        with self._lock:
-            return dict(self.directory)
+        return self.directory.copy()
 
     def read(self, fn: Callable[[Exchange], object]) -> object:
         """Run a read-only query against the exchange without racing the apply thread."""

@@ -30,10 +30,12 @@ enforced by ``cluster.raft_pin``. Each fix is described, with its test, in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from pysyncobj import pickle as _pickle
@@ -223,6 +225,7 @@ class HardenedSyncObj(SyncObj):
         self.snapshots_installed = 0
         self.elections_averted = 0  # deadline passed, but a message waiting in a socket reset it
         self.heartbeats_during_apply = 0  # AppendEntries rounds sent while apply() was running
+        self.heartbeats_during_dump = 0  # ... and while a dump (snapshot) was being written
         # Fix 5. Whoever runs pysyncobj code holds the tick lock: the tick thread, except while
         # it is inside machine.apply(), when the heartbeat helper (run_heartbeat_helper) may
         # take it to send the leader's AppendEntries. pysyncobj is not thread-safe; this lock
@@ -230,7 +233,7 @@ class HardenedSyncObj(SyncObj):
         self._tick_lock = threading.Lock()
         self._apply_cond = threading.Condition(self._tick_lock)
         self._in_tick = False
-        self._applying = False
+        self._busy: str | None = None  # "apply" / "dump": the tick thread lent its lock
         self._helper_stopped = False
 
         conf.autoTick = False
@@ -295,13 +298,9 @@ class HardenedSyncObj(SyncObj):
         # Fix 5: apply() touches only the state machine, so pysyncobj is free meanwhile: let
         # the heartbeat helper in (upstream's leader is silent until it has applied all it
         # committed, and one large batch outlasts the followers' election timeout).
-        hand_over = self._in_tick
-        if hand_over:
-            self._applying = True
-            self._apply_cond.notify()
-            self._tick_lock.release()
         try:
-            result = self._machine.apply(payload)
+            with self._heartbeats_meanwhile("apply"):
+                result = self._machine.apply(payload)
         except BaseException:
             logger.critical(
                 "state machine apply() failed on committed log index %d; stopping "
@@ -312,11 +311,28 @@ class HardenedSyncObj(SyncObj):
             )
             logging.shutdown()
             os._exit(EXIT_APPLY_FAILED)
+        return result
+
+    @contextlib.contextmanager
+    def _heartbeats_meanwhile(self, busy: str) -> Iterator[None]:
+        """Run the body without the tick lock, the heartbeat helper standing in for the tick.
+
+        For work on the tick thread that touches only the state machine and our own files
+        (apply, writing a dump): pysyncobj's state is left alone meanwhile, so the helper may
+        send the leader's AppendEntries while it runs. Outside a tick (tests drive apply by
+        hand) there is no lock to hand over.
+        """
+        hand_over = self._in_tick
+        if hand_over:
+            self._busy = busy
+            self._apply_cond.notify()
+            self._tick_lock.release()
+        try:
+            yield
         finally:
             if hand_over:
                 self._tick_lock.acquire()
-                self._applying = False
-        return result
+                self._busy = None
 
     def propose(self, payload: bytes, callback) -> None:
         """Queue ``payload`` for replication; ``callback(result, FAIL_REASON)`` on tick thread."""
@@ -333,20 +349,28 @@ class HardenedSyncObj(SyncObj):
         header = DumpHeader(
             last=tuple(last), prev=tuple(prev), cluster=tuple(sorted(node.id for node in cluster))
         )
+        started = time.perf_counter()
         try:
-            blob = self._machine.snapshot()
-            if not isinstance(blob, bytes):
-                raise TypeError(f"snapshot() returned {type(blob).__name__}, not bytes")
-            raw = encode_dump(header, blob)
-            with open(path, "wb") as handle:
-                handle.write(raw)
-                handle.flush()
-                if self._fsync:
-                    os.fsync(handle.fileno())
+            # Encoding a large book takes hundreds of ms (60k resting orders: ~0.4 s) and the
+            # fsync more: longer than the followers' election timeout. Like apply(), it touches
+            # only the state machine (which nothing else writes: apply runs on this thread)
+            # and our file, so the heartbeat helper keeps the leader's AppendEntries going.
+            with self._heartbeats_meanwhile("dump"):
+                blob = self._machine.snapshot()
+                if not isinstance(blob, bytes):
+                    raise TypeError(f"snapshot() returned {type(blob).__name__}, not bytes")
+                raw = encode_dump(header, blob)
+                with open(path, "wb") as handle:
+                    handle.write(raw)
+                    handle.flush()
+                    if self._fsync:
+                        os.fsync(handle.fileno())
         except Exception:
             # Upstream swallows the exception (serializer.py 98-102); say what it was.
             logger.exception("writing the raft dump at index %d failed", header.index)
             raise
+        logger.info("raft dump at log index %d written: %.1f MB in %.0f ms", header.index,
+                    len(raw) / 1e6, (time.perf_counter() - started) * 1000)
 
     def _read_dump_hook(self, path):
         # Called by Serializer.deserialize (serializer.py 110-111), which returns
@@ -846,13 +870,16 @@ class HardenedSyncObj(SyncObj):
         # leader, send AppendEntries whenever one is due (the same call the tick makes at
         # 690-692); return the seconds until the next one, or None when there is nothing to
         # do until the next apply() starts.
-        if not self._applying or self._SyncObj__raftState != _RAFT_STATE.LEADER:
+        if self._busy is None or self._SyncObj__raftState != _RAFT_STATE.LEADER:
             return None
         due_in = self._SyncObj__newAppendEntriesTime - _now()
         if due_in > 0:
             return due_in
         self._SyncObj__sendAppendEntries()
-        self.heartbeats_during_apply += 1
+        if self._busy == "dump":
+            self.heartbeats_during_dump += 1
+        else:
+            self.heartbeats_during_apply += 1
         return max(self._SyncObj__newAppendEntriesTime - _now(), 0.001)
 
     def heartbeat_if_due(self) -> None:
@@ -923,6 +950,7 @@ class HardenedSyncObj(SyncObj):
             "snapshots_installed": self.snapshots_installed,
             "elections_averted": self.elections_averted,
             "heartbeats_during_apply": self.heartbeats_during_apply,
+            "heartbeats_during_dump": self.heartbeats_during_dump,
             "pre_votes_refused": self.pre_votes_refused,
         }
 

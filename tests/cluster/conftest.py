@@ -60,6 +60,7 @@ class RecordingMachine:
         self.executions: list[bytes] = []
         self.restores = 0
         self.on_apply = None  # a test's hook: called with the payload, inside apply
+        self.on_snapshot = None  # a test's hook: called inside snapshot
 
     def apply(self, payload: bytes) -> bytes:
         if self.on_apply is not None:
@@ -69,6 +70,8 @@ class RecordingMachine:
         return b"applied:" + payload
 
     def snapshot(self) -> bytes:
+        if self.on_snapshot is not None:
+            self.on_snapshot()
         return msgpack.packb(self.state)
 
     def restore(self, blob: bytes) -> None:

@@ -9,6 +9,7 @@ are those of pysyncobj 0.3.17 (syncobj.py unless another file is named).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -287,18 +288,14 @@ def test_leader_keeps_sending_heartbeats_while_applying(sim: SimNet, kind):
         assert [f.state for f in followers] == [[b"big batch"]] * 2
 
 
-def test_heartbeat_helper_never_runs_outside_apply(tmp_path):
-    """The helper takes turns with the tick thread: it acts only while apply() runs, on the
-    leader, and it stops when told."""
-    conf = SyncObjConf(
-        autoTick=False,
-        raftMinTimeout=0.15,
-        raftMaxTimeout=0.2,
-        appendEntriesPeriod=0.04,
-        useFork=False,
-    )
+@contextlib.contextmanager
+def solo_leader_with_helper(tmp_path: Path, *, fsync: bool, **conf_extra):
+    """A one-node HardenedSyncObj ticked by the test, leading, with its heartbeat helper
+    running on a real thread; everything stopped and closed on the way out."""
+    conf = SyncObjConf(autoTick=False, raftMinTimeout=0.15, raftMaxTimeout=0.2,
+                       appendEntriesPeriod=0.04, useFork=False, **conf_extra)
     solo = HardenedSyncObj(
-        f"127.0.0.1:{free_port()}", [], conf, RecordingMachine(), tmp_path, fsync=False
+        f"127.0.0.1:{free_port()}", [], conf, RecordingMachine(), tmp_path, fsync=fsync
     )
     helper = threading.Thread(target=solo.run_heartbeat_helper, daemon=True)
     helper.start()
@@ -307,6 +304,19 @@ def test_heartbeat_helper_never_runs_outside_apply(tmp_path):
         while not solo._isLeader() and time.monotonic() < deadline:
             solo.doTick(0.01)
         assert solo._isLeader()
+        yield solo
+    finally:
+        solo.stop_heartbeat_helper()
+        helper.join(5)
+        assert not helper.is_alive()
+        solo._doDestroy()
+        solo.close_storage()
+
+
+def test_heartbeat_helper_never_runs_outside_apply(tmp_path):
+    """The helper takes turns with the tick thread: it acts only while apply() runs, on the
+    leader, and it stops when told."""
+    with solo_leader_with_helper(tmp_path, fsync=False) as solo:
         assert solo.heartbeats_during_apply == 0  # nothing applied slowly: it never woke to act
         done = threading.Event()
         solo._machine.on_apply = lambda payload: time.sleep(0.3)  # the helper's turn
@@ -318,12 +328,42 @@ def test_heartbeat_helper_never_runs_outside_apply(tmp_path):
         for _ in range(30):
             solo.doTick(0.01)
         assert solo.heartbeats_during_apply == count
+
+
+def test_heartbeat_helper_stands_in_while_a_dump_is_written(tmp_path):
+    """Writing a dump runs on the tick thread too (compaction; a large book takes hundreds of
+    ms to encode and fsync): the helper keeps the leader's AppendEntries going meanwhile, and
+    the dump is written whole."""
+    with solo_leader_with_helper(tmp_path, fsync=True, logCompactionMinEntries=10**6,
+                                 logCompactionMinTime=10**6) as solo:
+        done = threading.Event()
+        for payload in (b"a", b"b", b"c"):
+            solo.propose(payload, lambda result, reason: done.set())
+        while not done.is_set() or solo.raft_status()["applied_index"] < 4:
+            solo.doTick(0.01)
+        assert solo.heartbeats_during_dump == 0
+        slow = threading.Event()
+        solo._machine.on_snapshot = lambda: (slow.set(), time.sleep(0.3))
+        solo.forceLogCompaction()
+        deadline = time.monotonic() + 10
+        while not (slow.is_set() and solo._dump_path.exists()) and time.monotonic() < deadline:
+            solo.doTick(0.01)
+        assert solo._dump_path.exists()
+        assert solo.heartbeats_during_dump >= 3  # every 0.04 s during 0.3 s
+        assert solo.heartbeats_during_apply == 0
+        count = solo.heartbeats_during_dump
+        for _ in range(30):
+            solo.doTick(0.01)
+        assert solo.heartbeats_during_dump == count  # only while the dump was being written
+    restarted = HardenedSyncObj(
+        f"127.0.0.1:{free_port()}", [], SyncObjConf(autoTick=False, useFork=False),
+        RecordingMachine(), tmp_path, fsync=False)
+    try:
+        assert restarted._machine.restores == 1
+        assert restarted._machine.state[-3:] == [b"a", b"b", b"c"]
     finally:
-        solo.stop_heartbeat_helper()
-        helper.join(5)
-        assert not helper.is_alive()
-        solo._doDestroy()
-        solo.close_storage()
+        restarted._doDestroy()
+        restarted.close_storage()
 
 
 # ---------------------------------------------------------------------------------------------
