@@ -5,7 +5,7 @@
 One run measures three things on this machine:
 
 1. quorumbook. A local 3-node cluster (`LocalCluster` in a temp dir, real node processes,
-   journal with fsync, the node's own batching: `batch_window_s` 1 ms, `batch_max` 1000).
+   journal with fsync, the node's own batching: at most 2 batches in flight, `batch_max` 1000).
    `--clients` threads, each with its own HTTP connection, each send one request at a time of
    `--per-request` commands to `POST /v1/admin/commands` on the leader. Every client trades
    its own market with its own 100 funded accounts (`OrderMix`): GTC limit places (most rest
@@ -649,7 +649,7 @@ def print_report(res: dict) -> None:
     )
     print()
     print(
-        f"quorumbook 3-node cluster (journal + fsync, batch window 1 ms / max 1000): "
+        f"quorumbook 3-node cluster (journal + fsync, node batching: 2 in flight, max 1000): "
         f"{ours['clients']} HTTP clients x {ours['per_request']} commands per request, one "
         f"request in flight per client, {ours['warmup_s']:.0f} s warm-up, "
         f"{ours['seconds']:.0f} s measured; state machine on the nodes: "

@@ -46,8 +46,9 @@ class NodeConfig:
     leader_fallback_timeout_s: float = 0.75
     compaction_min_entries: int = 5000
     compaction_min_time_s: float = 300.0
-    batch_window_s: float = 0.001
+    batch_window_s: float = 0.0
     batch_max: int = 1000
+    batch_max_in_flight: int = 2
     submit_timeout_s: float = 5.0
     # [api]: HTTPS (and wss) when both files are given; per-key rate limits (0 = none);
     # /readyz's allowed lag between the commit and applied Raft indexes.
@@ -112,8 +113,12 @@ def load(path: Path) -> NodeConfig:
             "election_timeout_min_s", "election_timeout_max_s", "append_entries_period_s",
             "leader_fallback_timeout_s", "compaction_min_entries", "compaction_min_time_s",
         ) if k in raft}
-        batching = {k: raw["batch"][k] for k in ("batch_window_s", "batch_max", "submit_timeout_s")
-                    if k in raw.get("batch", {})}
+        batching = {k: raw["batch"][k] for k in (
+            "batch_window_s", "batch_max", "batch_max_in_flight", "submit_timeout_s",
+        ) if k in raw.get("batch", {})}
+        if not isinstance(batching.get("batch_max_in_flight", 1), int) or \
+                batching.get("batch_max_in_flight", 1) < 1:
+            raise ConfigError(f"config {path}: [batch] batch_max_in_flight must be an integer >= 1")
         api_settings = {k: api[k] for k in API_SETTINGS if k in api}
         tls = {k: (base / api[k]).resolve() for k in ("tls_cert_file", "tls_key_file") if k in api}
         if len(tls) == 1:
@@ -177,6 +182,7 @@ def dump(config: NodeConfig) -> str:
         "[batch]",
         f"batch_window_s = {config.batch_window_s}",
         f"batch_max = {config.batch_max}",
+        f"batch_max_in_flight = {config.batch_max_in_flight}",
         f"submit_timeout_s = {config.submit_timeout_s}",
     ]
     for peer in config.peers:

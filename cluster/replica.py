@@ -1,8 +1,12 @@
 """The trio side of a node: batching, submission and the bridge from pysyncobj's thread.
 
-Callers `await replica.submit(command)`. A batcher task gathers the commands that arrive
-within `batch_window_s` (or up to `batch_max`), stamps one wall-clock `ts` and proposes the
-batch as one replicated call. pysyncobj reports the outcome on its own thread; the callback
+Callers `await replica.submit(command)`. A batcher task proposes what is queued as one
+replicated call (up to `batch_max` entries, stamped with one wall-clock `ts`) as soon as the
+pipeline has room: at most `max_in_flight` batches are proposed and not yet resolved. An idle
+node proposes a lone command at once (no waiting window on the latency path); under load the
+commands that arrive while the pipeline is full go out together, so batches grow with the
+load and the per-batch costs (Raft messages, journal writes, hand-overs) do not.
+`batch_window_s` > 0 adds a fixed wait for more commands before each proposal. pysyncobj reports the outcome on its own thread; the callback
 only hands it to trio with `TrioToken.run_sync_soon`, so no trio code ever blocks on
 pysyncobj. A caller gets events only once its command is committed and applied.
 
@@ -119,15 +123,22 @@ class Replica:
         self,
         raft: RaftPort,
         *,
-        batch_window_s: float = 0.001,
+        batch_window_s: float = 0.0,
         batch_max: int = 1000,
+        max_in_flight: int = 2,
         submit_timeout_s: float = 5.0,
         queue_max: int = 100_000,
     ) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be >= 1")
         self.raft = raft
         self.batch_window_s = batch_window_s
         self.batch_max = batch_max
+        self.max_in_flight = max_in_flight
         self.submit_timeout_s = submit_timeout_s
+        # Proposed batches without an outcome yet: token -> when proposed (perf_counter).
+        self._in_flight: dict[object, float] = {}
+        self._room = trio.Event()
         self._send, self._receive = trio.open_memory_channel[_Slot](queue_max)
         self._token: trio.lowlevel.TrioToken | None = None
         self.batches_proposed = 0
@@ -143,6 +154,7 @@ class Replica:
         async with self._receive:
             while True:
                 first = await self._receive.receive()
+                await self._wait_for_room()
                 batch = [first]
                 size = len(first.entries)
                 if self.batch_window_s > 0:
@@ -161,6 +173,26 @@ class Replica:
                 self._propose(batch)
                 # Let resolved callers and new submitters run between batches.
                 await trio.lowlevel.checkpoint()
+
+    async def _wait_for_room(self) -> None:
+        """Return once fewer than `max_in_flight` proposed batches await their outcome.
+
+        A batch whose outcome has not come back within `submit_timeout_s` no longer counts
+        (its callers have been answered OutcomeUnknown), so a callback that never comes
+        cannot wedge the pipeline.
+        """
+        while len(self._in_flight) >= self.max_in_flight:
+            now = time.perf_counter()
+            horizon = now - self.submit_timeout_s
+            for token, proposed in list(self._in_flight.items()):
+                if proposed <= horizon:
+                    del self._in_flight[token]
+            if len(self._in_flight) < self.max_in_flight:
+                return
+            oldest = min(self._in_flight.values())
+            self._room = trio.Event()
+            with trio.move_on_after(max(0.0, oldest + self.submit_timeout_s - now)):
+                await self._room.wait()
 
     def _propose(self, batch: list[_Slot]) -> None:
         if not self.raft.is_leader():
@@ -195,17 +227,21 @@ class Replica:
         token = self._token
         assert token is not None
         proposed = time.perf_counter()
+        ticket = object()
+        self._in_flight[ticket] = proposed
 
         def on_result(result: object, failure: SubmitFailure | None) -> None:
             # pysyncobj's thread (or ours, for an immediate failure): hand over, never block.
             with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(self._resolve, batch, result, failure, proposed)
+                token.run_sync_soon(self._resolve, batch, result, failure, proposed, ticket)
 
         self.raft.submit(payload, on_result)
 
     def _resolve(self, batch: list[_Slot], result: list | None, failure: Any,
-                 proposed: float | None = None) -> None:
-        if failure is None and proposed is not None:
+                 proposed: float, ticket: object) -> None:
+        if self._in_flight.pop(ticket, None) is not None:
+            self._room.set()
+        if failure is None:
             self.commit_latency_s.observe(time.perf_counter() - proposed)
         if failure is not None:
             if failure.definite:

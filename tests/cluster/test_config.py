@@ -1,4 +1,4 @@
-"""The node config's [api] settings: loaded, written back, and refused when unusable."""
+"""The node config's [api] and [batch] settings: loaded, written back, and refused when unusable."""
 
 from __future__ import annotations
 
@@ -54,3 +54,15 @@ def test_plain_http_and_defaults_without_settings(tmp_path: Path) -> None:
 def test_unusable_api_settings_are_refused(tmp_path: Path, lines: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load(write(tmp_path, lines))
+
+
+def test_batch_settings_round_trip_and_a_pipeline_of_zero_is_refused(tmp_path: Path) -> None:
+    config = load(write(tmp_path, "\n[batch]\nbatch_max_in_flight = 3\nbatch_window_s = 0.002\n"))
+    assert (config.batch_max_in_flight, config.batch_window_s, config.batch_max) == (3, 0.002, 1000)
+    again = tmp_path / "again.toml"
+    again.write_text(dump(config))
+    assert load(again) == config
+    assert load(write(tmp_path, "")).batch_max_in_flight == 2
+    for bad in ("0", "1.5", '"2"'):
+        with pytest.raises(ConfigError, match="batch_max_in_flight must be an integer >= 1"):
+            load(write(tmp_path, f"\n[batch]\nbatch_max_in_flight = {bad}\n"))

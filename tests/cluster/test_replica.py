@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from cluster.batch import decode_batch
 from cluster.machine import ExchangeMachine
@@ -170,6 +171,83 @@ def test_a_late_result_after_a_timeout_is_harmless() -> None:
                 await replica.submit(MARKET)
             fake.outcome = "ok"
             assert (await replica.submit(MARKET)) == [{"type": "ok"}]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+class ManualRaft(FakeRaft):
+    """A leader whose outcomes the test releases by hand, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.callbacks: list = []
+
+    def submit(self, payload: bytes, callback) -> None:
+        self.submitted.append(payload)
+        self.callbacks.append((len(decode_batch(payload)[1]), callback))
+
+    def release(self) -> None:
+        entries, callback = self.callbacks.pop(0)
+        callback([[{"type": "ok"}] for _ in range(entries)], None)
+
+
+def test_at_most_max_in_flight_batches_and_the_rest_go_out_together() -> None:
+    """An idle replica proposes a command at once; while the pipeline is full, what arrives
+    waits and then goes out as one batch."""
+    raft = ManualRaft()
+
+    async def main() -> None:
+        replica = Replica(raft, max_in_flight=1)
+        results: list = []
+
+        async def one(i: int) -> None:
+            results.append((i, await replica.submit({**MARKET, "market": f"M{i}"})))
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(replica.run)
+            nursery.start_soon(one, 0)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(raft.submitted) == 1  # proposed at once, no window
+            for i in range(1, 6):
+                nursery.start_soon(one, i)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(raft.submitted) == 1  # the pipeline is full: they wait
+            raft.release()
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(raft.submitted) == 2
+            assert sorted(e[1]["market"] for e in decode_batch(raft.submitted[1])[1]) == [
+                f"M{i}" for i in range(1, 6)]
+            raft.release()
+            await trio.testing.wait_all_tasks_blocked()
+            assert sorted(i for i, _ in results) == list(range(6))
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_a_batch_that_never_resolves_does_not_wedge_the_pipeline() -> None:
+    raft = ManualRaft()
+
+    async def main() -> None:
+        replica = Replica(raft, max_in_flight=1, submit_timeout_s=0.2)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(replica.run)
+            with pytest.raises(OutcomeUnknown):
+                await replica.submit(MARKET)  # its callback never comes
+            async with trio.open_nursery() as inner:
+                outcome: list = []
+
+                async def second() -> None:
+                    outcome.append(await replica.submit({**MARKET, "market": "X-Z"}))
+
+                inner.start_soon(second)
+                with trio.fail_after(5):
+                    while len(raft.submitted) < 2:
+                        await trio.sleep(0.01)
+                raft.callbacks.pop(0)  # the lost one
+                raft.release()
+            assert outcome == [[{"type": "ok"}]]
             nursery.cancel_scope.cancel()
 
     trio.run(main)
