@@ -104,7 +104,7 @@ def create_app(node: NodePort, verifier: Verifier, *, limiter: RateLimiter | Non
 
     @app.get("/v1/cluster/status")
     async def cluster_status() -> dict:
-        return node.status()
+        return await node.status()
 
     @app.get(openapi.PATH)
     async def openapi_document() -> dict:
@@ -166,7 +166,7 @@ def create_app(node: NodePort, verifier: Verifier, *, limiter: RateLimiter | Non
             return error(409, "membership_change_failed", str(exc))
         except OutcomeUnknownError as exc:
             return error(503, "outcome_unknown", str(exc), {"Retry-After": "1"})
-        return node.status()
+        return await node.status()
 
     @app.post("/v1/admin/transfer-leader")
     @http.authed("admin", leader=True)
@@ -221,6 +221,6 @@ def create_app(node: NodePort, verifier: Verifier, *, limiter: RateLimiter | Non
             return not_leader_response()
         except OutcomeUnknownError as exc:
             return error(503, "outcome_unknown", str(exc), {"Retry-After": "1"})
-        return node.status()
+        return await node.status()
 
     return app

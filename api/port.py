@@ -48,7 +48,9 @@ class NodePort(Protocol):
 
     def is_leader(self) -> bool: ...
     def leader_url(self) -> str | None: ...
-    def status(self) -> dict: ...
+    async def status(self) -> dict:
+        """health() plus the state hash, engine, peers and Raft counters (the hash is computed
+        off the trio thread: it walks the whole state)."""
     def health(self) -> dict:
         """Cheap figures (no state hash), for /readyz and /metrics: node_id, role
         ("leader"|"follower"|"candidate"), leader (its id, or None when none is known),

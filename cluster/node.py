@@ -79,6 +79,7 @@ class Node:
         self.raft = raft
         self.replica = replica
         self._hash_cache: tuple[int, str] = (-1, "")
+        self._hash_lock = trio.Lock()
         self.api_master = config.read_api_master()
         self._trades: dict[str, collections.deque] = {}
         self._trades_lock = threading.Lock()
@@ -226,16 +227,49 @@ class Node:
     def read(self, query):  # see api.port.NodePort.read
         return self.machine.read(query)
 
-    def _state(self) -> tuple[int, str]:
-        def read(ex):
-            if self._hash_cache[0] != ex.cmd_index:
-                self._hash_cache = (ex.cmd_index, ex.state_hash())
-            return self._hash_cache
+    async def _state(self) -> tuple[int, str]:
+        """(cmd_index, state hash), cached per cmd_index.
 
-        return self.machine.read(read)  # type: ignore[return-value]
+        Hashing walks the whole state (hundreds of ms on a large book), so it runs on the
+        Raft thread between ticks (nothing applies meanwhile, so no lock is needed, and the
+        heartbeat helper keeps a leader's AppendEntries going), never on the trio thread
+        under the machine's lock: there it stalled every request and held the apply thread
+        back long enough for the followers to stand for election (status polled on a node
+        catching up). One computation at a time; callers that queue behind it reuse it.
+        """
+        async with self._hash_lock:
+            cached = self._hash_cache
+            if cached[0] == self.machine.exchange.cmd_index:
+                return cached
+
+            def read() -> tuple[int, str]:
+                exchange = self.machine.exchange
+                return exchange.cmd_index, exchange.state_hash()
+
+            token = trio.lowlevel.current_trio_token()
+            done = trio.Event()
+            outcome: list = []
+
+            def on_result(result: object, failure: object) -> None:
+                outcome.append((result, failure))
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(done.set)
+
+            try:
+                self.raft.read_between_ticks(read, on_result)
+            except RuntimeError:  # the replica is stopping
+                outcome.append((None, "stopping"))
+                done.set()
+            await done.wait()
+            result, failure = outcome[0]
+            if failure is not None:
+                result = self.machine.read(lambda ex: (ex.cmd_index, ex.state_hash()))
+            self._hash_cache = result
+            return result
 
     def health(self) -> dict:
-        return self._summary(self.raft.status(), self.machine.read(lambda ex: ex.cmd_index))
+        # An int read needs no lock (the exchange object is swapped whole on restore).
+        return self._summary(self.raft.status(), self.machine.exchange.cmd_index)
 
     def _summary(self, raft: dict, cmd_index: int) -> dict:
         """What /readyz, /metrics and the status share, from one read of the Raft status."""
@@ -257,9 +291,9 @@ class Node:
         return {"qb_commit_latency_seconds": self.replica.commit_latency_s.figures(),
                 "qb_batch_size_entries": self.replica.batch_sizes.figures()}
 
-    def status(self) -> dict:
+    async def status(self) -> dict:
+        cmd_index, state_hash = await self._state()
         raft = self.raft.status()
-        cmd_index, state_hash = self._state()
         return {
             **self._summary(raft, cmd_index),
             "state_hash": state_hash,
@@ -272,7 +306,8 @@ class Node:
             "batches_proposed": self.replica.batches_proposed,
             "raft": {k: raft[k] for k in ("log_first_index", "log_last_index", "refused_truncations",
                                           "snapshots_ignored", "snapshots_installed",
-                                          "elections_averted", "pre_votes_refused") if k in raft},
+                                          "elections_averted", "step_downs_averted", "pre_votes_refused")
+                     if k in raft},
             "indexer": {"active": False},
         }
 

@@ -345,6 +345,16 @@ class RaftReplica:
     def force_compaction(self) -> None:
         self._enqueue(("compact", None), None)
 
+    def read_between_ticks(self, query: Callable[[], object], callback: Callback) -> None:
+        """Run ``query()`` on the tick thread between ticks; ``callback(result, None)`` (or
+        ``(None, SubmitError)`` if it raised), on that thread.
+
+        For long reads of the state machine (a state hash of a large book): nothing applies
+        meanwhile, so the read is consistent without the machine's lock, and the heartbeat
+        helper keeps a leader's AppendEntries going. Thread-safe, non-blocking.
+        """
+        self._enqueue(("read", query), callback)
+
     def status(self) -> dict:
         """role, leader, term, commit_index, applied_index, peers[{id, match_index, connected}]
 
@@ -428,6 +438,9 @@ class RaftReplica:
         obj = self._obj
         if kind == "compact":
             obj.forceLogCompaction()
+            return
+        if kind == "read":
+            pending.fire(obj.run_between_ticks(arg), None)
             return
         if kind == "submit" and len(arg) > self._settings.max_payload_bytes:
             pending.fire(

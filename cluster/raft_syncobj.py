@@ -224,8 +224,10 @@ class HardenedSyncObj(SyncObj):
         self.snapshots_ignored = 0  # completed snapshots not installed (already passed / held)
         self.snapshots_installed = 0
         self.elections_averted = 0  # deadline passed, but a message waiting in a socket reset it
-        self.heartbeats_during_apply = 0  # AppendEntries rounds sent while apply() was running
-        self.heartbeats_during_dump = 0  # ... and while a dump (snapshot) was being written
+        # AppendEntries rounds the heartbeat helper sent while the tick thread was busy in
+        # apply(), writing a dump, or in a long read (run_between_ticks).
+        self.heartbeats_lent = {"apply": 0, "dump": 0, "read": 0}
+        self.step_downs_averted = 0  # answers read just before the leader would step down
         # Fix 5. Whoever runs pysyncobj code holds the tick lock: the tick thread, except while
         # it is inside machine.apply(), when the heartbeat helper (run_heartbeat_helper) may
         # take it to send the leader's AppendEntries. pysyncobj is not thread-safe; this lock
@@ -312,6 +314,17 @@ class HardenedSyncObj(SyncObj):
             logging.shutdown()
             os._exit(EXIT_APPLY_FAILED)
         return result
+
+    def run_between_ticks(self, query):
+        """``query()`` on the tick thread outside a tick, with the heartbeat helper standing in
+        (a long read of the state machine: nothing of pysyncobj's is touched)."""
+        with self._tick_lock:
+            self._in_tick = True
+            try:
+                with self._heartbeats_meanwhile("read"):
+                    return query()
+            finally:
+                self._in_tick = False
 
     @contextlib.contextmanager
     def _heartbeats_meanwhile(self, busy: str) -> Iterator[None]:
@@ -824,6 +837,7 @@ class HardenedSyncObj(SyncObj):
                 # between.
                 self._journal.sync()
                 self._read_before_standing()
+                self._read_before_stepping_down()
                 self._maybe_pre_vote()
                 state, term = self._SyncObj__raftState, self._SyncObj__raftCurrentTerm
                 super()._onTick(timeToWait)
@@ -865,6 +879,25 @@ class HardenedSyncObj(SyncObj):
         if self._SyncObj__raftElectionDeadline >= _now():
             self.elections_averted += 1
 
+    def _read_before_stepping_down(self) -> None:
+        # The leader's counterpart of _read_before_standing. Upstream steps down when fewer
+        # than a majority answered within leaderFallbackTimeout (syncobj.py 678-686), judged
+        # at the top of the tick, before the tick reads its sockets. After the tick thread
+        # was busy longer than that (a large apply, a dump, a state hash between ticks) the
+        # followers' answers are waiting unread: read them first.
+        if self._SyncObj__raftState != _RAFT_STATE.LEADER:
+            return
+        deadline = _now() - self._SyncObj__conf.leaderFallbackTimeout
+        answered = 1 + sum(1 for node in self._SyncObj__otherNodes
+                           if self._SyncObj__lastResponseTime.get(node, 0) > deadline)
+        if answered * 2 > len(self._SyncObj__otherNodes) + 1:
+            return
+        self._poller.poll(0)
+        answered = 1 + sum(1 for node in self._SyncObj__otherNodes
+                           if self._SyncObj__lastResponseTime.get(node, 0) > deadline)
+        if answered * 2 > len(self._SyncObj__otherNodes) + 1:
+            self.step_downs_averted += 1
+
     def _heartbeat_step(self) -> float | None:
         # Called with the tick lock held. While the tick thread is inside apply() on the
         # leader, send AppendEntries whenever one is due (the same call the tick makes at
@@ -876,10 +909,7 @@ class HardenedSyncObj(SyncObj):
         if due_in > 0:
             return due_in
         self._SyncObj__sendAppendEntries()
-        if self._busy == "dump":
-            self.heartbeats_during_dump += 1
-        else:
-            self.heartbeats_during_apply += 1
+        self.heartbeats_lent[self._busy] += 1
         return max(self._SyncObj__newAppendEntriesTime - _now(), 0.001)
 
     def heartbeat_if_due(self) -> None:
@@ -919,6 +949,14 @@ class HardenedSyncObj(SyncObj):
 
     # -- introspection for the adapter and tests -----------------------------------------------
 
+    @property
+    def heartbeats_during_apply(self) -> int:
+        return self.heartbeats_lent["apply"]
+
+    @property
+    def heartbeats_during_dump(self) -> int:
+        return self.heartbeats_lent["dump"]
+
     def close_storage(self) -> None:
         """Release files. Call only once ticking has stopped (after ``_doDestroy``)."""
         self._SyncObj__serializer.close()
@@ -949,8 +987,8 @@ class HardenedSyncObj(SyncObj):
             "snapshots_ignored": self.snapshots_ignored,
             "snapshots_installed": self.snapshots_installed,
             "elections_averted": self.elections_averted,
-            "heartbeats_during_apply": self.heartbeats_during_apply,
-            "heartbeats_during_dump": self.heartbeats_during_dump,
+            "step_downs_averted": self.step_downs_averted,
+            **{f"heartbeats_during_{busy}": n for busy, n in self.heartbeats_lent.items()},
             "pre_votes_refused": self.pre_votes_refused,
         }
 

@@ -180,13 +180,13 @@ class Exchange:
 
     def state_hash(self, *, counters: bool = True) -> str:
         """Hex sha256 of the canonical state; `counters=False` leaves out seq/cmd_index/ts."""
-        from .snapshot import COUNTER_FIELDS, body_fields, gc_paused, pack
+        from .snapshot import COUNTER_FIELDS, body_fields, gc_paused, pack_body
 
         with gc_paused():
             fields = body_fields(self)
             if not counters:
                 fields = fields[COUNTER_FIELDS:]
-            return hashlib.sha256(pack(fields)).hexdigest()
+            return hashlib.sha256(pack_body(fields)).hexdigest()
 
     @property
     def seq(self) -> int:

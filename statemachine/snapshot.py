@@ -37,6 +37,54 @@ def pack(fields: list) -> bytes:
     return msgpack.packb(fields, use_bin_type=True)
 
 
+# Items per msgpack call when a body is packed in pieces (pack_body): 256 book levels (or refs,
+# accounts, client order id pairs) take about a millisecond.
+RUN = 256
+
+
+def _header(n: int) -> bytes:
+    """The msgpack array header msgpack writes for n items (always the shortest form)."""
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def _runs(out: list[bytes], items: list) -> None:
+    """Append the bytes of `items` as one msgpack array: its header, then RUN items per call
+    (each call's own array header cut off)."""
+    out.append(_header(len(items)))
+    for at in range(0, len(items), RUN):
+        run = items[at : at + RUN]
+        out.append(pack(run)[len(_header(len(run))) :])
+
+
+def pack_body(fields: list) -> bytes:
+    """`pack(fields)` for a body (`body_fields`, with or without its counters), byte for byte,
+    packed in pieces.
+
+    One msgpack call over a whole body holds the GIL from start to end (160 ms for 60k
+    resting orders with client order ids): on a node that is longer than the followers'
+    election timeout, with no heartbeat leaving meanwhile. Between pieces, other threads run.
+    """
+    *head, balances, supply, refs, coids, books = fields
+    out = [_header(len(fields)), pack(head)[len(_header(len(head))) :]]
+    _runs(out, balances)
+    out.append(pack(supply))
+    _runs(out, refs)
+    out.append(_header(len(coids)))
+    for account, pairs in coids:
+        out += [_header(2), pack(account)]
+        _runs(out, pairs)
+    out.append(_header(len(books)))
+    for market, bids, asks in books:
+        out += [_header(3), pack(market)]
+        _runs(out, bids)
+        _runs(out, asks)
+    return b"".join(out)
+
+
 @contextmanager
 def gc_paused() -> Iterator[None]:
     """Hold the cyclic garbage collector while a snapshot is written or read.
@@ -122,7 +170,7 @@ def _head_fields(ex: Any) -> list:
 
 def encode(ex: Any) -> bytes:
     with gc_paused():
-        body = pack(body_fields(ex))
+        body = pack_body(body_fields(ex))
     return _HEADER.pack(MAGIC, VERSION, hashlib.sha256(body).digest()) + body
 
 

@@ -37,7 +37,7 @@ class LeaderlessFollower:
         return {"node_id": self.node_id, "role": "follower", "leader": None, "term": 3,
                 "commit_index": 10, "applied_index": 10, "cmd_index": 4}
 
-    def status(self) -> dict:
+    async def status(self) -> dict:
         return {**self.health(), "state_hash": "00", "peers": []}
 
     def histograms(self) -> dict:

@@ -20,7 +20,7 @@ from tests.certs import self_signed
 class StandInNode:
     node_id = "n1"
 
-    def status(self) -> dict:
+    async def status(self) -> dict:
         return {"node_id": "n1", "role": "leader"}
 
 

@@ -244,6 +244,38 @@ def test_follower_reads_a_waiting_heartbeat_before_standing(sim: SimNet, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_leader_reads_waiting_answers_before_stepping_down(sim: SimNet, kind):
+    """Upstream's leader steps down when a majority has not answered within
+    leaderFallbackTimeout (678-686), judged at the top of a tick, before the tick reads its
+    sockets. A leader whose tick thread was busy longer than that (a large apply, a dump, a
+    state hash) finds the followers' answers waiting unread and steps down all the same.
+    Ours reads first."""
+    leader, b, c = sim.cluster(kind, leaderFallbackTimeout=0.75)
+    sim.elect(leader)
+    sim.settle(3)
+    term = leader.term()
+
+    # The leader's last heartbeats reach the followers; their answers reach its socket while
+    # its tick thread is busy for 1 s (no tick).
+    sim.clock.advance(0.06)
+    leader.tick()
+    for follower in (b, c):
+        sim.deliver(leader.addr, follower.addr)
+        follower.tick()
+        assert sim.arrive(follower.addr, leader.addr) > 0
+    sim.clock.advance(1.0)
+    leader.tick()  # the top of its next tick
+
+    if kind == "plain":
+        assert leader.role() == "follower"
+    else:
+        assert leader.is_leader() and leader.term() == term
+        assert leader.sync.step_downs_averted == 1
+        sim.settle(3)
+        assert leader.is_leader() and leader.term() == term
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_leader_keeps_sending_heartbeats_while_applying(sim: SimNet, kind):
     """Upstream's leader applies everything committed inside one tick (688, 708-729) and
     sends nothing until it is done. One batch that takes longer than the election timeout
@@ -364,6 +396,20 @@ def test_heartbeat_helper_stands_in_while_a_dump_is_written(tmp_path):
     finally:
         restarted._doDestroy()
         restarted.close_storage()
+
+
+def test_a_long_read_between_ticks_lends_the_heartbeats(tmp_path):
+    """A long read of the state machine (a state hash of a large book) runs on the tick
+    thread between ticks; the helper sends the leader's AppendEntries meanwhile."""
+    with solo_leader_with_helper(tmp_path, fsync=False) as solo:
+        assert solo.run_between_ticks(lambda: (time.sleep(0.3), 7)[1]) == 7
+        assert solo.heartbeats_lent["read"] >= 3  # every 0.04 s during 0.3 s
+        assert solo.heartbeats_during_apply == solo.heartbeats_during_dump == 0
+        for _ in range(10):
+            solo.doTick(0.01)  # the tick lock came back: ticking goes on
+        with pytest.raises(ZeroDivisionError):
+            solo.run_between_ticks(lambda: 1 / 0)
+        solo.doTick(0.01)
 
 
 # ---------------------------------------------------------------------------------------------

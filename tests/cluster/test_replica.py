@@ -6,6 +6,7 @@ outcomes a healthy node cannot produce on demand, a fake of our RaftPort interfa
 
 from __future__ import annotations
 
+import queue
 import threading
 from pathlib import Path
 
@@ -94,6 +95,21 @@ def test_the_leader_stamps_ts_and_it_never_goes_back(tmp_path: Path) -> None:
 
     try:
         trio.run(main)
+    finally:
+        raft.destroy()
+
+
+def test_reads_between_ticks_run_on_the_tick_thread_and_report_failures(tmp_path: Path) -> None:
+    _, raft = solo(tmp_path)
+    outcomes: queue.Queue = queue.Queue()
+    try:
+        raft.read_between_ticks(lambda: threading.current_thread().name,
+                                lambda result, error: outcomes.put((result, error)))
+        name, error = outcomes.get(timeout=10)
+        assert error is None and name.startswith("raft-")  # the tick thread ran it
+        raft.read_between_ticks(lambda: 1 / 0, lambda result, error: outcomes.put((result, error)))
+        result, error = outcomes.get(timeout=10)
+        assert result is None and error.definite and "ZeroDivisionError" in str(error)
     finally:
         raft.destroy()
 
