@@ -18,7 +18,9 @@ One run, on this machine, with one client (this process, one thread per connecti
    `201` answers completed in the measured window. Baseline, same run, same client code and
    connection count: `GET /ping` on `bench/trivial_app.py`, a Quart-trio app with one route,
    served by Hypercorn in its own process with the node's Hypercorn settings. Target: ours
-   >= 70% of its rate.
+   >= 70% of its rate. For reading the ratio, the same app's `POST /echo` (reads a JSON order
+   body, answers 201 with a small JSON object: an order route's shape without its work) is
+   measured too: the framework's own cost of a route shaped like ours.
 2. Latency at 80% of the peak of 1. Open loop: request i is scheduled at `t0 + i / rate`,
    whichever connection is free takes the next scheduled request (waiting for its time if
    early), and latency runs from the *scheduled* time to the response, so a request that
@@ -31,6 +33,10 @@ One run, on this machine, with one client (this process, one thread per connecti
    Target: >= 10,000.
 5. WebSocket batch order entry, for information: the same sockets, each keeping 4
    `place_batch` messages of 100 orders in flight; orders/s counts orders answered 201.
+6. The cluster's commit ceiling, for reading 3-5: `--batch-connections` admin connections
+   posting the same kind of orders, 250 per `POST /v1/admin/commands` (the bulk path of
+   `bench/replication.py`: no per-order HTTP, auth or precheck); orders/s counts commands
+   answered with their events. No order entry path can commit more than this here.
 
 Connection reuse: Hypercorn closes a keep-alive connection after `keep_alive_max_requests`
 requests (its default is 1000; `cluster/node.py` sets 1,000,000, and so does the baseline),
@@ -78,6 +84,7 @@ REST_RATIO_TARGET = 0.70
 P99_TARGET_MS = 20.0
 LOAD_FRACTION = 0.80
 BATCH_TARGET = 20_000
+CEILING_PER_REQUEST = 250
 WS_TARGET = 10_000
 BATCH_SIZE = 100  # the server's bound (api/trading.py MAX_BATCH_ORDERS)
 RATE_LIMIT_PER_S = 1_000_000.0  # per key; the default (200/s, burst 400) would throttle us
@@ -379,14 +386,25 @@ def ping_sender(rec_statuses: Statuses) -> Sender:
     return send
 
 
-def order_sender(traders: list[Trader], seed: int, tag: str, statuses: Statuses) -> Sender:
+def flows_per_connection(tag: str, seed: int) -> Callable[[int], OrderFlow]:
+    """Connection index -> its own seeded OrderFlow (own client_order_ids), made on first use."""
     flows: dict[int, OrderFlow] = {}
-    path = "/v1/orders"
 
-    def send(k: int, conn: KeepAliveConnection) -> int:
+    def flow_for(k: int) -> OrderFlow:
         flow = flows.get(k)
         if flow is None:
             flow = flows[k] = OrderFlow(f"{tag}{k}", seed)
+        return flow
+
+    return flow_for
+
+
+def order_sender(traders: list[Trader], seed: int, tag: str, statuses: Statuses) -> Sender:
+    flow_for = flows_per_connection(tag, seed)
+    path = "/v1/orders"
+
+    def send(k: int, conn: KeepAliveConnection) -> int:
+        flow = flow_for(k)
         trader = traders[(k + flow.n * 7) % len(traders)]
         body = dumps(flow.order())
         status, _ = conn.request(b"POST", path.encode(), body,
@@ -397,14 +415,48 @@ def order_sender(traders: list[Trader], seed: int, tag: str, statuses: Statuses)
     return send
 
 
+def echo_sender(seed: int) -> Sender:
+    """`POST /echo` on the baseline app with an order body (unsigned: it checks nothing)."""
+    flow_for = flows_per_connection("echo", seed)
+
+    def send(k: int, conn: KeepAliveConnection) -> int:
+        flow = flow_for(k)
+        status, body = conn.request(b"POST", b"/echo", dumps(flow.order()))
+        return 1 if status == 201 and body.startswith(b"{") else 0
+
+    return send
+
+
+def commands_sender(admin: Credentials, traders: list[Trader], seed: int, tag: str,
+                    statuses: Statuses) -> Sender:
+    """The bulk path: CEILING_PER_REQUEST place commands per `POST /v1/admin/commands`."""
+    flow_for = flows_per_connection(tag, seed)
+    path = "/v1/admin/commands"
+
+    def send(k: int, conn: KeepAliveConnection) -> int:
+        flow = flow_for(k)
+        commands = []
+        for _ in range(CEILING_PER_REQUEST):
+            trader = traders[(k + flow.n) % len(traders)]
+            commands.append({"op": "place", "account": trader.account, **flow.order()})
+        body = dumps({"commands": commands})
+        status, raw = conn.request(b"POST", path.encode(), body, signed(admin, "POST", path, body))
+        if status != 200:
+            statuses.add(f"request {status}")
+            return 0
+        committed = sum(1 for result in loads(raw)["results"] if "events" in result)
+        statuses.add("committed", committed)
+        return committed
+
+    return send
+
+
 def batch_sender(traders: list[Trader], seed: int, tag: str, statuses: Statuses) -> Sender:
-    flows: dict[int, OrderFlow] = {}
+    flow_for = flows_per_connection(tag, seed)
     path = "/v1/orders/batch"
 
     def send(k: int, conn: KeepAliveConnection) -> int:
-        flow = flows.get(k)
-        if flow is None:
-            flow = flows[k] = OrderFlow(f"{tag}{k}", seed)
+        flow = flow_for(k)
         trader = traders[(k + flow.n) % len(traders)]
         body = dumps({"orders": [flow.order() for _ in range(BATCH_SIZE)]})
         status, raw = conn.request(b"POST", path.encode(), body,
@@ -624,6 +676,8 @@ def run(root: Path, args: argparse.Namespace) -> dict:
                                          connections=args.connections, **phase)
             res["trivial"]["statuses"] = statuses.as_dict()
             res["trivial"]["load_average_1m"] = _load()
+            res["trivial_post"] = closed_loop(trivial_url, echo_sender(args.seed),
+                                              connections=args.connections, **phase)
 
         statuses = Statuses()
         with _client_cpu(cpu, "single"):
@@ -659,6 +713,15 @@ def run(root: Path, args: argparse.Namespace) -> dict:
                                        per_message=100, **phase)
             res["ws_batch"]["load_average_1m"] = _load()
 
+        statuses = Statuses()
+        with _client_cpu(cpu, "ceiling"):
+            res["ceiling"] = closed_loop(
+                url, commands_sender(cluster.admin_credentials(), traders, args.seed, "c",
+                                     statuses),
+                connections=args.batch_connections, **phase)
+            res["ceiling"]["statuses"] = statuses.as_dict()
+            res["ceiling"]["load_average_1m"] = _load()
+
         statuses_end = cluster.wait_converged(60)
         res["state_hashes_equal"] = len({s["state_hash"] for s in statuses_end.values()}) == 1
         res["cmd_index_end"] = next(iter(statuses_end.values()))["cmd_index"]
@@ -675,6 +738,9 @@ def run(root: Path, args: argparse.Namespace) -> dict:
 
     single, trivial = res["single"]["per_s"], res["trivial"]["per_s"]
     res["ratio_trivial"] = single / trivial if trivial else float("nan")
+    echo = res["trivial_post"]["per_s"]
+    res["ratio_trivial_post"] = echo / trivial if trivial else float("nan")
+    res["ratio_echo"] = single / echo if echo else float("nan")
     res["targets"] = {
         "single_vs_trivial": res["ratio_trivial"] >= REST_RATIO_TARGET,
         "p99_at_80pct": res["latency"]["p99_ms"] <= P99_TARGET_MS,
@@ -722,6 +788,10 @@ def print_report(res: dict) -> None:
     print(f"   POST /v1/orders (signed, committed)         {s['per_s']:>9,.0f} orders/s  "
           f"p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms  (load {s['load_average_1m']:.2f})")
     print(f"     {_conn_line(s)}; unknown outcome {s['unknown_outcome']}")
+    tp = res["trivial_post"]
+    print(f"   for reading: the baseline app's POST /echo (an order-shaped JSON body in, 201 and "
+          f"JSON out, no work) {tp['per_s']:,.0f} req/s = {res['ratio_trivial_post']:.0%} of "
+          f"GET /ping; ours = {res['ratio_echo']:.0%} of it")
     print(f"   ours / baseline = {res['ratio_trivial']:.1%}  (target >= "
           f"{REST_RATIO_TARGET:.0%})  {_verdict(tg['single_vs_trivial'])}")
     print()
@@ -760,7 +830,18 @@ def print_report(res: dict) -> None:
     print(f"   {wb['per_s']:,.0f} orders/s ({wb['acknowledged']:,} orders answered 201); "
           f"message p50 {wb['p50_ms']:.0f} ms, p99 {wb['p99_ms']:.0f} ms  (load "
           f"{wb['load_average_1m']:.2f}); statuses {wb['statuses']}")
-    errors = [e for r in (t, s, lat, b, w, wb) for e in r["errors"]]
+    c = res["ceiling"]
+    print()
+    print(f"6. the cluster's commit ceiling (for reading 3-5): {c['connections']} admin "
+          f"connections x {CEILING_PER_REQUEST} place commands per POST /v1/admin/commands, "
+          f"{c['seconds']:.0f} s:")
+    print(f"   {c['per_s']:,.0f} orders/s committed; request p50 {c['p50_ms']:.0f} ms, p99 "
+          f"{c['p99_ms']:.0f} ms  (load {c['load_average_1m']:.2f}); client CPU "
+          f"{c['client_cpu_share']:.0%} of a core; statuses {c['statuses']}")
+    if c["per_s"]:
+        print(f"   the batch target is {BATCH_TARGET / c['per_s']:.1f}x this ceiling, the "
+              f"WebSocket target {WS_TARGET / c['per_s']:.1f}x")
+    errors = [e for r in (t, tp, s, lat, b, w, wb, c) for e in r["errors"]]
     if errors:
         print(f"\nclient errors: {errors}")
     print(f"\nstate hashes equal on every node after the run: "

@@ -2,7 +2,10 @@
 
     .venv/bin/python -m bench.trivial_app --port PORT [--max-lifetime S]
 
-`GET /ping` answers `{"ok": true, "node_id": "trivial"}` (the shape of `/healthz`). Hypercorn
+`GET /ping` answers `{"ok": true, "node_id": "trivial"}` (the shape of `/healthz`); `POST /echo`
+reads a JSON body and answers 201 with a three-field JSON object: the shape of an order request
+with none of the work (no signature, no log, no book), i.e. what Quart-trio and Hypercorn cost a
+route like `POST /v1/orders` here. Hypercorn
 is configured as `cluster/node.py` configures a node's API (the same `HypercornConfig`
 fields: bind, `keep_alive_max_requests = 1_000_000`, no access log, error log to stderr,
 everything else Hypercorn's default) and the process sets the node's GC thresholds, so the
@@ -22,8 +25,10 @@ import sys
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
+from quart import Response, request
 from quart_trio import QuartTrio
 
+from api.jsoncodec import dumps, loads
 from cluster.node import GC_THRESHOLDS
 
 
@@ -33,6 +38,13 @@ def create_app() -> QuartTrio:
     @app.get("/ping")
     async def ping() -> dict:
         return {"ok": True, "node_id": "trivial"}
+
+    @app.post("/echo")
+    async def echo() -> tuple[Response, int]:
+        order = loads(await request.get_data())
+        return Response(dumps({"order_id": 1, "status": "open",
+                               "client_order_id": order.get("client_order_id")}),
+                        content_type="application/json"), 201
 
     return app
 
