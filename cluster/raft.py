@@ -112,8 +112,24 @@ class RaftSettings:
         if self.tick_period_s <= 0 or self.submit_timeout_s <= 0:
             raise ValueError("tick_period_s and submit_timeout_s must be positive")
 
+    def compaction_thresholds(self) -> tuple[int, float]:
+        """(log entries, seconds) after which this node compacts: the configured minimums,
+        raised by rank/n of themselves for the node's rank among the members' addresses.
+
+        Members hold logs of the same length and start together, so with equal thresholds
+        all of them wrote their dump at once. A node writing a dump reads no Raft messages
+        (a large book: over a second); two followers at once leave the leader without a
+        majority's answers, and it steps down after leader_fallback_timeout_s. Staggered,
+        the others answer meanwhile.
+        """
+        members = sorted((self.self_addr, *self.peers))
+        rank, n = members.index(self.self_addr), len(members)
+        return (self.compaction_min_entries + self.compaction_min_entries * rank // n,
+                self.compaction_min_time_s * (n + rank) / n)
+
     def to_syncobj_conf(self) -> SyncObjConf:
         """The pysyncobj configuration; HardenedSyncObj fills in the storage hooks."""
+        compact_entries, compact_time_s = self.compaction_thresholds()
         return SyncObjConf(
             password=self.password,
             autoTick=False,
@@ -123,8 +139,8 @@ class RaftSettings:
             leaderFallbackTimeout=self.leader_fallback_timeout_s,
             connectionTimeout=self.connection_timeout_s,
             connectionRetryTime=self.connection_retry_s,
-            logCompactionMinEntries=self.compaction_min_entries,
-            logCompactionMinTime=self.compaction_min_time_s,
+            logCompactionMinEntries=compact_entries,
+            logCompactionMinTime=compact_time_s,
             logCompactionBatchSize=self.snapshot_chunk_bytes,
             appendEntriesBatchSizeBytes=self.append_entries_batch_bytes,
             # Send a new entry to the followers as soon as it is in the log, and the new

@@ -320,6 +320,23 @@ def test_leader_keeps_sending_heartbeats_while_applying(sim: SimNet, kind):
         assert [f.state for f in followers] == [[b"big batch"]] * 2
 
 
+def test_members_compact_at_staggered_points(tmp_path):
+    """Equal logs and equal thresholds made every member write its dump at once; each now
+    waits rank/n longer (entries and time), whatever order the peers are listed in."""
+    addrs = ["127.0.0.1:7003", "127.0.0.1:7001", "127.0.0.1:7002"]
+    settings = {
+        a: RaftSettings(self_addr=a, peers=tuple(reversed([p for p in addrs if p != a])),
+                        password="x", data_dir=tmp_path, compaction_min_entries=5000,
+                        compaction_min_time_s=300)
+        for a in addrs
+    }
+    thresholds = {a: s.compaction_thresholds() for a, s in settings.items()}
+    assert thresholds == {"127.0.0.1:7001": (5000, 300.0), "127.0.0.1:7002": (6666, 400.0),
+                          "127.0.0.1:7003": (8333, 500.0)}
+    conf = settings["127.0.0.1:7002"].to_syncobj_conf()
+    assert (conf.logCompactionMinEntries, conf.logCompactionMinTime) == (6666, 400.0)
+
+
 @contextlib.contextmanager
 def solo_leader_with_helper(tmp_path: Path, *, fsync: bool, **conf_extra):
     """A one-node HardenedSyncObj ticked by the test, leading, with its heartbeat helper
