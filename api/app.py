@@ -11,6 +11,8 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from statemachine.validation import safe_account
+
 from . import openapi, trading, ws
 from .auth import Credentials, Verifier, new_key_id
 from .common import Http, error, json_response
@@ -200,6 +202,10 @@ def create_app(node: NodePort, verifier: Verifier, *, limiter: RateLimiter | Non
         role = payload.get("role", "trader")
         if not isinstance(account, str) or not account or role not in ("trader", "admin"):
             return error(400, "bad_request", 'body must be {"account": A, "role": "trader"|"admin"}')
+        if safe_account({"account": account}) is None:
+            # A key for an account no command could name would only ever be refused.
+            return error(400, "bad_account", "account ids are 1-64 characters of letters, "
+                         "digits and . : - _ (not starting with _)")
         key_id = new_key_id(role)
         try:
             secret = await node.create_key(key_id, account, role)

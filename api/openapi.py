@@ -403,9 +403,9 @@ PATHS: dict[str, dict[str, Schema]] = {
     "/v1/admin/keys": {"post": operation(
         "Create an API key", "admin", role="admin", traits=(LEADER,),
         example={"account": "alice", "role": "trader"},
-        body=obj({"account": string(minLength=1, examples=["alice"]),
+        body=obj({"account": ACCOUNT_ID,
                   "role": enum("trader", "admin", default="trader")}, ("account",)),
-        errors={503: ("outcome_unknown",)},
+        errors={400: ("bad_account",), 503: ("outcome_unknown",)},
         description="The secret is shown once, here; the cluster stores only (key id, account, "
                     "role).",
         ok=(200, "the new key", obj({"key_id": string(), "secret": string(),

@@ -102,6 +102,8 @@ def test_bad_requests_get_4xx_with_a_code_and_never_a_500(make_cluster) -> None:
         (call(url, key, "POST", "/v1/orders", {"market": "BTC-USD", "side": "buy", "type": "limit",
                                                 "price": 1000, "qty": 1}), 422, "insufficient_funds"),
         (call(url, key, "POST", "/v1/markets", {}), 403, "forbidden"),
+        (call(url, cluster.admin_credentials(), "POST", "/v1/admin/keys",
+              {"account": "no spaces here", "role": "trader"}), 400, "bad_account"),
         (httpx.get(url + "/v1/nope"), 404, "not_found"),
         (httpx.get(url + "/v1/markets/BTC-USD/book?depth=0"), 400, "bad_depth"),
     ]
