@@ -22,7 +22,6 @@ Bounded: `rate * duration` operations at most, and a hard stop `grace_s` after t
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import secrets
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import trio
 
-from api.auth import Credentials, read_credentials
+from api.auth import Credentials
 from api.client import (
     AdminClient,
     ApiError,
@@ -111,14 +110,17 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
-def setup(manifest: Path, accounts: int, market_name: str) -> tuple[list[str], dict, list[Credentials]]:
-    """Create the market and fund the accounts if missing (idempotent refs); new trader keys."""
-    raw = json.loads(Path(manifest).read_text())
-    urls = [n["api_url"] for n in raw["nodes"]]
-    admin_creds = read_credentials(Path(raw["admin_credentials"]))
+def setup(manifest: Path, accounts: int, market_name: str
+          ) -> tuple[list[str], dict, list[Credentials], object]:
+    """Create the market and fund the accounts if missing (idempotent refs); new trader keys.
+    Also returns what HTTPS clients trust for this cluster (its certificate, or True)."""
+    from .launcher import LocalCluster
+
+    cluster = LocalCluster.open(Path(manifest))
+    urls, admin_creds, verify = cluster.api_urls(), cluster.admin_credentials(), cluster.verify
     spec = {**DEFAULT_MARKET, "market": market_name,
             "base": market_name.split("-")[0] if "-" in market_name else DEFAULT_MARKET["base"]}
-    with AdminClient(urls, admin_creds) as admin:
+    with AdminClient(urls, admin_creds, verify=verify) as admin:
         commands = [{"op": "create_market", **spec}]
         for a in range(accounts):
             for asset in (spec["base"], spec["quote"]):
@@ -130,11 +132,11 @@ def setup(manifest: Path, accounts: int, market_name: str) -> tuple[list[str], d
                                      not in ("market_exists", "duplicate_ref")):
                 raise RuntimeError(f"setup command {command['op']} failed: {result}")
         keys = [admin.create_key(account_name(a)) for a in range(accounts)]
-    with Client(urls, None) as public:
+    with Client(urls, None, verify=verify) as public:
         market = next((m for m in public.markets() if m["market"] == market_name), None)
     if market is None:
         raise RuntimeError(f"market {market_name} missing after creation")
-    return urls, market, keys
+    return urls, market, keys, verify
 
 
 def account_name(a: int) -> str:
@@ -142,10 +144,11 @@ def account_name(a: int) -> str:
 
 
 async def drive(urls: list[str], keys: list[Credentials], ops: list[Operation], *,
-                workers: int, run_id: str, grace_s: float, progress=None) -> tuple[Tally, Counter]:
+                workers: int, run_id: str, grace_s: float, progress=None,
+                verify: object = True) -> tuple[Tally, Counter]:
     """Send `ops` at their offsets from `workers` tasks; stop by itself (hard stop included)."""
     tally = Tally()
-    clients = [AsyncClient(urls, key) for key in keys]
+    clients = [AsyncClient(urls, key, verify=verify) for key in keys]
     coid = [f"lg-{run_id}-{op.index}" for op in ops]
     send, receive = trio.open_memory_channel[Operation](workers)
     start = trio.current_time()
@@ -224,12 +227,12 @@ def run(manifest: Path, rate: float, duration_s: float, seed: int = 7, accounts:
     """Set up, drive the seeded flow, and return the report (one JSON-able dict)."""
     if rate <= 0 or duration_s <= 0 or accounts < 1 or workers < 1:
         raise ValueError("rate, duration, accounts and workers must be positive")
-    urls, market_params, keys = setup(manifest, accounts, market)
+    urls, market_params, keys, verify = setup(manifest, accounts, market)
     ops = plan(seed, rate, duration_s, accounts, market_params)
     run_id = secrets.token_hex(4)
     started = time.perf_counter()
     tally, stats = trio.run(lambda: drive(urls, keys, ops, workers=workers, run_id=run_id,
-                                          grace_s=grace_s, progress=progress))
+                                          grace_s=grace_s, progress=progress, verify=verify))
     elapsed = time.perf_counter() - started
     lat = sorted(tally.latencies_ms)
     return {

@@ -69,6 +69,15 @@ def test_an_https_cluster_is_ready_measured_and_keys_are_created_over_tls(make_c
         with Client(urls, alice, verify=cert) as client:
             assert client.balances()["USD"]["available"] == 500
 
+        # The load generator trusts the cluster's certificate the same way.
+        flow = subprocess.run(
+            [sys.executable, "-m", "cluster", "loadgen", "--cluster", str(cluster.manifest_path),
+             "--rate", "20", "--duration", "1", "--accounts", "2", "--json"],
+            capture_output=True, text=True, timeout=120, check=False)
+        assert flow.returncode == 0, flow.stderr
+        report = json.loads(flow.stdout)
+        assert report["sent"] == report["acked"] == 20 and report["failed"] == 0
+
         leader = cluster.wait_for_leader(20)
         figures = samples(http.get(cluster.nodes[leader].config.api_url + "/metrics").text)
         assert figures[("qb_raft_role", (("role", "leader"),))] == 1
