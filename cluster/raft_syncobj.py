@@ -535,7 +535,13 @@ class HardenedSyncObj(SyncObj):
             last_term == our_term and last_index >= self._SyncObj__getCurrentLogIndex())
         granted = (self._SyncObj__raftState != _RAFT_STATE.LEADER and not recent
                    and term > self._SyncObj__raftCurrentTerm and up_to_date)
-        if not granted:
+        if granted:
+            # Give the asker one election timeout to stand and win before we stand too: two
+            # followers whose timers ran out together each granted the other's pre-vote, both
+            # stood in the same term and split the vote (a failover measured ~200 ms longer).
+            self._SyncObj__raftElectionDeadline = max(
+                self._SyncObj__raftElectionDeadline, _now() + self._SyncObj__generateRaftTimeout())
+        else:
             self.pre_votes_refused += 1
         self._SyncObj__transport.send(node, {"type": "pre_vote_response", "term": term,
                                              "granted": granted})

@@ -955,3 +955,24 @@ def test_with_pre_vote_a_lost_leader_is_still_replaced(sim: SimNet):
     assert [b.is_leader(), c.is_leader()].count(True) == 1
     assert waited <= 20.0  # within one more election timeout, split votes included
     assert max(_terms(b, c)) <= 3
+
+
+def test_granting_a_pre_vote_defers_our_own_candidacy(sim: SimNet):
+    """A dies; B's and C's timers run out together. B asks first and C grants: C then waits an
+    election timeout instead of standing in the same term (which split the vote)."""
+    a, b, c = sim.cluster("hardened")
+    sim.elect(a)
+    for node in (a, b, c):
+        node.sync._pre_vote = True
+    sim.step()
+    sim.crash(a)
+    sim.clock.advance(20.0)  # past both timers (the simulation's timeouts are 10-20 s)
+    b.tick()  # B asks first
+    sim.deliver(b.addr, c.addr)  # C grants
+    c.tick()  # C's own timer had run out as well
+    for _ in range(3):
+        sim.deliver_all()
+        b.tick()
+        c.tick()
+    assert b.is_leader() and c.role() == "follower"
+    assert _terms(b, c) == [2, 2]  # one election, no split vote
