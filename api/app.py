@@ -126,7 +126,8 @@ def create_app(node: NodePort, verifier: Verifier, *, limiter: RateLimiter | Non
         started = time.perf_counter()
         try:
             # One slot for the whole request: committed together, no task per command.
-            results = [{"events": events} for events in await node.submit_many(commands)]
+            results = [{"events": events}
+                       for events in await node.submit_many(commands, http.signed_request())]
         except NotLeaderError as exc:
             results = [{"error": {"code": "not_leader", "message": str(exc),
                                   "leader_url": exc.leader_url}}] * len(commands)

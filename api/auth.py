@@ -150,6 +150,21 @@ class Verifier:
         heapq.heappush(self._expiry, (ts, signature))
         return creds
 
+    def remember_many(self, requests: list[list], now_ms: int | None = None) -> None:
+        """Requests another node accepted ([signature, ts_ms] from applied log entries):
+        refused here as replays within the window, like the ones this node saw itself."""
+        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        cutoff = now - self.window_ms
+        self._forget_before(cutoff)
+        for item in requests:
+            if type(item) is not list or len(item) != 2:
+                continue
+            signature, ts = item
+            if type(signature) is str and type(ts) is int and ts >= cutoff \
+                    and signature not in self._seen:
+                self._seen[signature] = ts
+                heapq.heappush(self._expiry, (ts, signature))
+
     def _forget_before(self, cutoff_ms: int) -> None:
         """A request stamped before the cutoff is refused as expired: its signature can go."""
         expiry, seen = self._expiry, self._seen

@@ -7,9 +7,9 @@ from typing import Any
 
 from quart import Response, request
 
-from .auth import AuthError, Credentials, UnknownKeyError, Verifier
+from .auth import SIG_HEADER, TS_HEADER, AuthError, Credentials, UnknownKeyError, Verifier
 from .jsoncodec import dumps, loads
-from .port import NodePort
+from .port import NodePort, NotLeaderError, OutcomeUnknownError
 from .rate_limit import RateLimiter
 
 
@@ -63,6 +63,15 @@ class Http:
         """
         body = await request.get_data()
         path = request.full_path.rstrip("?")
+        if self.node.is_leader():
+            # A request replayed from the previous leader's term is known only once that
+            # term's entries are applied here (they carry their requests' signatures).
+            try:
+                await self.node.settle_term()
+            except NotLeaderError:
+                return self.not_leader()
+            except OutcomeUnknownError as exc:
+                return error(503, "no_quorum", str(exc), {"Retry-After": "1"})
         try:
             creds = self.verifier.verify(request.headers, request.method, path, body)
         except UnknownKeyError as exc:
@@ -80,6 +89,11 @@ class Http:
         if creds.role != role or (role == "trader" and not creds.account):
             return error(403, "forbidden", f"this route needs a {role} key")
         return creds
+
+    @staticmethod
+    def signed_request() -> tuple[str, int]:
+        """(signature, ts_ms) of the current request, which `caller` verified."""
+        return request.headers[SIG_HEADER], int(request.headers[TS_HEADER])
 
     def authed(self, role: str = "trader", leader: bool = False):
         """Route decorator: the handler gets the caller's Credentials first. `leader=True`:

@@ -61,13 +61,21 @@ class NodePort(Protocol):
         """{"qb_commit_latency_seconds", "qb_batch_size_entries"}: each {"buckets": [[upper
         bound, cumulative count], ...], "sum", "count"}."""
 
-    async def submit(self, command: dict) -> list[dict]: ...
+    async def submit(self, command: dict, request: tuple[str, int] | None = None) -> list[dict]:
+        """Replicate one command; its events once committed and applied. `request`: the
+        (signature, ts_ms) of the signed request it came from, for every node's replay
+        memory."""
     def precheck(self, command: dict) -> dict | None:
         """The `rejected` event (without seq, ts, cmd_index) a trader command would get in any
         state, so it need not be logged; None: submit it. Exact: statemachine/precheck.py."""
 
-    async def submit_many(self, commands: list[dict]) -> list[list[dict]]:
+    async def submit_many(self, commands: list[dict], request: tuple[str, int] | None = None
+                          ) -> list[list[dict]]:
         """Commands in order, committed together (all or none); each command's events."""
+
+    async def settle_term(self) -> None:
+        """On a leader: return once every entry of earlier terms is applied here (a barrier
+        once per term), so its replay memory holds every request accepted before it led."""
 
     async def read_barrier(self) -> None: ...
     async def change_membership(self, action: str, node_id: str, raft_addr: str,

@@ -111,17 +111,20 @@ def batch_shape_error(payload: dict) -> tuple[int, str, str] | None:
     return None
 
 
-async def place_batch(node: NodePort, account: str, orders: list[dict]) -> list[dict]:
+async def place_batch(node: NodePort, account: str, orders: list[dict],
+                      request: tuple[str, int] | None = None) -> list[dict]:
     """Place `orders` for `account`: one result per order, `{http_status, ...body}`.
 
     Orders the log would refuse in any state are answered here; the rest go in one slot,
-    committed together, in the order given. Raises NotLeaderError / OutcomeUnknownError.
+    committed together, in the order given (with the signed `request` they came in, if any).
+    Raises NotLeaderError / OutcomeUnknownError.
     """
     commands = [{"op": "place", **order, "account": account} for order in orders]
     refused = [node.precheck(command) for command in commands]
     outcomes: list[list[dict] | None] = [None if early is None else [early] for early in refused]
     pending = [i for i, events in enumerate(outcomes) if events is None]
-    submitted = await node.submit_many([commands[i] for i in pending]) if pending else []
+    submitted = (await node.submit_many([commands[i] for i in pending], request)
+                 if pending else [])
     for i, events in zip(pending, submitted, strict=True):
         outcomes[i] = events
     results = []
@@ -146,7 +149,7 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
         early = node.precheck(command)
         if early is not None:
             return command_outcome([early], account)
-        return command_outcome(await node.submit(command), account)
+        return command_outcome(await node.submit(command, http.signed_request()), account)
 
     async def write(command: dict, ok_status: int = 200) -> Response:
         if not node.is_leader():
@@ -202,7 +205,8 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
         if not node.is_leader():
             return not_leader_response()
         try:
-            results = await place_batch(node, creds.account, payload["orders"])
+            results = await place_batch(node, creds.account, payload["orders"],
+                                        http.signed_request())
         except NotLeaderError:
             return not_leader_response()
         except OutcomeUnknownError as exc:

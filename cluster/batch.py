@@ -1,6 +1,8 @@
 """The one payload that goes through Raft: a versioned msgpack batch.
 
-`[VERSION, ts, entries]` where each entry is `[KIND_COMMAND, command]`, `[KIND_BARRIER]` or
+`[VERSION, ts, entries]` where each entry is `[KIND_COMMAND, command]` (or `[KIND_COMMAND,
+command, [signature, ts_ms]]`: the signed API request it came from, which every node's replay
+memory learns when it applies the entry; it is not part of the exchange's state), `[KIND_BARRIER]` or
 `[KIND_MEMBER, "add" | "remove", node_id, raft_addr, api_url]` (the replicated directory
 that tells every node where each member's API is) or `[KIND_KEY, "add" | "revoke", key_id,
 account, role]` (the API key registry; it holds no secret: a key's secret is derived from the

@@ -46,6 +46,9 @@ class ExchangeMachine:
         self.keys: dict[str, tuple[str, str]] = {}
         self.batches_applied = 0
         self._listeners: list[AppliedListener] = []
+        # Called on pysyncobj's thread after each batch with the [signature, ts_ms] of the
+        # signed API requests its commands came from (the API's replay memory, every node).
+        self.on_requests_applied: Callable[[list[list]], None] | None = None
         self._lock = threading.Lock()  # apply/restore vs `read` queries from other threads
 
     def add_listener(self, listener: AppliedListener) -> None:
@@ -62,11 +65,15 @@ class ExchangeMachine:
             return []
         results: list = []
         applied: list[list[dict]] = []
+        requests: list[list] = []
         with self._lock:
             ex = self.exchange
             for entry in entries:
-                if type(entry) is list and entry and entry[0] == KIND_COMMAND and len(entry) == 2:
+                if (type(entry) is list and entry and entry[0] == KIND_COMMAND
+                        and len(entry) in (2, 3)):
                     command = entry[1]
+                    if len(entry) == 3:
+                        requests.append(entry[2])
                     if type(command) is dict:
                         command["ts"] = max(ts, ex.last_ts)
                     events = ex.apply(command)
@@ -93,6 +100,8 @@ class ExchangeMachine:
             self.batches_applied += 1
         for listener in self._listeners:
             listener(applied, ex)
+        if requests and self.on_requests_applied is not None:
+            self.on_requests_applied(requests)
         return results
 
     def snapshot(self) -> bytes:

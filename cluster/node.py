@@ -80,6 +80,7 @@ class Node:
         self.replica = replica
         self._hash_cache: tuple[int, str] = (-1, "")
         self._hash_lock = trio.Lock()
+        self._settled_term = -1
         self.api_master = config.read_api_master()
         self._trades: dict[str, collections.deque] = {}
         self._trades_lock = threading.Lock()
@@ -192,13 +193,35 @@ class Node:
             return None
         return {k: v for k, v in event.items() if k not in ("seq", "ts", "cmd_index")}
 
-    async def submit(self, command: dict) -> list[dict]:
+    async def submit(self, command: dict, request: tuple[str, int] | None = None) -> list[dict]:
         with self._outcomes():
-            return await self.replica.submit(command)
+            return await self.replica.submit(command, request=request)
 
-    async def submit_many(self, commands: list[dict]) -> list[list[dict]]:
+    async def submit_many(self, commands: list[dict], request: tuple[str, int] | None = None
+                          ) -> list[list[dict]]:
         with self._outcomes():
-            return await self.replica.submit_many(commands)
+            return await self.replica.submit_many(commands, request=request)
+
+    def share_replay_memory(self, verifier: Verifier) -> None:
+        """Teach `verifier` the signed requests behind every command this node applies, so a
+        node that becomes leader refuses a request replayed from its predecessor's term."""
+
+        def hand_over(requests: list[list]) -> None:  # pysyncobj's thread
+            token = self._token
+            if token is not None:
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(verifier.remember_many, requests)
+
+        self.machine.on_requests_applied = hand_over
+
+    async def settle_term(self) -> None:
+        """On a leader, once per term: a barrier, after which every entry of earlier terms is
+        applied here (and its request is in the replay memory). Writes wait for it."""
+        term = self.raft.status()["term"]
+        if self._settled_term == term:
+            return
+        await self.read_barrier()
+        self._settled_term = term
 
     async def read_barrier(self) -> None:
         with self._outcomes():
@@ -339,7 +362,9 @@ async def _serve(config: NodeConfig) -> None:
     limiter = RateLimiter(RateLimits(
         per_s=config.rate_limit_per_s, burst=config.rate_limit_burst,
         admin_per_s=config.admin_rate_limit_per_s, admin_burst=config.admin_rate_limit_burst))
-    app = create_app(node, Verifier(keys, lookup=node.lookup_key), limiter=limiter,
+    verifier = Verifier(keys, lookup=node.lookup_key)
+    node.share_replay_memory(verifier)
+    app = create_app(node, verifier, limiter=limiter,
                      ready_max_lag_entries=config.ready_max_lag_entries)
     hconfig = HypercornConfig()
     hconfig.bind = [f"{config.api_host}:{config.api_port}"]

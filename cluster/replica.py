@@ -286,18 +286,28 @@ class Replica:
             raise slot.error
         return slot.result
 
-    async def submit(self, command: dict, *, timeout_s: float | None = None) -> list[dict]:
-        """Replicate one command; return its events once committed and applied."""
-        return await self._submit_entry([KIND_COMMAND, command], timeout_s)
+    async def submit(self, command: dict, *, timeout_s: float | None = None,
+                     request: tuple[str, int] | None = None) -> list[dict]:
+        """Replicate one command; return its events once committed and applied.
 
-    async def submit_many(self, commands: list[dict], *, timeout_s: float | None = None
-                          ) -> list[list[dict]]:
+        `request`: (signature, ts_ms) of the signed API request it came from, carried in the
+        entry so that every node's replay memory learns it (cluster/batch.py)."""
+        entry: list = [KIND_COMMAND, command]
+        if request is not None:
+            entry.append(list(request))
+        return await self._submit_entry(entry, timeout_s)
+
+    async def submit_many(self, commands: list[dict], *, timeout_s: float | None = None,
+                          request: tuple[str, int] | None = None) -> list[list[dict]]:
         """Replicate several commands in order, in one batch: all are applied or none.
 
         Returns each command's events. One slot for the whole list (no task per command):
-        this is the fast path for batch requests.
+        this is the fast path for batch requests. `request` rides on the first entry.
         """
-        return await self._submit_entries([[KIND_COMMAND, c] for c in commands], timeout_s)
+        entries: list[list] = [[KIND_COMMAND, c] for c in commands]
+        if request is not None and entries:
+            entries[0].append(list(request))
+        return await self._submit_entries(entries, timeout_s)
 
     async def read_barrier(self, *, timeout_s: float | None = None) -> None:
         """Return once a no-op entry proposed now is committed and applied here.

@@ -31,3 +31,20 @@ def test_replays_are_refused_and_old_signatures_forgotten() -> None:
     assert expired.value.code == "expired"
     verifier.verify(headers(later, b"new"), "POST", "/v1/orders", b"new", now_ms=later)
     assert len(verifier._seen) == len(verifier._expiry) == 1  # only the new one
+
+
+def test_requests_another_node_accepted_are_refused_as_replays() -> None:
+    """What a node learns from applied log entries ([signature, ts_ms]) counts as seen here."""
+    verifier = Verifier([KEY], window_ms=5_000)
+    now = 2_000_000
+    accepted_elsewhere = headers(now - 1_000, b"a")
+    stale = headers(now - 9_000, b"b")  # outside the window: not worth remembering
+    verifier.remember_many([[accepted_elsewhere["X-QB-Signature"], now - 1_000],
+                            [stale["X-QB-Signature"], now - 9_000],
+                            ["not", "a pair", "at all"], [123, now]], now_ms=now)
+    assert list(verifier._seen) == [accepted_elsewhere["X-QB-Signature"]]
+    with pytest.raises(AuthError) as replay:
+        verifier.verify(accepted_elsewhere, "POST", "/v1/orders", b"a", now_ms=now)
+    assert replay.value.code == "replayed"
+    verifier.remember_many([[accepted_elsewhere["X-QB-Signature"], now - 1_000]], now_ms=now)
+    assert len(verifier._expiry) == 1  # learnt once, however often it is applied

@@ -27,7 +27,10 @@ class StandInNode:
     def leader_url(self) -> str | None:
         return self._leader_url
 
-    async def submit(self, command: dict) -> list[dict]:
+    async def settle_term(self) -> None:
+        pass
+
+    async def submit(self, command: dict, request=None) -> list[dict]:
         self.submitted.append(command)
         raise AssertionError("nothing may be submitted in these tests")
 

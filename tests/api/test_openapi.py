@@ -44,10 +44,10 @@ class LeaderlessFollower:
         empty = {"buckets": [], "sum": 0.0, "count": 0}
         return {"qb_commit_latency_seconds": empty, "qb_batch_size_entries": empty}
 
-    async def submit(self, command: dict) -> list[dict]:
+    async def submit(self, command: dict, request=None) -> list[dict]:
         raise AssertionError(f"nothing may be proposed here: {command}")
 
-    async def submit_many(self, commands: list[dict]) -> list[list[dict]]:
+    async def submit_many(self, commands: list[dict], request=None) -> list[list[dict]]:
         raise AssertionError(f"nothing may be proposed here: {commands}")
 
     async def read_barrier(self) -> None:

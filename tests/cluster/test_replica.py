@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from cluster.batch import decode_batch
+from cluster.batch import KIND_BARRIER, KIND_COMMAND, decode_batch, encode_batch
 from cluster.machine import ExchangeMachine
 from cluster.raft import RaftReplica, RaftSettings
 from cluster.replica import NotLeader, OutcomeUnknown, Replica
@@ -112,6 +112,21 @@ def test_reads_between_ticks_run_on_the_tick_thread_and_report_failures(tmp_path
         assert result is None and error.definite and "ZeroDivisionError" in str(error)
     finally:
         raft.destroy()
+
+
+def test_an_entry_carries_its_request_to_the_replay_memory_and_not_into_the_state() -> None:
+    deposit = {"op": "deposit", "account": "a", "asset": "Y", "amount": 5, "ref": "r1"}
+    plain, signed = ExchangeMachine(), ExchangeMachine()
+    seen: list = []
+    signed.on_requests_applied = seen.append
+    for machine, request in ((plain, []), (signed, [["c0ffee", 1234]])):
+        first = machine.apply(encode_batch(1, [[KIND_COMMAND, dict(MARKET)]]))
+        second = machine.apply(encode_batch(2, [[KIND_COMMAND, dict(deposit), *request],
+                                                [KIND_BARRIER]]))
+        assert first[0][0]["type"] == "market_created" and second[0][0]["type"] == "balance"
+    assert seen == [[["c0ffee", 1234]]]
+    assert plain.exchange.state_hash() == signed.exchange.state_hash()
+    assert plain.snapshot() == signed.snapshot()
 
 
 class FakeRaft:

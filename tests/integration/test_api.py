@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 
 from api.auth import Credentials, signed_headers
+from api.client import Client
 
 from .conftest import admin
 
@@ -169,3 +171,32 @@ def test_malformed_orders_are_answered_without_entering_the_log(make_cluster) ->
     assert [r["http_status"] for r in results] == [400, 201], results
     assert "seq" not in results[0] and results[1]["status"] == "resting"
     assert cmd_index() == before + 1  # only the good order of the batch was logged
+
+
+def test_a_request_replayed_to_the_next_leader_is_refused(make_cluster) -> None:
+    """Every node learns the signatures of the requests behind the commands it applies, and a
+    new leader settles its predecessor's entries before it checks one: a signed order without
+    a client_order_id, replayed to the next leader within the window, is not placed twice."""
+    cluster = make_cluster(3)
+    leader = cluster.wait_for_leader()
+    with admin(cluster) as client:
+        client.submit([MARKET, {"op": "deposit", "account": "erin", "asset": "USD",
+                                "amount": 10**9, "ref": "erin-usd"}])
+        key = client.create_key("erin")
+    body = json.dumps({"market": "BTC-USD", "side": "buy", "type": "limit", "price": 1000,
+                       "qty": 100}).encode()  # no client_order_id: nothing else dedupes it
+    headers = signed_headers(key, "POST", "/v1/orders", body)
+    signed_at = time.monotonic()
+    first = httpx.post(cluster.nodes[leader].config.api_url + "/v1/orders", content=body,
+                       headers=headers, timeout=10)
+    assert first.status_code == 201, first.text
+    cluster.kill(leader)
+    new_leader = cluster.wait_for_leader(20, exclude=(leader,))
+    new_url = cluster.nodes[new_leader].config.api_url
+    replay = httpx.post(new_url + "/v1/orders", content=body, headers=headers, timeout=10)
+    elapsed = time.monotonic() - signed_at
+    assert elapsed < 4.5, f"the failover took {elapsed:.1f} s: past the 5 s replay window"
+    assert replay.status_code == 401, replay.text
+    assert replay.json()["error"]["code"] == "replayed"
+    with Client([new_url], key) as trader:
+        assert len(trader.open_orders("BTC-USD")) == 1
