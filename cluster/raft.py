@@ -387,6 +387,9 @@ class RaftReplica:
     def leader(self) -> str | None:
         return self._status["leader"]
 
+    def term(self) -> int:
+        return self._status["term"]
+
     def destroy(self) -> None:
         """Stop ticking, fail what is pending, close sockets and files. Idempotent."""
         with self._lock:
