@@ -354,6 +354,9 @@ async def _serve(config: NodeConfig) -> None:
         ),
         machine,
     )
+    # The state restored from the dump is long-lived: out of the collector's way from the
+    # start (otherwise the first full collection walks all of it: 400-600 ms on ~100k orders).
+    gc.freeze()
     replica = Replica(raft, batch_window_s=config.batch_window_s, batch_max=config.batch_max,
                       max_in_flight=config.batch_max_in_flight,
                       submit_timeout_s=config.submit_timeout_s)
