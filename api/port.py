@@ -94,5 +94,9 @@ class NodePort(Protocol):
     def recent_trades(self, market: str, limit: int) -> list[dict]:
         """The last `limit` trades of a market this node has applied, oldest first."""
 
+    def applied_seq(self) -> int:
+        """The seq of the last event this node applied, without waiting for the apply thread
+        (a single int: no lock, unlike `read`)."""
+
     def read(self, query: Callable[[Exchange], Any]) -> Any:
         """Run a read-only query against this node's applied state (stale unless after a barrier)."""

@@ -208,7 +208,7 @@ class _Connection:
         """A seq through which every subscribed channel's messages have been queued."""
         if self.sub is not None:
             return self.feed_pos
-        return self.node.read(lambda ex: ex.seq)
+        return self.node.applied_seq()
 
     def send(self, message: dict) -> None:
         if self.closing:
@@ -434,7 +434,7 @@ class _Connection:
         finally:
             self.inflight.release()
         if "seq" not in body:
-            body["seq"] = self.node.read(lambda ex: ex.seq)
+            body["seq"] = self.node.applied_seq()
         # Like one result of POST /v1/orders/batch: the REST status and the REST body.
         self.send({"type": "response", "request_id": request_id, "op": op,
                    "http_status": status, **body})

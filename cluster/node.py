@@ -247,6 +247,9 @@ class Node:
         with self._outcomes():
             await self.replica.raft_admin("transfer", addr)
 
+    def applied_seq(self) -> int:
+        return self.machine.exchange.seq
+
     def read(self, query):  # see api.port.NodePort.read
         return self.machine.read(query)
 
