@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from api.jsoncodec import dumps, loads
+
+# As the other property tests: the same examples every run (CI is reproducible), no example
+# database, no per-example deadline (a loaded machine is not a failure).
+SETTINGS = settings(derandomize=True, database=None, deadline=None, max_examples=300)
 
 values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(),
@@ -16,12 +20,14 @@ values = st.recursive(
 )
 
 
+@SETTINGS
 @given(values)
 def test_dumps_reads_back_as_the_standard_library_reads_it(value) -> None:
     assert json.loads(dumps(value)) == value
     assert loads(dumps(value)) == value
 
 
+@SETTINGS
 @given(st.text() | st.binary())
 @example("NaN")  # json.loads reads NaN and the infinities; NaN never equals itself
 @example('[Infinity, {"a": -Infinity}, NaN]')
@@ -43,6 +49,7 @@ def test_integers_beyond_64_bits_and_lone_surrogates() -> None:
     assert loads('"\\ud800"') == "\ud800"
 
 
+@SETTINGS
 @given(st.from_regex(r"\A-?[0-9]{1,40}(\.[0-9]{1,20})?([eE][+-]?[0-9]{1,4})?\Z"))
 def test_numbers_read_as_the_standard_library_reads_them(text) -> None:
     try:
