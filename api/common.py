@@ -63,9 +63,10 @@ class Http:
         """
         body = await request.get_data()
         path = request.full_path.rstrip("?")
-        if self.node.is_leader():
-            # A request replayed from the previous leader's term is known only once that
-            # term's entries are applied here (they carry their requests' signatures).
+        if request.method != "GET" and self.node.is_leader():
+            # A write replayed from the previous leader's term is known only once that
+            # term's entries are applied here (they carry their requests' signatures). Reads
+            # change nothing, and a stale read must not wait for a quorum.
             try:
                 await self.node.settle_term()
             except NotLeaderError:

@@ -9,6 +9,7 @@ import trio
 
 from api.app import create_app
 from api.auth import Credentials, Verifier, new_credentials, signed_headers
+from api.port import OutcomeUnknownError
 
 
 class StandInNode:
@@ -90,3 +91,39 @@ def test_admin_routes_need_an_admin_key_and_redirect_on_a_follower() -> None:
     assert (status, body["error"]["code"]) == (403, "forbidden")
     status, body, headers = call(StandInNode(leader=False), [admin], admin, "/v1/admin/barrier", {})
     assert status == 307 and headers["X-Leader"] == "http://127.0.0.1:9001"
+
+
+class SettlingLeader(StandInNode):
+    """A leader whose first barrier of the term cannot commit (no quorum)."""
+
+    def __init__(self) -> None:
+        super().__init__(leader=True)
+        self.settle_calls = 0
+
+    async def settle_term(self) -> None:
+        self.settle_calls += 1
+        raise OutcomeUnknownError("no quorum for the barrier")
+
+    def read(self, query):
+        return 7, {"USD": {"available": 1, "reserved": 0}}
+
+
+def test_writes_wait_for_the_term_to_settle_and_stale_reads_do_not() -> None:
+    """A write on a new leader is checked against the replay memory only once its
+    predecessor's entries are applied (a barrier); without a quorum that is a 503 and nothing
+    is submitted. A stale read changes nothing and never waits for it."""
+    node = SettlingLeader()
+    trader = new_credentials("trader", "alice")
+    status, body, _ = call(node, [trader], trader, "/v1/orders", ORDER)
+    assert (status, body["error"]["code"]) == (503, "no_quorum")
+    assert node.submitted == [] and node.settle_calls == 1
+    app = create_app(node, Verifier([trader]))
+    path = "/v1/accounts/me/balances?consistency=stale"
+
+    async def stale_read():
+        response = await app.test_client().get(path, headers=signed_headers(trader, "GET", path, b""))
+        return response.status_code, response.headers
+
+    status, headers = trio.run(stale_read)
+    assert status == 200 and headers["X-QB-Consistency"] == "stale"
+    assert node.settle_calls == 1
