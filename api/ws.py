@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import os
+from collections.abc import Awaitable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -460,17 +461,12 @@ class _Connection:
         if not self.node.is_leader():
             return self._not_leader(self.node.leader_url())
         early = self.node.precheck(command)  # refused in any state: never logged
-        try:
-            events = [early] if early is not None else await self.node.submit(command)
-        except UnencodableError as exc:  # as REST answers it: nothing was logged
-            return 400, _err("wrong_type", f"{exc}; integers must fit in 64 bits")
-        except NotLeaderError as exc:
-            return self._not_leader(exc.leader_url or self.node.leader_url())
-        except OutcomeUnknownError as exc:
-            return 503, _err("outcome_unknown",
-                             f"{exc}; resend with the same client_order_id to settle it")
-        except OverloadedError as exc:
-            return 503, _err("overloaded", f"{exc}; nothing was applied, retry")
+        if early is not None:
+            events = [early]
+        else:
+            events, refusal = await self._submitted(self.node.submit(command), "client_order_id")
+            if refusal is not None:
+                return refusal
         # Only what this account may see, as the REST route answers it.
         status, body = command_outcome(events, creds.account)
         return (ORDER_OPS[op] if status == 200 else status), body
@@ -482,18 +478,25 @@ class _Connection:
             return status, _err(code, message)
         if not self.node.is_leader():
             return self._not_leader(self.node.leader_url())
+        results, refusal = await self._submitted(
+            place_batch(self.node, creds.account, payload["orders"]), "client_order_ids")
+        return refusal if refusal is not None else (200, {"results": results})
+
+    async def _submitted(self, pending: Awaitable[Any], ids: str
+                         ) -> tuple[Any, tuple[int, dict] | None]:
+        """(result, None) once `pending` (a submit) is done, or (None, (status, body)) for the
+        node's definite or unknown failures, answered as REST answers them."""
         try:
-            results = await place_batch(self.node, creds.account, payload["orders"])
-        except UnencodableError as exc:  # as REST answers it: nothing was logged
-            return 400, _err("wrong_type", f"{exc}; integers must fit in 64 bits")
+            return await pending, None
+        except UnencodableError as exc:  # nothing was logged
+            return None, (400, _err("wrong_type", f"{exc}; integers must fit in 64 bits"))
         except NotLeaderError as exc:
-            return self._not_leader(exc.leader_url or self.node.leader_url())
+            return None, self._not_leader(exc.leader_url or self.node.leader_url())
         except OutcomeUnknownError as exc:
-            return 503, _err("outcome_unknown",
-                             f"{exc}; resend with the same client_order_ids to settle it")
+            return None, (503, _err("outcome_unknown",
+                                    f"{exc}; resend with the same {ids} to settle it"))
         except OverloadedError as exc:
-            return 503, _err("overloaded", f"{exc}; nothing was applied, retry")
-        return 200, {"results": results}
+            return None, (503, _err("overloaded", f"{exc}; nothing was applied, retry"))
 
     @staticmethod
     def _not_leader(url: str | None) -> tuple[int, dict]:

@@ -399,16 +399,19 @@ def flows_per_connection(tag: str, seed: int) -> Callable[[int], OrderFlow]:
     return flow_for
 
 
+def signed_post(conn: KeepAliveConnection, creds: Credentials, path: str,
+                payload: object) -> tuple[int, bytes]:
+    body = dumps(payload)
+    return conn.request(b"POST", path.encode(), body, signed(creds, "POST", path, body))
+
+
 def order_sender(traders: list[Trader], seed: int, tag: str, statuses: Statuses) -> Sender:
     flow_for = flows_per_connection(tag, seed)
-    path = "/v1/orders"
 
     def send(k: int, conn: KeepAliveConnection) -> int:
         flow = flow_for(k)
         trader = traders[(k + flow.n * 7) % len(traders)]
-        body = dumps(flow.order())
-        status, _ = conn.request(b"POST", path.encode(), body,
-                                 signed(trader.creds, "POST", path, body))
+        status, _ = signed_post(conn, trader.creds, "/v1/orders", flow.order())
         statuses.add(status)
         return 1 if status == 201 else 0
 
@@ -431,7 +434,6 @@ def commands_sender(admin: Credentials, traders: list[Trader], seed: int, tag: s
                     statuses: Statuses) -> Sender:
     """The bulk path: CEILING_PER_REQUEST place commands per `POST /v1/admin/commands`."""
     flow_for = flows_per_connection(tag, seed)
-    path = "/v1/admin/commands"
 
     def send(k: int, conn: KeepAliveConnection) -> int:
         flow = flow_for(k)
@@ -439,8 +441,7 @@ def commands_sender(admin: Credentials, traders: list[Trader], seed: int, tag: s
         for _ in range(CEILING_PER_REQUEST):
             trader = traders[(k + flow.n) % len(traders)]
             commands.append({"op": "place", "account": trader.account, **flow.order()})
-        body = dumps({"commands": commands})
-        status, raw = conn.request(b"POST", path.encode(), body, signed(admin, "POST", path, body))
+        status, raw = signed_post(conn, admin, "/v1/admin/commands", {"commands": commands})
         if status != 200:
             statuses.add(f"request {status}")
             return 0
@@ -453,14 +454,12 @@ def commands_sender(admin: Credentials, traders: list[Trader], seed: int, tag: s
 
 def batch_sender(traders: list[Trader], seed: int, tag: str, statuses: Statuses) -> Sender:
     flow_for = flows_per_connection(tag, seed)
-    path = "/v1/orders/batch"
 
     def send(k: int, conn: KeepAliveConnection) -> int:
         flow = flow_for(k)
         trader = traders[(k + flow.n) % len(traders)]
-        body = dumps({"orders": [flow.order() for _ in range(BATCH_SIZE)]})
-        status, raw = conn.request(b"POST", path.encode(), body,
-                                   signed(trader.creds, "POST", path, body))
+        status, raw = signed_post(conn, trader.creds, "/v1/orders/batch",
+                                  {"orders": [flow.order() for _ in range(BATCH_SIZE)]})
         if status != 200:
             statuses.add(f"request {status}")
             return 0

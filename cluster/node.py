@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -99,7 +99,7 @@ class Node:
                         if ring is None:
                             ring = self._trades[event["market"]] = collections.deque(maxlen=1000)
                         ring.append(event)
-        self._hand_to_trio(applied)
+        self._hand_to_trio(self._fan_out, applied)
 
     # -------------------------------------------------------------- committed-event feed
 
@@ -107,12 +107,13 @@ class Node:
         """Call from the trio thread: applied events are handed to trio from here on."""
         self._token = trio.lowlevel.current_trio_token()
 
-    def _hand_to_trio(self, applied: list[list[dict]]) -> None:
+    def _hand_to_trio(self, fn: Callable[..., object], *args: object) -> None:
+        """pysyncobj's thread: run `fn(*args)` on the trio thread (FIFO), once it serves."""
         token = self._token
         if token is None:
             return
         with contextlib.suppress(trio.RunFinishedError):
-            token.run_sync_soon(self._fan_out, applied)
+            token.run_sync_soon(fn, *args)
 
     def _fan_out(self, applied: list[list[dict]]) -> None:
         """Trio thread, in apply order (run_sync_soon is FIFO)."""
@@ -206,13 +207,8 @@ class Node:
         """Teach `verifier` the signed requests behind every command this node applies, so a
         node that becomes leader refuses a request replayed from its predecessor's term."""
 
-        def hand_over(requests: list[list]) -> None:  # pysyncobj's thread
-            token = self._token
-            if token is not None:
-                with contextlib.suppress(trio.RunFinishedError):
-                    token.run_sync_soon(verifier.remember_many, requests)
-
-        self.machine.on_requests_applied = hand_over
+        self.machine.on_requests_applied = (
+            lambda requests: self._hand_to_trio(verifier.remember_many, requests))
 
     async def settle_term(self) -> None:
         """On a leader, once per term: a barrier, after which every entry of earlier terms is
@@ -268,28 +264,14 @@ class Node:
             if cached[0] == self.machine.exchange.cmd_index:
                 return cached
 
-            def read() -> tuple[int, str]:
-                exchange = self.machine.exchange
+            def read(ex=None) -> tuple[int, str]:  # the applied exchange, or the one given
+                exchange = self.machine.exchange if ex is None else ex
                 return exchange.cmd_index, exchange.state_hash()
 
-            token = trio.lowlevel.current_trio_token()
-            done = trio.Event()
-            outcome: list = []
-
-            def on_result(result: object, failure: object) -> None:
-                outcome.append((result, failure))
-                with contextlib.suppress(trio.RunFinishedError):
-                    token.run_sync_soon(done.set)
-
             try:
-                self.raft.read_between_ticks(read, on_result)
-            except RuntimeError:  # the replica is stopping
-                outcome.append((None, "stopping"))
-                done.set()
-            await done.wait()
-            result, failure = outcome[0]
-            if failure is not None:
-                result = self.machine.read(lambda ex: (ex.cmd_index, ex.state_hash()))
+                result = await self.replica.read_between_ticks(read)
+            except (OutcomeUnknown, RuntimeError):  # RuntimeError: the replica is stopping
+                result = self.machine.read(read)
             self._hash_cache = result
             return result
 

@@ -955,14 +955,6 @@ class HardenedSyncObj(SyncObj):
 
     # -- introspection for the adapter and tests -----------------------------------------------
 
-    @property
-    def heartbeats_during_apply(self) -> int:
-        return self.heartbeats_lent["apply"]
-
-    @property
-    def heartbeats_during_dump(self) -> int:
-        return self.heartbeats_lent["dump"]
-
     def close_storage(self) -> None:
         """Release files. Call only once ticking has stopped (after ``_doDestroy``)."""
         self._SyncObj__serializer.close()

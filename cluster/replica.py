@@ -53,6 +53,7 @@ class RaftPort(Protocol):
     def add_node(self, addr: str, callback: Any) -> None: ...
     def remove_node(self, addr: str, callback: Any) -> None: ...
     def transfer_leadership(self, addr: str | None, callback: Any) -> None: ...
+    def read_between_ticks(self, query: Any, callback: Any) -> None: ...
 
 
 class NotLeader(Exception):
@@ -332,27 +333,46 @@ class Replica:
         """
         if not self.raft.is_leader():
             raise NotLeader(self.raft.leader())
-        token = trio.lowlevel.current_trio_token()
-        done = trio.Event()
-        outcome: list[Any] = [None]
-
-        def finish(failure: Any) -> None:
-            outcome[0] = failure
-            done.set()
-
-        def on_result(result: Any, failure: Any) -> None:
-            with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(finish, failure)
-
         call = {"add": self.raft.add_node, "remove": self.raft.remove_node,
                 "transfer": self.raft.transfer_leadership}[op]
-        call(addr, on_result)
-        with trio.move_on_after(timeout_s):
-            await done.wait()
-        if not done.is_set():
+        outcome = await self._called_back(lambda on_result: call(addr, on_result), timeout_s)
+        if outcome is None:
             raise OutcomeUnknown(f"{op} {addr}: no outcome within {timeout_s} s")
-        failure = outcome[0]
+        _, failure = outcome
         if failure is not None:
             if failure.definite:
                 raise NotLeader(self.raft.leader(), f"{op} {addr}: {failure.reason}")
             raise OutcomeUnknown(f"{op} {addr}: {failure.reason}")
+
+    async def read_between_ticks(self, query: Any, *, timeout_s: float = 60.0) -> Any:
+        """`query()` run on the Raft thread between two ticks (a long read of the state
+        machine: see RaftReplica.read_between_ticks), awaited without blocking. Raises
+        OutcomeUnknown if it raised or did not run within `timeout_s`."""
+        outcome = await self._called_back(
+            lambda on_result: self.raft.read_between_ticks(query, on_result), timeout_s)
+        if outcome is None:
+            raise OutcomeUnknown(f"no read between ticks within {timeout_s} s")
+        result, failure = outcome
+        if failure is not None:
+            raise OutcomeUnknown(f"read between ticks failed: {failure}")
+        return result
+
+    async def _called_back(self, start: Any, timeout_s: float) -> tuple[Any, Any] | None:
+        """Start a Raft request with `start(callback)` and await its (result, failure), handed
+        from pysyncobj's thread; None if it did not come within `timeout_s`."""
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        outcome: list[tuple[Any, Any]] = []
+
+        def on_result(result: Any, failure: Any) -> None:
+            def finish() -> None:
+                outcome.append((result, failure))
+                done.set()
+
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(finish)
+
+        start(on_result)
+        with trio.move_on_after(timeout_s):
+            await done.wait()
+        return outcome[0] if outcome else None

@@ -936,15 +936,21 @@ def test_a_stalled_follower_deposes_the_leader_only_without_pre_vote(sim: SimNet
         assert not a.is_leader() and _terms(a)[0] > 1
 
 
-def test_with_pre_vote_a_lost_leader_is_still_replaced(sim: SimNet):
-    """(The simulation's election timeouts are 10-20 s.)"""
+def _pre_vote_cluster_whose_leader_died(sim: SimNet):
+    """B and C, with pre-vote, 20 s after their leader A crashed: past every election timeout
+    (the simulation's are 10-20 s), nobody has heard from A since."""
     a, b, c = sim.cluster("hardened")
     sim.elect(a)
     for node in (a, b, c):
         node.sync._pre_vote = True
     sim.step()
     sim.crash(a)
-    sim.clock.advance(20.0)  # past every election timeout: nobody has heard from A since
+    sim.clock.advance(20.0)
+    return b, c
+
+
+def test_with_pre_vote_a_lost_leader_is_still_replaced(sim: SimNet):
+    b, c = _pre_vote_cluster_whose_leader_died(sim)
     waited = 0.0
     while not (b.is_leader() or c.is_leader()) and waited < 60.0:
         for node in (b, c):
@@ -960,13 +966,7 @@ def test_with_pre_vote_a_lost_leader_is_still_replaced(sim: SimNet):
 def test_granting_a_pre_vote_defers_our_own_candidacy(sim: SimNet):
     """A dies; B's and C's timers run out together. B asks first and C grants: C then waits an
     election timeout instead of standing in the same term (which split the vote)."""
-    a, b, c = sim.cluster("hardened")
-    sim.elect(a)
-    for node in (a, b, c):
-        node.sync._pre_vote = True
-    sim.step()
-    sim.crash(a)
-    sim.clock.advance(20.0)  # past both timers (the simulation's timeouts are 10-20 s)
+    b, c = _pre_vote_cluster_whose_leader_died(sim)
     b.tick()  # B asks first
     sim.deliver(b.addr, c.addr)  # C grants
     c.tick()  # C's own timer had run out as well

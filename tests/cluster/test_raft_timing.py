@@ -313,7 +313,7 @@ def test_leader_keeps_sending_heartbeats_while_applying(sim: SimNet, kind):
         assert any(role == "candidate" and t > term for role, t in seen_after_apply)
     else:
         assert seen_after_apply == [("follower", term)] * 2
-        assert leader.sync.heartbeats_during_apply >= 10
+        assert leader.sync.heartbeats_lent["apply"] >= 10
         sim.settle(3)
         assert leader.is_leader() and leader.term() == term
         assert all(f.role() == "follower" and f.term() == term for f in followers)
@@ -366,17 +366,17 @@ def test_heartbeat_helper_never_runs_outside_apply(tmp_path):
     """The helper takes turns with the tick thread: it acts only while apply() runs, on the
     leader, and it stops when told."""
     with solo_leader_with_helper(tmp_path, fsync=False) as solo:
-        assert solo.heartbeats_during_apply == 0  # nothing applied slowly: it never woke to act
+        assert solo.heartbeats_lent["apply"] == 0  # nothing applied slowly: it never woke to act
         done = threading.Event()
         solo._machine.on_apply = lambda payload: time.sleep(0.3)  # the helper's turn
         solo.propose(b"slow", lambda result, reason: done.set())
         while not done.is_set():
             solo.doTick(0.01)
-        assert solo.heartbeats_during_apply >= 3  # every 0.04 s during 0.3 s
-        count = solo.heartbeats_during_apply
+        assert solo.heartbeats_lent["apply"] >= 3  # every 0.04 s during 0.3 s
+        count = solo.heartbeats_lent["apply"]
         for _ in range(30):
             solo.doTick(0.01)
-        assert solo.heartbeats_during_apply == count
+        assert solo.heartbeats_lent["apply"] == count
 
 
 def test_heartbeat_helper_stands_in_while_a_dump_is_written(tmp_path):
@@ -390,7 +390,7 @@ def test_heartbeat_helper_stands_in_while_a_dump_is_written(tmp_path):
             solo.propose(payload, lambda result, reason: done.set())
         while not done.is_set() or solo.raft_status()["applied_index"] < 4:
             solo.doTick(0.01)
-        assert solo.heartbeats_during_dump == 0
+        assert solo.heartbeats_lent["dump"] == 0
         slow = threading.Event()
         solo._machine.on_snapshot = lambda: (slow.set(), time.sleep(0.3))
         solo.forceLogCompaction()
@@ -398,12 +398,12 @@ def test_heartbeat_helper_stands_in_while_a_dump_is_written(tmp_path):
         while not (slow.is_set() and solo._dump_path.exists()) and time.monotonic() < deadline:
             solo.doTick(0.01)
         assert solo._dump_path.exists()
-        assert solo.heartbeats_during_dump >= 3  # every 0.04 s during 0.3 s
-        assert solo.heartbeats_during_apply == 0
-        count = solo.heartbeats_during_dump
+        assert solo.heartbeats_lent["dump"] >= 3  # every 0.04 s during 0.3 s
+        assert solo.heartbeats_lent["apply"] == 0
+        count = solo.heartbeats_lent["dump"]
         for _ in range(30):
             solo.doTick(0.01)
-        assert solo.heartbeats_during_dump == count  # only while the dump was being written
+        assert solo.heartbeats_lent["dump"] == count  # only while the dump was being written
     restarted = HardenedSyncObj(
         f"127.0.0.1:{free_port()}", [], SyncObjConf(autoTick=False, useFork=False),
         RecordingMachine(), tmp_path, fsync=False)
@@ -421,7 +421,7 @@ def test_a_long_read_between_ticks_lends_the_heartbeats(tmp_path):
     with solo_leader_with_helper(tmp_path, fsync=False) as solo:
         assert solo.run_between_ticks(lambda: (time.sleep(0.3), 7)[1]) == 7
         assert solo.heartbeats_lent["read"] >= 3  # every 0.04 s during 0.3 s
-        assert solo.heartbeats_during_apply == solo.heartbeats_during_dump == 0
+        assert solo.heartbeats_lent["apply"] == solo.heartbeats_lent["dump"] == 0
         for _ in range(10):
             solo.doTick(0.01)  # the tick lock came back: ticking goes on
         with pytest.raises(ZeroDivisionError):
