@@ -14,10 +14,11 @@ from werkzeug.exceptions import HTTPException
 from statemachine.validation import safe_account
 
 from . import openapi, trading, ws
-from .auth import Credentials, Verifier, new_key_id
+from .auth import AuthError, Credentials, Verifier, new_key_id
 from .common import Http, error, json_response
 from .metrics import CONTENT_TYPE, Metrics
 from .port import (
+    MembershipBusyError,
     NodePort,
     NotLeaderError,
     OutcomeUnknownError,
@@ -133,6 +134,8 @@ def create_app(node: NodePort, verifier: Verifier, *, limiter: RateLimiter | Non
                                   "leader_url": exc.leader_url}}] * len(commands)
         except OutcomeUnknownError as exc:
             results = [{"error": {"code": "outcome_unknown", "message": str(exc)}}] * len(commands)
+        except AuthError as exc:  # the cluster's replay window refused it: nothing applied
+            return error(401, exc.code, exc.message)
         return json_response({"results": results,
                               "elapsed_ms": round((time.perf_counter() - started) * 1000, 3)})
 
@@ -164,12 +167,16 @@ def create_app(node: NodePort, verifier: Verifier, *, limiter: RateLimiter | Non
             return error(400, "bad_request",
                          'body must be {"action": "add"|"remove", "id", "raft_addr", "api_url"}')
         try:
-            await node.change_membership(action, *fields)
+            done = await node.change_membership(action, *fields)
+        except MembershipBusyError as exc:
+            return error(409, "membership_change_in_progress",
+                         f"{exc}; one membership change at a time: retry once it commits",
+                         {"Retry-After": "1"})
         except NotLeaderError as exc:
             return error(409, "membership_change_failed", str(exc))
         except OutcomeUnknownError as exc:
             return error(503, "outcome_unknown", str(exc), {"Retry-After": "1"})
-        return await node.status()
+        return {"change": done, **await node.status()}
 
     @app.post("/v1/admin/transfer-leader")
     @http.authed("admin", leader=True)
@@ -209,7 +216,9 @@ def create_app(node: NodePort, verifier: Verifier, *, limiter: RateLimiter | Non
                          "digits and . : - _ (not starting with _)")
         key_id = new_key_id(role)
         try:
-            secret = await node.create_key(key_id, account, role)
+            secret = await node.create_key(key_id, account, role, http.signed_request())
+        except AuthError as exc:  # replayed: the replicated replay window holds it
+            return error(401, exc.code, exc.message)
         except NotLeaderError:
             return not_leader_response()
         except OutcomeUnknownError as exc:

@@ -3,7 +3,10 @@
 Headers: `X-QB-Key` (key id), `X-QB-Timestamp` (Unix ms), `X-QB-Signature` (hex).
 The signed message is `"{timestamp}\\n{METHOD}\\n{path?query}\\n"` followed by the raw body.
 A request outside the timestamp window, or whose signature was already seen inside it, is
-rejected, so a captured request cannot be replayed.
+rejected, so a captured request cannot be replayed. "Seen" is this node's own memory plus,
+through `applied`, the requests the replicated state machine applied (cluster/machine.py),
+which also refuses a repeated signature when it applies the log: the check that holds on
+every node, whatever the timing.
 """
 
 from __future__ import annotations
@@ -103,19 +106,24 @@ def read_secret_file(path: Path) -> str:
 
 
 KeyLookup = Callable[[str], "Credentials | None"]
+AppliedLookup = Callable[[str], bool]
 
 
 class Verifier:
     """Checks signatures against known keys and remembers recent signatures (replays).
 
     `keys` are static (the bootstrap admin key); `lookup` finds the rest (the replicated
-    registry, secrets derived from the master secret).
+    registry, secrets derived from the master secret). `applied(signature)` says whether the
+    replicated state machine applied a request with this signature (its replay window): a
+    replay is then refused before it is proposed. Without it, the state machine still
+    refuses the replay when it applies it; this is the fast path.
     """
 
     def __init__(self, keys: list[Credentials], window_ms: int = WINDOW_MS,
-                 lookup: KeyLookup | None = None) -> None:
+                 lookup: KeyLookup | None = None, applied: AppliedLookup | None = None) -> None:
         self._keys = {k.key_id: k for k in keys}
         self._lookup = lookup
+        self._applied = applied
         self.window_ms = window_ms
         # Signatures seen within the window, and a heap of (timestamp, signature) to forget
         # them in timestamp order: O(log n) per request at any rate.
@@ -134,36 +142,24 @@ class Verifier:
             creds = self._lookup(key_id)
         if creds is None:
             raise UnknownKeyError()
-        if not ts_text.isdigit() or len(ts_text) > 16:
+        # ASCII digits only: str.isdigit() is also true for a superscript two (U+00B2), which
+        # int() refuses, and for other scripts' digits, which int() reads.
+        if not (ts_text.isascii() and ts_text.isdigit()) or len(ts_text) > 16:
             raise AuthError("unauthenticated", "bad timestamp")
         ts = int(ts_text)
         now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
         if abs(now - ts) > self.window_ms:
             raise AuthError("expired", "timestamp outside the allowed window")
         expected = sign(creds.secret, ts, method, path, body)
-        if not hmac.compare_digest(expected, signature):
+        # compare_digest raises on non-ASCII text: such a signature is simply a wrong one.
+        if not (signature.isascii() and hmac.compare_digest(expected, signature)):
             raise AuthError("unauthenticated", "bad signature")
         self._forget_before(now - self.window_ms)
-        if signature in self._seen:
+        if signature in self._seen or (self._applied is not None and self._applied(signature)):
             raise AuthError("replayed", "this request was already received")
         self._seen[signature] = ts
         heapq.heappush(self._expiry, (ts, signature))
         return creds
-
-    def remember_many(self, requests: list[list], now_ms: int | None = None) -> None:
-        """Requests another node accepted ([signature, ts_ms] from applied log entries):
-        refused here as replays within the window, like the ones this node saw itself."""
-        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-        cutoff = now - self.window_ms
-        self._forget_before(cutoff)
-        for item in requests:
-            if type(item) is not list or len(item) != 2:
-                continue
-            signature, ts = item
-            if type(signature) is str and type(ts) is int and ts >= cutoff \
-                    and signature not in self._seen:
-                self._seen[signature] = ts
-                heapq.heappush(self._expiry, (ts, signature))
 
     def _forget_before(self, cutoff_ms: int) -> None:
         """A request stamped before the cutoff is refused as expired: its signature can go."""

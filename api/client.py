@@ -297,8 +297,14 @@ class _Core:
                     wait = target == url or redirects_in_row > len(self.urls)
                     url = target
                 elif status == 401 and code == "replayed":
+                    # This copy was not applied, but this client never sends a signature
+                    # twice: another copy of the same attempt (duplicated on the way) reached
+                    # the cluster first and may have been applied. Re-signed below.
                     self.stats["replayed"] += 1
-                    wait = False  # rejected before it could apply; re-signed below
+                    if write:
+                        unknown = True
+                        self.stats["unknown"] += 1
+                    wait = False
                 elif status == 429:
                     self.stats["busy"] += 1  # rate limited: not applied; back off and resend
                 elif status >= 500 or status == 307:
@@ -556,7 +562,7 @@ class _Api:
         core = self._core
         return self._subscription(_Stream(
             core.urls, channel, tracker, creds,
-            lambda c: _SIGNER.headers(c, "WS", "/v1/ws", b""), core.stats,
+            lambda c, nonce: _SIGNER.headers(c, "WS", "/v1/ws", nonce.encode()), core.stats,
             api_error=lambda status, code, message: ApiError(status, code, message),
             unavailable=ClusterUnavailable, connect_timeout_s=core.timeout_s,
             idle_timeout_s=idle_timeout_s, max_outage_s=max_outage_s,
@@ -773,8 +779,22 @@ class AdminClient:
 
     def change_membership(self, action: str, node_id: str, raft_addr: str, api_url: str,
                           *, deadline_s: float = 30.0) -> dict:
+        """Add or remove one member; returns the leader's status once the change is committed
+        (`change`: "added"/"removed", or "unchanged" if it already held, which makes a retry
+        after an unknown outcome safe). While another change is uncommitted the leader answers
+        409 membership_change_in_progress: wait for it, until `deadline_s`."""
         payload = {"action": action, "id": node_id, "raft_addr": raft_addr, "api_url": api_url}
-        return self._post("/v1/admin/members", payload, deadline_s)
+        deadline = time.monotonic() + deadline_s
+        while True:
+            try:
+                return self._post("/v1/admin/members", payload,
+                                  max(0.1, deadline - time.monotonic()))
+            except httpx.HTTPStatusError as exc:
+                busy = exc.response.status_code == 409 and \
+                    b"membership_change_in_progress" in exc.response.content
+                if not busy or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.1)
 
     def transfer_leader(self, to: str | None = None, *, deadline_s: float = 15.0) -> dict:
         return self._post("/v1/admin/transfer-leader", {"to": to} if to else {}, deadline_s)

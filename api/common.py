@@ -9,7 +9,7 @@ from quart import Response, request
 
 from .auth import SIG_HEADER, TS_HEADER, AuthError, Credentials, UnknownKeyError, Verifier
 from .jsoncodec import dumps, loads
-from .port import NodePort, NotLeaderError, OutcomeUnknownError
+from .port import NodePort
 from .rate_limit import RateLimiter
 
 
@@ -63,16 +63,9 @@ class Http:
         """
         body = await request.get_data()
         path = request.full_path.rstrip("?")
-        if request.method != "GET" and self.node.is_leader():
-            # A write replayed from the previous leader's term is known only once that
-            # term's entries are applied here (they carry their requests' signatures). Reads
-            # change nothing, and a stale read must not wait for a quorum.
-            try:
-                await self.node.settle_term()
-            except NotLeaderError:
-                return self.not_leader()
-            except OutcomeUnknownError as exc:
-                return error(503, "no_quorum", str(exc), {"Retry-After": "1"})
+        # A replay this node has not seen, nor applied yet (say, accepted by the previous
+        # leader a moment ago), passes here: the state machine refuses it when it applies it
+        # (its replicated replay window), and the submit answers 401 replayed.
         try:
             creds = self.verifier.verify(request.headers, request.method, path, body)
         except UnknownKeyError as exc:
@@ -93,7 +86,9 @@ class Http:
 
     @staticmethod
     def signed_request() -> tuple[str, int]:
-        """(signature, ts_ms) of the current request, which `caller` verified."""
+        """(signature, ts_ms) of the current request, which `caller` verified: the submit
+        carries it, and raises AuthError ("replayed"/"expired", a 401) if the cluster's
+        replay window refuses it."""
         return request.headers[SIG_HEADER], int(request.headers[TS_HEADER])
 
     def authed(self, role: str = "trader", leader: bool = False):

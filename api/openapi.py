@@ -391,8 +391,15 @@ PATHS: dict[str, dict[str, Schema]] = {
                   "raft_addr": string(minLength=1, examples=["127.0.0.1:7004"]),
                   "api_url": string(minLength=1, examples=["http://127.0.0.1:8004"])},
                  ("action", "id", "raft_addr", "api_url")),
-        errors={409: ("membership_change_failed",), 503: ("outcome_unknown",)},
-        ok=(200, "the node status after the change", ref("NodeStatus")))},
+        description="One change at a time: answered once the change is committed; while "
+                    "another is uncommitted, 409 membership_change_in_progress with "
+                    "Retry-After (nothing changed). Asking for what already holds answers "
+                    "change: unchanged, so a retry is safe.",
+        errors={409: ("membership_change_in_progress", "membership_change_failed"),
+                503: ("outcome_unknown",)},
+        ok=(200, "the leader's status once the change is committed", {"allOf": [
+            ref("NodeStatus"),
+            obj({"change": enum("added", "removed", "unchanged")}, ("change",))]}))},
     "/v1/admin/transfer-leader": {"post": operation(
         "Transfer leadership", "admin", role="admin", traits=(LEADER,),
         example={"to": "n2"},

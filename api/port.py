@@ -28,6 +28,11 @@ class OutcomeUnknownError(Exception):
     """The command may or may not have been applied (timeout, leader change)."""
 
 
+class MembershipBusyError(Exception):
+    """Definite: another membership change is not committed yet; nothing was changed. Retry
+    shortly (409 membership_change_in_progress with Retry-After)."""
+
+
 class Subscription(Protocol):
     """Committed events as this node applies them, in `seq` order, from subscription on.
 
@@ -63,30 +68,34 @@ class NodePort(Protocol):
 
     async def submit(self, command: dict, request: tuple[str, int] | None = None) -> list[dict]:
         """Replicate one command; its events once committed and applied. `request`: the
-        (signature, ts_ms) of the signed request it came from, for every node's replay
-        memory."""
+        (hex signature, ts_ms) of the signed request it came from: the state machine keeps it
+        in its replicated replay window and applies no second entry of the same request,
+        which raises `api.auth.AuthError` ("replayed", or "expired" for a request older than
+        the window; definite: nothing applied)."""
     def precheck(self, command: dict) -> dict | None:
         """The `rejected` event (without seq, ts, cmd_index) a trader command would get in any
         state, so it need not be logged; None: submit it. Exact: statemachine/precheck.py."""
 
     async def submit_many(self, commands: list[dict], request: tuple[str, int] | None = None
                           ) -> list[list[dict]]:
-        """Commands in order, committed together (all or none); each command's events."""
-
-    async def settle_term(self) -> None:
-        """On a leader: return once every entry of earlier terms is applied here (a barrier
-        once per term), so its replay memory holds every request accepted before it led."""
+        """Commands in order, committed together (all or none); each command's events. With
+        a `request`, refused together as `submit` says."""
 
     async def read_barrier(self) -> None: ...
     async def change_membership(self, action: str, node_id: str, raft_addr: str,
-                                api_url: str) -> None:
-        """Add or remove one member (one change at a time); NotLeaderError/OutcomeUnknownError."""
+                                api_url: str) -> str:
+        """Add or remove one member, one change at a time; returns once it is committed:
+        "added"/"removed", or "unchanged" if it already held (a retry is safe). Raises
+        MembershipBusyError while another change is uncommitted, NotLeaderError (definite),
+        OutcomeUnknownError."""
 
     async def transfer_leadership(self, node_id: str | None) -> None:
         """Ask the leader to hand over (to `node_id`, or the most caught-up peer)."""
 
-    async def create_key(self, key_id: str, account: str, role: str) -> str:
-        """Register an API key through the log; return its secret."""
+    async def create_key(self, key_id: str, account: str, role: str,
+                         request: tuple[str, int] | None = None) -> str:
+        """Register an API key through the log; return its secret. With the signed `request`
+        (signature, ts_ms), a replay of it is refused (AuthError replayed) like a command's."""
 
     def subscribe(self, buffer: int = 10_000) -> Subscription:
         """Follow committed events from now on (must be called from the trio thread)."""

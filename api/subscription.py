@@ -335,7 +335,9 @@ class _Stream:
     channel: str
     tracker: _Tracker
     creds: Credentials | None  # authenticate first (the orders channel)
-    sign: Any  # (creds) -> {KEY_HEADER, TS_HEADER, SIG_HEADER} of a fresh "WS /v1/ws" signature
+    # (creds, nonce) -> {KEY_HEADER, TS_HEADER, SIG_HEADER}: a fresh "WS /v1/ws" signature
+    # over the connection's nonce (its `hello`)
+    sign: Any
     stats: collections.Counter[str]
     api_error: Any  # (status, code, message) -> the SDK's ApiError
     unavailable: Any  # (message) -> the SDK's ClusterUnavailable
@@ -398,7 +400,11 @@ class _Stream:
                 self.stats["ws_connect_errors"] += 1
                 return False
         if self.creds is not None:
-            headers = self.sign(self.creds)
+            nonce = yield from self._nonce(wire, pending, deadline)
+            if nonce is None:
+                self.stats["ws_connect_errors"] += 1
+                return False
+            headers = self.sign(self.creds, nonce)
             if (yield _Write(wire.message({
                     "op": "auth", "key_id": headers[KEY_HEADER],
                     "timestamp": int(headers[TS_HEADER]),
@@ -439,6 +445,20 @@ class _Stream:
             got = yield from self._receive(wire, pending, self.idle_timeout_s)
             if not got:
                 return served
+
+    def _nonce(self, wire: _Wire, pending: collections.deque[dict],
+               deadline: float) -> Generator[_Step, Any, str | None]:
+        """The connection's challenge, from the server's first message (`hello`); None if it
+        does not come by `deadline`. The message stays in `pending` (no channel reads it)."""
+        while True:
+            for m in pending:
+                if m.get("type") == "hello" and isinstance(m.get("nonce"), str):
+                    return m["nonce"]
+            remaining = deadline - time.monotonic()
+            if wire.closed is not None or remaining <= 0:
+                return None
+            if not (yield from self._receive(wire, pending, remaining)):
+                return None
 
     def _receive(self, wire: _Wire, pending: collections.deque[dict],
                  timeout_s: float) -> Generator[_Step, Any, bool]:

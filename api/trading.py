@@ -16,7 +16,7 @@ from typing import Any
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from .auth import Credentials
+from .auth import AuthError, Credentials
 from .common import Http, error, json_response
 from .port import NodePort, NotLeaderError, OutcomeUnknownError
 
@@ -117,7 +117,8 @@ async def place_batch(node: NodePort, account: str, orders: list[dict],
 
     Orders the log would refuse in any state are answered here; the rest go in one slot,
     committed together, in the order given (with the signed `request` they came in, if any).
-    Raises NotLeaderError / OutcomeUnknownError.
+    Raises NotLeaderError / OutcomeUnknownError, or AuthError when the cluster's replay
+    window refuses the request (none of its orders placed).
     """
     commands = [{"op": "place", **order, "account": account} for order in orders]
     refused = [node.precheck(command) for command in commands]
@@ -156,6 +157,8 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
             return not_leader_response()
         try:
             status, body = await execute(command)
+        except AuthError as exc:  # the cluster's replay window refused the request
+            return error(401, exc.code, exc.message)
         except NotLeaderError:
             return not_leader_response()
         except OutcomeUnknownError as exc:
@@ -207,6 +210,8 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
         try:
             results = await place_batch(node, creds.account, payload["orders"],
                                         http.signed_request())
+        except AuthError as exc:  # refused as a whole by the replay window: nothing placed
+            return error(401, exc.code, exc.message)
         except NotLeaderError:
             return not_leader_response()
         except OutcomeUnknownError as exc:

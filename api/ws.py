@@ -15,12 +15,17 @@ it disconnects a slow consumer instead (`slow_consumer`, close code 1008).
 
 One outbox per connection, drained by one writer task: everything the client gets (feed,
 responses, heartbeats, errors) goes through it in order, and it is bounded in bytes.
+
+The first message of every connection is `hello` with a fresh random `nonce`; the `auth` op
+signs it, so a signed auth frame opens only the connection it was made for: captured, it is
+worth nothing on another connection, to this node or any other.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import secrets
 from collections.abc import Awaitable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -44,8 +49,10 @@ from .rate_limit import RateLimiter
 from .trading import RESERVED_FIELDS, batch_shape_error, command_outcome, place_batch
 
 PATH = "/v1/ws"
-# The signed message of the `auth` op: "{timestamp}\nWS\n/v1/ws\n" (api.auth.sign, empty body).
+# The signed message of the `auth` op: "{timestamp}\nWS\n/v1/ws\n{nonce}" (api.auth.sign with
+# the connection's nonce, from its `hello`, as the body).
 AUTH_METHOD = "WS"
+NONCE_BYTES = 16
 
 CLOSE_POLICY = 1008  # slow consumer, too many bad messages
 CLOSE_RESTART = 1012  # the node's state jumped (it installed a Raft snapshot): resubscribe
@@ -174,11 +181,15 @@ class _Connection:
         self.errors: collections.deque[float] = collections.deque()
         self.inflight = trio.Semaphore(settings.max_inflight)
         self.nursery: trio.Nursery | None = None
+        # The challenge an `auth` must sign: this connection's alone, and spent once it
+        # authenticates (a second `auth` is refused anyway: already_authenticated).
+        self.nonce: str | None = secrets.token_hex(NONCE_BYTES)
 
     # -------------------------------------------------------------- lifecycle
 
     async def run(self) -> None:
         await self.ws.accept()
+        self.send({"type": "hello", "nonce": self.nonce, "seq": self.position()})
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
@@ -309,12 +320,14 @@ class _Connection:
                        op="auth")
             return
         headers = {KEY_HEADER: key_id, TS_HEADER: ts, SIG_HEADER: signature}
+        assert self.nonce is not None  # spent only by a success, after which we return above
         try:
-            creds = self.verifier.verify(headers, AUTH_METHOD, PATH, b"")
+            creds = self.verifier.verify(headers, AUTH_METHOD, PATH, self.nonce.encode())
         except AuthError as exc:
             self.error(exc.code, exc.message, op="auth")
             return
         self.creds = creds
+        self.nonce = None
         self.send({"type": "authenticated", "key_id": creds.key_id, "account": creds.account,
                    "role": creds.role, "seq": self.position()})
 
@@ -488,6 +501,8 @@ class _Connection:
         node's definite or unknown failures, answered as REST answers them."""
         try:
             return await pending, None
+        except AuthError as exc:  # the cluster's replay window refused the signed request
+            return None, (401, _err(exc.code, exc.message))
         except UnencodableError as exc:  # nothing was logged
             return None, (400, _err("wrong_type", f"{exc}; integers must fit in 64 bits"))
         except NotLeaderError as exc:

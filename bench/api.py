@@ -496,7 +496,9 @@ def ws_phase(url: str, traders: list[Trader], *, seed: int, connections: int, wi
         try:
             sock.sendall(ws.send(wse.Request(host=f"{host}:{port}", target="/v1/ws")))
             accepted = False
-            while not accepted:
+            nonce = None  # the first message, hello, carries the challenge auth signs
+            text = ""
+            while not accepted or nonce is None:
                 data = sock.recv(1 << 16)
                 if not data:
                     raise RuntimeError("the node closed the WebSocket handshake")
@@ -505,13 +507,17 @@ def ws_phase(url: str, traders: list[Trader], *, seed: int, connections: int, wi
                     if isinstance(event, wse.RejectConnection):
                         raise RuntimeError(f"WebSocket refused: {event.status_code}")
                     accepted = accepted or isinstance(event, wse.AcceptConnection)
+                    if isinstance(event, wse.TextMessage):
+                        text += event.data
+                        if event.message_finished:
+                            nonce, text = loads(text)["nonce"], ""
             pending: dict[int, float] = {}
-            text = ""
             authed = False
             ts = time.time_ns() // 1_000_000
             sock.sendall(ws.send(wse.TextMessage(dumps({
                 "op": "auth", "key_id": trader.creds.key_id, "timestamp": ts,
-                "signature": sign(trader.creds.secret, ts, "WS", "/v1/ws", b"")}).decode())))
+                "signature": sign(trader.creds.secret, ts, "WS", "/v1/ws",
+                                  nonce.encode())}).decode())))
             next_id = 0
             while True:
                 now = time.perf_counter()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 
@@ -72,11 +74,13 @@ def cluster_up(n: int, data_dir: str, restart: bool) -> None:
 
     Example: quorumbook cluster up --nodes 3 --data-dir /tmp/qb
     """
+    import math
     import signal
     import time
     from pathlib import Path
 
     from .launcher import LocalCluster
+    from .raft import EXITS_NOT_TO_RESTART
 
     root = Path(data_dir)
     cl = LocalCluster.open(root / "cluster.json") if (root / "cluster.json").exists() else \
@@ -98,6 +102,7 @@ def cluster_up(n: int, data_dir: str, restart: bool) -> None:
         click.echo(f"  admin credentials: {cl.admin_key_path}")
         backoff = {nid: 1.0 for nid in cl.nodes}
         next_try = {nid: 0.0 for nid in cl.nodes}
+        refused_with: dict[str, tuple[int, int] | None] = {}
         while not stopping:
             time.sleep(0.2)
             for node_id in cl.adopt_from_manifest():  # add-node / remove-node from another shell
@@ -107,11 +112,24 @@ def cluster_up(n: int, data_dir: str, restart: bool) -> None:
             if not restart:
                 continue
             for node_id, proc in cl.nodes.items():
+                if (node_id in refused_with
+                        and refused_with[node_id] != _identity(proc.config.data_dir)):
+                    del refused_with[node_id]  # its data directory was replaced: try again
+                    next_try[node_id] = 1.0
                 if proc.alive() or time.monotonic() < next_try[node_id]:
                     continue
                 if proc.process is not None and next_try[node_id] == 0.0:
+                    code = proc.process.returncode
+                    if code in EXITS_NOT_TO_RESTART:
+                        # The same data fails the same way: wait until an operator has moved
+                        # the data directory aside (docs/operating/raft-storage.md).
+                        refused_with[node_id] = _identity(proc.config.data_dir)
+                        next_try[node_id] = math.inf
+                        click.echo(f"  {node_id} exited ({code}): not restarting on the same "
+                                   f"data; read {proc.config_path.parent / 'node.log'}")
+                        continue
                     next_try[node_id] = time.monotonic() + backoff[node_id]
-                    click.echo(f"  {node_id} exited ({proc.process.returncode}); restart in {backoff[node_id]:.0f} s")
+                    click.echo(f"  {node_id} exited ({code}); restart in {backoff[node_id]:.0f} s")
                     continue
                 cl.start(node_id)
                 proc.restarts += 1
@@ -148,6 +166,15 @@ def cluster_status(manifest: str, as_json: bool) -> None:
         else:
             click.echo(f"{nid}: {s['role']:9} term {s['term']} commit {s['commit_index']} "
                        f"applied {s['applied_index']} cmd {s['cmd_index']} hash {s['state_hash'][:16]}")
+
+
+def _identity(path) -> tuple[int, int] | None:
+    """(device, inode) of a directory, None if absent: tells that it was moved aside."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _open(manifest: str):

@@ -184,11 +184,30 @@ class LocalCluster:
         )
         path = self.root / node_id / "node.toml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.nodes[node_id] = NodeProcess(path, config)
-        self._rewrite_configs()
+        members = [n.config for n in self.nodes.values()]
+        urls = self.api_urls()
+        # The newcomer knows every member; the members' own files change only once the change
+        # has committed (a node's configuration is its log's; its node.toml peers are the
+        # members it starts with, and must never name one the log does not).
+        config = dataclasses.replace(
+            config, peers=tuple(Peer(c.node_id, c.raft_addr, c.api_url) for c in members))
+        node = NodeProcess(path, config)
+        path.write_text(dump(config))
+        self.nodes[node_id] = node
         self.start(node_id)
-        with AdminClient(self.api_urls(), self.admin_credentials(), verify=self.verify) as client:
-            client.change_membership("add", node_id, config.raft_addr, config.api_url)
+        try:
+            with AdminClient(urls, self.admin_credentials(), verify=self.verify) as client:
+                client.change_membership("add", node_id, config.raft_addr, config.api_url)
+        except httpx.HTTPStatusError:
+            self.stop(node_id)  # refused (definite): the newcomer never became a member
+            del self.nodes[node_id]
+            raise
+        except BaseException:
+            # Outcome unknown: it may be a member now, and stopping it would cost the cluster
+            # a vote. Keep it running and listed; `cluster status` tells.
+            self.write_manifest()
+            raise
+        self._rewrite_configs()
         self.write_manifest()
         return node_id
 

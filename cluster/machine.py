@@ -2,16 +2,26 @@
 
 Runs on pysyncobj's thread. It applies a batch to the `Exchange`, tells listeners (the
 trio side) what was applied, and answers snapshot/restore with the exchange's own codec.
+
+Besides the exchange it holds what the cluster replicates for the API: the member directory,
+the key registry and the replay window, the signatures of the signed requests it applied
+(`KIND_REQUEST` entries, cluster/batch.py). A request whose signature the window holds is not
+applied again, and neither is one older than the window: every replica holds the same window
+(it is pruned by the leader-stamped batch time, never by a local clock, and travels in the
+snapshot), so every replica skips the same entries, and a captured request replayed to any
+node, at any time, is never applied twice.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from collections.abc import Callable
 
 import msgpack
 
+from api.auth import WINDOW_MS
 from statemachine import Exchange
 
 from .batch import (
@@ -19,6 +29,9 @@ from .batch import (
     KIND_COMMAND,
     KIND_KEY,
     KIND_MEMBER,
+    KIND_REQUEST,
+    REFUSED_EXPIRED,
+    REFUSED_REPLAYED,
     BatchError,
     decode_batch,
 )
@@ -28,7 +41,21 @@ log = logging.getLogger(__name__)
 # Called on pysyncobj's thread after each applied batch: (applied commands' events, exchange).
 AppliedListener = Callable[[list[list[dict]], Exchange], None]
 
-SNAPSHOT_VERSION = 1
+# Version 2 added the replay window; a version-1 snapshot restores with an empty one.
+SNAPSHOT_VERSION = 2
+RESTORABLE_VERSIONS = (1, 2)
+
+# How long past its own timestamp a request's signature stays in the replay window, by the
+# window's clock (the latest batch `ts` the leaders stamped). Safety does not depend on it: a
+# request older than the window is refused as expired, so one whose signature was pruned can
+# never apply again. It only decides when an honest request is refused so: a node verifies a
+# request against its own clock (within WINDOW_MS), but the window's clock is whatever the
+# latest leader's clock said, so the margin absorbs the clock difference between nodes (and
+# the time a request waits for its batch): 4x the signing window leaves 15 s of it. Beyond
+# that, a leader whose clock ran ahead leaves the window's clock ahead (it never goes back)
+# and honest requests are refused as expired until real time catches up: availability, never
+# safety, is what a clock off by more than that costs.
+REPLAY_RETENTION_MS = 4 * WINDOW_MS
 
 
 class MachineSnapshotError(ValueError):
@@ -45,18 +72,22 @@ class ExchangeMachine:
         # key_id -> (account, role): API keys, replicated so every node accepts them
         self.keys: dict[str, tuple[str, str]] = {}
         self.batches_applied = 0
+        # The replay window: the signatures of the signed requests applied (a set, for the
+        # look-up) and the same (ts_ms, signature) in the order applied (to prune from the
+        # front), and its clock: the latest batch ts (ms) of a batch with a request in it.
+        self.window_clock_ms = 0
+        self._requests: set[bytes] = set()
+        self._request_order: collections.deque[tuple[int, bytes]] = collections.deque()
         self._listeners: list[AppliedListener] = []
-        # Called on pysyncobj's thread after each batch with the [signature, ts_ms] of the
-        # signed API requests its commands came from (the API's replay memory, every node).
-        self.on_requests_applied: Callable[[list[list]], None] | None = None
         self._lock = threading.Lock()  # apply/restore vs `read` queries from other threads
 
     def add_listener(self, listener: AppliedListener) -> None:
         self._listeners.append(listener)
 
     def apply(self, payload: bytes) -> list:
-        """One entry per batch entry: the command's events, or None. Only the proposer reads
-        it, in this process: the events are shared with the listeners, so nobody mutates them."""
+        """One entry per batch entry: the command's events, a request's list of them or its
+        refusal, or None (cluster/batch.py). Only the proposer reads it, in this process: the
+        events are shared with the listeners, so nobody mutates them."""
         try:
             ts, entries = decode_batch(payload)
         except BatchError as exc:
@@ -65,20 +96,22 @@ class ExchangeMachine:
             return []
         results: list = []
         applied: list[list[dict]] = []
-        requests: list[list] = []
+        horizon_ms: int | None = None  # requests stamped before it are refused as expired
         with self._lock:
             ex = self.exchange
             for entry in entries:
                 if (type(entry) is list and entry and entry[0] == KIND_COMMAND
-                        and len(entry) in (2, 3)):
+                        and len(entry) in (2, 3)):  # 3: a version-1 entry; its request is ignored
                     command = entry[1]
-                    if len(entry) == 3:
-                        requests.append(entry[2])
                     if type(command) is dict:
                         command["ts"] = max(ts, ex.last_ts)
                     events = ex.apply(command)
                     results.append(events)
                     applied.append(events)
+                elif type(entry) is list and len(entry) == 4 and entry[0] == KIND_REQUEST:
+                    if horizon_ms is None:
+                        horizon_ms = self._advance_window(ts)
+                    results.append(self._apply_request(ex, ts, entry, horizon_ms, applied))
                 elif type(entry) is list and entry == [KIND_BARRIER]:
                     results.append(None)
                 elif type(entry) is list and len(entry) == 5 and entry[0] == KIND_MEMBER:
@@ -89,50 +122,123 @@ class ExchangeMachine:
                         self.directory.pop(str(node_id), None)
                     results.append(None)
                 elif type(entry) is list and len(entry) == 5 and entry[0] == KIND_KEY:
-                    _, action, key_id, account, role = entry
-                    if action == "add":
-                        self.keys[str(key_id)] = (str(account), str(role))
-                    elif action == "revoke":
-                        self.keys.pop(str(key_id), None)
+                    self._apply_key(entry)
                     results.append(None)
                 else:
                     results.append(None)
             self.batches_applied += 1
         for listener in self._listeners:
             listener(applied, ex)
-        if requests and self.on_requests_applied is not None:
-            self.on_requests_applied(requests)
         return results
+
+    def _advance_window(self, ts: int) -> int:
+        """Move the window's clock to this batch's ts (it never goes back), forget what is
+        past the horizon, and return the horizon (ms). Called once per batch that holds a
+        request, so it depends only on the log: the same on every replica.
+
+        Pruned from the oldest-applied end while the oldest is past the horizon: a request
+        applied after one stamped later may stay a little longer, never shorter."""
+        clock = self.window_clock_ms = max(self.window_clock_ms, ts // 1_000_000)
+        horizon_ms = clock - REPLAY_RETENTION_MS
+        order, requests = self._request_order, self._requests
+        while order and order[0][0] < horizon_ms:
+            requests.discard(order.popleft()[1])
+        return horizon_ms
+
+    def _apply_request(self, ex: Exchange, ts: int, entry: list, horizon_ms: int,
+                       applied: list[list[dict]]) -> list[list[dict]] | str | None:
+        """A signed request's commands, unless the window refuses it (nothing applied)."""
+        _, signature, ts_ms, commands = entry
+        if type(signature) is not bytes or type(ts_ms) is not int or type(commands) is not list:
+            return None  # not an entry we encode; skipped alike everywhere
+        if ts_ms < horizon_ms:
+            return REFUSED_EXPIRED  # its signature may have been pruned: never apply it
+        if signature in self._requests:
+            return REFUSED_REPLAYED
+        self._requests.add(signature)
+        self._request_order.append((ts_ms, signature))
+        out: list = []
+        for command in commands:
+            if type(command) is list and len(command) == 5 and command[0] == KIND_KEY:
+                # A key registry entry made by a signed admin request (POST /v1/admin/keys):
+                # replayed, it would register a second key and hand its secret to whoever
+                # replayed it.
+                self._apply_key(command)
+                out.append(None)
+                continue
+            if type(command) is dict:
+                command["ts"] = max(ts, ex.last_ts)
+            events = ex.apply(command)
+            out.append(events)
+            applied.append(events)
+        return out
+
+    def _apply_key(self, entry: list) -> None:
+        _, action, key_id, account, role = entry
+        if action == "add":
+            self.keys[str(key_id)] = (str(account), str(role))
+        elif action == "revoke":
+            self.keys.pop(str(key_id), None)
 
     def snapshot(self) -> bytes:
         """The node's state as bytes. Call it on the thread that applies (pysyncobj's): that
         thread is the only writer, so the state cannot change underneath, and readers on
         other threads are not held up for the hundreds of ms a large book takes to encode
-        (the API's reads would stall the trio thread for that long behind `_lock`)."""
+        (the API's reads would stall the trio thread for that long behind `_lock`).
+
+        The replay window goes in apply order, so equal windows encode to equal bytes."""
         directory = sorted([k, *v] for k, v in self.directory.items())
         keys = sorted([k, *v] for k, v in self.keys.items())
-        return msgpack.packb([SNAPSHOT_VERSION, self.exchange.snapshot(), directory, keys],
-                             use_bin_type=True)
+        window = [self.window_clock_ms, [[t, s] for t, s in self._request_order]]
+        return msgpack.packb([SNAPSHOT_VERSION, self.exchange.snapshot(), directory, keys,
+                              window], use_bin_type=True)
 
     def restore(self, blob: bytes) -> None:
         try:
-            version, exchange_blob, directory, keys = msgpack.unpackb(blob, raw=False)
+            fields = msgpack.unpackb(blob, raw=False)
+            version = fields[0]
         except Exception as exc:
             raise MachineSnapshotError(f"undecodable node snapshot: {exc}") from exc
-        if version != SNAPSHOT_VERSION:
+        if type(version) is not int or version not in RESTORABLE_VERSIONS:
             raise MachineSnapshotError(f"unsupported node snapshot version {version!r}")
+        try:
+            if version == 1:  # before the replay window: it starts empty (cluster/batch.py)
+                _, exchange_blob, directory, keys = fields
+                clock, window = 0, []
+            else:
+                _, exchange_blob, directory, keys, (clock, window) = fields
+            directory = {k: (a, u) for k, a, u in directory}
+            keys = {k: (a, r) for k, a, r in keys}
+            order = collections.deque((t, s) for t, s in window)
+        except (TypeError, ValueError) as exc:
+            raise MachineSnapshotError(f"malformed node snapshot: {exc}") from exc
         exchange = Exchange.restore(exchange_blob)
         with self._lock:
             self.exchange = exchange
-            self.directory = {k: (a, u) for k, a, u in directory}
-            self.keys = {k: (a, r) for k, a, r in keys}
+            self.directory = directory
+            self.keys = keys
+            self.window_clock_ms = clock
+            self._request_order = order
+            self._requests = {s for _, s in order}
 
-    # key() and members() run on the API's hot path (every signed request, every redirect)
-    # and take no lock: a dict lookup or copy is one atomic step under the GIL, and the apply
-    # thread only ever sets or pops single entries of these dicts.
+    # key(), has_request() and members() run on the API's hot path (every signed request,
+    # every redirect) and take no lock: a dict or set lookup or copy is one atomic step under
+    # the GIL, and the apply thread only ever sets or pops single entries of these (restore
+    # swaps them whole).
 
     def key(self, key_id: str) -> tuple[str, str] | None:
         return self.keys.get(key_id)
+
+    def has_request(self, signature: str) -> bool:
+        """Whether the replay window holds the request with this hex signature (the API's
+        verifier asks, so that a replay of an applied request is refused before the log)."""
+        try:
+            return bytes.fromhex(signature) in self._requests
+        except ValueError:
+            return False
+
+    def window_size(self) -> int:
+        return len(self._request_order)
 
     def members(self) -> dict[str, tuple[str, str]]:
         return self.directory.copy()

@@ -23,16 +23,30 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from api.app import create_app
-from api.auth import Credentials, Verifier, derive_secret, read_credentials
-from api.port import NotLeaderError, OutcomeUnknownError, OverloadedError, UnencodableError
+from api.auth import AuthError, Credentials, Verifier, derive_secret, read_credentials
+from api.port import (
+    MembershipBusyError,
+    NotLeaderError,
+    OutcomeUnknownError,
+    OverloadedError,
+    UnencodableError,
+)
 from api.rate_limit import RateLimiter, RateLimits
 from statemachine import exchange as _exchange_module
 from statemachine.precheck import ShapeCheck
 
 from .config import EXIT_WITH_PARENT_ENV, NodeConfig, Peer
 from .machine import ExchangeMachine
-from .raft import RaftReplica, RaftSettings
-from .replica import NotLeader, OutcomeUnknown, Overloaded, Replica, Unencodable
+from .raft import EXIT_STARTUP_REFUSED, RaftReplica, RaftSettings, RaftStartupError
+from .replica import (
+    MembershipBusy,
+    NotLeader,
+    OutcomeUnknown,
+    Overloaded,
+    Replica,
+    RequestRefused,
+    Unencodable,
+)
 
 # Which build of the state machine this process runs (docs/adr/0003-compiled-state-machine.md).
 ENGINE = "compiled" if (_exchange_module.__file__ or "").endswith(".so") else "pure"
@@ -80,7 +94,7 @@ class Node:
         self.replica = replica
         self._hash_cache: tuple[int, str] = (-1, "")
         self._hash_lock = trio.Lock()
-        self._settled_term = -1
+        self._membership_lock = trio.Lock()
         self.api_master = config.read_api_master()
         self._trades: dict[str, collections.deque] = {}
         self._trades_lock = threading.Lock()
@@ -140,11 +154,15 @@ class Node:
         account, role = entry
         return Credentials(key_id, derive_secret(self.api_master, key_id), role, account)
 
-    async def create_key(self, key_id: str, account: str, role: str) -> str:
+    async def create_key(self, key_id: str, account: str, role: str,
+                         request: tuple[str, int] | None = None) -> str:
         if self.api_master is None:
             raise NotLeaderError(None, "this node has no api_master_file configured")
         with self._outcomes():
-            await self.replica.record_key("add", key_id, account, role)
+            try:
+                await self.replica.record_key("add", key_id, account, role, request=request)
+            except RequestRefused as exc:  # a replayed key creation: no second key
+                raise AuthError(exc.code, str(exc)) from None
         return derive_secret(self.api_master, key_id)
 
     def _members(self) -> dict[str, Peer]:
@@ -174,6 +192,8 @@ class Node:
             raise OverloadedError(str(exc)) from None
         except Unencodable as exc:
             raise UnencodableError(str(exc)) from None
+        except MembershipBusy as exc:
+            raise MembershipBusyError(str(exc)) from None
 
     def is_leader(self) -> bool:
         return self.raft.is_leader()
@@ -196,43 +216,39 @@ class Node:
 
     async def submit(self, command: dict, request: tuple[str, int] | None = None) -> list[dict]:
         with self._outcomes():
-            return await self.replica.submit(command, request=request)
+            try:
+                return await self.replica.submit(command, request=request)
+            except RequestRefused as exc:  # the replicated replay window: nothing applied
+                raise AuthError(exc.code, str(exc)) from None
 
     async def submit_many(self, commands: list[dict], request: tuple[str, int] | None = None
                           ) -> list[list[dict]]:
         with self._outcomes():
-            return await self.replica.submit_many(commands, request=request)
-
-    def share_replay_memory(self, verifier: Verifier) -> None:
-        """Teach `verifier` the signed requests behind every command this node applies, so a
-        node that becomes leader refuses a request replayed from its predecessor's term."""
-
-        self.machine.on_requests_applied = (
-            lambda requests: self._hand_to_trio(verifier.remember_many, requests))
-
-    async def settle_term(self) -> None:
-        """On a leader, once per term: a barrier, after which every entry of earlier terms is
-        applied here (and its request is in the replay memory). Writes wait for it."""
-        term = self.raft.term()  # every signed request on the leader asks: no status copy
-        if self._settled_term == term:
-            return
-        await self.read_barrier()
-        self._settled_term = term
+            try:
+                return await self.replica.submit_many(commands, request=request)
+            except RequestRefused as exc:
+                raise AuthError(exc.code, str(exc)) from None
 
     async def read_barrier(self) -> None:
         with self._outcomes():
             await self.replica.read_barrier()
 
     async def change_membership(self, action: str, node_id: str, raft_addr: str,
-                                api_url: str) -> None:
-        with self._outcomes():
-            if action == "add":
-                # Directory first, so every node can redirect to the new member at once.
-                await self.replica.record_member("add", node_id, raft_addr, api_url)
-                await self.replica.raft_admin("add", raft_addr)
-            else:
-                await self.replica.raft_admin("remove", raft_addr)
+                                api_url: str) -> str:
+        # One change at a time from this node's API (two operators racing); the Raft adapter
+        # refuses a change while another is uncommitted anyway, from wherever it came.
+        async with self._membership_lock:
+            busy = self.raft.status().get("membership_busy")
+            if busy:  # checked before the directory entry, which would otherwise be orphaned
+                raise MembershipBusyError(busy)
+            with self._outcomes():
+                if action == "add":
+                    # Directory first, so every node can redirect to the new member at once.
+                    await self.replica.record_member("add", node_id, raft_addr, api_url)
+                    return await self.replica.raft_admin("add", raft_addr)
+                done = await self.replica.raft_admin("remove", raft_addr)
                 await self.replica.record_member("remove", node_id, raft_addr, api_url)
+                return done
 
     async def transfer_leadership(self, node_id: str | None) -> None:
         addr = None
@@ -314,7 +330,9 @@ class Node:
             "batches_proposed": self.replica.batches_proposed,
             "raft": {k: raft[k] for k in ("log_first_index", "log_last_index", "refused_truncations",
                                           "snapshots_ignored", "snapshots_installed",
-                                          "elections_averted", "step_downs_averted", "pre_votes_refused")
+                                          "elections_averted", "step_downs_averted", "pre_votes_refused",
+                                          "membership_changes_refused", "stale_replies_dropped",
+                                          "transport")
                      if k in raft},
             "indexer": {"active": False},
         }
@@ -350,8 +368,9 @@ async def _serve(config: NodeConfig) -> None:
     limiter = RateLimiter(RateLimits(
         per_s=config.rate_limit_per_s, burst=config.rate_limit_burst,
         admin_per_s=config.admin_rate_limit_per_s, admin_burst=config.admin_rate_limit_burst))
-    verifier = Verifier(keys, lookup=node.lookup_key)
-    node.share_replay_memory(verifier)
+    # Replays: this node's own memory first, then the replicated window of applied requests
+    # (which also refuses them when the log is applied, on every node).
+    verifier = Verifier(keys, lookup=node.lookup_key, applied=machine.has_request)
     app = create_app(node, verifier, limiter=limiter,
                      ready_max_lag_entries=config.ready_max_lag_entries)
     hconfig = HypercornConfig()
@@ -454,4 +473,11 @@ def run(config: NodeConfig) -> None:
     gc.set_threshold(*GC_THRESHOLDS)
     _tame_gc()
     gc.freeze()  # what start-up made (modules, config) is never garbage: stop walking it
-    trio.run(_serve, config)
+    try:
+        trio.run(_serve, config)
+    except RaftStartupError as exc:
+        # One line that says why, not a traceback, and an exit code the launcher does not
+        # answer with a restart loop (the same data refuses the same way).
+        log.critical("node %s refuses to start: %s", config.node_id, exc)
+        logging.shutdown()
+        sys.exit(EXIT_STARTUP_REFUSED)

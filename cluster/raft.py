@@ -31,7 +31,12 @@ from pysyncobj.syncobj import SyncObjException
 
 from cluster import raft_pin
 from cluster.raft_storage import EXIT_STORAGE_FAILED, RaftStorageError
-from cluster.raft_syncobj import EXIT_APPLY_FAILED, EXIT_RESTORE_FAILED, HardenedSyncObj
+from cluster.raft_syncobj import (
+    EXIT_APPLY_FAILED,
+    EXIT_ENTRY_UNREADABLE,
+    EXIT_RESTORE_FAILED,
+    HardenedSyncObj,
+)
 from cluster.raft_transport import HardenedTCPTransport
 
 logger = logging.getLogger(__name__)
@@ -39,8 +44,11 @@ logger = logging.getLogger(__name__)
 PYSYNCOBJ_VERSION = raft_pin.PYSYNCOBJ_VERSION
 
 __all__ = [
+    "EXITS_NOT_TO_RESTART",
     "EXIT_APPLY_FAILED",
+    "EXIT_ENTRY_UNREADABLE",
     "EXIT_RESTORE_FAILED",
+    "EXIT_STARTUP_REFUSED",
     "EXIT_STORAGE_FAILED",
     "PYSYNCOBJ_VERSION",
     "RaftReplica",
@@ -50,6 +58,13 @@ __all__ = [
     "SubmitError",
     "SubmitErrorReason",
 ]
+
+# The node process exits with this when the replica refuses to start (RaftStartupError: a
+# damaged journal, a missing dump, a busy port...). Restarting it changes nothing.
+EXIT_STARTUP_REFUSED = 73
+# Exits a supervisor must not answer with a restart loop: the same data gives the same exit
+# (an operator has to act, see docs/operating/cluster.md).
+EXITS_NOT_TO_RESTART = frozenset({EXIT_APPLY_FAILED, EXIT_ENTRY_UNREADABLE, EXIT_STARTUP_REFUSED})
 
 # A log entry is pickle((method id, (payload,))) plus one type byte; leave room for that.
 _ENTRY_OVERHEAD_BYTES = 1024
@@ -177,6 +192,7 @@ class SubmitErrorReason(enum.StrEnum):
     TOO_LARGE = "too_large"
     REJECTED = "rejected"
     DISCARDED = "discarded"
+    BUSY = "busy"  # a membership change while another one is not committed yet: retry
     # unknown: the command may or may not take effect
     LEADER_CHANGED = "leader_changed"
     TIMEOUT = "timeout"
@@ -254,6 +270,22 @@ class _Pending:
             # A raising callback must not reach pysyncobj: inside its apply loop (syncobj.py
             # 714-725) it would leave lastApplied unmoved and the entry would be applied again.
             logger.exception("a raft submit callback raised; ignored")
+
+    def membership_result(self, done: str):
+        """A pysyncobj callback for a membership change: ``done`` on success (upstream passes
+        None), and a refusal at append time (REQUEST_DENIED) reads as BUSY: the change in
+        progress that made ``HardenedSyncObj`` refuse it arrived after ``_handle`` looked."""
+
+        def callback(result, fail_reason) -> None:
+            if fail_reason == FAIL_REASON.SUCCESS:
+                self.fire(done, None)
+            elif fail_reason == FAIL_REASON.REQUEST_DENIED:
+                self.fire(None, SubmitError(SubmitErrorReason.BUSY, definite=True,
+                                            detail="another membership change is in progress"))
+            else:
+                self.on_pysyncobj_result(result, fail_reason)
+
+        return callback
 
     def on_pysyncobj_result(self, result, fail_reason) -> None:
         if fail_reason == FAIL_REASON.SUCCESS:
@@ -346,9 +378,14 @@ class RaftReplica:
         self._enqueue(("submit", bytes(payload)), callback)
 
     def add_node(self, addr: str, callback: Callback | None = None) -> None:
+        """Add a member, one change at a time. The callback's result is ``"added"`` once the
+        change is committed, or ``"unchanged"`` at once if ``addr`` already is a member (so a
+        retry after an unknown outcome is safe); ``SubmitError(BUSY)`` (definite) while
+        another change is uncommitted."""
         self._enqueue(("add", addr), callback)
 
     def remove_node(self, addr: str, callback: Callback | None = None) -> None:
+        """Remove a member; as ``add_node`` (``"removed"`` / ``"unchanged"`` / BUSY)."""
         self._enqueue(("remove", addr), callback)
 
     def transfer_leadership(self, addr: str | None, callback: Callback | None = None) -> None:
@@ -477,19 +514,40 @@ class RaftReplica:
             reason = SubmitErrorReason.NOT_LEADER if leader_id else SubmitErrorReason.NO_LEADER
             pending.fire(None, SubmitError(reason, definite=True, leader=leader_id))
             return
+        if kind in ("add", "remove") and self._membership_settled(kind, arg, pending):
+            return
         pending.proposed = True
         pending.deadline = _upstream.monotonicTime() + self._settings.submit_timeout_s
         self._in_flight.append(pending)
         if kind == "submit":
             obj.propose(arg, pending.on_pysyncobj_result)
         elif kind == "add":
-            obj.addNodeToCluster(arg, pending.on_pysyncobj_result)
+            obj.addNodeToCluster(arg, pending.membership_result("added"))
         elif kind == "remove":
-            obj.removeNodeFromCluster(arg, pending.on_pysyncobj_result)
+            obj.removeNodeFromCluster(arg, pending.membership_result("removed"))
         elif kind == "transfer":
             obj.transferLeadership(arg, pending.on_pysyncobj_result)
         else:
             raise ValueError(f"unknown request {kind!r}")
+
+    def _membership_settled(self, kind: str, addr: str, pending: _Pending) -> bool:
+        """Answer a membership request that needs no log entry (True), on the leader."""
+        obj = self._obj
+        busy = obj.membership_change_busy()
+        if busy is not None:  # checked again when the entry is appended (the authority)
+            pending.fire(None, SubmitError(SubmitErrorReason.BUSY, definite=True, detail=busy))
+            return True
+        if kind == "remove" and addr == self._settings.self_addr:
+            pending.fire(None, SubmitError(
+                SubmitErrorReason.REJECTED, definite=True,
+                detail="the leader cannot remove itself: transfer leadership first"))
+            return True
+        # No change pending, so the configuration is committed: asking for what already holds
+        # (a retry after an unknown outcome, say) is answered without a log entry.
+        if (addr in obj.configuration()) == (kind == "add"):
+            pending.fire("unchanged", None)
+            return True
+        return False
 
     def _expire(self) -> None:
         now = _upstream.monotonicTime()

@@ -9,12 +9,16 @@ Why not pysyncobj's own ``FileJournal`` (``pysyncobj/journal.py``)?
   its term and vote and may vote twice in one term.
 * Compaction rewrites the journal in place (journal.py 458-462: ``clear()`` then re-``add``):
   a crash in the middle loses the tail of the log, entries the node had acknowledged.
+* Its records carry no checksum (journal.py 180-185), so a damaged record is either read as
+  data or, when its size field is hit, ends the log there: every later entry is lost.
 
-``DurableJournal`` keeps pysyncobj's record format (so the file is still a pysyncobj journal)
-but writes with plain ``pwrite``/``ftruncate``, syncs on demand (the adapter calls
-``sync()`` before every acknowledgement), writes the meta file atomically with fsync on every
-term/vote change, refuses to start on a corrupt meta file or journal, and compacts by
-writing a new file and renaming it over the old one.
+``DurableJournal`` writes its own record format (format 2, below: a checksum per record and
+a header that says how far the file was synced) with plain ``pwrite``/``ftruncate``, syncs on
+demand (the adapter calls ``sync()`` before every acknowledgement), writes the meta file
+atomically with fsync on every term/vote change, refuses to start on a corrupt meta file or a
+damaged synced part of the journal, and compacts by writing a new file and renaming it over
+the old one. Journals in pysyncobj's format (format 1, written by earlier builds) are read once
+and converted at start-up. The recovery from a refusal is in docs/operating/raft-storage.md.
 
 The dump file is our own msgpack document (never pickle); see ``encode_dump``.
 """
@@ -26,6 +30,8 @@ import logging
 import os
 import struct
 import time
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +51,14 @@ EXIT_STORAGE_FAILED = 74
 
 class RaftStorageError(RuntimeError):
     """The data directory cannot be used safely; the node must not start."""
+
+
+# Said by every refusal that only a resync can cure.
+RESYNC_HINT = (
+    "Recovery (docs/operating/raft-storage.md): stop this node, move its data directory "
+    "aside and start it empty so it catches up from the leader, only while the other nodes "
+    "hold a majority."
+)
 
 
 def fatal_storage_failure(what: str, exc: BaseException) -> None:
@@ -85,19 +99,62 @@ def write_file_atomically(path: Path, data: bytes) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Journal: pysyncobj's on-disk record format (journal.py 376-391), our own I/O discipline.
+# Journal
+#
+# Format 2 (ours). Header, 88 bytes:
+#     0  name, 24 bytes NUL-padded: b"quorumbook-raft-journal"
+#    24  pysyncobj version that wrote it, 8 bytes NUL-padded (forensics only)
+#    32  format version, u32 = 2
+#    36  crc32 of bytes 0-35
+#    40  synced-end slot 0: seq u64, synced_end u64, crc32 of (seq, synced_end) u32, 4 zero bytes
+#    64  synced-end slot 1, the same
+# then records, from byte 88, each:
+#     crc u32 | size u32 | index u64 | term u64 | command (size bytes)
+# where crc = crc32(size .. end of command) seeded with the previous record's crc (0 for the
+# first record of the file): a running checksum, as etcd's WAL does, so a record is valid only
+# right after the record it was written after.
+#
+# The synced end. ``sync()`` fdatasyncs the appended records, then writes their end into the
+# older of the two slots (a higher seq than the other); that write becomes durable with the
+# next fdatasync (the next sync, the idle flush in ``onOneSecondTimer``, or ``close()``). So a
+# slot never claims bytes that were not durable before it was written, and a write of one
+# slot that a power loss tears leaves the other slot whole. At start-up the valid slot with
+# the highest seq gives the synced end: every byte before it must parse (otherwise the node
+# refuses to start: those records held acknowledged entries); records after it are kept while
+# their checksums (and index/term order) hold, and the first bad one is where the torn tail
+# starts: it and everything after it are dropped with a WARNING (never acknowledged, or the
+# synced end would be past them). What this cannot tell apart: after a power loss, the header
+# may lag by the last batch (acknowledged, its slot write not yet durable); damage inside that
+# batch reads as a torn tail and drops it. The idle flush bounds that window to the last batch
+# under load and about two seconds when idle.
+#
+# Format 1 (pysyncobj's, journal.py 180-185, written by our earlier builds): a 40-byte header
+# (name b"PYSYNCOBJ", version, u32 format 1, u32 last-record offset), then records
+# size u32 | index u64 | term u64 | command | size u32, no checksum. Read once and converted
+# to format 2 atomically. A record that does not frame ends the log, as it always did, unless
+# it lies before the header's last-record offset within the file (refused, see _read_v1).
 # ---------------------------------------------------------------------------------------------
 
-_APP_NAME = b"PYSYNCOBJ"
+_NAME = b"quorumbook-raft-journal"
 _NAME_SIZE = 24
 _VERSION_SIZE = 8
-_JOURNAL_FORMAT_VERSION = 1
-_FIRST_RECORD_OFFSET = _NAME_SIZE + _VERSION_SIZE + 4 + 4
-_LAST_RECORD_OFFSET_OFFSET = _NAME_SIZE + _VERSION_SIZE + 4
-_RECORD_HEAD = struct.Struct("<I")
-_RECORD_IDS = struct.Struct("<QQ")
+_FORMAT_VERSION = 2
+_FIXED = struct.Struct("<24s8sI")  # name, app version, format version
+_FIXED_CRC_OFFSET = _FIXED.size  # 36
+_SLOT = struct.Struct("<QQI4x")  # seq, synced_end, crc
+_SLOT_OFFSETS = (40, 40 + _SLOT.size)
+_HEADER_SIZE = 40 + 2 * _SLOT.size  # 88: the first record
+_CRC = struct.Struct("<I")
+_RECORD_HEAD = struct.Struct("<IIQQ")  # crc, size, index, term
+_RECORD_BODY_HEAD = struct.Struct("<IQQ")  # size, index, term: the first bytes the crc covers
 # A single record larger than this is treated as corruption, not as data.
 _MAX_RECORD_BYTES = 256 * 1024 * 1024
+
+_V1_NAME = b"PYSYNCOBJ"
+_V1_HEADER_SIZE = 40
+_V1_FORMAT_OFFSET = 32
+_V1_SIZE = struct.Struct("<I")
+_V1_IDS = struct.Struct("<QQ")
 
 _META_FORMAT = "quorumbook-raft-meta"
 _META_VERSION = 1
@@ -105,17 +162,41 @@ _META_VERSION = 1
 Entry = tuple[bytes, int, int]  # (command, index, term), as pysyncobj stores them
 
 
-def _journal_header(app_version: str) -> bytes:
-    name = _APP_NAME + b"\0" * (_NAME_SIZE - len(_APP_NAME))
-    version = app_version.encode() + b"\0" * (_VERSION_SIZE - len(app_version.encode()))
-    return name + version + struct.pack("<II", _JOURNAL_FORMAT_VERSION, _FIRST_RECORD_OFFSET)
+def _slot_bytes(seq: int, synced_end: int) -> bytes:
+    return _SLOT.pack(seq, synced_end, zlib.crc32(struct.pack("<QQ", seq, synced_end)))
 
 
-def _encode_record(entry: Entry) -> bytes:
+def _slot_offset(seq: int) -> int:
+    # Consecutive seqs alternate between the slots: each write replaces the older one.
+    return _SLOT_OFFSETS[seq % 2]
+
+
+def _journal_header(app_version: str, synced_end: int) -> bytes:
+    fixed = _FIXED.pack(_NAME, app_version.encode()[:_VERSION_SIZE], _FORMAT_VERSION)
+    header = bytearray(fixed + _CRC.pack(zlib.crc32(fixed)) + bytes(2 * _SLOT.size))
+    # Both slots agree on a new file; seqs 1 and 2 keep "the highest seq wins" unambiguous.
+    for seq in (1, 2):
+        header[_slot_offset(seq) : _slot_offset(seq) + _SLOT.size] = _slot_bytes(seq, synced_end)
+    return bytes(header)
+
+
+def _encode_record(entry: Entry, seed: int) -> tuple[bytes, int]:
+    """The record's bytes and its running crc (the next record's seed)."""
     command, idx, term = entry
-    body = _RECORD_IDS.pack(idx, term) + bytes(command)
-    size = _RECORD_HEAD.pack(len(body))
-    return size + body + size
+    body = _RECORD_BODY_HEAD.pack(len(command), idx, term) + command
+    crc = zlib.crc32(body, seed)
+    return _CRC.pack(crc) + body, crc
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    # pwrite may write less than asked (a full disk): a record half on disk and half assumed
+    # would be acknowledged as whole.
+    written = os.pwrite(fd, data, offset)
+    while written < len(data):
+        more = os.pwrite(fd, memoryview(data)[written:], offset + written)
+        if more == 0:
+            raise OSError(f"pwrite wrote nothing at offset {offset + written}")
+        written += more
 
 
 class DurableJournal(Journal):
@@ -129,82 +210,243 @@ class DurableJournal(Journal):
         self._path = Path(path)
         self._meta_path = self._path.with_name(self._path.name + ".meta")
         self._fsync = fsync
-        self._header = _journal_header(app_version)
+        self._app_version = app_version
         self._entries: list[Entry] = []
         self._offsets: list[int] = []  # file offset of each record in _entries
-        self._end = _FIRST_RECORD_OFFSET
-        self._dirty = False
+        self._crcs: list[int] = []  # running crc after each record in _entries
+        self._end = _HEADER_SIZE
+        self._dirty = False  # records appended or truncated since the last fdatasync
+        self._header_seq = 2  # seq of the newest synced-end slot
+        self._header_end = _HEADER_SIZE  # what the newest slot says (neither slot says more)
+        self._header_pending = False  # a slot was written after the last fdatasync
+        self._synced_since_timer = False
+        self._fd = -1
         self.sync_count = 0  # how many times data was made durable (observable by tests)
-        # A 0-byte journal is one whose creation a crash interrupted before the header was
-        # written: nothing in it was ever acknowledged, so it counts as new.
-        existed = self._path.exists() and self._path.stat().st_size > 0
-        if existed:
-            self._load_records()
-        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-        if not existed:
-            os.pwrite(self._fd, self._header, 0)
-            self._end = _FIRST_RECORD_OFFSET
-            os.ftruncate(self._fd, self._end)
-            self._durable_sync()
-            fsync_dir(self._path.parent)
+        size = self._path.stat().st_size if self._path.exists() else None
+        if not size:
+            # A journal is created whole (temp file, rename) before the meta file is ever
+            # written, and our earlier builds, which created it in place, wrote the meta file
+            # only after the header was synced. So a meta file beside a missing or empty journal
+            # means the journal was lost, not that it is new.
+            if self._meta_path.exists():
+                state = "missing" if size is None else "empty (0 bytes)"
+                raise RaftStorageError(
+                    f"{self._path}: journal {state} but {self._meta_path} exists: this node's "
+                    f"log is lost. Refusing to start. {RESYNC_HINT}"
+                )
+            # Absent, or 0 bytes: a creation (by an earlier build) that a crash interrupted
+            # before the header was written; nothing in it was ever acknowledged.
+            self._write_new_file([])
+            repair = None
+        else:
+            repair = self._load()
         self._meta = self._load_meta(journal_has_history=len(self._entries) > 1)
         self._meta_dirty = False
+        # Written only once every check passed: a refused start leaves the files as it found
+        # them, for whoever looks into why.
+        if repair is not None:
+            repair()
+        elif self._fd < 0:
+            self._fd = os.open(self._path, os.O_RDWR)
 
     # -- start-up ---------------------------------------------------------------------------
 
-    def _load_records(self) -> None:
+    def _refuse(self, offset: int, problem: str) -> RaftStorageError:
+        return RaftStorageError(
+            f"{self._path}: journal corrupt at byte offset {offset}: {problem}. Refusing to "
+            f"start. {RESYNC_HINT}"
+        )
+
+    def _load(self) -> Callable[[], None] | None:
+        """Parse the file; return what must be written to repair it, if anything."""
         raw = self._path.read_bytes()
-        if len(raw) < _FIRST_RECORD_OFFSET or not raw.startswith(_APP_NAME):
-            raise RaftStorageError(
-                f"{self._path} is not a pysyncobj journal (bad header, {len(raw)} bytes); "
-                "refusing to start. Move the data directory aside to resync this node from "
-                "the leader, and only while the rest of the cluster holds a majority."
+        if raw.startswith(_V1_NAME):
+            return self._read_v1(raw)
+        if len(raw) < _HEADER_SIZE or not raw.startswith(_NAME + b"\0"):
+            raise self._refuse(
+                0, f"not a quorumbook raft journal (bad header, {len(raw)} bytes in the file)"
             )
-        offset = _FIRST_RECORD_OFFSET
+        (fixed_crc,) = _CRC.unpack_from(raw, _FIXED_CRC_OFFSET)
+        if zlib.crc32(raw[:_FIXED_CRC_OFFSET]) != fixed_crc:
+            raise self._refuse(0, "the header's checksum does not match")
+        _name, _app, version = _FIXED.unpack_from(raw, 0)
+        if version != _FORMAT_VERSION:
+            raise self._refuse(
+                _NAME_SIZE + _VERSION_SIZE,
+                f"unsupported journal format {version} (written by a newer build?)",
+            )
+        slots = []
+        for slot_offset in _SLOT_OFFSETS:
+            seq, end, crc = _SLOT.unpack_from(raw, slot_offset)
+            if crc == zlib.crc32(struct.pack("<QQ", seq, end)):
+                slots.append((seq, end))
+            else:
+                # A slot write torn by a power loss, or damage: the other slot still holds an
+                # earlier synced end, which is never more than what was durable.
+                logger.warning(
+                    "%s: synced-end slot at byte %d is unreadable (an interrupted header "
+                    "write, or damage); using the other slot",
+                    self._path,
+                    slot_offset,
+                )
+        if not slots:
+            raise self._refuse(_SLOT_OFFSETS[0], "both synced-end slots of the header are bad")
+        seq, synced_end = max(slots)
+        if synced_end < _HEADER_SIZE:
+            raise self._refuse(_SLOT_OFFSETS[0], f"the header's synced end {synced_end} is bad")
+
+        view = memoryview(raw)
+        offset, crc = _HEADER_SIZE, 0
+        torn: str | None = None  # why the first bad record past the synced end is bad
+        while offset < len(raw):
+            bad = None
+            if offset + _RECORD_HEAD.size > len(raw):
+                bad = "the file ends inside this record's head"
+            else:
+                stored_crc, size, idx, term = _RECORD_HEAD.unpack_from(raw, offset)
+                end = offset + _RECORD_HEAD.size + size
+                if size > _MAX_RECORD_BYTES:
+                    bad = f"its size field says {size} bytes, over the {_MAX_RECORD_BYTES} limit"
+                elif end > len(raw):
+                    bad = f"the file ends inside this record (its size field says {size} bytes)"
+                elif zlib.crc32(view[offset + _CRC.size : end], crc) != stored_crc:
+                    bad = "record checksum mismatch"
+            if bad is not None:
+                if offset < synced_end:
+                    raise self._refuse(
+                        offset,
+                        f"{bad}, in the part of the file the header says was synced (up to "
+                        f"byte {synced_end}): this record held entries the node had "
+                        f"acknowledged ({len(self._entries)} entries before it are intact)",
+                    )
+                torn = bad
+                break
+            if self._entries:
+                prev_idx, prev_term = self._entries[-1][1], self._entries[-1][2]
+                if idx != prev_idx + 1 or term < prev_term:
+                    # The checksum holds, so this is what was written: a bug, not a crash.
+                    raise self._refuse(
+                        offset,
+                        f"record has index {idx} term {term} after index {prev_idx} term "
+                        f"{prev_term}",
+                    )
+            if offset < synced_end < end:
+                raise self._refuse(
+                    offset, f"the header's synced end {synced_end} falls inside this record"
+                )
+            self._entries.append((bytes(view[offset + _RECORD_HEAD.size : end]), idx, term))
+            self._offsets.append(offset)
+            crc = stored_crc
+            self._crcs.append(crc)
+            offset = end
+        if offset < synced_end:
+            raise self._refuse(
+                offset,
+                f"the file ends at byte {len(raw)} but the header says it was synced up to "
+                f"byte {synced_end}: the file was cut short and acknowledged entries are "
+                "missing",
+            )
+        self._end = offset
+        self._header_seq, self._header_end = seq, synced_end
+        if torn is not None:
+            # Nothing past the synced end was acknowledged before the synced end moved past
+            # it, so a bad record there is a write that a crash interrupted: drop it and
+            # everything after it (Raft allows losing unacknowledged entries).
+            logger.warning(
+                "%s: dropping a torn tail of %d bytes at byte offset %d (%s), past the synced "
+                "end %d: a write a crash interrupted, never acknowledged; keeping %d entries",
+                self._path,
+                len(raw) - offset,
+                offset,
+                torn,
+                synced_end,
+                len(self._entries),
+            )
+        if torn is not None or offset != synced_end or len(slots) < 2:
+            return lambda: self._repair_at_start(drop_tail=torn is not None)
+        return None
+
+    def _repair_at_start(self, *, drop_tail: bool) -> None:
+        """Cut the torn tail and make the header cover every record we kept.
+
+        Records kept past the synced end may never have been fdatasynced (a process crash
+        leaves them in the page cache): make them durable before a slot claims them.
+        """
+        try:
+            self._fd = os.open(self._path, os.O_RDWR)
+            if drop_tail:
+                os.ftruncate(self._fd, self._end)
+            self._fdatasync()
+            self._set_both_slots(self._end)
+        except OSError as exc:
+            raise RaftStorageError(f"{self._path}: repairing the journal failed: {exc}") from exc
+
+    def _convert_v1(self) -> None:
+        entries = self._entries
+        self._write_new_file(entries)
+        logger.info(
+            "%s: converted journal format 1 (pysyncobj's, no checksums) to format 2: "
+            "%d entries, log index %s",
+            self._path,
+            len(entries),
+            f"{entries[0][1]}-{entries[-1][1]}" if entries else "none",
+        )
+
+    def _read_v1(self, raw: bytes) -> Callable[[], None]:
+        # Format 1 has no checksum: it is read with the rules it always had, then converted.
+        if len(raw) < _V1_HEADER_SIZE or _V1_SIZE.unpack_from(raw, _V1_FORMAT_OFFSET)[0] != 1:
+            raise self._refuse(0, "a pysyncobj journal header of an unknown format")
+        entries: list[Entry] = []
+        offset = _V1_HEADER_SIZE
         torn_at = None
         while offset < len(raw):
             if offset + 4 > len(raw):
                 torn_at = offset
                 break
-            (size,) = _RECORD_HEAD.unpack_from(raw, offset)
+            (size,) = _V1_SIZE.unpack_from(raw, offset)
             end = offset + 4 + size + 4
-            if size < _RECORD_IDS.size or size > _MAX_RECORD_BYTES or end > len(raw):
+            if size < _V1_IDS.size or size > _MAX_RECORD_BYTES or end > len(raw):
                 torn_at = offset
                 break
-            (size_tail,) = _RECORD_HEAD.unpack_from(raw, end - 4)
+            (size_tail,) = _V1_SIZE.unpack_from(raw, end - 4)
             if size_tail != size:
                 torn_at = offset
                 break
-            idx, term = _RECORD_IDS.unpack_from(raw, offset + 4)
-            command = raw[offset + 4 + _RECORD_IDS.size : end - 4]
-            if self._entries:
-                prev_idx, prev_term = self._entries[-1][1], self._entries[-1][2]
+            idx, term = _V1_IDS.unpack_from(raw, offset + 4)
+            if entries:
+                prev_idx, prev_term = entries[-1][1], entries[-1][2]
                 if idx != prev_idx + 1 or term < prev_term:
-                    raise RaftStorageError(
-                        f"{self._path}: record at byte {offset} has index {idx} term {term} "
-                        f"after index {prev_idx} term {prev_term}; the journal is corrupt. "
-                        "Refusing to start."
+                    raise self._refuse(
+                        offset,
+                        f"format 1 record has index {idx} term {term} after index {prev_idx} "
+                        f"term {prev_term}",
                     )
-            self._entries.append((command, idx, term))
-            self._offsets.append(offset)
+            entries.append((raw[offset + 4 + _V1_IDS.size : end - 4], idx, term))
             offset = end
         if torn_at is not None:
-            # Records are appended at the end and the file is fsynced before any record is
-            # acknowledged, so an unreadable tail is a write the crash interrupted before it
-            # was ever acknowledged: drop it (Raft allows losing unacknowledged entries).
+            # Our earlier builds kept the header's last-record offset at the synced end and
+            # stopped the node cleanly for an upgrade, so an unreadable record before it, in a
+            # file long enough to hold it, is damage to acknowledged entries: refuse rather
+            # than convert a shortened log. A header past the end of the file is what a crash
+            # leaves (a cut not yet synced, records that never reached the disk): format 1
+            # cannot tell that from damage, and keeps its old torn-tail rule there.
+            (claimed_end,) = _V1_SIZE.unpack_from(raw, _V1_HEADER_SIZE - 4)
+            if torn_at < claimed_end <= len(raw):
+                raise self._refuse(
+                    torn_at,
+                    f"a format 1 record that does not frame, before the end its header records "
+                    f"(byte {claimed_end}); not converting a log shortened by damage",
+                )
             logger.warning(
-                "%s: dropping %d unreadable trailing bytes at offset %d (a write "
-                "interrupted by a crash, never acknowledged)",
+                "%s: format 1 journal: dropping %d unreadable trailing bytes at byte offset %d "
+                "(a write interrupted by a crash, never acknowledged; format 1 cannot tell "
+                "that from damage)",
                 self._path,
                 len(raw) - torn_at,
                 torn_at,
             )
-            with open(self._path, "r+b") as f:
-                f.truncate(torn_at)
-                f.flush()
-                os.fsync(f.fileno())
-            offset = torn_at
-        self._end = offset
+        self._entries = entries
+        return self._convert_v1
 
     def _load_meta(self, *, journal_has_history: bool) -> dict:
         blank = {"term": 0, "voted_for": None, "commit": 1}
@@ -216,9 +458,7 @@ class DurableJournal(Journal):
                 raise RaftStorageError(
                     f"{self._meta_path} is missing but {self._path} holds log entries: this "
                     "node's current term and vote are lost. Refusing to start (a blank term "
-                    "could let it vote twice in one term). Move the data directory aside to "
-                    "resync from the leader, only while the rest of the cluster holds a "
-                    "majority."
+                    f"could let it vote twice in one term). {RESYNC_HINT}"
                 )
             return blank
         raw = self._meta_path.read_bytes()
@@ -241,31 +481,49 @@ class DurableJournal(Journal):
             raise RaftStorageError(
                 f"{self._meta_path} is corrupt or empty ({len(raw)} bytes: {exc}); refusing to "
                 "start rather than read it as a blank term and vote (that could let this node "
-                "vote twice in one term). Move the data directory aside to resync from the "
-                "leader, only while the rest of the cluster holds a majority."
+                f"vote twice in one term). {RESYNC_HINT}"
             ) from exc
         return {"term": term, "voted_for": voted_for, "commit": commit}
 
     # -- durability ---------------------------------------------------------------------------
 
-    def _durable_sync(self) -> None:
+    def _fdatasync(self) -> None:
+        """Make every byte written so far durable, the synced-end slots included."""
         if self._fsync:
             started = time.monotonic()
             os.fdatasync(self._fd)
             took = time.monotonic() - started
             if took > SLOW_SYNC_S:  # the tick thread sends no heartbeat meanwhile
                 logger.warning("fdatasync of the journal took %.0f ms", took * 1000)
+        self._header_pending = False
+        self._synced_since_timer = True
         self.sync_count += 1
+
+    def _write_slot(self, synced_end: int) -> None:
+        """Overwrite the older slot. ``synced_end`` must not exceed what is already durable."""
+        self._header_seq += 1
+        _pwrite_all(
+            self._fd, _slot_bytes(self._header_seq, synced_end), _slot_offset(self._header_seq)
+        )
+        self._header_end = synced_end
+        self._header_pending = True
+
+    def _set_both_slots(self, synced_end: int) -> None:
+        """Both slots say ``synced_end``, durably. One at a time, each synced before the next
+        is written: a power loss tears at most the one being written, never both."""
+        for _ in range(2):
+            self._write_slot(synced_end)
+            self._fdatasync()
 
     def sync(self) -> None:
         """Make every appended/truncated record durable. Called before any acknowledgement."""
         if not self._dirty:
             return
         try:
-            # Keep pysyncobj's LAST_RECORD_OFFSET header field right, so the file stays a
-            # readable pysyncobj journal. We do not trust it on load (see _load_records).
-            os.pwrite(self._fd, struct.pack("<I", self._end), _LAST_RECORD_OFFSET_OFFSET)
-            self._durable_sync()
+            self._fdatasync()
+            # The records are durable now, so the header may say so; this slot write is
+            # itself durable at the next fdatasync (no second fdatasync on the hot path).
+            self._write_slot(self._end)
         except OSError as exc:
             fatal_storage_failure("syncing the journal", exc)
         self._dirty = False
@@ -290,6 +548,41 @@ class DurableJournal(Journal):
         self.sync_count += 1
         self._meta_dirty = False
 
+    def _write_new_file(self, entries: list[Entry]) -> None:
+        """Replace the journal file with one holding ``entries`` (temp file, fsync, rename,
+        fsync dir): a crash leaves either the old file or the new one, whole."""
+        offsets, crcs, chunks = [], [], []
+        offset, crc = _HEADER_SIZE, 0
+        for entry in entries:
+            record, crc = _encode_record(entry, crc)
+            offsets.append(offset)
+            crcs.append(crc)
+            chunks.append(record)
+            offset += len(record)
+        data = _journal_header(self._app_version, offset) + b"".join(chunks)
+        try:
+            if self._fsync:
+                write_file_atomically(self._path, data)
+            else:
+                tmp = self._path.with_name(self._path.name + ".tmp")
+                tmp.write_bytes(data)
+                os.replace(tmp, self._path)
+            new_fd = os.open(self._path, os.O_RDWR)
+        except OSError as exc:
+            if self._fd < 0:  # start-up: refuse rather than exit
+                raise RaftStorageError(f"{self._path}: writing the journal failed: {exc}") from exc
+            fatal_storage_failure("rewriting the journal", exc)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = new_fd
+        self._entries = entries
+        self._offsets = offsets
+        self._crcs = crcs
+        self._end = offset
+        self._dirty = False
+        self._header_seq, self._header_end, self._header_pending = 2, offset, False
+        self.sync_count += 1
+
     # -- pysyncobj Journal interface ----------------------------------------------------------
 
     def add(self, command, idx, term):
@@ -298,13 +591,14 @@ class DurableJournal(Journal):
             if idx != last_idx + 1:
                 raise AssertionError(f"journal append of index {idx} after {last_idx}")
         entry = (bytes(command), int(idx), int(term))
-        record = _encode_record(entry)
+        record, crc = _encode_record(entry, self._crcs[-1] if self._crcs else 0)
         try:
-            os.pwrite(self._fd, record, self._end)
+            _pwrite_all(self._fd, record, self._end)
         except OSError as exc:
             fatal_storage_failure("appending to the journal", exc)
         self._entries.append(entry)
         self._offsets.append(self._end)
+        self._crcs.append(crc)
         self._end += len(record)
         self._dirty = True
 
@@ -313,48 +607,31 @@ class DurableJournal(Journal):
 
     def reset(self, entries: list[Entry]) -> None:
         """Replace the whole log atomically (new file, fsync, rename, fsync dir)."""
-        entries = [(bytes(c), int(i), int(t)) for c, i, t in entries]
-        tmp = self._path.with_name(self._path.name + ".rewrite")
-        offsets = []
-        chunks = [self._header]
-        offset = _FIRST_RECORD_OFFSET
-        for entry in entries:
-            record = _encode_record(entry)
-            offsets.append(offset)
-            chunks.append(record)
-            offset += len(record)
-        data = bytearray(b"".join(chunks))
-        struct.pack_into("<I", data, _LAST_RECORD_OFFSET_OFFSET, offset)
-        try:
-            if self._fsync:
-                write_file_atomically(tmp, bytes(data))
-            else:
-                tmp.write_bytes(bytes(data))
-            os.replace(tmp, self._path)
-            if self._fsync:
-                fsync_dir(self._path.parent)
-            new_fd = os.open(self._path, os.O_RDWR)
-        except OSError as exc:
-            fatal_storage_failure("rewriting the journal", exc)
-        os.close(self._fd)
-        self._fd = new_fd
-        self._entries = entries
-        self._offsets = offsets
-        self._end = offset
-        self._dirty = False
-        self.sync_count += 1
+        self._write_new_file([(bytes(c), int(i), int(t)) for c, i, t in entries])
 
     def deleteEntriesFrom(self, entryFrom):
         """Truncate the log from list position ``entryFrom`` (physically: ftruncate)."""
         if entryFrom >= len(self._entries):
             return
-        self._end = self._offsets[entryFrom]
-        del self._entries[entryFrom:]
-        del self._offsets[entryFrom:]
+        new_end = self._offsets[entryFrom]
         try:
-            os.ftruncate(self._fd, self._end)
+            if new_end < self._header_end:
+                # A slot claiming bytes past the cut would make a restart refuse (the file is
+                # shorter than "synced") or, once new records fill the space, vouch for bytes
+                # it never saw. Lower both slots durably before the cut can reach the disk.
+                # Conflicting entries are rare (a follower after a leader change): two extra
+                # fdatasyncs then, none on the append path.
+                self._set_both_slots(new_end)
+            os.ftruncate(self._fd, new_end)
         except OSError as exc:
             fatal_storage_failure("truncating the journal", exc)
+        # If the cut is lost in a crash, the old records come back past the synced end: whole,
+        # they are the log as it was before the cut (never acknowledged as gone); cut into by
+        # new records, the running crc rejects the first old one there.
+        self._end = new_end
+        del self._entries[entryFrom:]
+        del self._offsets[entryFrom:]
+        del self._crcs[entryFrom:]
         self._dirty = True
 
     def deleteEntriesTo(self, entryTo):
@@ -378,6 +655,12 @@ class DurableJournal(Journal):
             return
         try:
             self.sync()
+            if self._header_pending:
+                # The last slot write, durable: a restart then trusts the whole file.
+                try:
+                    self._fdatasync()
+                except OSError as exc:
+                    fatal_storage_failure("syncing the journal", exc)
             if self._meta_dirty:
                 self._store_meta()
         finally:
@@ -406,6 +689,16 @@ class DurableJournal(Journal):
         return self._meta["voted_for"]
 
     def onOneSecondTimer(self):
+        # The last sync's slot write becomes durable with the next fdatasync; under load that
+        # is the next batch's. When no fdatasync has happened for a whole timer period (an
+        # idle node), make it durable now, so the last batch is not left protected by its
+        # checksums alone (see the format notes above). At most one fdatasync per idle spell.
+        if self._header_pending and not self._synced_since_timer:
+            try:
+                self._fdatasync()
+            except OSError as exc:
+                fatal_storage_failure("syncing the journal header", exc)
+        self._synced_since_timer = False
         # The commit index is a hint (Raft keeps it volatile); store it at most once a second.
         if self._meta_dirty:
             self._store_meta()

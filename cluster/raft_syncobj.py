@@ -60,9 +60,11 @@ logger = logging.getLogger(__name__)
 
 # Process exit codes (distinct, so a supervisor can tell why a node stopped).
 EXIT_APPLY_FAILED = 70  # the state machine's apply() raised or broke its contract
+EXIT_ENTRY_UNREADABLE = 71  # a committed log entry this build cannot decode or dispatch
 EXIT_RESTORE_FAILED = 72  # an accepted snapshot could not be restored into the state machine
 
 _NO_OP = bytes([_COMMAND_TYPE.NO_OP])
+_MEMBERSHIP = bytes([_COMMAND_TYPE.MEMBERSHIP])
 _ROLES = {
     _RAFT_STATE.FOLLOWER: "follower",
     _RAFT_STATE.CANDIDATE: "candidate",
@@ -228,6 +230,8 @@ class HardenedSyncObj(SyncObj):
         # apply(), writing a dump, or in a long read (run_between_ticks).
         self.heartbeats_lent = {"apply": 0, "dump": 0, "read": 0}
         self.step_downs_averted = 0  # answers read just before the leader would step down
+        self.membership_changes_refused = 0  # a change asked for while another was uncommitted
+        self.stale_replies_dropped = 0  # AppendEntries answers sent in another term (fix 11)
         # Fix 5. Whoever runs pysyncobj code holds the tick lock: the tick thread, except while
         # it is inside machine.apply(), when the heartbeat helper (run_heartbeat_helper) may
         # take it to send the leader's AppendEntries. pysyncobj is not thread-safe; this lock
@@ -280,6 +284,7 @@ class HardenedSyncObj(SyncObj):
             # syncobj.py 624-627 would load the dump lazily on the first tick, swallowing any
             # error (1510-1511); it is loaded above instead, and errors stop the start.
             self._SyncObj__needLoadDumpFile = False
+            self._adopt_logged_configuration()
         except BaseException:
             self._SyncObj__transport.destroy()
             if journal is not None:
@@ -358,9 +363,12 @@ class HardenedSyncObj(SyncObj):
         # data = (last entry, entry before it, set of Node) (syncobj.py 1469-1470); upstream
         # renames ``path`` over the dump afterwards. We fsync the file here and the directory
         # before the journal is trimmed (_SyncObj__deleteEntriesTo).
-        last, prev, cluster = data
+        last, prev, _current = data
+        # Upstream records the current configuration (1469), which includes membership
+        # entries past the dump's index that may never commit; the journal keeps those
+        # entries, and they are read again at start-up (_adopt_logged_configuration).
         header = DumpHeader(
-            last=tuple(last), prev=tuple(prev), cluster=tuple(sorted(node.id for node in cluster))
+            last=tuple(last), prev=tuple(prev), cluster=tuple(sorted(self._configuration_at(last[1])))
         )
         started = time.perf_counter()
         try:
@@ -464,6 +472,110 @@ class HardenedSyncObj(SyncObj):
             )
         self._SyncObj__onSetCodeVersion(0)
 
+    # -- membership: one change at a time, the log's latest configuration (fix 10) ------------
+
+    def membership_change_busy(self) -> str | None:
+        """Why this leader cannot start a membership change now, or None if it can.
+
+        Raft's single-server changes are safe only one at a time: the next may start once the
+        previous one is committed (Ongaro's thesis, 4.1). Upstream checks a field that nothing
+        ever sets (syncobj.py 1361-1367) and appends any number of changes back to back.
+        """
+        noop = self._SyncObj__noopIDx
+        if noop is None or self._SyncObj__raftLastApplied < noop:
+            # Upstream's own rule (1357): until an entry of its term commits, a new leader may
+            # hold an older leader's uncommitted change it does not know is one.
+            return "this leader has not yet committed an entry of its own term"
+        pending = self._pending_membership_index()
+        if pending is not None:
+            return f"the membership change at log index {pending} is not committed yet"
+        return None
+
+    def _pending_membership_index(self) -> int | None:
+        journal = self._journal
+        first = journal.first_index()
+        start = max(self._SyncObj__raftCommitIndex + 1, first)
+        for command, idx, _term in journal[start - first :]:
+            if command[:1] == _MEMBERSHIP:
+                return idx
+        return None
+
+    def _SyncObj__changeCluster(self, request):
+        # Replaces syncobj.py 1356-1369, called when the leader appends a membership entry
+        # (528); False makes upstream answer the caller REQUEST_DENIED (a definite outcome).
+        busy = self.membership_change_busy()
+        if busy is not None:
+            self.membership_changes_refused += 1
+            logger.warning("refusing a membership change (%s %s): %s",
+                           request[0], request[1], busy)
+            return False
+        return self._SyncObj__doChangeCluster(request)
+
+    def _adopt_logged_configuration(self) -> None:
+        """At start-up: the configuration is the latest one in the log, committed or not
+        (Raft, section 6). Upstream takes a configuration entry again only when it applies
+        it, so a node restarted with an uncommitted "add D" in its log counts a majority
+        without D while its log (and every peer that holds the same entry) counts D."""
+        if not self._SyncObj__conf.dynamicMembershipChange:
+            return
+        # Entries up to lastApplied are in the dump's configuration (or, without a dump, the
+        # journal starts at index 1 and the configured peers are the bootstrap members).
+        applied = self._SyncObj__raftLastApplied
+        first = self._journal.first_index()
+        adopted = 0
+        for command, _idx, _term in self._journal[max(applied + 1, first) - first :]:
+            request = self._SyncObj__parseChangeClusterRequest(command)
+            if request is not None:
+                self._SyncObj__doChangeCluster(request)
+                adopted += 1
+        if adopted:
+            logger.info("configuration from the log: %d membership entries past index %d; "
+                        "members %s", adopted, applied, sorted(self.configuration()))
+
+    def configuration(self) -> set[str]:
+        """The members' addresses this node counts (this node included): the log's latest
+        configuration, committed or not."""
+        return {self._SyncObj__selfNode.id} | {n.id for n in self._SyncObj__otherNodes}
+
+    def _configuration_at(self, index: int) -> set[str]:
+        """The configuration as of log index ``index``: the current one with the membership
+        entries after ``index`` undone (they are taken when appended, see above)."""
+        members = self.configuration()
+        self_id = self._SyncObj__selfNode.id
+        first = self._journal.first_index()
+        for command, _idx, _term in reversed(self._journal[max(index + 1, first) - first :]):
+            request = self._SyncObj__parseChangeClusterRequest(command)
+            if request is None or request[1] == self_id:
+                continue  # upstream never removes or re-adds the node itself (1394, 1405)
+            if request[0] == "add":
+                members.discard(request[1])
+            elif request[0] == "rem":
+                members.add(request[1])
+        return members
+
+    def _SyncObj__doApplyCommand(self, command):
+        # Upstream 870-907, called by the apply loop (708-729) for every committed entry.
+        if command[:1] == _MEMBERSHIP:
+            # Already taken when appended (or at start-up, from the log). Upstream takes it
+            # again here, which is harmless only without later changes: a restarted node
+            # replaying "add D" then "remove D" would count D between the two.
+            return None
+        try:
+            return super()._SyncObj__doApplyCommand(command)
+        except BaseException:
+            # Not the state machine (its failures stop the process in _apply_guarded): the
+            # entry's envelope did not unpickle, names a method this build does not have, or
+            # asks for a code version it lacks. Upstream logs (or not) and retries the same
+            # entry on every tick forever while the node keeps voting and acknowledging.
+            index = self._SyncObj__raftLastApplied + 1
+            logger.critical(
+                "committed log entry %d cannot be applied by this build (%d bytes, type %d); "
+                "stopping the process (exit %d). A newer build wrote it, or the log is "
+                "corrupt: see docs/operating/cluster.md", index, len(command),
+                command[0] if command else -1, EXIT_ENTRY_UNREADABLE, exc_info=True)
+            logging.shutdown()
+            os._exit(EXIT_ENTRY_UNREADABLE)
+
     # -- message handling --------------------------------------------------------------------
 
     def _SyncObj__onMessageReceived(self, node, message):
@@ -483,7 +595,41 @@ class HardenedSyncObj(SyncObj):
         if kind == "pre_vote_response":
             self._on_pre_vote_response(node, message)
             return
+        if kind == "next_node_idx" and not self._current_term_reply(node, message):
+            return
         super()._SyncObj__onMessageReceived(node, message)
+
+    # -- terms on every answer (fixes 11 and 12) ---------------------------------------------
+
+    def _current_term_reply(self, node, message) -> bool:
+        """Whether an AppendEntries answer belongs to our current term (upstream 1070-1083
+        applies it whatever term it was sent in).
+
+        A reply delayed from an earlier term of ours can set a match index the follower no
+        longer holds: it acknowledged entries a later leader made it delete. Counting it
+        commits entries that only a minority holds. Raft (Figure 2): a reply of another term
+        is dropped, and a higher term makes us a follower of that term.
+        """
+        term = message.get("term")
+        current = self._SyncObj__raftCurrentTerm
+        if type(term) is int and term > current:
+            self._adopt_higher_term(term, node, "an AppendEntries answer")
+            return False
+        if term != current:
+            # An older term's answer, or one without a term (an older build: the whole
+            # cluster is upgraded at once, docs/operating/cluster.md).
+            self.stale_replies_dropped += 1
+            return False
+        return True
+
+    def _adopt_higher_term(self, term: int, node, seen_in: str) -> None:
+        # As upstream does for a vote request of a higher term (918-921).
+        logger.info("term %d seen in %s from %s (ours %d): following that term",
+                    term, seen_in, node, self._SyncObj__raftCurrentTerm)
+        self._SyncObj__setCurrentTerm(term, None)
+        self._SyncObj__setState(_RAFT_STATE.FOLLOWER)
+        self._SyncObj__raftLeader = None
+        self._pre_vote_term = None
 
     # -- pre-vote (Raft thesis 9.6) -------------------------------------------------------------
 
@@ -543,10 +689,18 @@ class HardenedSyncObj(SyncObj):
                 self._SyncObj__raftElectionDeadline, _now() + self._SyncObj__generateRaftTimeout())
         else:
             self.pre_votes_refused += 1
+        # "current_term" lets an asker whose term is behind ours catch up (fix 12): without it,
+        # a node can ask for a term we have already passed, forever.
         self._SyncObj__transport.send(node, {"type": "pre_vote_response", "term": term,
-                                             "granted": granted})
+                                             "granted": granted,
+                                             "current_term": self._SyncObj__raftCurrentTerm})
 
     def _on_pre_vote_response(self, node, message) -> None:
+        current_term = message.get("current_term")
+        if (message.get("granted") is not True and type(current_term) is int
+                and current_term > self._SyncObj__raftCurrentTerm):
+            self._adopt_higher_term(current_term, node, "a pre-vote refusal")
+            return
         if (self._pre_vote_term is None or message.get("term") != self._pre_vote_term
                 or message.get("granted") is not True):
             return
@@ -564,7 +718,14 @@ class HardenedSyncObj(SyncObj):
     def _on_append_entries(self, node, message) -> None:
         term = message["term"]
         if term < self._SyncObj__raftCurrentTerm:
-            return  # upstream 945: a deposed leader's message is ignored
+            # Upstream (945) ignores it. Fix 12: answer with our term, so a leader of an older
+            # term steps down. A node whose term rose while it was cut off would otherwise
+            # drop the leader's messages unanswered for as long as the leader lives, and be
+            # refused by pre-vote every time it stands (the other followers hear the leader):
+            # out of the cluster indefinitely on a quiet cluster (as etcd's raft answers a
+            # lower-term MsgApp when pre-vote or check-quorum is on).
+            self._SyncObj__sendNextNodeIdx(node, reset=False, success=False)
+            return
         self._leader_contact = _now()  # a current leader exists: refuse pre-votes a while
         # Upstream 946-961, unchanged: follow this leader.
         if term > self._SyncObj__raftCurrentTerm:
@@ -826,13 +987,20 @@ class HardenedSyncObj(SyncObj):
     # -- durability ordering -------------------------------------------------------------------
 
     def _SyncObj__sendNextNodeIdx(self, node, reset=False, nextNodeIdx=None, success=False):
-        # Upstream 1098-1106. An acknowledgement tells the leader our log holds entries; make
-        # them durable first (upstream never syncs the journal).
+        # Replaces upstream 1098-1106. An acknowledgement tells the leader our log holds
+        # entries; make them durable first (upstream never syncs the journal). Fix 11: the
+        # answer carries our term (upstream's carries none; see _current_term_reply).
         if success:
             self._journal.sync()
-        super()._SyncObj__sendNextNodeIdx(
-            node, reset=reset, nextNodeIdx=nextNodeIdx, success=success
-        )
+        if nextNodeIdx is None:
+            nextNodeIdx = self._SyncObj__getCurrentLogIndex() + 1
+        self._SyncObj__transport.send(node, {
+            "type": "next_node_idx",
+            "next_node_idx": nextNodeIdx,
+            "reset": reset,
+            "success": success,
+            "term": self._SyncObj__raftCurrentTerm,
+        })
 
     def _onTick(self, timeToWait=0.0):
         with self._tick_lock:
@@ -975,6 +1143,10 @@ class HardenedSyncObj(SyncObj):
         return {
             "role": _ROLES[state],
             "leader": leader.id if leader is not None else None,
+            # Only the leader decides membership changes (and its uncommitted tail is short;
+            # a follower catching up may hold a long one).
+            "membership_busy": (self.membership_change_busy()
+                                if state == _RAFT_STATE.LEADER else None),
             "term": self._SyncObj__raftCurrentTerm,
             "commit_index": self._SyncObj__raftCommitIndex,
             "applied_index": self._SyncObj__raftLastApplied,
@@ -988,11 +1160,19 @@ class HardenedSyncObj(SyncObj):
             "step_downs_averted": self.step_downs_averted,
             **{f"heartbeats_during_{busy}": n for busy, n in self.heartbeats_lent.items()},
             "pre_votes_refused": self.pre_votes_refused,
+            "membership_changes_refused": self.membership_changes_refused,
+            "stale_replies_dropped": self.stale_replies_dropped,
+            "transport": self._transport_counters(),
         }
+
+    def _transport_counters(self) -> dict:
+        counters = getattr(self._SyncObj__transport, "counters", None)  # tests' transports lack it
+        return counters() if counters is not None else {}
 
 
 __all__ = [
     "EXIT_APPLY_FAILED",
+    "EXIT_ENTRY_UNREADABLE",
     "EXIT_RESTORE_FAILED",
     "HardenedSerializer",
     "HardenedSyncObj",

@@ -32,6 +32,9 @@ from .batch import (
     KIND_COMMAND,
     KIND_KEY,
     KIND_MEMBER,
+    KIND_REQUEST,
+    REFUSED_EXPIRED,
+    REFUSED_REPLAYED,
     encode_batch,
 )
 
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 class SubmitFailure(Protocol):
     definite: bool
     reason: str
+    detail: str
 
 
 class RaftPort(Protocol):
@@ -76,6 +80,26 @@ class Unencodable(Exception):
 class OutcomeUnknown(Exception):
     """The command may or may not have been applied; a retry with the same
     client_order_id (or ref) settles it."""
+
+
+class MembershipBusy(Exception):
+    """Definite: another membership change is not committed yet (or this leader has not
+    committed an entry of its term); nothing was proposed. Retry shortly."""
+
+
+class RequestRefused(Exception):
+    """Definite: none of the signed request's commands was applied, because the replicated
+    replay window already holds its signature (`code` "replayed": the request itself was
+    applied before, from an earlier copy) or its timestamp is older than the window
+    ("expired")."""
+
+    MESSAGES = {REFUSED_REPLAYED: "this request was already received (and applied)",
+                REFUSED_EXPIRED: "the request's timestamp is older than the cluster's replay "
+                                 "window (a node's clock is far off); sign it again"}
+
+    def __init__(self, code: str) -> None:
+        super().__init__(self.MESSAGES.get(code, code))
+        self.code = code
 
 
 COMMIT_LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
@@ -291,24 +315,38 @@ class Replica:
                      request: tuple[str, int] | None = None) -> list[dict]:
         """Replicate one command; return its events once committed and applied.
 
-        `request`: (signature, ts_ms) of the signed API request it came from, carried in the
-        entry so that every node's replay memory learns it (cluster/batch.py)."""
-        entry: list = [KIND_COMMAND, command]
-        if request is not None:
-            entry.append(list(request))
-        return await self._submit_entry(entry, timeout_s)
+        `request`: (hex signature, ts_ms) of the signed API request it came from. The entry
+        then carries it, and the replicated replay window refuses it if that request was
+        applied before (RequestRefused; cluster/batch.py)."""
+        if request is None:
+            return await self._submit_entry([KIND_COMMAND, command], timeout_s)
+        return (await self._submit_request([command], request, timeout_s))[0]
 
     async def submit_many(self, commands: list[dict], *, timeout_s: float | None = None,
                           request: tuple[str, int] | None = None) -> list[list[dict]]:
         """Replicate several commands in order, in one batch: all are applied or none.
 
         Returns each command's events. One slot for the whole list (no task per command):
-        this is the fast path for batch requests. `request` rides on the first entry.
+        this is the fast path for batch requests. With a `request`, the commands travel in
+        one request entry: the replay window applies or refuses them together.
         """
-        entries: list[list] = [[KIND_COMMAND, c] for c in commands]
-        if request is not None and entries:
-            entries[0].append(list(request))
-        return await self._submit_entries(entries, timeout_s)
+        if request is None:
+            return await self._submit_entries([[KIND_COMMAND, c] for c in commands], timeout_s)
+        return await self._submit_request(commands, request, timeout_s)
+
+    async def _submit_request(self, commands: list[dict], request: tuple[str, int],
+                              timeout_s: float | None) -> list[list[dict]]:
+        signature, ts_ms = request
+        # The hex digest the API verified: its 32 bytes are half the size in the log, the
+        # window and the snapshot.
+        entry = [KIND_REQUEST, bytes.fromhex(signature), ts_ms, commands]
+        outcome = await self._submit_entry(entry, timeout_s)
+        if type(outcome) is str:
+            raise RequestRefused(outcome)
+        if type(outcome) is not list or len(outcome) != len(commands):
+            # Cannot happen for an entry we encoded; never guess what was applied.
+            raise OutcomeUnknown("the request's result does not match its commands")
+        return outcome
 
     async def read_barrier(self, *, timeout_s: float | None = None) -> None:
         """Return once a no-op entry proposed now is committed and applied here.
@@ -322,14 +360,22 @@ class Replica:
         """Replicate a directory entry (where a member's API is) through the log."""
         await self._submit_entry([KIND_MEMBER, action, node_id, raft_addr, api_url], None)
 
-    async def record_key(self, action: str, key_id: str, account: str, role: str) -> None:
-        """Replicate an API key registry entry (no secret) through the log."""
-        await self._submit_entry([KIND_KEY, action, key_id, account, role], None)
+    async def record_key(self, action: str, key_id: str, account: str, role: str, *,
+                         request: tuple[str, int] | None = None) -> None:
+        """Replicate an API key registry entry (no secret) through the log; with the signed
+        `request` it came from, inside that request's entry (replay window, as `submit`)."""
+        entry = [KIND_KEY, action, key_id, account, role]
+        if request is None:
+            await self._submit_entry(entry, None)
+        else:
+            await self._submit_request([entry], request, None)
 
-    async def raft_admin(self, op: str, addr: str | None, *, timeout_s: float = 10.0) -> None:
+    async def raft_admin(self, op: str, addr: str | None, *, timeout_s: float = 10.0) -> Any:
         """Membership change or leader transfer through pysyncobj, awaited without blocking.
 
-        `op` is "add", "remove" or "transfer". Raises NotLeader or OutcomeUnknown like submit.
+        `op` is "add", "remove" or "transfer". A membership change returns once committed
+        ("added"/"removed"), or at once ("unchanged") if it already holds. Raises NotLeader or
+        OutcomeUnknown like submit, and MembershipBusy while another change is uncommitted.
         """
         if not self.raft.is_leader():
             raise NotLeader(self.raft.leader())
@@ -338,11 +384,15 @@ class Replica:
         outcome = await self._called_back(lambda on_result: call(addr, on_result), timeout_s)
         if outcome is None:
             raise OutcomeUnknown(f"{op} {addr}: no outcome within {timeout_s} s")
-        _, failure = outcome
+        result, failure = outcome
         if failure is not None:
+            if failure.reason == "busy":
+                raise MembershipBusy(f"{op} {addr}: {failure.detail}")
             if failure.definite:
-                raise NotLeader(self.raft.leader(), f"{op} {addr}: {failure.reason}")
+                raise NotLeader(self.raft.leader(), f"{op} {addr}: {failure.reason}"
+                                + (f" ({failure.detail})" if failure.detail else ""))
             raise OutcomeUnknown(f"{op} {addr}: {failure.reason}")
+        return result
 
     async def read_between_ticks(self, query: Any, *, timeout_s: float = 60.0) -> Any:
         """`query()` run on the Raft thread between two ticks (a long read of the state

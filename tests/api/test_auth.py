@@ -1,4 +1,5 @@
-"""Request signatures: the replay window forgets what can no longer be replayed."""
+"""Request signatures: the replay window forgets what can no longer be replayed; hostile
+headers are definite refusals."""
 
 from __future__ import annotations
 
@@ -33,18 +34,43 @@ def test_replays_are_refused_and_old_signatures_forgotten() -> None:
     assert len(verifier._seen) == len(verifier._expiry) == 1  # only the new one
 
 
-def test_requests_another_node_accepted_are_refused_as_replays() -> None:
-    """What a node learns from applied log entries ([signature, ts_ms]) counts as seen here."""
-    verifier = Verifier([KEY], window_ms=5_000)
+def test_a_request_the_cluster_applied_is_refused_before_the_log() -> None:
+    """`applied` (the replicated replay window's look-up) makes a request this node never saw
+    a replay, if the cluster applied it; it is asked only about well-signed requests."""
+    asked: list[str] = []
+    applied_elsewhere = headers(2_000_000, b"a")["X-QB-Signature"]
+
+    def applied(signature: str) -> bool:
+        asked.append(signature)
+        return signature == applied_elsewhere
+
+    verifier = Verifier([KEY], window_ms=5_000, applied=applied)
     now = 2_000_000
-    accepted_elsewhere = headers(now - 1_000, b"a")
-    stale = headers(now - 9_000, b"b")  # outside the window: not worth remembering
-    verifier.remember_many([[accepted_elsewhere["X-QB-Signature"], now - 1_000],
-                            [stale["X-QB-Signature"], now - 9_000],
-                            ["not", "a pair", "at all"], [123, now]], now_ms=now)
-    assert list(verifier._seen) == [accepted_elsewhere["X-QB-Signature"]]
     with pytest.raises(AuthError) as replay:
-        verifier.verify(accepted_elsewhere, "POST", "/v1/orders", b"a", now_ms=now)
+        verifier.verify(headers(now, b"a"), "POST", "/v1/orders", b"a", now_ms=now)
     assert replay.value.code == "replayed"
-    verifier.remember_many([[accepted_elsewhere["X-QB-Signature"], now - 1_000]], now_ms=now)
-    assert len(verifier._expiry) == 1  # learnt once, however often it is applied
+    fresh = headers(now, b"b")
+    assert verifier.verify(fresh, "POST", "/v1/orders", b"b", now_ms=now) == KEY
+    with pytest.raises(AuthError):
+        verifier.verify({**fresh, "X-QB-Signature": "0" * 64}, "POST", "/v1/orders", b"b",
+                        now_ms=now)
+    assert asked == [applied_elsewhere, fresh["X-QB-Signature"]]
+
+
+@pytest.mark.parametrize(("header", "value"), [
+    ("X-QB-Timestamp", "\u00b2"),  # latin-1 superscript two: isdigit() is true, int() raises
+    ("X-QB-Timestamp", "\u0661\u0662"),  # Arabic-Indic digits: int() would read them as 12
+    ("X-QB-Timestamp", "+1000"),
+    ("X-QB-Signature", "\u00e9" * 64),  # non-ASCII: hmac.compare_digest raises TypeError
+    ("X-QB-Signature", "not hex"),
+], ids=["superscript-digit", "arabic-indic-digits", "plus-sign", "non-ascii-signature",
+        "non-hex-signature"])
+def test_a_non_ascii_timestamp_or_signature_is_a_definite_refusal(header: str, value: str) -> None:
+    """Only a key id is needed to reach these checks: each must be an AuthError (401), never
+    an exception the server would answer with a 500."""
+    verifier = Verifier([KEY], window_ms=5_000)
+    now = 3_000_000
+    signed = {**headers(now, b"x"), header: value}
+    with pytest.raises(AuthError) as refused:
+        verifier.verify(signed, "POST", "/v1/orders", b"x", now_ms=now)
+    assert refused.value.code == "unauthenticated"

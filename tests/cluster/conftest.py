@@ -113,6 +113,14 @@ class SimTransport(Transport):
     def send(self, node, message):
         return self.net.post(self.addr, node.id, message)
 
+    def addNode(self, node):
+        # A membership change reached this node: its link to the new member comes up at once
+        # (a TCP transport would connect within connectionRetryTime).
+        self._onNodeConnected(node)
+
+    def dropNode(self, node):
+        self._onNodeDisconnected(node)
+
 
 def sim_conf(**overrides) -> SyncObjConf:
     """Elections and step-downs happen only when a test forces them."""
@@ -251,6 +259,7 @@ class SimNet:
             collections.deque
         )
         self.isolated: set[str] = set()
+        self.cut_links: set[frozenset[str]] = set()
         self.held: set[tuple[str, str]] = set()
 
     def add(
@@ -293,6 +302,16 @@ class SimNet:
     def heal(self, addr: str) -> None:
         self.isolated.discard(addr)
 
+    def cut(self, a: str, b: str) -> None:
+        """Cut the link between ``a`` and ``b`` both ways (one link of a partition, as a
+        per-link proxy or firewall rule does): what is queued on it is lost, and what follows."""
+        self.cut_links.add(frozenset((a, b)))
+        self.links[(a, b)].clear()
+        self.links[(b, a)].clear()
+
+    def mend(self, a: str, b: str) -> None:
+        self.cut_links.discard(frozenset((a, b)))
+
     def crash(self, node: SimNode) -> None:
         """Stop ``node``; what it had not yet sent (still queued) is lost."""
         node.destroy()
@@ -301,7 +320,7 @@ class SimNet:
                 queue.clear()
 
     def post(self, src: str, dst: str, message) -> bool:
-        if src in self.isolated or dst in self.isolated:
+        if src in self.isolated or dst in self.isolated or frozenset((src, dst)) in self.cut_links:
             return True  # lost on the way
         # A copy, as the bytes on the wire would be.
         self.links[(src, dst)].append(pickle.loads(pickle.dumps(message)))
@@ -348,13 +367,21 @@ class SimNet:
                 return
         raise AssertionError("messages still moving after deliver_all")
 
-    def step(self, seconds: float = 0.06) -> None:
-        """Advance the clock past one heartbeat period, tick every live node, deliver."""
+    def step(self, seconds: float = 0.06, stalled: tuple[SimNode, ...] = ()) -> None:
+        """Advance the clock past one heartbeat period, tick every live node, deliver.
+
+        ``stalled`` nodes neither tick nor read (a process starved of CPU, a long pause):
+        what is sent to them waits on the link."""
         self.clock.advance(seconds)
         for node in self.nodes.values():
-            if node.alive:
+            if node.alive and node not in stalled:
                 node.tick()
-        self.deliver_all()
+        waiting = {(src, n.addr) for n in stalled for src in self.nodes} - self.held
+        self.held |= waiting
+        try:
+            self.deliver_all()
+        finally:
+            self.held -= waiting
 
     def settle(self, steps: int = 6) -> None:
         for _ in range(steps):

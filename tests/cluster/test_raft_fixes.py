@@ -29,12 +29,13 @@ from pysyncobj.node import TCPNode
 
 from cluster.raft import (
     EXIT_APPLY_FAILED,
+    EXIT_ENTRY_UNREADABLE,
     RaftReplica,
     RaftSettings,
     RaftStartupError,
     SubmitErrorReason,
 )
-from cluster.raft_storage import DurableJournal, RaftStorageError
+from cluster.raft_storage import RaftStorageError
 from cluster.raft_transport import BoundedTcpConnection
 
 from .conftest import KINDS, SimNet, free_port, sim_conf
@@ -501,23 +502,8 @@ def test_compaction_never_rewrites_the_journal_in_place(sim: SimNet, kind, tmp_p
         assert (data_dir / "raft.journal").read_bytes() != before
 
 
-def test_journal_drops_a_torn_tail_and_refuses_corruption(tmp_path):
-    path = tmp_path / "raft.journal"
-    journal = DurableJournal(path, app_version="0.3.17")
-    journal.setCurrentTerm(1, None)
-    for idx in range(1, 6):
-        journal.add(b"\x01", idx, 1)
-    journal.close()
-    raw = path.read_bytes()
-    path.write_bytes(raw[:-3])  # a crash in the middle of the last write
-    journal = DurableJournal(path, app_version="0.3.17")
-    assert [e[1] for e in journal[:]] == [1, 2, 3, 4]
-    journal.close()
-    data = bytearray(path.read_bytes())
-    data[40 + 4 : 40 + 12] = (99).to_bytes(8, "little")  # first record claims index 99
-    path.write_bytes(bytes(data))
-    with pytest.raises(RaftStorageError, match="corrupt"):
-        DurableJournal(path, app_version="0.3.17")
+# The journal's own tests (torn tails, corruption, format conversion) are in
+# test_raft_journal.py.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -753,9 +739,12 @@ def test_a_raising_callback_does_not_reapply_the_entry(tmp_path):
         replica.submit(b"late", lambda r, e: None)
 
 
-def test_apply_that_raises_stops_the_process_with_a_distinct_code(tmp_path):
+def run_solo_replica(tmp_path, then: str) -> subprocess.CompletedProcess:
+    """A one-node replica in a subprocess; once it leads, run ``then`` (Python source, with
+    ``replica`` and ``threading`` at hand), then wait: the test expects the process to end."""
     script = textwrap.dedent(f"""
-        import pathlib, sys, threading
+        import pathlib, pickle, sys, threading
+        from pysyncobj.syncobj import _COMMAND_TYPE
         from cluster.raft import RaftReplica, RaftSettings
 
         class Machine:
@@ -775,23 +764,41 @@ def test_apply_that_raises_stops_the_process_with_a_distinct_code(tmp_path):
         while not led.wait(0.01):
             if replica.is_leader():
                 led.set()
+    """) + textwrap.dedent(then) + textwrap.dedent("""
+        threading.Event().wait(30)   # the replica's thread ends the process before this
+        sys.exit(0)
+    """)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_apply_that_raises_stops_the_process_with_a_distinct_code(tmp_path):
+    proc = run_solo_replica(tmp_path, """
         applied = threading.Event()
         replica.submit(b"fine", lambda result, error: applied.set())
         applied.wait(10)
         replica.submit(b"boom", lambda result, error: None)
-        threading.Event().wait(30)   # the replica's thread ends the process before this
-        sys.exit(0)
     """)
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=Path(__file__).resolve().parents[2],
-    )
     assert proc.returncode == EXIT_APPLY_FAILED, proc.stderr
     assert "state machine apply() failed on committed log index 4" in proc.stderr
     assert "ValueError: cannot apply this" in proc.stderr
+
+
+@pytest.mark.parametrize("entry", ["unknown method", "undecodable"])
+def test_an_entry_this_build_cannot_apply_stops_the_process_loudly(tmp_path, entry):
+    """Outside the state machine's apply (which _apply_guarded covers), upstream's apply loop
+    (syncobj.py 708-729) lets an unpickling error or an unknown method id escape the tick; our
+    tick loop logged it and the next tick tried the same entry again, forever, while the node
+    went on voting and acknowledging. It must stop instead, with a line that says why."""
+    command = {"unknown method": "pickle.dumps((99, (b'x',)))",
+               "undecodable": "b'not a pickle at all'"}[entry]
+    # What a newer build (or a damaged log) would hold: pysyncobj's queue is thread-safe.
+    proc = run_solo_replica(tmp_path, f"""
+        replica._obj._applyCommand({command}, None, _COMMAND_TYPE.REGULAR)
+    """)
+    assert proc.returncode == EXIT_ENTRY_UNREADABLE, proc.stderr
+    assert "committed log entry 3 cannot be applied by this build" in proc.stderr
+    assert proc.stderr.count("cannot be applied") == 1  # once, not once per tick
 
 
 def test_import_refuses_any_other_pysyncobj_version(monkeypatch):
@@ -892,13 +899,6 @@ def test_busy_port_fails_fast_with_a_clear_error(tmp_path):
                 RaftSettings(self_addr=addr, peers=(), password="pw", data_dir=tmp_path),
                 CountingMachine(),
             )
-
-
-def test_journal_whose_creation_was_interrupted_counts_as_new(tmp_path):
-    (tmp_path / "raft.journal").write_bytes(b"")
-    journal = DurableJournal(tmp_path / "raft.journal", app_version="0.3.17")
-    assert len(journal) == 0
-    journal.close()
 
 
 # ---------------------------------------------------------------------------------------------

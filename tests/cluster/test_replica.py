@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
-from cluster.batch import KIND_BARRIER, KIND_COMMAND, decode_batch, encode_batch
+from cluster.batch import decode_batch
 from cluster.machine import ExchangeMachine
 from cluster.raft import RaftReplica, RaftSettings
-from cluster.replica import NotLeader, OutcomeUnknown, Replica
+from cluster.replica import NotLeader, OutcomeUnknown, Replica, RequestRefused
 
 from .conftest import free_port
 
@@ -114,19 +115,44 @@ def test_reads_between_ticks_run_on_the_tick_thread_and_report_failures(tmp_path
         raft.destroy()
 
 
-def test_an_entry_carries_its_request_to_the_replay_memory_and_not_into_the_state() -> None:
-    deposit = {"op": "deposit", "account": "a", "asset": "Y", "amount": 5, "ref": "r1"}
-    plain, signed = ExchangeMachine(), ExchangeMachine()
-    seen: list = []
-    signed.on_requests_applied = seen.append
-    for machine, request in ((plain, []), (signed, [["c0ffee", 1234]])):
-        first = machine.apply(encode_batch(1, [[KIND_COMMAND, dict(MARKET)]]))
-        second = machine.apply(encode_batch(2, [[KIND_COMMAND, dict(deposit), *request],
-                                                [KIND_BARRIER]]))
-        assert first[0][0]["type"] == "market_created" and second[0][0]["type"] == "balance"
-    assert seen == [[["c0ffee", 1234]]]
-    assert plain.exchange.state_hash() == signed.exchange.state_hash()
-    assert plain.snapshot() == signed.snapshot()
+def test_a_signed_request_applies_once_and_its_copies_are_refused(tmp_path: Path) -> None:
+    """Through the real log: a second submit of the same signed request (a replay, the first
+    copy already applied) is refused by the state machine, one command or a whole batch, and
+    nothing of it is applied again."""
+    machine, raft = solo(tmp_path)
+    order = {"op": "place", "account": "a", "market": "X-Y", "side": "buy", "type": "limit",
+             "price": 1, "qty": 1, "tif": "gtc"}
+    deposit = {"op": "deposit", "account": "a", "asset": "Y", "amount": 100, "ref": "r1"}
+
+    async def main() -> None:
+        await wait_leader(raft)
+        replica = Replica(raft)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(replica.run)
+            await replica.submit(MARKET)
+            await replica.submit(deposit)
+            now_ms = time.time_ns() // 1_000_000
+            single, batch = ("ab" * 32, now_ms), ("cd" * 32, now_ms)
+            first = await replica.submit(dict(order), request=single)
+            assert first[0]["type"] == "accepted"
+            placed = await replica.submit_many([dict(order), dict(order)], request=batch)
+            assert [events[0]["type"] for events in placed] == ["accepted", "accepted"]
+            cmd_index = machine.exchange.cmd_index
+            with pytest.raises(RequestRefused) as refused:
+                await replica.submit(dict(order), request=single)
+            assert refused.value.code == "replayed"
+            with pytest.raises(RequestRefused):
+                await replica.submit_many([dict(order), dict(order)], request=batch)
+            with pytest.raises(RequestRefused):  # the window is per request, not per kind
+                await replica.submit_many([dict(order)], request=single)
+            assert machine.exchange.cmd_index == cmd_index
+            assert len(machine.exchange.open_orders(account="a")) == 3
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        raft.destroy()
 
 
 class FakeRaft:

@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from api.auth import Credentials, signed_headers
+from api.auth import KEY_HEADER, SIG_HEADER, TS_HEADER, Credentials, sign, signed_headers
 from api.client import Client
 
 from .conftest import admin
@@ -118,6 +118,13 @@ def test_bad_requests_get_4xx_with_a_code_and_never_a_500(make_cluster) -> None:
     cases.append((call(url, key, "POST", "/v1/orders/amend", {"market": "BTC-USD", "order_id": 1,
                                                               "qty": 10**30}), 400, "wrong_type"))
     cases.append((httpx.get(url + "/healthz"), 200, None))
+    # Only a key id is needed to reach the timestamp and signature checks. Header bytes are
+    # read as latin-1: "\xb2" is a superscript two (isdigit() but not int()), "\xe9" an e
+    # acute (hmac.compare_digest refuses non-ASCII text). Both were 500s.
+    for name, value in (("X-QB-Timestamp", b"\xb2"), ("X-QB-Signature", b"\xe9" * 64)):
+        hostile = {**signed_headers(key, "POST", "/v1/orders", b"{}"), name: value}
+        cases.append((httpx.post(url + "/v1/orders", content=b"{}", headers=hostile), 401,
+                      "unauthenticated"))
     raw = b"{not json"
     cases.append((httpx.post(url + "/v1/orders", content=raw,
                              headers=signed_headers(key, "POST", "/v1/orders", raw)), 400, "malformed_json"))
@@ -173,18 +180,27 @@ def test_malformed_orders_are_answered_without_entering_the_log(make_cluster) ->
     assert cmd_index() == before + 1  # only the good order of the batch was logged
 
 
+# No client_order_id: nothing in the exchange dedupes a second copy of it.
+UNGUARDED_ORDER = json.dumps({"market": "BTC-USD", "side": "buy", "type": "limit",
+                              "price": 1000, "qty": 100}).encode()
+
+
+def funded_trader(cluster, account: str):
+    """A trader key for `account`, with the market created and USD deposited."""
+    with admin(cluster) as client:
+        client.submit([MARKET, {"op": "deposit", "account": account, "asset": "USD",
+                                "amount": 10**9, "ref": f"{account}-usd"}])
+        return client.create_key(account)
+
+
 def test_a_request_replayed_to_the_next_leader_is_refused(make_cluster) -> None:
-    """Every node learns the signatures of the requests behind the commands it applies, and a
-    new leader settles its predecessor's entries before it checks one: a signed order without
-    a client_order_id, replayed to the next leader within the window, is not placed twice."""
+    """The state machine keeps the signatures of the requests it applied (its replicated
+    replay window) and applies no second copy: a signed order without a client_order_id,
+    replayed to the next leader within the window, is not placed twice."""
     cluster = make_cluster(3)
     leader = cluster.wait_for_leader()
-    with admin(cluster) as client:
-        client.submit([MARKET, {"op": "deposit", "account": "erin", "asset": "USD",
-                                "amount": 10**9, "ref": "erin-usd"}])
-        key = client.create_key("erin")
-    body = json.dumps({"market": "BTC-USD", "side": "buy", "type": "limit", "price": 1000,
-                       "qty": 100}).encode()  # no client_order_id: nothing else dedupes it
+    key = funded_trader(cluster, "erin")
+    body = UNGUARDED_ORDER
     headers = signed_headers(key, "POST", "/v1/orders", body)
     signed_at = time.monotonic()
     first = httpx.post(cluster.nodes[leader].config.api_url + "/v1/orders", content=body,
@@ -199,4 +215,42 @@ def test_a_request_replayed_to_the_next_leader_is_refused(make_cluster) -> None:
     assert replay.status_code == 401, replay.text
     assert replay.json()["error"]["code"] == "replayed"
     with Client([new_url], key) as trader:
+        assert len(trader.open_orders("BTC-USD")) == 1
+
+
+def test_a_request_replayed_to_a_restarted_node_become_leader_is_refused(make_cluster) -> None:
+    """The regression of issue 8: a node that restarts from its own snapshot (the dump that
+    compaction wrote past the request) knew nothing of the requests in it, so a signed order
+    replayed to it once it led was placed a second time. The replay window now travels in the
+    snapshot: refused as replayed, placed once."""
+    cluster = make_cluster(3, compaction_min_entries=20, compaction_min_time_s=0.2)
+    leader = cluster.wait_for_leader()
+    restarted = next(n for n in cluster.nodes if n != leader)
+    key = funded_trader(cluster, "fay")
+    body = UNGUARDED_ORDER
+    # Stamped 4.9 s ahead (the window allows it): valid for ~9.9 s, for the restart below.
+    ts = time.time_ns() // 1_000_000 + 4_900
+    headers = {KEY_HEADER: key.key_id, TS_HEADER: str(ts),
+               SIG_HEADER: sign(key.secret, ts, "POST", "/v1/orders", body)}
+    first = httpx.post(cluster.nodes[leader].config.api_url + "/v1/orders", content=body,
+                       headers=headers, timeout=10)
+    assert first.status_code == 201, first.text
+    placed_at = cluster.status(leader)["commit_index"]
+    with admin(cluster) as client:  # enough entries for every node to compact past the order
+        deadline = time.monotonic() + 20
+        while cluster.status(restarted)["raft"]["log_first_index"] <= placed_at:
+            assert time.monotonic() < deadline, "the node never compacted past the order"
+            client.submit([{"op": "deposit", "account": "filler", "asset": "USD", "amount": 1,
+                            "ref": f"f{time.monotonic_ns()}-{i}"} for i in range(5)])
+    cluster.stop(restarted)
+    cluster.start(restarted)
+    cluster.wait_converged(20)
+    assert cluster.transfer_leadership(to=restarted) == restarted
+    replay = httpx.post(cluster.nodes[restarted].config.api_url + "/v1/orders", content=body,
+                        headers=headers, timeout=10)
+    late_ms = time.time_ns() // 1_000_000 - ts
+    assert late_ms < 4_900, f"the restart took too long: the replay came {late_ms} ms late"
+    assert replay.status_code == 401, f"placed twice: {replay.text}"
+    assert replay.json()["error"]["code"] == "replayed"
+    with Client([cluster.nodes[restarted].config.api_url], key) as trader:
         assert len(trader.open_orders("BTC-USD")) == 1

@@ -37,6 +37,21 @@ def wait_for(predicate, timeout_s: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def stop_cluster_up(up: subprocess.Popen, manifest: Path, pids: list[int]) -> str:
+    """Ctrl-C to `cluster up`, its output; then SIGKILL any node it left (by pid)."""
+    up.send_signal(signal.SIGINT)
+    try:
+        output, _ = up.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        up.kill()
+        output, _ = up.communicate()
+    raw = json.loads(manifest.read_text()) if manifest.exists() else {"nodes": []}
+    for pid in pids + [n["pid"] for n in raw["nodes"]]:
+        if pid and pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    return output
+
+
 def test_cluster_up_status_membership_and_ctrl_c(tmp_path: Path) -> None:
     data = tmp_path / "qb"
     up = subprocess.Popen([*QB, "cluster", "up", "--nodes", "3", "--data-dir", str(data)],
@@ -79,16 +94,7 @@ def test_cluster_up_status_membership_and_ctrl_c(tmp_path: Path) -> None:
         assert bad.returncode != 0 and "no node 'n9'" in bad.stderr
         pids = [n["pid"] for n in raw["nodes"]]
     finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            output, _ = up.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            up.kill()
-            output, _ = up.communicate()
-        raw = json.loads(manifest.read_text()) if manifest.exists() else {"nodes": []}
-        for pid in pids + [n["pid"] for n in raw["nodes"] if n["pid"]]:
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        output = stop_cluster_up(up, manifest, pids)
     assert up.returncode == 0, output
     assert "stopping cluster" in output
     assert not [pid for pid in pids if pid_alive(pid)], "cluster up left node processes behind"
@@ -140,3 +146,63 @@ def test_keys_create_prints_the_secret_once_or_writes_a_0600_file(make_cluster,
     assert admin.returncode == 0 and json.loads(admin.stdout)["role"] == "admin"
     neither = run("keys", "create", "--account", "x")
     assert neither.returncode == 2 and "either --cluster or --url" in neither.stderr
+
+
+def test_a_node_that_refuses_to_start_is_not_restarted_until_its_data_is_moved_aside(
+        tmp_path: Path) -> None:
+    """The runbook (docs/operating/raft-storage.md) end to end under `cluster up`: a follower's
+    journal is damaged in its synced part while it is down; it refuses to start (exit 73, one
+    CRITICAL line naming the file and offset), the launcher does not restart it in a loop, and
+    once its data directory is moved aside the launcher starts it empty and it catches up."""
+    from api.auth import read_credentials
+    from api.client import AdminClient
+
+    data = tmp_path / "qb"
+    up = subprocess.Popen([*QB, "cluster", "up", "--nodes", "3", "--data-dir", str(data)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    manifest = data / "cluster.json"
+    raw: dict = {"nodes": []}
+    try:
+        wait_for(lambda: manifest.exists() and all(n["pid"] for n in json.loads(manifest.read_text())["nodes"]),
+                 30, "cluster.json with pids")
+        raw = json.loads(manifest.read_text())
+        urls = [n["api_url"] for n in raw["nodes"]]
+
+        def statuses() -> dict:
+            out = run("cluster", "status", "--cluster", str(manifest), "--json")
+            return json.loads(out.stdout)["nodes"] if out.returncode == 0 else {}
+
+        nodes = wait_for(lambda: (s := statuses()) and [v and v["role"] for v in s.values()]
+                         .count("leader") == 1 and all(s.values()) and s, 30, "a leader")
+        victim = next(nid for nid, s in nodes.items() if s["role"] == "follower")
+        with AdminClient(urls, read_credentials(Path(raw["admin_credentials"]))) as client:
+            client.submit([{"op": "deposit", "account": f"a{i}", "asset": "USD", "amount": 10,
+                            "ref": f"r{i}"} for i in range(20)])
+            client.barrier()
+        entry = next(n for n in raw["nodes"] if n["id"] == victim)
+        journal = Path(entry["data_dir"]) / "raft.journal"
+        log = Path(entry["config"]).parent / "node.log"
+        os.kill(entry["pid"], signal.SIGKILL)
+        wait_for(lambda: not pid_alive(entry["pid"]), 10, "the follower to die")
+        damaged = bytearray(journal.read_bytes())
+        damaged[100] ^= 0xFF  # inside the first record: the synced part
+        journal.write_bytes(bytes(damaged))
+
+        refusals = lambda: log.read_text().count("refuses to start")  # noqa: E731
+        wait_for(lambda: refusals() == 1, 30, "the restarted follower to refuse")
+        assert "journal corrupt at byte offset" in log.read_text()
+        assert "Traceback" not in log.read_text().split("refuses to start")[-1]
+        # A restart loop would refuse again within its 2 s backoff; give it twice that.
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline:
+            assert refusals() == 1, "the launcher restarted a node that refused to start"
+            time.sleep(0.2)
+
+        Path(entry["data_dir"]).rename(Path(entry["data_dir"]).with_name("data.damaged"))
+        leader_cmd = max(s["cmd_index"] for s in nodes.values() if s)
+        wait_for(lambda: (s := statuses().get(victim)) and s["cmd_index"] == leader_cmd + 20,
+                 60, "the follower to come back empty and catch up")
+        raw = json.loads(manifest.read_text())
+    finally:
+        output = stop_cluster_up(up, manifest, [n["pid"] for n in raw["nodes"]])
+    assert f"{victim} exited (73): not restarting on the same data" in output, output

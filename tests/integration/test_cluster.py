@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from api.client import ClusterUnavailable
+from cluster.config import load
 
 from .conftest import admin
 from .workload import DepositLoad, assert_acked_present, deposit
@@ -148,6 +149,13 @@ def test_add_a_fourth_node_then_remove_one_keeps_serving(make_cluster) -> None:
     assert len(cluster.nodes) == 4
     statuses = cluster.wait_converged(30)
     assert statuses[new]["cmd_index"] >= 20
+    config = cluster.nodes[new].config
+    for node_id, node in cluster.nodes.items():  # rewritten once the change had committed
+        listed = {p.id for p in load(node.config_path).peers}
+        assert listed == set(cluster.nodes) - {node_id}, node_id
+    with admin(cluster) as client:  # a retry after a lost answer changes nothing
+        again = client.change_membership("add", new, config.raft_addr, config.api_url)
+        assert again["change"] == "unchanged"
     with admin(cluster) as client:
         client.submit([deposit(i) for i in range(20, 40)])
         leader_status = client.barrier()

@@ -117,6 +117,24 @@ def test_retry_policy_on_scripted_answers_under_asyncio_and_trio() -> None:
     assert (reused.value.status, reused.value.order_id, reused.value.after_retry) == (409, 4, False)
 
 
+def test_a_replayed_write_may_have_been_applied_and_is_settled_by_the_look_up() -> None:
+    """No cluster. The client never signs twice alike, so `401 replayed` means another copy of
+    this very attempt (duplicated on the way) reached the cluster first, and the state machine
+    applies the first copy it gets: maybe applied. The re-signed resend's 409 is then settled
+    by the look-up, not raised as a reused id."""
+    creds = Credentials("k", "s", "trader", "a")
+    handler, seen = scripted(
+        httpx.Response(401, json={"error": {"code": "replayed", "message": ""}}),
+        httpx.Response(409, json={"error": {"code": "duplicate_client_order_id",
+                                            "message": "", "order_id": 9}}),
+        httpx.Response(200, json={"status": "open", "order_id": 9, "client_order_id": "c1"}))
+    with Client(["http://a"], creds, transport=httpx.MockTransport(handler)) as client:
+        placed = client.place("M", "buy", "limit", 1, price=5, client_order_id="c1")
+        assert placed["recovered"] is True and placed["order_id"] == 9
+        assert (client.stats["replayed"], client.stats["unknown"]) == (1, 1)
+    assert len({sig for _, sig in seen}) == 3
+
+
 def test_sdk_places_cancels_amends_reads_and_reports_errors(make_cluster) -> None:
     cluster = make_cluster(3)
     key = fund(cluster, "alice")

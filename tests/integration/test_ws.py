@@ -65,6 +65,10 @@ class WsClient:
                                                  target="/v1/ws")))
         while not self.accepted:
             self._pump(timeout_s)
+        # Every connection opens with the server's challenge, which `auth` signs.
+        self.hello = self.recv(timeout_s)
+        assert self.hello["type"] == "hello", self.hello
+        self.nonce: str = self.hello["nonce"]
 
     def __enter__(self) -> WsClient:
         return self
@@ -138,14 +142,15 @@ class WsClient:
                           and m.get("request_id") == message["request_id"], timeout_s)
 
     def auth(self, creds: Credentials) -> dict:
-        self.send(auth_message(creds))
+        self.send(auth_message(creds, self.nonce))
         return self.recv()
 
 
-def auth_message(creds: Credentials, ts: int | None = None) -> dict:
+def auth_message(creds: Credentials, nonce: str, ts: int | None = None) -> dict:
+    """The `auth` op for the connection whose `hello` carried `nonce`."""
     ts = time.time_ns() // 1_000_000 if ts is None else ts
     return {"op": "auth", "key_id": creds.key_id, "timestamp": ts,
-            "signature": sign(creds.secret, ts, "WS", "/v1/ws", b"")}
+            "signature": sign(creds.secret, ts, "WS", "/v1/ws", nonce.encode())}
 
 
 def call(url: str, creds: Credentials, method: str, path: str, body: Any = None) -> httpx.Response:
@@ -220,13 +225,26 @@ def test_book_over_ws_equals_book_over_rest_and_trades_are_complete(make_cluster
         clients = {url: WsClient(url) for url in (leader_url, follower_url)}
         try:
             # Subscribe while the flow runs: the feed then carries events older than the
-            # snapshot, which must be dropped, and newer ones, which must all arrive.
-            flow = threading.Thread(target=lambda: [batch(40) for _ in range(8)])
+            # snapshot, which must be dropped, and newer ones, which must all arrive. The flow
+            # goes on until a few batches after the subscriptions (a fixed-length flow could
+            # be over before they are sent).
+            subscribed = threading.Event()
+
+            def flow_run() -> None:
+                while not subscribed.is_set():
+                    batch(40)
+                for _ in range(4):
+                    batch(40)
+
+            flow = threading.Thread(target=flow_run)
             flow.start()
-            time.sleep(0.05)
+            deadline = time.monotonic() + 10
+            while placed < 180 and time.monotonic() < deadline:  # two flow batches are in
+                time.sleep(0.005)
             for ws in clients.values():
                 ws.send({"op": "subscribe", "channel": f"book:{M}"})
                 ws.send({"op": "subscribe", "channel": f"trades:{M}"})
+            subscribed.set()
             flow.join()
             cluster.wait_converged()
             for url, ws in clients.items():
@@ -284,18 +302,21 @@ def test_orders_channel_needs_auth_and_shows_only_the_callers_events(make_cluste
     with WsClient(url) as ws_alice, WsClient(url) as ws_bob, WsClient(url) as other:
         ws_alice.send({"op": "subscribe", "channel": "orders"})
         assert ws_alice.recv()["code"] == "unauthenticated"
-        # Wrong secret, stale timestamp, a replayed signature: all refused.
-        forged = auth_message(Credentials(alice.key_id, "0" * 64, "trader", "alice"))
+        # Wrong secret, stale timestamp, another connection's signature: all refused.
+        forged = auth_message(Credentials(alice.key_id, "0" * 64, "trader", "alice"),
+                              ws_alice.nonce)
         ws_alice.send(forged)
         assert ws_alice.recv()["code"] == "unauthenticated"
-        ws_alice.send(auth_message(alice, time.time_ns() // 1_000_000 - 60_000))
+        ws_alice.send(auth_message(alice, ws_alice.nonce, time.time_ns() // 1_000_000 - 60_000))
         assert ws_alice.recv()["code"] == "expired"
-        good = auth_message(alice)
+        good = auth_message(alice, ws_alice.nonce)
         ws_alice.send(good)
-        hello = ws_alice.recv()
-        assert hello["type"] == "authenticated" and hello["account"] == "alice"
+        authenticated = ws_alice.recv()
+        assert authenticated["type"] == "authenticated" and authenticated["account"] == "alice"
+        ws_alice.send(good)
+        assert ws_alice.recv()["code"] == "already_authenticated"
         other.send(good)
-        assert other.recv()["code"] == "replayed"
+        assert other.recv()["code"] == "unauthenticated"
         # An admin key has no account: no orders channel for it.
         assert other.auth(admin_key)["type"] == "authenticated"
         other.send({"op": "subscribe", "channel": "orders"})
@@ -348,6 +369,49 @@ def test_orders_channel_needs_auth_and_shows_only_the_callers_events(make_cluste
         assert got_bob[1]["maker_account"] == "bob" and got_bob[1]["taker_account"] == "alice"
         for got in (got_alice, got_bob):
             assert [m["prev_seq"] for m in got[1:]] == [m["seq"] for m in got[:-1]]
+
+
+def test_a_captured_auth_frame_opens_no_other_connection_on_any_node(make_cluster) -> None:
+    """Each connection's `hello` carries its own nonce and `auth` signs it: a valid auth frame
+    captured on one node's connection, replayed within the timestamp window to every other
+    node and to a second connection on the same node, is refused there, and those sessions
+    stay anonymous (no orders channel, no order entry). Before the nonce, that frame opened an
+    authenticated session on every node."""
+    cluster = make_cluster(3)
+    leader = cluster.wait_for_leader()
+    urls = {nid: n.config.api_url for nid, n in cluster.nodes.items()}
+    with admin(cluster) as client:
+        fund(client, "alice")
+        alice = client.create_key("alice")
+        client.barrier()  # the key is applied on every node: a refusal is not "unknown key"
+    cluster.wait_converged()
+
+    with WsClient(urls[leader]) as victim:
+        captured = auth_message(alice, victim.nonce)
+        victim.send(captured)
+        assert victim.recv()["type"] == "authenticated"
+        replays = [WsClient(url) for url in urls.values()]  # the leader's second one included
+        try:
+            nonces = {victim.nonce} | {ws.nonce for ws in replays}
+            assert len(nonces) == len(urls) + 1  # fresh on every connection
+            for ws in replays:
+                ws.send(captured)
+                refused = ws.recv()
+                assert refused["type"] == "error" and refused["op"] == "auth", refused
+                assert (refused["code"], refused["message"]) == ("unauthenticated",
+                                                                 "bad signature")
+                ws.send({"op": "subscribe", "channel": "orders"})
+                assert ws.recv()["code"] == "unauthenticated"
+                answer, _ = ws.request({"op": "place", "request_id": "stolen", "market": M,
+                                        "side": "buy", "type": "limit", "price": 1000,
+                                        "qty": 1})
+                assert (answer["http_status"], answer["error"]["code"]) == (
+                    401, "unauthenticated")
+                # The owner of the key still authenticates there, with that connection's nonce.
+                assert ws.auth(alice)["type"] == "authenticated"
+        finally:
+            for ws in replays:
+                ws.close()
 
 
 def test_order_entry_over_ws_with_request_ids(make_cluster) -> None:
@@ -454,6 +518,7 @@ def test_bad_frames_get_errors_and_abuse_closes_the_connection(make_cluster) -> 
     url = cluster.nodes[cluster.wait_for_leader()].config.api_url
     with admin(cluster) as client:
         client.submit([MARKET])
+    known = cluster.admin_credentials().key_id  # past the key look-up to the later checks
 
     with WsClient(url) as ws:
         cases = [
@@ -468,6 +533,12 @@ def test_bad_frames_get_errors_and_abuse_closes_the_connection(make_cluster) -> 
             ({"op": "unsubscribe", "channel": f"trades:{M}"}, "not_subscribed"),
             ({"op": "auth", "key_id": 1}, "bad_request"),
             ({"op": "auth", "key_id": "nope", "timestamp": 1, "signature": "x"}, "unauthenticated"),
+            # A digit that int() refuses, a signature that is not ASCII: both once crashed
+            # the connection's task instead of answering.
+            ({"op": "auth", "key_id": known, "timestamp": "\u00b2", "signature": "0" * 64},
+             "unauthenticated"),
+            ({"op": "auth", "key_id": known, "timestamp": time.time_ns() // 1_000_000,
+              "signature": "\u00e9" * 64}, "unauthenticated"),
             ({"op": "cancel", "request_id": {"a": 1}}, "bad_request_id"),
             ("x" * (70 << 10), "message_too_large"),
         ]
