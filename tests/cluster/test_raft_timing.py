@@ -20,6 +20,7 @@ from pysyncobj import SyncObj, SyncObjConf
 from pysyncobj import tcp_connection as upstream_tcp_connection
 from pysyncobj import transport as upstream_transport
 from pysyncobj.poller import createPoller
+from pysyncobj.syncobj import SyncObjException
 from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
 
 from cluster.raft import RaftReplica, RaftSettings
@@ -43,6 +44,10 @@ def tcp_fake_clock(fake_clock, monkeypatch):
 
 def tcp_conf() -> SyncObjConf:
     return SyncObjConf(
+        # A port free a moment ago can be taken meanwhile (another process's outgoing
+        # connection): fail at once. pysyncobj retries a bind every bindRetryTime, measured on
+        # the fake clock, which stands still: it would spin forever.
+        maxBindRetries=1,
         autoTick=False,
         password="cluster-secret",
         # Elections only when the test forces one: the fake clock stands still between the
@@ -57,6 +62,22 @@ def tcp_conf() -> SyncObjConf:
         dynamicMembershipChange=False,
         useFork=False,
     )
+
+
+def start_tcp_nodes(kind: str, n: int, tmp_path: Path, attempts: int = 5) -> list[TcpNode]:
+    """``n`` nodes on free loopback ports; new ports if one was taken before it was bound."""
+    for attempt in range(attempts):
+        addrs = [f"127.0.0.1:{free_port()}" for _ in range(n)]
+        nodes: list[TcpNode] = []
+        try:
+            for a in addrs:
+                data_dir = tmp_path / f"{attempt}-{a.split(':')[1]}"
+                nodes.append(TcpNode(kind, a, [p for p in addrs if p != a], data_dir))
+            return nodes
+        except SyncObjException:
+            for node in nodes:
+                node.destroy()
+    raise AssertionError(f"no free ports in {attempts} attempts")
 
 
 class TcpNode:
@@ -129,10 +150,7 @@ def test_vote_request_after_a_quiet_spell_reaches_the_other_follower(
     send each other nothing, so after the leader dies the first RequestVote one of them sends
     finds their link "idle", drops it and is lost; the other follower times out later, stands
     in the same term and the election needs a second round. Ours keeps every link alive."""
-    addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
-    nodes = [
-        TcpNode(kind, a, [p for p in addrs if p != a], tmp_path / a.split(":")[1]) for a in addrs
-    ]
+    nodes = start_tcp_nodes(kind, 3, tmp_path)
     leader, b, c = nodes
     try:
         spin(nodes, lambda: all(n.links_ready() for n in nodes), "every link to be up")
