@@ -27,8 +27,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/quorumbook demo
 
-test: $(STAMP) $(NATIVE_STAMP)
-	$(BIN)/ruff check .
+test: $(STAMP) $(NATIVE_STAMP) lint
 	$(BIN)/python -m pytest -q
 	$(NATIVE_PYTEST) tests/statemachine tests/test_golden.py
 

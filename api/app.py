@@ -43,13 +43,20 @@ def readiness(health: dict, max_lag_entries: int = READY_MAX_LAG_ENTRIES) -> str
         return f"no link to the leader {health['leader']} (term {health['term']})"
     lag = health["commit_index"] - health["applied_index"]
     if lag > max_lag_entries:
-        return (f"applied index {health['applied_index']} is {lag} entries behind commit "
-                f"index {health['commit_index']} (at most {max_lag_entries})")
+        return (
+            f"applied index {health['applied_index']} is {lag} entries behind commit "
+            f"index {health['commit_index']} (at most {max_lag_entries})"
+        )
     return None
 
 
-def create_app(node: NodePort, verifier: Verifier, *, limiter: RateLimiter | None = None,
-               ready_max_lag_entries: int = READY_MAX_LAG_ENTRIES) -> QuartTrio:
+def create_app(
+    node: NodePort,
+    verifier: Verifier,
+    *,
+    limiter: RateLimiter | None = None,
+    ready_max_lag_entries: int = READY_MAX_LAG_ENTRIES,
+) -> QuartTrio:
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]  # events keep their field order
@@ -66,8 +73,9 @@ def create_app(node: NodePort, verifier: Verifier, *, limiter: RateLimiter | Non
         if started is not None:
             # The route template, never the raw path: the label set stays bounded.
             route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-            metrics.observe_request(route, request.method, response.status_code,
-                                    time.perf_counter() - started)
+            metrics.observe_request(
+                route, request.method, response.status_code, time.perf_counter() - started
+            )
         return response
 
     @app.errorhandler(HTTPException)
@@ -97,9 +105,13 @@ def create_app(node: NodePort, verifier: Verifier, *, limiter: RateLimiter | Non
         reason = readiness(health, ready_max_lag_entries)
         if reason is not None:
             return error(503, "not_ready", reason, {"Retry-After": "1"})
-        return {"ready": True, "node_id": node.node_id, "role": health["role"],
-                "leader": health["leader"],
-                "lag_entries": health["commit_index"] - health["applied_index"]}
+        return {
+            "ready": True,
+            "node_id": node.node_id,
+            "role": health["role"],
+            "leader": health["leader"],
+            "lag_entries": health["commit_index"] - health["applied_index"],
+        }
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -121,23 +133,27 @@ def create_app(node: NodePort, verifier: Verifier, *, limiter: RateLimiter | Non
             return payload
         commands = payload.get("commands")
         if not isinstance(commands, list) or not commands:
-            return error(400, "bad_request", "body must be {\"commands\": [command, ...]}")
+            return error(400, "bad_request", 'body must be {"commands": [command, ...]}')
         if len(commands) > MAX_COMMANDS:
             return error(413, "too_many_commands", f"at most {MAX_COMMANDS} commands per request")
         started = time.perf_counter()
         try:
             # One slot for the whole request: committed together, no task per command.
-            results = [{"events": events}
-                       for events in await node.submit_many(commands, http.signed_request())]
+            results = [
+                {"events": events}
+                for events in await node.submit_many(commands, http.signed_request())
+            ]
         except NotLeaderError as exc:
-            results = [{"error": {"code": "not_leader", "message": str(exc),
-                                  "leader_url": exc.leader_url}}] * len(commands)
+            results = [
+                {"error": {"code": "not_leader", "message": str(exc), "leader_url": exc.leader_url}}
+            ] * len(commands)
         except OutcomeUnknownError as exc:
             results = [{"error": {"code": "outcome_unknown", "message": str(exc)}}] * len(commands)
         except AuthError as exc:  # the cluster's replay window refused it: nothing applied
             return error(401, exc.code, exc.message)
-        return json_response({"results": results,
-                              "elapsed_ms": round((time.perf_counter() - started) * 1000, 3)})
+        return json_response(
+            {"results": results, "elapsed_ms": round((time.perf_counter() - started) * 1000, 3)}
+        )
 
     @app.get("/v1/admin/balances")
     @http.authed("admin")
@@ -164,14 +180,20 @@ def create_app(node: NodePort, verifier: Verifier, *, limiter: RateLimiter | Non
         action = payload.get("action")
         fields = [payload.get(k) for k in ("id", "raft_addr", "api_url")]
         if action not in ("add", "remove") or not all(isinstance(f, str) and f for f in fields):
-            return error(400, "bad_request",
-                         'body must be {"action": "add"|"remove", "id", "raft_addr", "api_url"}')
+            return error(
+                400,
+                "bad_request",
+                'body must be {"action": "add"|"remove", "id", "raft_addr", "api_url"}',
+            )
         try:
             done = await node.change_membership(action, *fields)
         except MembershipBusyError as exc:
-            return error(409, "membership_change_in_progress",
-                         f"{exc}; one membership change at a time: retry once it commits",
-                         {"Retry-After": "1"})
+            return error(
+                409,
+                "membership_change_in_progress",
+                f"{exc}; one membership change at a time: retry once it commits",
+                {"Retry-After": "1"},
+            )
         except NotLeaderError as exc:
             return error(409, "membership_change_failed", str(exc))
         except OutcomeUnknownError as exc:
@@ -209,11 +231,17 @@ def create_app(node: NodePort, verifier: Verifier, *, limiter: RateLimiter | Non
         account = payload.get("account")
         role = payload.get("role", "trader")
         if not isinstance(account, str) or not account or role not in ("trader", "admin"):
-            return error(400, "bad_request", 'body must be {"account": A, "role": "trader"|"admin"}')
+            return error(
+                400, "bad_request", 'body must be {"account": A, "role": "trader"|"admin"}'
+            )
         if safe_account({"account": account}) is None:
             # A key for an account no command could name would only ever be refused.
-            return error(400, "bad_account", "account ids are 1-64 characters of letters, "
-                         "digits and . : - _ (not starting with _)")
+            return error(
+                400,
+                "bad_account",
+                "account ids are 1-64 characters of letters, "
+                "digits and . : - _ (not starting with _)",
+            )
         key_id = new_key_id(role)
         try:
             secret = await node.create_key(key_id, account, role, http.signed_request())

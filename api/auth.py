@@ -51,8 +51,14 @@ class Credentials:
     account: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps({"key_id": self.key_id, "secret": self.secret, "role": self.role,
-                           "account": self.account})
+        return json.dumps(
+            {
+                "key_id": self.key_id,
+                "secret": self.secret,
+                "role": self.role,
+                "account": self.account,
+            }
+        )
 
 
 def new_credentials(role: str = "admin", account: str | None = None) -> Credentials:
@@ -81,8 +87,11 @@ def sign(secret: str, timestamp_ms: int, method: str, path: str, body: bytes) ->
 
 def signed_headers(creds: Credentials, method: str, path: str, body: bytes) -> dict[str, str]:
     ts = time.time_ns() // 1_000_000
-    return {KEY_HEADER: creds.key_id, TS_HEADER: str(ts),
-            SIG_HEADER: sign(creds.secret, ts, method, path, body)}
+    return {
+        KEY_HEADER: creds.key_id,
+        TS_HEADER: str(ts),
+        SIG_HEADER: sign(creds.secret, ts, method, path, body),
+    }
 
 
 def derive_secret(master: str, key_id: str) -> str:
@@ -119,8 +128,13 @@ class Verifier:
     refuses the replay when it applies it; this is the fast path.
     """
 
-    def __init__(self, keys: list[Credentials], window_ms: int = WINDOW_MS,
-                 lookup: KeyLookup | None = None, applied: AppliedLookup | None = None) -> None:
+    def __init__(
+        self,
+        keys: list[Credentials],
+        window_ms: int = WINDOW_MS,
+        lookup: KeyLookup | None = None,
+        applied: AppliedLookup | None = None,
+    ) -> None:
         self._keys = {k.key_id: k for k in keys}
         self._lookup = lookup
         self._applied = applied
@@ -130,8 +144,14 @@ class Verifier:
         self._seen: dict[str, int] = {}
         self._expiry: list[tuple[int, str]] = []
 
-    def verify(self, headers: Mapping[str, str], method: str, path: str, body: bytes,
-               now_ms: int | None = None) -> Credentials:
+    def verify(
+        self,
+        headers: Mapping[str, str],
+        method: str,
+        path: str,
+        body: bytes,
+        now_ms: int | None = None,
+    ) -> Credentials:
         key_id = headers.get(KEY_HEADER)
         ts_text = headers.get(TS_HEADER)
         signature = headers.get(SIG_HEADER)

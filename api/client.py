@@ -49,8 +49,18 @@ from .subscription import (
     _Stream,
 )
 
-__all__ = ["AdminClient", "ApiError", "AsyncClient", "AsyncSubscription", "Book", "Client",
-           "ClusterUnavailable", "Gap", "OutcomeUnknown", "Subscription"]
+__all__ = [
+    "AdminClient",
+    "ApiError",
+    "AsyncClient",
+    "AsyncSubscription",
+    "Book",
+    "Client",
+    "ClusterUnavailable",
+    "Gap",
+    "OutcomeUnknown",
+    "Subscription",
+]
 
 MAX_BATCH_ORDERS = 100  # the server's bound (api/trading.py); place_batch splits longer lists
 
@@ -75,8 +85,15 @@ class ApiError(Exception):
     that the first attempt most likely took effect (docs/reference/sdk.md).
     """
 
-    def __init__(self, status: int, code: str, message: str, order_id: int | None = None,
-                 *, after_retry: bool = False) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        order_id: int | None = None,
+        *,
+        after_retry: bool = False,
+    ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
@@ -86,6 +103,7 @@ class ApiError(Exception):
 
 
 # ---------------------------------------------------------------------- signing
+
 
 class _Signer:
     """Signs requests so that no two requests of this process ever share a signature.
@@ -108,7 +126,8 @@ class _Signer:
             ts = now
             while True:
                 ident = hashlib.sha256(
-                    f"{creds.key_id}\n{ts}\n{method}\n{path}\n".encode() + digest).digest()
+                    f"{creds.key_id}\n{ts}\n{method}\n{path}\n".encode() + digest
+                ).digest()
                 if ident not in self._recent:
                     break
                 ts += 1
@@ -116,14 +135,18 @@ class _Signer:
             if len(self._recent) > 4096:
                 cutoff = now - self._window_ms
                 self._recent = {k: v for k, v in self._recent.items() if v >= cutoff}
-        return {KEY_HEADER: creds.key_id, TS_HEADER: str(ts),
-                SIG_HEADER: sign(creds.secret, ts, method, path, body)}
+        return {
+            KEY_HEADER: creds.key_id,
+            TS_HEADER: str(ts),
+            SIG_HEADER: sign(creds.secret, ts, method, path, body),
+        }
 
 
 _SIGNER = _Signer()
 
 
 # ---------------------------------------------------------------------- the shared logic
+
 
 @dataclass
 class _Send:
@@ -153,8 +176,13 @@ T = TypeVar("T")
 _Flow = Generator[_Step, _Answer, T]
 
 # Transport errors raised before any byte of the request can have reached the server.
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout,
-             httpx.UnsupportedProtocol, httpx.LocalProtocolError)
+_NOT_SENT = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.UnsupportedProtocol,
+    httpx.LocalProtocolError,
+)
 
 
 def tls_context(verify: Any) -> Any:
@@ -188,8 +216,13 @@ def _error_of(body: Any) -> dict:
 
 def _api_error(reply: _Reply) -> ApiError:
     err = _error_of(reply.body)
-    return ApiError(reply.status, err.get("code", "http_error"), err.get("message", ""),
-                    err.get("order_id"), after_retry=reply.unknown_before)
+    return ApiError(
+        reply.status,
+        err.get("code", "http_error"),
+        err.get("message", ""),
+        err.get("order_id"),
+        after_retry=reply.unknown_before,
+    )
 
 
 def _path(*segments: str) -> str:
@@ -209,17 +242,32 @@ def new_client_order_id() -> str:
 
 def _check_client_order_id(coid: Any) -> None:
     # The outcome look-up puts the id in a URL path segment: a '/' could never be looked up.
-    if not isinstance(coid, str) or not 1 <= len(coid) <= 64 or "/" in coid \
-            or coid != coid.strip(" ") or not all(" " <= ch <= "~" for ch in coid):
-        raise ValueError("client_order_id must be 1-64 printable ASCII characters, no '/', "
-                         "no space at either end")
+    if (
+        not isinstance(coid, str)
+        or not 1 <= len(coid) <= 64
+        or "/" in coid
+        or coid != coid.strip(" ")
+        or not all(" " <= ch <= "~" for ch in coid)
+    ):
+        raise ValueError(
+            "client_order_id must be 1-64 printable ASCII characters, no '/', "
+            "no space at either end"
+        )
 
 
 class _Core:
     """Leader tracking and the retry policy, shared by `Client` and `AsyncClient`."""
 
-    def __init__(self, urls: list[str], creds: Credentials | None, *, timeout_s: float,
-                 deadline_s: float, backoff_s: float = 0.02, backoff_max_s: float = 0.25) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        creds: Credentials | None,
+        *,
+        timeout_s: float,
+        deadline_s: float,
+        backoff_s: float = 0.02,
+        backoff_max_s: float = 0.25,
+    ) -> None:
         if not urls:
             raise ValueError("give at least one node URL")
         self.urls = [u.rstrip("/") for u in urls]
@@ -239,9 +287,17 @@ class _Core:
             return self.urls[(self.urls.index(after) + 1) % len(self.urls)]
         return self.urls[0]
 
-    def request(self, method: str, path: str, body: Any = None, *, signed: bool = True,
-                write: bool = False, leader_only: bool = True,
-                deadline_s: float | None = None) -> _Flow[_Reply]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        signed: bool = True,
+        write: bool = False,
+        leader_only: bool = True,
+        deadline_s: float | None = None,
+    ) -> _Flow[_Reply]:
         """Send until a node answers definitely (2xx/4xx); re-signed on every attempt.
 
         `path` is the path and query exactly as sent (already percent-encoded). The server
@@ -266,8 +322,9 @@ class _Core:
             if attempts:
                 self.stats["retries"] += 1
             attempts += 1
-            answer = yield _Send(method, url + path, headers, raw,
-                                 max(0.05, min(self.timeout_s, remaining)))
+            answer = yield _Send(
+                method, url + path, headers, raw, max(0.05, min(self.timeout_s, remaining))
+            )
             wait = True
             if not (isinstance(answer, httpx.Response) and answer.status_code == 307):
                 redirects_in_row = 0
@@ -326,10 +383,14 @@ class _Core:
             if now >= deadline:
                 what = f"{method} {path.split('?')[0]}"
                 if unknown:
-                    raise OutcomeUnknown(f"{what}: outcome unknown after {attempts} attempts; "
-                                         "resend it (same client_order_id) to settle it")
-                raise ClusterUnavailable(f"{what}: no leader answered within the deadline "
-                                         f"({attempts} attempts); not applied")
+                    raise OutcomeUnknown(
+                        f"{what}: outcome unknown after {attempts} attempts; "
+                        "resend it (same client_order_id) to settle it"
+                    )
+                raise ClusterUnavailable(
+                    f"{what}: no leader answered within the deadline "
+                    f"({attempts} attempts); not applied"
+                )
             if wait:
                 yield _Sleep(min(backoff, deadline - now))
                 backoff = min(backoff * 2, self.backoff_max_s)
@@ -342,8 +403,11 @@ class _Core:
         if reply.status < 300:
             return reply.body
         err = _error_of(reply.body)
-        if reply.status == 409 and err.get("code") == "duplicate_client_order_id" \
-                and reply.unknown_before:
+        if (
+            reply.status == 409
+            and err.get("code") == "duplicate_client_order_id"
+            and reply.unknown_before
+        ):
             return (yield from self.recover(order["client_order_id"]))
         raise _api_error(reply)
 
@@ -363,16 +427,21 @@ class _Core:
             yield from self._place_chunk(orders, list(chunk), results)
         return results
 
-    def _place_chunk(self, orders: list[dict], pending: list[int],
-                     results: list[dict]) -> _Flow[None]:
+    def _place_chunk(
+        self, orders: list[dict], pending: list[int], results: list[dict]
+    ) -> _Flow[None]:
         maybe_applied: set[int] = set()
         deadline = time.monotonic() + self.deadline_s
         backoff = self.backoff_s
         while pending:
             try:
                 reply = yield from self.request(
-                    "POST", "/v1/orders/batch", {"orders": [orders[i] for i in pending]},
-                    write=True, deadline_s=max(0.1, deadline - time.monotonic()))
+                    "POST",
+                    "/v1/orders/batch",
+                    {"orders": [orders[i] for i in pending]},
+                    write=True,
+                    deadline_s=max(0.1, deadline - time.monotonic()),
+                )
             except OutcomeUnknown:
                 maybe_applied.update(pending)
                 break
@@ -402,8 +471,11 @@ class _Core:
                 backoff = min(backoff * 2, self.backoff_max_s)
         for i in pending:
             code = "outcome_unknown" if i in maybe_applied else "cluster_unavailable"
-            results[i] = {"status": 503, "client_order_id": orders[i]["client_order_id"],
-                          "error": {"code": code, "message": "no outcome before the deadline"}}
+            results[i] = {
+                "status": 503,
+                "client_order_id": orders[i]["client_order_id"],
+                "error": {"code": code, "message": "no outcome before the deadline"},
+            }
 
     def command(self, path: str, body: dict) -> _Flow[dict]:
         """cancel / amend / cancel_all: resent after an unknown attempt; a result or error
@@ -415,8 +487,9 @@ class _Core:
             return {**reply.body, "after_retry": True}
         return reply.body
 
-    def get(self, path: str, *, signed: bool = True, leader_only: bool = True,
-            key: str | None = None) -> _Flow[Any]:
+    def get(
+        self, path: str, *, signed: bool = True, leader_only: bool = True, key: str | None = None
+    ) -> _Flow[Any]:
         reply = yield from self.request("GET", path, signed=signed, leader_only=leader_only)
         if reply.status >= 300:
             raise _api_error(reply)
@@ -424,8 +497,10 @@ class _Core:
 
     def balances(self) -> _Flow[dict[str, dict]]:
         body = yield from self.get("/v1/accounts/me/balances")
-        return {row["asset"]: {"available": row["available"], "reserved": row["reserved"]}
-                for row in body["balances"]}
+        return {
+            row["asset"]: {"available": row["available"], "reserved": row["reserved"]}
+            for row in body["balances"]
+        }
 
     def order_by_client_id(self, coid: str) -> _Flow[dict]:
         _check_client_order_id(coid)
@@ -477,18 +552,37 @@ class _Api:
         ws_transport_errors, ws_closed_<code> (closes by the node, ws_closed_eof for none)."""
         return self._core.stats
 
-    def place(self, market: str, side: str, type: str, qty: int, price: int | None = None,
-              tif: str | None = None, client_order_id: str | None = None,
-              stp: str | None = None) -> Any:
+    def place(
+        self,
+        market: str,
+        side: str,
+        type: str,
+        qty: int,
+        price: int | None = None,
+        tif: str | None = None,
+        client_order_id: str | None = None,
+        stp: str | None = None,
+    ) -> Any:
         """Place one order -> `{order_id, client_order_id, status, filled_qty, trades, ...}`.
 
         Without `client_order_id` one is generated, so a retry never trades twice. When a
         resend found the first attempt applied, the result is the outcome look-up's
         `{order_id, client_order_id, status: "open"|"done", ..., "recovered": True}`.
         """
-        return self._run(self._core.place(_drop_none(
-            market=market, side=side, type=type, qty=qty, price=price, tif=tif,
-            client_order_id=client_order_id, stp=stp)))
+        return self._run(
+            self._core.place(
+                _drop_none(
+                    market=market,
+                    side=side,
+                    type=type,
+                    qty=qty,
+                    price=price,
+                    tif=tif,
+                    client_order_id=client_order_id,
+                    stp=stp,
+                )
+            )
+        )
 
     def place_batch(self, orders: list[dict]) -> Any:
         """Place many orders (split into requests of at most 100) -> one result per order.
@@ -500,18 +594,39 @@ class _Api:
         """
         return self._run(self._core.place_batch(orders))
 
-    def cancel(self, market: str, order_id: int | None = None,
-               client_order_id: str | None = None) -> Any:
+    def cancel(
+        self, market: str, order_id: int | None = None, client_order_id: str | None = None
+    ) -> Any:
         """Cancel one order (by id or client order id) -> `{events, seq}`."""
-        return self._run(self._core.command("/v1/orders/cancel", _drop_none(
-            market=market, order_id=order_id, client_order_id=client_order_id)))
+        return self._run(
+            self._core.command(
+                "/v1/orders/cancel",
+                _drop_none(market=market, order_id=order_id, client_order_id=client_order_id),
+            )
+        )
 
-    def amend(self, market: str, order_id: int | None = None, *, price: int | None = None,
-              qty: int | None = None, client_order_id: str | None = None) -> Any:
+    def amend(
+        self,
+        market: str,
+        order_id: int | None = None,
+        *,
+        price: int | None = None,
+        qty: int | None = None,
+        client_order_id: str | None = None,
+    ) -> Any:
         """Set a new price and/or remaining qty -> `{order_id, status, ...}`."""
-        return self._run(self._core.command("/v1/orders/amend", _drop_none(
-            market=market, order_id=order_id, client_order_id=client_order_id, price=price,
-            qty=qty)))
+        return self._run(
+            self._core.command(
+                "/v1/orders/amend",
+                _drop_none(
+                    market=market,
+                    order_id=order_id,
+                    client_order_id=client_order_id,
+                    price=price,
+                    qty=qty,
+                ),
+            )
+        )
 
     def cancel_all(self, market: str | None = None) -> Any:
         """Cancel every open order of the caller (in one market) -> `{events, seq}`."""
@@ -544,7 +659,8 @@ class _Api:
             raise ValueError("consistency must be 'linearizable' or 'stale'")
         stale = consistency == "stale"
         path = f"/v1/markets/{_path(market)}/book" + _query(
-            depth=depth, consistency="stale" if stale else None)
+            depth=depth, consistency="stale" if stale else None
+        )
         return self._run(self._core.get(path, signed=False, leader_only=not stale))
 
     def trades(self, market: str, limit: int = 100) -> Any:
@@ -557,19 +673,35 @@ class _Api:
     def _subscription(self, stream: _Stream) -> Any:
         raise NotImplementedError
 
-    def _stream(self, channel: str, tracker: Any, creds: Credentials | None,
-                idle_timeout_s: float, max_outage_s: float | None) -> Any:
+    def _stream(
+        self,
+        channel: str,
+        tracker: Any,
+        creds: Credentials | None,
+        idle_timeout_s: float,
+        max_outage_s: float | None,
+    ) -> Any:
         core = self._core
-        return self._subscription(_Stream(
-            core.urls, channel, tracker, creds,
-            lambda c, nonce: _SIGNER.headers(c, "WS", "/v1/ws", nonce.encode()), core.stats,
-            api_error=lambda status, code, message: ApiError(status, code, message),
-            unavailable=ClusterUnavailable, connect_timeout_s=core.timeout_s,
-            idle_timeout_s=idle_timeout_s, max_outage_s=max_outage_s,
-            backoff_s=core.backoff_s))
+        return self._subscription(
+            _Stream(
+                core.urls,
+                channel,
+                tracker,
+                creds,
+                lambda c, nonce: _SIGNER.headers(c, "WS", "/v1/ws", nonce.encode()),
+                core.stats,
+                api_error=lambda status, code, message: ApiError(status, code, message),
+                unavailable=ClusterUnavailable,
+                connect_timeout_s=core.timeout_s,
+                idle_timeout_s=idle_timeout_s,
+                max_outage_s=max_outage_s,
+                backoff_s=core.backoff_s,
+            )
+        )
 
-    def subscribe_book(self, market: str, *, idle_timeout_s: float = 15.0,
-                       max_outage_s: float | None = 60.0) -> Any:
+    def subscribe_book(
+        self, market: str, *, idle_timeout_s: float = 15.0, max_outage_s: float | None = 60.0
+    ) -> Any:
         """The market's order book, kept up to date over `/v1/ws` -> an iterator of `Book`.
 
         A `Book` comes after the snapshot, after every delta and when a heartbeat moves its
@@ -579,28 +711,45 @@ class _Api:
         nor one older than the last (`seq` never goes back). `ClusterUnavailable` when no node
         served it for `max_outage_s` (None: keep trying); `ApiError` for an unknown market.
         """
-        return self._stream("book:" + market, _BookTracker(market, self._core.stats), None,
-                            idle_timeout_s, max_outage_s)
+        return self._stream(
+            "book:" + market,
+            _BookTracker(market, self._core.stats),
+            None,
+            idle_timeout_s,
+            max_outage_s,
+        )
 
-    def subscribe_trades(self, market: str, *, idle_timeout_s: float = 15.0,
-                         max_outage_s: float | None = 60.0) -> Any:
+    def subscribe_trades(
+        self, market: str, *, idle_timeout_s: float = 15.0, max_outage_s: float | None = 60.0
+    ) -> Any:
         """The market's trades (dicts, in `seq` order, each once) -> an iterator; a `Gap` item
         marks where trades may have been missed across a reconnection."""
-        return self._stream("trades:" + market, _EventTracker("trades:" + market,
-                                                              self._core.stats),
-                            None, idle_timeout_s, max_outage_s)
+        return self._stream(
+            "trades:" + market,
+            _EventTracker("trades:" + market, self._core.stats),
+            None,
+            idle_timeout_s,
+            max_outage_s,
+        )
 
-    def subscribe_orders(self, *, idle_timeout_s: float = 15.0,
-                         max_outage_s: float | None = 60.0) -> Any:
+    def subscribe_orders(
+        self, *, idle_timeout_s: float = 15.0, max_outage_s: float | None = 60.0
+    ) -> Any:
         """The caller's order events and fills (the private `orders` channel, authenticated
         with the client's key) -> an iterator of dicts and `Gap`s, like `subscribe_trades`."""
         if self._core.creds is None:
             raise ValueError("the orders channel needs credentials")
-        return self._stream("orders", _EventTracker("orders", self._core.stats),
-                            self._core.creds, idle_timeout_s, max_outage_s)
+        return self._stream(
+            "orders",
+            _EventTracker("orders", self._core.stats),
+            self._core.creds,
+            idle_timeout_s,
+            max_outage_s,
+        )
 
 
 # ---------------------------------------------------------------------- the two drivers
+
 
 class Client(_Api):
     """Synchronous SDK client; one may be shared between threads.
@@ -609,12 +758,20 @@ class Client(_Api):
     account. `timeout_s` bounds one HTTP attempt, `deadline_s` one call with all its retries.
     """
 
-    def __init__(self, urls: list[str], creds: Credentials | None, *, timeout_s: float = 3.0,
-                 deadline_s: float = 15.0, transport: httpx.BaseTransport | None = None,
-                 verify: Any = True) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        creds: Credentials | None,
+        *,
+        timeout_s: float = 3.0,
+        deadline_s: float = 15.0,
+        transport: httpx.BaseTransport | None = None,
+        verify: Any = True,
+    ) -> None:
         self._core = _Core(urls, creds, timeout_s=timeout_s, deadline_s=deadline_s)
-        self._http = httpx.Client(transport=transport, timeout=timeout_s,
-                                  verify=tls_context(verify))
+        self._http = httpx.Client(
+            transport=transport, timeout=timeout_s, verify=tls_context(verify)
+        )
         self._ssl = _ssl_context(verify)
 
     def _subscription(self, stream: _Stream) -> Subscription:
@@ -630,8 +787,13 @@ class Client(_Api):
                     answer = None
                     continue
                 try:
-                    answer = self._http.request(step.method, step.url, content=step.body,
-                                                headers=step.headers, timeout=step.timeout_s)
+                    answer = self._http.request(
+                        step.method,
+                        step.url,
+                        content=step.body,
+                        headers=step.headers,
+                        timeout=step.timeout_s,
+                    )
                 except httpx.HTTPError as exc:
                     answer = exc
         except StopIteration as stop:
@@ -653,12 +815,20 @@ class AsyncClient(_Api):
     One client may serve many tasks (they share its connection pool and known leader).
     """
 
-    def __init__(self, urls: list[str], creds: Credentials | None, *, timeout_s: float = 3.0,
-                 deadline_s: float = 15.0,
-                 transport: httpx.AsyncBaseTransport | None = None, verify: Any = True) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        creds: Credentials | None,
+        *,
+        timeout_s: float = 3.0,
+        deadline_s: float = 15.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        verify: Any = True,
+    ) -> None:
         self._core = _Core(urls, creds, timeout_s=timeout_s, deadline_s=deadline_s)
-        self._http = httpx.AsyncClient(transport=transport, timeout=timeout_s,
-                                       verify=tls_context(verify))
+        self._http = httpx.AsyncClient(
+            transport=transport, timeout=timeout_s, verify=tls_context(verify)
+        )
         self._ssl = _ssl_context(verify)
 
     def _subscription(self, stream: _Stream) -> AsyncSubscription:
@@ -675,8 +845,13 @@ class AsyncClient(_Api):
                     answer = None
                     continue
                 try:
-                    answer = await self._http.request(step.method, step.url, content=step.body,
-                                                      headers=step.headers, timeout=step.timeout_s)
+                    answer = await self._http.request(
+                        step.method,
+                        step.url,
+                        content=step.body,
+                        headers=step.headers,
+                        timeout=step.timeout_s,
+                    )
                 except httpx.HTTPError as exc:
                     answer = exc
         except StopIteration as stop:
@@ -694,9 +869,11 @@ class AsyncClient(_Api):
 
 # ---------------------------------------------------------------------- operators
 
+
 class AdminClient:
-    def __init__(self, urls: list[str], creds: Credentials, *, timeout_s: float = 10.0,
-                 verify: Any = True) -> None:
+    def __init__(
+        self, urls: list[str], creds: Credentials, *, timeout_s: float = 10.0, verify: Any = True
+    ) -> None:
         self.urls = list(urls)
         self.creds = creds
         self.timeout_s = timeout_s
@@ -736,9 +913,12 @@ class AdminClient:
             attempt += 1
             try:
                 response = self._http.post(
-                    url + path, content=body,
-                    headers={"Content-Type": "application/json",
-                             **_SIGNER.headers(self.creds, "POST", path, body)},
+                    url + path,
+                    content=body,
+                    headers={
+                        "Content-Type": "application/json",
+                        **_SIGNER.headers(self.creds, "POST", path, body),
+                    },
                 )
             except httpx.HTTPError:
                 response = None
@@ -753,8 +933,10 @@ class AdminClient:
                     return loads(response.content)
                 if response.status_code not in (503, 307):
                     raise httpx.HTTPStatusError(
-                        f"{response.status_code}: {response.text}", request=response.request,
-                        response=response)
+                        f"{response.status_code}: {response.text}",
+                        request=response.request,
+                        response=response,
+                    )
             if time.monotonic() > deadline:
                 raise ClusterUnavailable(f"no leader answered {path} within {deadline_s} s")
             if attempt % len(candidates) == 0:
@@ -771,14 +953,16 @@ class AdminClient:
         response.raise_for_status()
         return loads(response.content)
 
-    def create_key(self, account: str, role: str = "trader", *, deadline_s: float = 15.0
-                   ) -> Credentials:
+    def create_key(
+        self, account: str, role: str = "trader", *, deadline_s: float = 15.0
+    ) -> Credentials:
         """Create an API key for `account`; the secret is only returned here."""
         raw = self._post("/v1/admin/keys", {"account": account, "role": role}, deadline_s)
         return Credentials(raw["key_id"], raw["secret"], raw["role"], raw["account"])
 
-    def change_membership(self, action: str, node_id: str, raft_addr: str, api_url: str,
-                          *, deadline_s: float = 30.0) -> dict:
+    def change_membership(
+        self, action: str, node_id: str, raft_addr: str, api_url: str, *, deadline_s: float = 30.0
+    ) -> dict:
         """Add or remove one member; returns the leader's status once the change is committed
         (`change`: "added"/"removed", or "unchanged" if it already held, which makes a retry
         after an unknown outcome safe). While another change is uncommitted the leader answers
@@ -787,11 +971,14 @@ class AdminClient:
         deadline = time.monotonic() + deadline_s
         while True:
             try:
-                return self._post("/v1/admin/members", payload,
-                                  max(0.1, deadline - time.monotonic()))
+                return self._post(
+                    "/v1/admin/members", payload, max(0.1, deadline - time.monotonic())
+                )
             except httpx.HTTPStatusError as exc:
-                busy = exc.response.status_code == 409 and \
-                    b"membership_change_in_progress" in exc.response.content
+                busy = (
+                    exc.response.status_code == 409
+                    and b"membership_change_in_progress" in exc.response.content
+                )
                 if not busy or time.monotonic() > deadline:
                     raise
             time.sleep(0.1)

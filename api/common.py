@@ -14,8 +14,9 @@ from .rate_limit import RateLimiter
 
 
 def json_response(value: Any, status: int = 200, headers: dict | None = None) -> Response:
-    return Response(dumps(value), status=status, content_type="application/json",
-                    headers=headers or {})
+    return Response(
+        dumps(value), status=status, content_type="application/json", headers=headers or {}
+    )
 
 
 def error(status: int, code: str, message: str, headers: dict | None = None) -> Response:
@@ -24,22 +25,30 @@ def error(status: int, code: str, message: str, headers: dict | None = None) -> 
 
 def rate_limited_body(retry_after_s: int) -> dict:
     """The 429 body (REST and WebSocket): this key's token bucket is empty, nothing applied."""
-    return {"error": {"code": "rate_limited",
-                      "message": f"too many requests for this key; retry after {retry_after_s} s "
-                                 "(nothing was applied)",
-                      "retry_after_s": retry_after_s}}
+    return {
+        "error": {
+            "code": "rate_limited",
+            "message": f"too many requests for this key; retry after {retry_after_s} s "
+            "(nothing was applied)",
+            "retry_after_s": retry_after_s,
+        }
+    }
 
 
 def rate_limited(retry_after_s: int) -> Response:
-    return json_response(rate_limited_body(retry_after_s), 429,
-                         {"Retry-After": str(retry_after_s)})
+    return json_response(rate_limited_body(retry_after_s), 429, {"Retry-After": str(retry_after_s)})
 
 
 class Http:
     """Request helpers bound to one node and its key verifier."""
 
-    def __init__(self, node: NodePort, verifier: Verifier, limiter: RateLimiter | None = None,
-                 limited: Any = None) -> None:
+    def __init__(
+        self,
+        node: NodePort,
+        verifier: Verifier,
+        limiter: RateLimiter | None = None,
+        limited: Any = None,
+    ) -> None:
         self.node = node
         self.verifier = verifier
         self.limiter = limiter
@@ -51,8 +60,9 @@ class Http:
         if url is None:
             return error(503, "no_leader", "no leader elected yet; retry", {"Retry-After": "1"})
         location = url + request.full_path.rstrip("?")
-        return error(307, "not_leader", "writes go to the leader",
-                     {"Location": location, "X-Leader": url})
+        return error(
+            307, "not_leader", "writes go to the leader", {"Location": location, "X-Leader": url}
+        )
 
     async def caller(self, role: str) -> Credentials | Response:
         """The signed caller holding a `role` key, or the 401/403/429 (or redirect) to answer.

@@ -19,8 +19,22 @@ from prometheus_client.registry import Collector
 from .port import NodePort
 
 ROLES = ("leader", "follower", "candidate")
-HTTP_LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                          2.5, 5.0, 10.0)
+HTTP_LATENCY_BUCKETS_S = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -32,24 +46,36 @@ class _NodeCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         health = self.node.health()
-        role = GaugeMetricFamily("qb_raft_role", "1 for this node's current Raft role",
-                                 labels=["role"])
+        role = GaugeMetricFamily(
+            "qb_raft_role", "1 for this node's current Raft role", labels=["role"]
+        )
         for name in ROLES:
             role.add_metric([name], 1.0 if health["role"] == name else 0.0)
         yield role
         known = health["leader"] is not None and health["leader_connected"]
-        yield GaugeMetricFamily("qb_raft_leader_known",
-                                "1 when this node leads, or follows a leader it is linked to",
-                                value=1.0 if known else 0.0)
-        for key, doc in (("term", "current Raft term"),
-                         ("commit_index", "highest Raft log index known to be committed"),
-                         ("applied_index", "highest Raft log index applied here"),
-                         ("cmd_index", "commands applied to this node's state machine")):
-            yield GaugeMetricFamily(f"qb_raft_{key}" if key != "cmd_index" else "qb_cmd_index",
-                                    doc, value=float(health[key]))
-        for name, doc in (("qb_commit_latency_seconds",
-                           "time from proposing a batch to its commit and apply on the leader"),
-                          ("qb_batch_size_entries", "log entries (commands) per proposed batch")):
+        yield GaugeMetricFamily(
+            "qb_raft_leader_known",
+            "1 when this node leads, or follows a leader it is linked to",
+            value=1.0 if known else 0.0,
+        )
+        for key, doc in (
+            ("term", "current Raft term"),
+            ("commit_index", "highest Raft log index known to be committed"),
+            ("applied_index", "highest Raft log index applied here"),
+            ("cmd_index", "commands applied to this node's state machine"),
+        ):
+            yield GaugeMetricFamily(
+                f"qb_raft_{key}" if key != "cmd_index" else "qb_cmd_index",
+                doc,
+                value=float(health[key]),
+            )
+        for name, doc in (
+            (
+                "qb_commit_latency_seconds",
+                "time from proposing a batch to its commit and apply on the leader",
+            ),
+            ("qb_batch_size_entries", "log entries (commands) per proposed batch"),
+        ):
             figures = self.node.histograms()[name]
             buckets = [(_le(bound), float(count)) for bound, count in figures["buckets"]]
             buckets.append(("+Inf", float(figures["count"])))
@@ -65,13 +91,25 @@ class Metrics:
 
     def __init__(self, node: NodePort) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.requests = Counter("qb_http_requests", "HTTP requests answered",
-                                ["route", "method", "status"], registry=self.registry)
-        self.latency = Histogram("qb_http_request_duration_seconds",
-                                 "time to answer an HTTP request", ["route", "method"],
-                                 buckets=HTTP_LATENCY_BUCKETS_S, registry=self.registry)
-        self.rate_limited = Counter("qb_rate_limited", "requests refused with 429 rate_limited",
-                                    ["role"], registry=self.registry)
+        self.requests = Counter(
+            "qb_http_requests",
+            "HTTP requests answered",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "qb_http_request_duration_seconds",
+            "time to answer an HTTP request",
+            ["route", "method"],
+            buckets=HTTP_LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "qb_rate_limited",
+            "requests refused with 429 rate_limited",
+            ["role"],
+            registry=self.registry,
+        )
         self.registry.register(_NodeCollector(node))
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:

@@ -62,8 +62,13 @@ def array(items: Schema, **extra: Any) -> Schema:
     return {"type": "array", "items": items, **extra}
 
 
-def obj(properties: dict[str, Schema], required: tuple[str, ...] = (), *, closed: bool = False,
-        **extra: Any) -> Schema:
+def obj(
+    properties: dict[str, Schema],
+    required: tuple[str, ...] = (),
+    *,
+    closed: bool = False,
+    **extra: Any,
+) -> Schema:
     """An object; `closed`: other fields are refused (request bodies the state machine checks)."""
     schema: Schema = {"type": "object", "properties": properties, **extra}
     if required:
@@ -75,8 +80,9 @@ def obj(properties: dict[str, Schema], required: tuple[str, ...] = (), *, closed
 
 # --------------------------------------------------------------------------- components
 
-ACCOUNT_ID = string(ACCOUNT, description="`[A-Za-z0-9_.:-]{1,64}`, not starting with `_`",
-                    examples=["alice"])
+ACCOUNT_ID = string(
+    ACCOUNT, description="`[A-Za-z0-9_.:-]{1,64}`, not starting with `_`", examples=["alice"]
+)
 ASSET_ID = string(ASSET, examples=["USD"])
 MARKET_ID = string(MARKET, examples=["BTC-USD"])
 TOKEN_ID = string(TOKEN, description="printable ASCII, 1-64 characters, no space at either end")
@@ -90,90 +96,200 @@ ORDER_REF = {"order_id": ORDER_ID, "client_order_id": TOKEN_ID}
 
 SCHEMAS: dict[str, Schema] = {
     "Error": obj(
-        {"error": obj({"code": string(), "message": string(),
-                       "order_id": integer(description="duplicate_client_order_id: the first order"),
-                       "retry_after_s": integer(1, description="429: seconds to wait")},
-                      ("code", "message")),
-         "seq": integer(description="a state-machine rejection: the `rejected` event's seq")},
+        {
+            "error": obj(
+                {
+                    "code": string(),
+                    "message": string(),
+                    "order_id": integer(description="duplicate_client_order_id: the first order"),
+                    "retry_after_s": integer(1, description="429: seconds to wait"),
+                },
+                ("code", "message"),
+            ),
+            "seq": integer(description="a state-machine rejection: the `rejected` event's seq"),
+        },
         ("error",),
-        description='Every error: `{"error": {"code", "message"}}`.'),
+        description='Every error: `{"error": {"code", "message"}}`.',
+    ),
     "Event": obj(
-        {"type": enum("market_created", "balance", "accepted", "rejected", "trade", "cancelled",
-                      "amended", "filled", "book"),
-         "seq": SEQ, "ts": integer(0, description="ns, stamped by the leader"),
-         "cmd_index": integer(1)},
+        {
+            "type": enum(
+                "market_created",
+                "balance",
+                "accepted",
+                "rejected",
+                "trade",
+                "cancelled",
+                "amended",
+                "filled",
+                "book",
+            ),
+            "seq": SEQ,
+            "ts": integer(0, description="ns, stamped by the leader"),
+            "cmd_index": integer(1),
+        },
         ("type", "seq", "ts", "cmd_index"),
-        description="A state-machine event (docs/reference/state-machine.md \"Events\"), as "
-                    "the caller may see it: the other party's account and fee are left out."),
-    "CommandResult": obj({"seq": SEQ, "events": array(ref("Event"), minItems=1)},
-                         ("seq", "events")),
-    "OrderResult": {"allOf": [ref("CommandResult"), obj(
-        {"order_id": ORDER_ID, "client_order_id": nullable(TOKEN_ID),
-         "status": enum("resting", "filled", "cancelled"), "filled_qty": integer(0),
-         "trades": array(ref("Event"))},
-        ("order_id", "client_order_id", "status", "filled_qty", "trades"))]},
-    "BatchResult": {"allOf": [
-        obj({"http_status": integer(200, 599)}, ("http_status",)),
-        {"anyOf": [ref("OrderResult"), ref("Error")]}]},
+        description='A state-machine event (docs/reference/state-machine.md "Events"), as '
+        "the caller may see it: the other party's account and fee are left out.",
+    ),
+    "CommandResult": obj(
+        {"seq": SEQ, "events": array(ref("Event"), minItems=1)}, ("seq", "events")
+    ),
+    "OrderResult": {
+        "allOf": [
+            ref("CommandResult"),
+            obj(
+                {
+                    "order_id": ORDER_ID,
+                    "client_order_id": nullable(TOKEN_ID),
+                    "status": enum("resting", "filled", "cancelled"),
+                    "filled_qty": integer(0),
+                    "trades": array(ref("Event")),
+                },
+                ("order_id", "client_order_id", "status", "filled_qty", "trades"),
+            ),
+        ]
+    },
+    "BatchResult": {
+        "allOf": [
+            obj({"http_status": integer(200, 599)}, ("http_status",)),
+            {"anyOf": [ref("OrderResult"), ref("Error")]},
+        ]
+    },
     "Order": obj(
-        {"order_id": ORDER_ID, "client_order_id": nullable(TOKEN_ID), "account": ACCOUNT_ID,
-         "market": MARKET_ID, "side": enum("buy", "sell"), "price": PRICE,
-         "remaining": integer(0), "filled": integer(0), "original": QTY,
-         "tif": enum("gtc", "ioc", "fok", "post_only"),
-         "stp": enum("cancel_taker", "cancel_maker", "cancel_both", "none")},
-        ("order_id", "client_order_id", "account", "market", "side", "price", "remaining",
-         "filled", "original", "tif", "stp")),
+        {
+            "order_id": ORDER_ID,
+            "client_order_id": nullable(TOKEN_ID),
+            "account": ACCOUNT_ID,
+            "market": MARKET_ID,
+            "side": enum("buy", "sell"),
+            "price": PRICE,
+            "remaining": integer(0),
+            "filled": integer(0),
+            "original": QTY,
+            "tif": enum("gtc", "ioc", "fok", "post_only"),
+            "stp": enum("cancel_taker", "cancel_maker", "cancel_both", "none"),
+        },
+        (
+            "order_id",
+            "client_order_id",
+            "account",
+            "market",
+            "side",
+            "price",
+            "remaining",
+            "filled",
+            "original",
+            "tif",
+            "stp",
+        ),
+    ),
     "OpenOrder": {"allOf": [ref("Order"), obj({"status": enum("open")}, ("status",))]},
-    "OrderLookup": {"anyOf": [
-        ref("OpenOrder"),
-        obj({"status": enum("done"), "client_order_id": TOKEN_ID, "order_id": ORDER_ID},
-            ("status", "client_order_id", "order_id")),
-        obj({"status": enum("unknown"), "client_order_id": string()},
-            ("status", "client_order_id"))]},
+    "OrderLookup": {
+        "anyOf": [
+            ref("OpenOrder"),
+            obj(
+                {"status": enum("done"), "client_order_id": TOKEN_ID, "order_id": ORDER_ID},
+                ("status", "client_order_id", "order_id"),
+            ),
+            obj(
+                {"status": enum("unknown"), "client_order_id": string()},
+                ("status", "client_order_id"),
+            ),
+        ]
+    },
     "Market": obj(
-        {"market": MARKET_ID, "base": ASSET_ID, "quote": ASSET_ID, "lot_size": integer(1),
-         "tick_size": integer(1), "maker_fee_bps": integer(0, 1000),
-         "taker_fee_bps": integer(0, 1000)},
-        ("market", "base", "quote", "lot_size", "tick_size", "maker_fee_bps", "taker_fee_bps")),
+        {
+            "market": MARKET_ID,
+            "base": ASSET_ID,
+            "quote": ASSET_ID,
+            "lot_size": integer(1),
+            "tick_size": integer(1),
+            "maker_fee_bps": integer(0, 1000),
+            "taker_fee_bps": integer(0, 1000),
+        },
+        ("market", "base", "quote", "lot_size", "tick_size", "maker_fee_bps", "taker_fee_bps"),
+    ),
     "Level": array(integer(1), minItems=2, maxItems=2, description="[price, qty]"),
-    "Balance": obj({"asset": ASSET_ID, "available": integer(0), "reserved": integer(0)},
-                   ("asset", "available", "reserved")),
+    "Balance": obj(
+        {"asset": ASSET_ID, "available": integer(0), "reserved": integer(0)},
+        ("asset", "available", "reserved"),
+    ),
     "NodeStatus": obj(
-        {"node_id": string(), "role": string(), "leader": nullable(string()),
-         "term": integer(0), "commit_index": integer(0), "applied_index": integer(0),
-         "cmd_index": integer(0), "state_hash": string(), "peers": array(obj({}))},
+        {
+            "node_id": string(),
+            "role": string(),
+            "leader": nullable(string()),
+            "term": integer(0),
+            "commit_index": integer(0),
+            "applied_index": integer(0),
+            "cmd_index": integer(0),
+            "state_hash": string(),
+            "peers": array(obj({})),
+        },
         ("node_id", "role", "leader", "term", "commit_index", "applied_index", "cmd_index"),
-        description='DESIGN.md "Node status"'),
+        description='DESIGN.md "Node status"',
+    ),
     # Request bodies: the fields of the state-machine command (op, ts and account are the node's).
     "OrderRequest": obj(
-        {"market": MARKET_ID, "side": enum("buy", "sell"), "type": enum("limit", "market"),
-         "qty": QTY, "price": {**PRICE, "description": "limit orders only, and required there"},
-         "tif": enum("gtc", "ioc", "fok", "post_only", default="gtc"),
-         "client_order_id": TOKEN_ID,
-         "stp": enum("cancel_taker", "cancel_maker", "cancel_both", "none",
-                     default="cancel_taker")},
-        ("market", "side", "type", "qty"), closed=True),
+        {
+            "market": MARKET_ID,
+            "side": enum("buy", "sell"),
+            "type": enum("limit", "market"),
+            "qty": QTY,
+            "price": {**PRICE, "description": "limit orders only, and required there"},
+            "tif": enum("gtc", "ioc", "fok", "post_only", default="gtc"),
+            "client_order_id": TOKEN_ID,
+            "stp": enum(
+                "cancel_taker", "cancel_maker", "cancel_both", "none", default="cancel_taker"
+            ),
+        },
+        ("market", "side", "type", "qty"),
+        closed=True,
+    ),
     # In a batch, an order the state machine refuses gets its error in its own result: the
     # batch itself refuses only a non-object or an order that sets a field the node sets.
-    "BatchOrder": {"anyOf": [ref("OrderRequest"), obj({})],
-                   "not": {"anyOf": [{"required": [f]} for f in ("op", "ts", "account")]}},
-    "CancelRequest": {**obj({"market": MARKET_ID, **ORDER_REF}, ("market",), closed=True),
-                      "oneOf": [{"required": ["order_id"]}, {"required": ["client_order_id"]}]},
-    "AmendRequest": {**obj({"market": MARKET_ID, **ORDER_REF, "price": PRICE, "qty": QTY},
-                           ("market",), closed=True),
-                     "oneOf": [{"required": ["order_id"]}, {"required": ["client_order_id"]}],
-                     "anyOf": [{"required": ["price"]}, {"required": ["qty"]}]},
+    "BatchOrder": {
+        "anyOf": [ref("OrderRequest"), obj({})],
+        "not": {"anyOf": [{"required": [f]} for f in ("op", "ts", "account")]},
+    },
+    "CancelRequest": {
+        **obj({"market": MARKET_ID, **ORDER_REF}, ("market",), closed=True),
+        "oneOf": [{"required": ["order_id"]}, {"required": ["client_order_id"]}],
+    },
+    "AmendRequest": {
+        **obj(
+            {"market": MARKET_ID, **ORDER_REF, "price": PRICE, "qty": QTY}, ("market",), closed=True
+        ),
+        "oneOf": [{"required": ["order_id"]}, {"required": ["client_order_id"]}],
+        "anyOf": [{"required": ["price"]}, {"required": ["qty"]}],
+    },
     "CancelAllRequest": obj({"market": MARKET_ID}, closed=True),
     "CreateMarketRequest": obj(
-        {"market": MARKET_ID, "base": ASSET_ID, "quote": ASSET_ID,
-         "lot_size": integer(1, 2**62), "tick_size": integer(1, 2**62),
-         "maker_fee_bps": integer(0, 1000), "taker_fee_bps": integer(0, 1000)},
+        {
+            "market": MARKET_ID,
+            "base": ASSET_ID,
+            "quote": ASSET_ID,
+            "lot_size": integer(1, 2**62),
+            "tick_size": integer(1, 2**62),
+            "maker_fee_bps": integer(0, 1000),
+            "taker_fee_bps": integer(0, 1000),
+        },
         ("market", "base", "quote", "lot_size", "tick_size", "maker_fee_bps", "taker_fee_bps"),
-        closed=True),
+        closed=True,
+    ),
     "MoneyRequest": obj(
-        {"asset": ASSET_ID, "amount": AMOUNT,
-         "ref": {**TOKEN_ID, "description": "idempotency key shared by deposits and withdrawals"}},
-        ("asset", "amount", "ref"), closed=True),
+        {
+            "asset": ASSET_ID,
+            "amount": AMOUNT,
+            "ref": {
+                **TOKEN_ID,
+                "description": "idempotency key shared by deposits and withdrawals",
+            },
+        },
+        ("asset", "amount", "ref"),
+        closed=True,
+    ),
 }
 
 # --------------------------------------------------------------------------- errors
@@ -189,19 +305,34 @@ ANY_REASON = ("*",)  # any rejection reason of the state machine (not listed her
 REJECTION_STATUS = {  # api/trading.py REASON_STATUS; any other reason is a 400
     404: ("unknown_market", "unknown_order"),
     409: ("duplicate_client_order_id", "duplicate_ref", "market_exists"),
-    422: ("insufficient_funds", "post_only_would_cross", "fok_unfillable", "no_open_orders",
-          "no_change"),
+    422: (
+        "insufficient_funds",
+        "post_only_would_cross",
+        "fok_unfillable",
+        "no_open_orders",
+        "no_change",
+    ),
 }
 
 TRAIT_ERRORS: dict[str, dict[int, tuple[str, ...]]] = {
-    SIGNED: {401: ("unauthenticated", "expired", "replayed"), 403: ("forbidden",),
-             413: ("request_entity_too_large",), 429: ("rate_limited",),
-             307: ("not_leader",), 503: ("no_leader",)},
+    SIGNED: {
+        401: ("unauthenticated", "expired", "replayed"),
+        403: ("forbidden",),
+        413: ("request_entity_too_large",),
+        429: ("rate_limited",),
+        307: ("not_leader",),
+        503: ("no_leader",),
+    },
     LEADER: {307: ("not_leader",), 503: ("no_leader", "overloaded")},
-    READ: {400: ("bad_consistency",), 307: ("not_leader",),
-           503: ("no_leader", "no_quorum", "overloaded")},
-    BODY: {400: ("malformed_json", "bad_request", "field_not_allowed"),
-           413: ("request_entity_too_large",)},
+    READ: {
+        400: ("bad_consistency",),
+        307: ("not_leader",),
+        503: ("no_leader", "no_quorum", "overloaded"),
+    },
+    BODY: {
+        400: ("malformed_json", "bad_request", "field_not_allowed"),
+        413: ("request_entity_too_large",),
+    },
     COMMAND: {400: ANY_REASON, 503: ("outcome_unknown",), **REJECTION_STATUS},
 }
 # Every route can answer these (werkzeug's own errors through the app's error handler).
@@ -209,11 +340,11 @@ ALWAYS_ERRORS: dict[int, tuple[str, ...]] = {404: ("not_found",)}
 
 STATUS_TEXT = {
     307: "Not the leader: the same request goes to `Location` (the leader's URL is also in "
-         "`X-Leader`).",
+    "`X-Leader`).",
     400: "The request is malformed or the state machine rejected the command (its reason is "
-         "the code: docs/reference/state-machine.md \"Rejection reasons\"); nothing changed.",
+    'the code: docs/reference/state-machine.md "Rejection reasons"); nothing changed.',
     401: f"Missing or bad signature, a timestamp more than {WINDOW_MS} ms off (`expired`), or a "
-         "signature already seen (`replayed`).",
+    "signature already seen (`replayed`).",
     403: "The key's role cannot use this route.",
     404: "No such route, market or open order.",
     409: "Already done: a `client_order_id`, `ref` or market used before; nothing changed.",
@@ -221,7 +352,7 @@ STATUS_TEXT = {
     422: "Valid, but not possible now (funds, the book); nothing changed.",
     429: "This key is over its rate limit; retry after `Retry-After` seconds. Nothing happened.",
     503: "No leader, no quorum, the node's queue is full (`overloaded`: nothing applied), or "
-         "the outcome is unknown (`outcome_unknown`: resend the same command to settle it).",
+    "the outcome is unknown (`outcome_unknown`: resend the same command to settle it).",
 }
 STATUS_HEADERS = {
     307: {"Location": "the same path and query on the leader", "X-Leader": "the leader's API URL"},
@@ -239,8 +370,10 @@ def error_response(status: int, codes: tuple[str, ...]) -> Schema:
     schema = ref("Error")
     if not set(ANY_REASON) & set(codes):
         schema = {"allOf": [schema, obj({"error": obj({"code": enum(*codes)})})]}
-    response: Schema = {"description": STATUS_TEXT[status],
-                        "content": {"application/json": {"schema": schema}}}
+    response: Schema = {
+        "description": STATUS_TEXT[status],
+        "content": {"application/json": {"schema": schema}},
+    }
     if status in STATUS_HEADERS:
         response["headers"] = {name: header(text) for name, text in STATUS_HEADERS[status].items()}
     return response
@@ -253,31 +386,48 @@ def _errors(traits: tuple[str, ...], extra: dict[int, tuple[str, ...]]) -> dict[
         for status, names in table.items():
             listed = codes.setdefault(status, [])
             listed += [n for n in names if n not in listed]
-    return {str(status): error_response(status, tuple(names))
-            for status, names in sorted(codes.items())}
+    return {
+        str(status): error_response(status, tuple(names)) for status, names in sorted(codes.items())
+    }
 
 
 # --------------------------------------------------------------------------- operations
+
 
 def json_content(schema: Schema) -> Schema:
     return {"application/json": {"schema": schema}}
 
 
 def query(name: str, schema: Schema, description: str) -> Schema:
-    return {"name": name, "in": "query", "required": False, "schema": schema,
-            "description": description}
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
 
 
 def path_param(name: str, schema: Schema, example: Any, description: str = "") -> Schema:
-    return {"name": name, "in": "path", "required": True, "schema": schema,
-            "description": description, "example": example}
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "schema": schema,
+        "description": description,
+        "example": example,
+    }
 
 
-CONSISTENCY = query("consistency", enum("linearizable", "stale", default="linearizable"),
-                    "`linearizable` (the leader, after a read barrier) or `stale` (any node, "
-                    "from its applied state; `X-QB-Seq` says which seq it reflects)")
-MARKET_PARAM = path_param("market", MARKET_ID, "BTC-USD",
-                          'percent-encoded: a market name may hold "/"')
+CONSISTENCY = query(
+    "consistency",
+    enum("linearizable", "stale", default="linearizable"),
+    "`linearizable` (the leader, after a read barrier) or `stale` (any node, "
+    "from its applied state; `X-QB-Seq` says which seq it reflects)",
+)
+MARKET_PARAM = path_param(
+    "market", MARKET_ID, "BTC-USD", 'percent-encoded: a market name may hold "/"'
+)
 READ_HEADERS = {
     "X-QB-Seq": header("the seq of the state this answer reflects", integer(0)),
     "X-QB-Consistency": header("linearizable or stale", enum("linearizable", "stale")),
@@ -285,11 +435,20 @@ READ_HEADERS = {
 SECURITY = [{"QbKey": [], "QbTimestamp": [], "QbSignature": []}]
 
 
-def operation(summary: str, tag: str, *, role: str | None = None, traits: tuple[str, ...] = (),
-              ok: tuple[int, str, Schema], body: Schema | None = None,
-              params: tuple[Schema, ...] = (), errors: dict[int, tuple[str, ...]] | None = None,
-              description: str = "", media_type: str = "application/json",
-              example: Any = None) -> Schema:
+def operation(
+    summary: str,
+    tag: str,
+    *,
+    role: str | None = None,
+    traits: tuple[str, ...] = (),
+    ok: tuple[int, str, Schema],
+    body: Schema | None = None,
+    params: tuple[Schema, ...] = (),
+    errors: dict[int, tuple[str, ...]] | None = None,
+    description: str = "",
+    media_type: str = "application/json",
+    example: Any = None,
+) -> Schema:
     """One operation. `role`: the key it must be signed with (admin or trader), else public;
     `ok`: (status, description, schema) of the success answer; `example`: a request body."""
     status, ok_text, ok_schema = ok
@@ -302,8 +461,12 @@ def operation(summary: str, tag: str, *, role: str | None = None, traits: tuple[
     success: Schema = {"description": ok_text, "content": {media_type: {"schema": ok_schema}}}
     if READ in traits:
         success["headers"] = READ_HEADERS
-    op: Schema = {"summary": summary, "tags": [tag], "operationId": _operation_id(summary),
-                  "responses": {str(status): success, **_errors(traits, errors or {})}}
+    op: Schema = {
+        "summary": summary,
+        "tags": [tag],
+        "operationId": _operation_id(summary),
+        "responses": {str(status): success, **_errors(traits, errors or {})},
+    }
     if description:
         op["description"] = description
     if params:
@@ -330,185 +493,464 @@ WRITE_TEXT = "committed; the command's events (the caller's view)"
 
 PATHS: dict[str, dict[str, Schema]] = {
     # ----------------------------------------------------------- health and cluster
-    "/healthz": {"get": operation(
-        "Liveness", "cluster",
-        ok=(200, "the node's API is up", obj({"ok": {"const": True}, "node_id": string()},
-                                              ("ok", "node_id"))))},
-    "/readyz": {"get": operation(
-        "Readiness", "cluster",
-        errors={503: ("not_ready",)},
-        description="Ready: a leader is known (this node leads, or follows it over a live "
-                    "link) and this node has applied the log to within "
-                    "`ready_max_lag_entries` of the commit index.",
-        ok=(200, "this node can serve", obj(
-            {"ready": {"const": True}, "node_id": string(), "role": string(),
-             "leader": nullable(string()), "lag_entries": integer()},
-            ("ready", "node_id", "role", "leader", "lag_entries"))))},
-    "/metrics": {"get": operation(
-        "Prometheus metrics", "cluster", media_type="text/plain",
-        ok=(200, "the Prometheus text format", string()))},
-    "/v1/cluster/status": {"get": operation(
-        "Node status", "cluster", ok=(200, "this node's view of the cluster", ref("NodeStatus")))},
-    PATH: {"get": operation(
-        "OpenAPI document", "cluster", ok=(200, "this document", obj({}, ("openapi", "paths"))))},
+    "/healthz": {
+        "get": operation(
+            "Liveness",
+            "cluster",
+            ok=(
+                200,
+                "the node's API is up",
+                obj({"ok": {"const": True}, "node_id": string()}, ("ok", "node_id")),
+            ),
+        )
+    },
+    "/readyz": {
+        "get": operation(
+            "Readiness",
+            "cluster",
+            errors={503: ("not_ready",)},
+            description="Ready: a leader is known (this node leads, or follows it over a live "
+            "link) and this node has applied the log to within "
+            "`ready_max_lag_entries` of the commit index.",
+            ok=(
+                200,
+                "this node can serve",
+                obj(
+                    {
+                        "ready": {"const": True},
+                        "node_id": string(),
+                        "role": string(),
+                        "leader": nullable(string()),
+                        "lag_entries": integer(),
+                    },
+                    ("ready", "node_id", "role", "leader", "lag_entries"),
+                ),
+            ),
+        )
+    },
+    "/metrics": {
+        "get": operation(
+            "Prometheus metrics",
+            "cluster",
+            media_type="text/plain",
+            ok=(200, "the Prometheus text format", string()),
+        )
+    },
+    "/v1/cluster/status": {
+        "get": operation(
+            "Node status", "cluster", ok=(200, "this node's view of the cluster", ref("NodeStatus"))
+        )
+    },
+    PATH: {
+        "get": operation(
+            "OpenAPI document", "cluster", ok=(200, "this document", obj({}, ("openapi", "paths")))
+        )
+    },
     # ----------------------------------------------------------- admin
-    "/v1/admin/commands": {"post": operation(
-        "Submit commands", "admin", role="admin", traits=(LEADER,),
-        example={"commands": [DEPOSIT_EXAMPLE | {"op": "deposit", "account": "alice"}]},
-        body=obj({"commands": array({"description": "a state-machine command; anything but a "
-                                                    "map is rejected bad_command in its result"},
-                                    minItems=1, maxItems=1000)}, ("commands",)),
-        errors={400: ("wrong_type",), 413: ("too_many_commands",)},
-        description="Raw state-machine commands, committed together in one slot. A command the "
-                    "state machine rejects is a `rejected` event in its result, not an error.",
-        ok=(200, "each command's events, or the error that settled all of them", obj(
-            {"results": array({"anyOf": [
-                obj({"events": array(ref("Event"))}, ("events",)),
-                obj({"error": obj({"code": enum("not_leader", "outcome_unknown"),
-                                   "message": string(), "leader_url": nullable(string())},
-                                  ("code", "message"))}, ("error",))]}),
-             "elapsed_ms": {"type": "number"}},
-            ("results", "elapsed_ms"))))},
-    "/v1/admin/barrier": {"post": operation(
-        "Read barrier", "admin", role="admin", traits=(LEADER,),
-        errors={503: ("outcome_unknown",)},
-        ok=(200, "the leader's status once a no-op proposed now has committed",
-            ref("NodeStatus")))},
-    "/v1/admin/balances": {"get": operation(
-        "All balances", "admin", role="admin",
-        params=(query("account", string(), "only this account"),),
-        ok=(200, "this node's applied balances (a stale read)", obj(
-            {"node_id": string(), "cmd_index": integer(0),
-             "balances": array(obj({"account": string(), "asset": string(),
-                                    "available": integer(0), "reserved": integer(0)},
-                                   ("account", "asset", "available", "reserved")))},
-            ("node_id", "cmd_index", "balances"))))},
-    "/v1/admin/members": {"post": operation(
-        "Change membership", "admin", role="admin", traits=(LEADER,),
-        example={"action": "add", "id": "n4", "raft_addr": "127.0.0.1:7004",
-                 "api_url": "http://127.0.0.1:8004"},
-        body=obj({"action": enum("add", "remove"), "id": string(minLength=1),
-                  "raft_addr": string(minLength=1, examples=["127.0.0.1:7004"]),
-                  "api_url": string(minLength=1, examples=["http://127.0.0.1:8004"])},
-                 ("action", "id", "raft_addr", "api_url")),
-        description="One change at a time: answered once the change is committed; while "
-                    "another is uncommitted, 409 membership_change_in_progress with "
-                    "Retry-After (nothing changed). Asking for what already holds answers "
-                    "change: unchanged, so a retry is safe.",
-        errors={409: ("membership_change_in_progress", "membership_change_failed"),
-                503: ("outcome_unknown",)},
-        ok=(200, "the leader's status once the change is committed", {"allOf": [
-            ref("NodeStatus"),
-            obj({"change": enum("added", "removed", "unchanged")}, ("change",))]}))},
-    "/v1/admin/transfer-leader": {"post": operation(
-        "Transfer leadership", "admin", role="admin", traits=(LEADER,),
-        example={"to": "n2"},
-        body=obj({"to": string(description="a node id; absent: the most caught-up peer")}),
-        errors={409: ("transfer_failed",), 503: ("outcome_unknown",)},
-        ok=(200, "the hand-over was asked for",
-            obj({"requested": {"const": True}, "to": nullable(string())}, ("requested", "to"))))},
-    "/v1/admin/keys": {"post": operation(
-        "Create an API key", "admin", role="admin", traits=(LEADER,),
-        example={"account": "alice", "role": "trader"},
-        body=obj({"account": ACCOUNT_ID,
-                  "role": enum("trader", "admin", default="trader")}, ("account",)),
-        errors={400: ("bad_account",), 503: ("outcome_unknown",)},
-        description="The secret is shown once, here; the cluster stores only (key id, account, "
-                    "role).",
-        ok=(200, "the new key", obj({"key_id": string(), "secret": string(),
-                                     "account": string(), "role": enum("trader", "admin")},
-                                    ("key_id", "secret", "account", "role"))))},
+    "/v1/admin/commands": {
+        "post": operation(
+            "Submit commands",
+            "admin",
+            role="admin",
+            traits=(LEADER,),
+            example={"commands": [DEPOSIT_EXAMPLE | {"op": "deposit", "account": "alice"}]},
+            body=obj(
+                {
+                    "commands": array(
+                        {
+                            "description": "a state-machine command; anything but a "
+                            "map is rejected bad_command in its result"
+                        },
+                        minItems=1,
+                        maxItems=1000,
+                    )
+                },
+                ("commands",),
+            ),
+            errors={400: ("wrong_type",), 413: ("too_many_commands",)},
+            description="Raw state-machine commands, committed together in one slot. A command the "
+            "state machine rejects is a `rejected` event in its result, not an error.",
+            ok=(
+                200,
+                "each command's events, or the error that settled all of them",
+                obj(
+                    {
+                        "results": array(
+                            {
+                                "anyOf": [
+                                    obj({"events": array(ref("Event"))}, ("events",)),
+                                    obj(
+                                        {
+                                            "error": obj(
+                                                {
+                                                    "code": enum("not_leader", "outcome_unknown"),
+                                                    "message": string(),
+                                                    "leader_url": nullable(string()),
+                                                },
+                                                ("code", "message"),
+                                            )
+                                        },
+                                        ("error",),
+                                    ),
+                                ]
+                            }
+                        ),
+                        "elapsed_ms": {"type": "number"},
+                    },
+                    ("results", "elapsed_ms"),
+                ),
+            ),
+        )
+    },
+    "/v1/admin/barrier": {
+        "post": operation(
+            "Read barrier",
+            "admin",
+            role="admin",
+            traits=(LEADER,),
+            errors={503: ("outcome_unknown",)},
+            ok=(
+                200,
+                "the leader's status once a no-op proposed now has committed",
+                ref("NodeStatus"),
+            ),
+        )
+    },
+    "/v1/admin/balances": {
+        "get": operation(
+            "All balances",
+            "admin",
+            role="admin",
+            params=(query("account", string(), "only this account"),),
+            ok=(
+                200,
+                "this node's applied balances (a stale read)",
+                obj(
+                    {
+                        "node_id": string(),
+                        "cmd_index": integer(0),
+                        "balances": array(
+                            obj(
+                                {
+                                    "account": string(),
+                                    "asset": string(),
+                                    "available": integer(0),
+                                    "reserved": integer(0),
+                                },
+                                ("account", "asset", "available", "reserved"),
+                            )
+                        ),
+                    },
+                    ("node_id", "cmd_index", "balances"),
+                ),
+            ),
+        )
+    },
+    "/v1/admin/members": {
+        "post": operation(
+            "Change membership",
+            "admin",
+            role="admin",
+            traits=(LEADER,),
+            example={
+                "action": "add",
+                "id": "n4",
+                "raft_addr": "127.0.0.1:7004",
+                "api_url": "http://127.0.0.1:8004",
+            },
+            body=obj(
+                {
+                    "action": enum("add", "remove"),
+                    "id": string(minLength=1),
+                    "raft_addr": string(minLength=1, examples=["127.0.0.1:7004"]),
+                    "api_url": string(minLength=1, examples=["http://127.0.0.1:8004"]),
+                },
+                ("action", "id", "raft_addr", "api_url"),
+            ),
+            description="One change at a time: answered once the change is committed; while "
+            "another is uncommitted, 409 membership_change_in_progress with "
+            "Retry-After (nothing changed). Asking for what already holds answers "
+            "change: unchanged, so a retry is safe.",
+            errors={
+                409: ("membership_change_in_progress", "membership_change_failed"),
+                503: ("outcome_unknown",),
+            },
+            ok=(
+                200,
+                "the leader's status once the change is committed",
+                {
+                    "allOf": [
+                        ref("NodeStatus"),
+                        obj({"change": enum("added", "removed", "unchanged")}, ("change",)),
+                    ]
+                },
+            ),
+        )
+    },
+    "/v1/admin/transfer-leader": {
+        "post": operation(
+            "Transfer leadership",
+            "admin",
+            role="admin",
+            traits=(LEADER,),
+            example={"to": "n2"},
+            body=obj({"to": string(description="a node id; absent: the most caught-up peer")}),
+            errors={409: ("transfer_failed",), 503: ("outcome_unknown",)},
+            ok=(
+                200,
+                "the hand-over was asked for",
+                obj({"requested": {"const": True}, "to": nullable(string())}, ("requested", "to")),
+            ),
+        )
+    },
+    "/v1/admin/keys": {
+        "post": operation(
+            "Create an API key",
+            "admin",
+            role="admin",
+            traits=(LEADER,),
+            example={"account": "alice", "role": "trader"},
+            body=obj(
+                {"account": ACCOUNT_ID, "role": enum("trader", "admin", default="trader")},
+                ("account",),
+            ),
+            errors={400: ("bad_account",), 503: ("outcome_unknown",)},
+            description="The secret is shown once, here; the cluster stores only (key id, account, "
+            "role).",
+            ok=(
+                200,
+                "the new key",
+                obj(
+                    {
+                        "key_id": string(),
+                        "secret": string(),
+                        "account": string(),
+                        "role": enum("trader", "admin"),
+                    },
+                    ("key_id", "secret", "account", "role"),
+                ),
+            ),
+        )
+    },
     # ----------------------------------------------------------- orders
     "/v1/orders": {
         "post": operation(
-            "Place an order", "orders", role="trader", traits=WRITE, body=ref("OrderRequest"),
+            "Place an order",
+            "orders",
+            role="trader",
+            traits=WRITE,
+            body=ref("OrderRequest"),
             example=ORDER_EXAMPLE,
-            ok=(201, "accepted (it may have traded, rested or been cancelled)",
-                ref("OrderResult"))),
+            ok=(201, "accepted (it may have traded, rested or been cancelled)", ref("OrderResult")),
+        ),
         "get": operation(
-            "Open orders", "orders", role="trader", traits=(READ,),
+            "Open orders",
+            "orders",
+            role="trader",
+            traits=(READ,),
             params=(query("market", string(), "only this market"),),
-            ok=(200, "the caller's open orders, in priority order",
-                obj({"orders": array(ref("Order"))}, ("orders",)))),
+            ok=(
+                200,
+                "the caller's open orders, in priority order",
+                obj({"orders": array(ref("Order"))}, ("orders",)),
+            ),
+        ),
     },
-    "/v1/orders/batch": {"post": operation(
-        "Place orders", "orders", role="trader", traits=(LEADER,),
-        example={"orders": [ORDER_EXAMPLE, ORDER_EXAMPLE | {"side": "sell", "price": 1100}]},
-        body=obj({"orders": array(ref("BatchOrder"), minItems=1, maxItems=100)},
-                 ("orders",), closed=True),
-        errors={400: ("wrong_type",), 413: ("batch_too_large",), 503: ("outcome_unknown",)},
-        description="Committed together, in the order given; each order has its own outcome "
-                    "(`http_status` is what `POST /v1/orders` would have answered).",
-        ok=(200, "one result per order", obj({"results": array(ref("BatchResult"))},
-                                             ("results",))))},
-    "/v1/orders/cancel": {"post": operation(
-        "Cancel an order", "orders", role="trader", traits=WRITE, body=ref("CancelRequest"),
-        example={"market": "BTC-USD", "order_id": 1},
-        ok=(200, WRITE_TEXT, ref("CommandResult")))},
-    "/v1/orders/amend": {"post": operation(
-        "Amend an order", "orders", role="trader", traits=WRITE, body=ref("AmendRequest"),
-        example={"market": "BTC-USD", "order_id": 1, "qty": 1},
-        ok=(200, "amended", ref("OrderResult")))},
-    "/v1/orders/cancel-all": {"post": operation(
-        "Cancel all orders", "orders", role="trader", traits=WRITE,
-        body=ref("CancelAllRequest"), example={"market": "BTC-USD"},
-        ok=(200, WRITE_TEXT, ref("CommandResult")))},
-    "/v1/orders/{order_id}": {"get": operation(
-        "Get an open order", "orders", role="trader", traits=(READ,),
-        params=(path_param("order_id", integer(0, MAX_ID), 1),),
-        errors={404: ("unknown_order",)},
-        ok=(200, "the caller's open order", ref("OpenOrder")))},
-    "/v1/orders/by-client-id/{client_order_id}": {"get": operation(
-        "Look up a client order id", "orders", role="trader", traits=(READ,),
-        params=(path_param("client_order_id", string(minLength=1), "c-1",
-                           "percent-encoded; the signature covers the decoded path"),),
-        description="The outcome look-up after `503 outcome_unknown`: was this id ever "
-                    "accepted, and is the order still open?",
-        ok=(200, "open (with the order), done, or unknown", ref("OrderLookup")))},
+    "/v1/orders/batch": {
+        "post": operation(
+            "Place orders",
+            "orders",
+            role="trader",
+            traits=(LEADER,),
+            example={"orders": [ORDER_EXAMPLE, ORDER_EXAMPLE | {"side": "sell", "price": 1100}]},
+            body=obj(
+                {"orders": array(ref("BatchOrder"), minItems=1, maxItems=100)},
+                ("orders",),
+                closed=True,
+            ),
+            errors={400: ("wrong_type",), 413: ("batch_too_large",), 503: ("outcome_unknown",)},
+            description="Committed together, in the order given; each order has its own outcome "
+            "(`http_status` is what `POST /v1/orders` would have answered).",
+            ok=(
+                200,
+                "one result per order",
+                obj({"results": array(ref("BatchResult"))}, ("results",)),
+            ),
+        )
+    },
+    "/v1/orders/cancel": {
+        "post": operation(
+            "Cancel an order",
+            "orders",
+            role="trader",
+            traits=WRITE,
+            body=ref("CancelRequest"),
+            example={"market": "BTC-USD", "order_id": 1},
+            ok=(200, WRITE_TEXT, ref("CommandResult")),
+        )
+    },
+    "/v1/orders/amend": {
+        "post": operation(
+            "Amend an order",
+            "orders",
+            role="trader",
+            traits=WRITE,
+            body=ref("AmendRequest"),
+            example={"market": "BTC-USD", "order_id": 1, "qty": 1},
+            ok=(200, "amended", ref("OrderResult")),
+        )
+    },
+    "/v1/orders/cancel-all": {
+        "post": operation(
+            "Cancel all orders",
+            "orders",
+            role="trader",
+            traits=WRITE,
+            body=ref("CancelAllRequest"),
+            example={"market": "BTC-USD"},
+            ok=(200, WRITE_TEXT, ref("CommandResult")),
+        )
+    },
+    "/v1/orders/{order_id}": {
+        "get": operation(
+            "Get an open order",
+            "orders",
+            role="trader",
+            traits=(READ,),
+            params=(path_param("order_id", integer(0, MAX_ID), 1),),
+            errors={404: ("unknown_order",)},
+            ok=(200, "the caller's open order", ref("OpenOrder")),
+        )
+    },
+    "/v1/orders/by-client-id/{client_order_id}": {
+        "get": operation(
+            "Look up a client order id",
+            "orders",
+            role="trader",
+            traits=(READ,),
+            params=(
+                path_param(
+                    "client_order_id",
+                    string(minLength=1),
+                    "c-1",
+                    "percent-encoded; the signature covers the decoded path",
+                ),
+            ),
+            description="The outcome look-up after `503 outcome_unknown`: was this id ever "
+            "accepted, and is the order still open?",
+            ok=(200, "open (with the order), done, or unknown", ref("OrderLookup")),
+        )
+    },
     # ----------------------------------------------------------- markets and accounts
     "/v1/markets": {
         "get": operation(
-            "Markets", "markets", traits=(READ,),
-            ok=(200, "every market", obj({"markets": array(ref("Market"))}, ("markets",)))),
+            "Markets",
+            "markets",
+            traits=(READ,),
+            ok=(200, "every market", obj({"markets": array(ref("Market"))}, ("markets",))),
+        ),
         "post": operation(
-            "Create a market", "markets", role="admin", traits=WRITE,
+            "Create a market",
+            "markets",
+            role="admin",
+            traits=WRITE,
             body=ref("CreateMarketRequest"),
-            example={"market": "ETH-USD", "base": "ETH", "quote": "USD", "lot_size": 100,
-                     "tick_size": 5, "maker_fee_bps": 1, "taker_fee_bps": 2},
-            ok=(201, WRITE_TEXT, ref("CommandResult"))),
+            example={
+                "market": "ETH-USD",
+                "base": "ETH",
+                "quote": "USD",
+                "lot_size": 100,
+                "tick_size": 5,
+                "maker_fee_bps": 1,
+                "taker_fee_bps": 2,
+            },
+            ok=(201, WRITE_TEXT, ref("CommandResult")),
+        ),
     },
-    "/v1/markets/{market}/book": {"get": operation(
-        "Order book", "markets", traits=(READ,),
-        params=(MARKET_PARAM,
-                query("depth", integer(1, 1000, default=50), "price levels per side")),
-        errors={400: ("bad_depth",), 404: ("unknown_market",)},
-        ok=(200, "aggregated price levels, best first", obj(
-            {"market": MARKET_ID, "seq": integer(0), "bids": array(ref("Level")),
-             "asks": array(ref("Level"))}, ("market", "seq", "bids", "asks"))))},
-    "/v1/markets/{market}/trades": {"get": operation(
-        "Recent trades", "markets", traits=(READ,),
-        params=(MARKET_PARAM,
-                query("limit", integer(1, 1000, default=100), "most recent trades")),
-        errors={400: ("bad_limit",), 404: ("unknown_market",)},
-        ok=(200, "this node's recent trades, oldest first, without accounts or fees", obj(
-            {"market": MARKET_ID, "trades": array(ref("Event"))}, ("market", "trades"))))},
-    "/v1/accounts/me/balances": {"get": operation(
-        "My balances", "accounts", role="trader", traits=(READ,),
-        ok=(200, "the caller's non-zero balances", obj(
-            {"account": ACCOUNT_ID, "balances": array(ref("Balance"))},
-            ("account", "balances"))))},
-    "/v1/accounts/{account}/deposits": {"post": operation(
-        "Deposit", "accounts", role="admin", traits=WRITE,
-        params=(path_param("account", ACCOUNT_ID, "alice"),), body=ref("MoneyRequest"),
-        example=DEPOSIT_EXAMPLE,
-        description="Idempotent by `ref`: a resend is `409 duplicate_ref`.",
-        ok=(201, WRITE_TEXT, ref("CommandResult")))},
-    "/v1/accounts/{account}/withdrawals": {"post": operation(
-        "Withdraw", "accounts", role="admin", traits=WRITE,
-        params=(path_param("account", ACCOUNT_ID, "alice"),), body=ref("MoneyRequest"),
-        example=DEPOSIT_EXAMPLE,
-        description="Idempotent by `ref`: a resend is `409 duplicate_ref`.",
-        ok=(201, WRITE_TEXT, ref("CommandResult")))},
+    "/v1/markets/{market}/book": {
+        "get": operation(
+            "Order book",
+            "markets",
+            traits=(READ,),
+            params=(
+                MARKET_PARAM,
+                query("depth", integer(1, 1000, default=50), "price levels per side"),
+            ),
+            errors={400: ("bad_depth",), 404: ("unknown_market",)},
+            ok=(
+                200,
+                "aggregated price levels, best first",
+                obj(
+                    {
+                        "market": MARKET_ID,
+                        "seq": integer(0),
+                        "bids": array(ref("Level")),
+                        "asks": array(ref("Level")),
+                    },
+                    ("market", "seq", "bids", "asks"),
+                ),
+            ),
+        )
+    },
+    "/v1/markets/{market}/trades": {
+        "get": operation(
+            "Recent trades",
+            "markets",
+            traits=(READ,),
+            params=(
+                MARKET_PARAM,
+                query("limit", integer(1, 1000, default=100), "most recent trades"),
+            ),
+            errors={400: ("bad_limit",), 404: ("unknown_market",)},
+            ok=(
+                200,
+                "this node's recent trades, oldest first, without accounts or fees",
+                obj({"market": MARKET_ID, "trades": array(ref("Event"))}, ("market", "trades")),
+            ),
+        )
+    },
+    "/v1/accounts/me/balances": {
+        "get": operation(
+            "My balances",
+            "accounts",
+            role="trader",
+            traits=(READ,),
+            ok=(
+                200,
+                "the caller's non-zero balances",
+                obj(
+                    {"account": ACCOUNT_ID, "balances": array(ref("Balance"))},
+                    ("account", "balances"),
+                ),
+            ),
+        )
+    },
+    "/v1/accounts/{account}/deposits": {
+        "post": operation(
+            "Deposit",
+            "accounts",
+            role="admin",
+            traits=WRITE,
+            params=(path_param("account", ACCOUNT_ID, "alice"),),
+            body=ref("MoneyRequest"),
+            example=DEPOSIT_EXAMPLE,
+            description="Idempotent by `ref`: a resend is `409 duplicate_ref`.",
+            ok=(201, WRITE_TEXT, ref("CommandResult")),
+        )
+    },
+    "/v1/accounts/{account}/withdrawals": {
+        "post": operation(
+            "Withdraw",
+            "accounts",
+            role="admin",
+            traits=WRITE,
+            params=(path_param("account", ACCOUNT_ID, "alice"),),
+            body=ref("MoneyRequest"),
+            example=DEPOSIT_EXAMPLE,
+            description="Idempotent by `ref`: a resend is `409 duplicate_ref`.",
+            ok=(201, WRITE_TEXT, ref("CommandResult")),
+        )
+    },
 }
 
 SIGNATURE_TEXT = (
@@ -539,10 +981,11 @@ _DOCUMENT: dict = {
             "REST under `/v1`, JSON in and out, served by every node "
             "(docs/reference/api.md, docs/reference/admin-api.md). Writes and linearizable "
             "reads go to the leader: a follower answers `307` to the leader, and with no "
-            "leader `503` + `Retry-After`. Errors are `{\"error\": {\"code\", \"message\"}}`. "
+            'leader `503` + `Retry-After`. Errors are `{"error": {"code", "message"}}`. '
             "Any route answers `405 method_not_allowed` for a method it does not have. "
             "Market data and order entry over WebSocket at `/v1/ws` "
-            "(docs/reference/websocket.md) are not described here.\n\n" + SIGNATURE_TEXT),
+            "(docs/reference/websocket.md) are not described here.\n\n" + SIGNATURE_TEXT
+        ),
     },
     "tags": [{"name": t} for t in ("orders", "markets", "accounts", "admin", "cluster")],
     "paths": PATHS,

@@ -11,7 +11,9 @@ from statemachine import Exchange
 class NotLeaderError(Exception):
     """Definite: not applied. `leader_url` is where the leader's API is, if one is known."""
 
-    def __init__(self, leader_url: str | None, message: str = "this node is not the leader") -> None:
+    def __init__(
+        self, leader_url: str | None, message: str = "this node is not the leader"
+    ) -> None:
         super().__init__(message)
         self.leader_url = leader_url
 
@@ -56,6 +58,7 @@ class NodePort(Protocol):
     async def status(self) -> dict:
         """health() plus the state hash, engine, peers and Raft counters (the hash is computed
         off the trio thread: it walks the whole state)."""
+
     def health(self) -> dict:
         """Cheap figures (no state hash), for /readyz and /metrics: node_id, role
         ("leader"|"follower"|"candidate"), leader (its id, or None when none is known),
@@ -72,18 +75,21 @@ class NodePort(Protocol):
         in its replicated replay window and applies no second entry of the same request,
         which raises `api.auth.AuthError` ("replayed", or "expired" for a request older than
         the window; definite: nothing applied)."""
+
     def precheck(self, command: dict) -> dict | None:
         """The `rejected` event (without seq, ts, cmd_index) a trader command would get in any
         state, so it need not be logged; None: submit it. Exact: statemachine/precheck.py."""
 
-    async def submit_many(self, commands: list[dict], request: tuple[str, int] | None = None
-                          ) -> list[list[dict]]:
+    async def submit_many(
+        self, commands: list[dict], request: tuple[str, int] | None = None
+    ) -> list[list[dict]]:
         """Commands in order, committed together (all or none); each command's events. With
         a `request`, refused together as `submit` says."""
 
     async def read_barrier(self) -> None: ...
-    async def change_membership(self, action: str, node_id: str, raft_addr: str,
-                                api_url: str) -> str:
+    async def change_membership(
+        self, action: str, node_id: str, raft_addr: str, api_url: str
+    ) -> str:
         """Add or remove one member, one change at a time; returns once it is committed:
         "added"/"removed", or "unchanged" if it already held (a retry is safe). Raises
         MembershipBusyError while another change is uncommitted, NotLeaderError (definite),
@@ -92,8 +98,9 @@ class NodePort(Protocol):
     async def transfer_leadership(self, node_id: str | None) -> None:
         """Ask the leader to hand over (to `node_id`, or the most caught-up peer)."""
 
-    async def create_key(self, key_id: str, account: str, role: str,
-                         request: tuple[str, int] | None = None) -> str:
+    async def create_key(
+        self, key_id: str, account: str, role: str, request: tuple[str, int] | None = None
+    ) -> str:
         """Register an API key through the log; return its secret. With the signed `request`
         (signature, ts_ms), a replay of it is refused (AuthError replayed) like a command's."""
 

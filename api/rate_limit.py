@@ -29,8 +29,9 @@ class RateLimits:
 
 
 class RateLimiter:
-    def __init__(self, limits: RateLimits | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, limits: RateLimits | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.limits = limits or RateLimits()
         self._clock = clock
         # key id -> (tokens, time of the last update); least recently used first

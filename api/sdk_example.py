@@ -18,8 +18,16 @@ import trio
 from api.auth import read_credentials
 from api.client import AdminClient, ApiError, AsyncClient, Client, ClusterUnavailable, Gap
 
-MARKET = {"op": "create_market", "market": "EX-USD", "base": "EX", "quote": "USD",
-          "lot_size": 100, "tick_size": 5, "maker_fee_bps": 1, "taker_fee_bps": 2}
+MARKET = {
+    "op": "create_market",
+    "market": "EX-USD",
+    "base": "EX",
+    "quote": "USD",
+    "lot_size": 100,
+    "tick_size": 5,
+    "maker_fee_bps": 1,
+    "taker_fee_bps": 2,
+}
 
 
 def main() -> None:
@@ -33,9 +41,19 @@ def main() -> None:
 
     # Set-up (an operator's job): idempotent, so the example can run again.
     with AdminClient(urls, read_credentials(Path(manifest["admin_credentials"]))) as admin:
-        admin.submit([MARKET] + [
-            {"op": "deposit", "account": args.account, "asset": asset, "amount": 10**12,
-             "ref": f"example-{args.account}-{asset}"} for asset in ("EX", "USD")])
+        admin.submit(
+            [MARKET]
+            + [
+                {
+                    "op": "deposit",
+                    "account": args.account,
+                    "asset": asset,
+                    "amount": 10**12,
+                    "ref": f"example-{args.account}-{asset}",
+                }
+                for asset in ("EX", "USD")
+            ]
+        )
         key = admin.create_key(args.account)  # the secret is shown only now: keep it safe
 
     # Trading. The client is given every node; it finds the leader by itself.
@@ -48,7 +66,9 @@ def main() -> None:
         print("amended to 995:", client.order(sell["order_id"])["price"])
 
         buy = client.place("EX-USD", "buy", "limit", 2, price=995, stp="none")
-        print(f"buy {buy['status']}, filled {buy['filled_qty']} lots in {len(buy['trades'])} trade(s)")
+        print(
+            f"buy {buy['status']}, filled {buy['filled_qty']} lots in {len(buy['trades'])} trade(s)"
+        )
         print("book:", client.book("EX-USD", depth=5))
 
         # A definite error: nothing was applied, the code says why.
@@ -75,7 +95,9 @@ def main() -> None:
             results = []
 
             async def place(i: int) -> None:
-                results.append(await aclient.place("EX-USD", "sell", "limit", 1, price=2000 + 5 * i))
+                results.append(
+                    await aclient.place("EX-USD", "sell", "limit", 1, price=2000 + 5 * i)
+                )
 
             async with trio.open_nursery() as nursery:
                 for i in range(5):
@@ -107,7 +129,9 @@ def main() -> None:
                 if isinstance(item, Gap):
                     print("may have missed events", item)
                     continue
-                print(f"orders channel: {item['type']} order {item.get('order_id')} seq {item['seq']}")
+                print(
+                    f"orders channel: {item['type']} order {item.get('order_id')} seq {item['seq']}"
+                )
                 if item["type"] == "accepted" and item["order_id"] == sell["order_id"]:
                     break
             await aclient.cancel("EX-USD", sell["order_id"])

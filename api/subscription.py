@@ -50,6 +50,7 @@ READ_BYTES = 1 << 16
 
 # ---------------------------------------------------------------------- what the caller gets
 
+
 class Book:
     """A market's order book as the subscription maintains it.
 
@@ -88,8 +89,10 @@ class Book:
         return other
 
     def __repr__(self) -> str:
-        return (f"Book({self.market!r}, seq={self.seq}, bids={self.bids(5)}, "
-                f"asks={self.asks(5)}{', snapshot' if self.snapshot else ''})")
+        return (
+            f"Book({self.market!r}, seq={self.seq}, bids={self.bids(5)}, "
+            f"asks={self.asks(5)}{', snapshot' if self.snapshot else ''})"
+        )
 
 
 @dataclass(frozen=True)
@@ -111,10 +114,12 @@ class Gap:
 
 # ---------------------------------------------------------------------- steps (sans-IO)
 
+
 @dataclass
 class _Open:
     """Close any current connection and open a TCP (TLS for https) one to `url`'s host.
     Answer: None, or the exception."""
+
     url: str
     timeout_s: float
 
@@ -122,6 +127,7 @@ class _Open:
 @dataclass
 class _Write:
     """Send bytes on the connection. Answer: None, or the exception."""
+
     data: bytes
 
 
@@ -129,6 +135,7 @@ class _Write:
 class _Read:
     """Receive some bytes. Answer: the bytes (b"" at end of stream), or the exception
     (`TimeoutError` when nothing came within `timeout_s`)."""
+
     timeout_s: float
 
 
@@ -145,6 +152,7 @@ class _Sleep:
 @dataclass
 class _Emit:
     """Hand `item` to the caller; resumed (answer None) when the caller asks for the next."""
+
     item: Any
 
 
@@ -204,6 +212,7 @@ class _Wire:
 
 # ---------------------------------------------------------------------- channel logic (pure)
 
+
 class _BookTracker:
     """Snapshot, then deltas chained by `prev_seq`; a break asks for a new snapshot."""
 
@@ -247,8 +256,12 @@ class _BookTracker:
                     levels.pop(m["price"], None)
                 self.book.seq = self.chain = m["seq"]
                 return self._hand_out(), False
-        elif kind in ("heartbeat", "pong") and self.chain is not None \
-                and isinstance(m.get("seq"), int) and m["seq"] > self.book.seq:
+        elif (
+            kind in ("heartbeat", "pong")
+            and self.chain is not None
+            and isinstance(m.get("seq"), int)
+            and m["seq"] > self.book.seq
+        ):
             # Every message of the channel up to this seq has been sent: the book is
             # complete through it (docs/reference/websocket.md).
             self.book.seq = m["seq"]
@@ -301,8 +314,13 @@ class _EventTracker:
             self.through = seq
             out.append(m)
             return out, False
-        if kind in ("heartbeat", "pong") and self.chain is not None and self.through is not None \
-                and isinstance(seq, int) and seq > self.through:
+        if (
+            kind in ("heartbeat", "pong")
+            and self.chain is not None
+            and self.through is not None
+            and isinstance(seq, int)
+            and seq > self.through
+        ):
             self.through = seq  # nothing of the channel up to seq is still on its way
         return [], False
 
@@ -323,8 +341,13 @@ class _Refused(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-_REFUSAL_STATUS = {"unknown_market": 404, "forbidden": 403, "bad_channel": 400,
-                   "bad_request": 400, "too_many_channels": 400}
+_REFUSAL_STATUS = {
+    "unknown_market": 404,
+    "forbidden": 403,
+    "bad_channel": 400,
+    "bad_request": 400,
+    "too_many_channels": 400,
+}
 
 
 @dataclass
@@ -378,8 +401,9 @@ class _Stream:
                 backoff = self.backoff_s
                 continue  # straight to the next node
             if self.max_outage_s is not None and now - down_since > self.max_outage_s:
-                raise self.unavailable(f"{self.channel}: no node served the subscription for "
-                                       f"{self.max_outage_s} s")
+                raise self.unavailable(
+                    f"{self.channel}: no node served the subscription for {self.max_outage_s} s"
+                )
             if index % n == self._start % n:  # tried every node: wait before the next round
                 yield _Sleep(backoff)
                 backoff = min(backoff * 2, self.backoff_max_s)
@@ -405,10 +429,18 @@ class _Stream:
                 self.stats["ws_connect_errors"] += 1
                 return False
             headers = self.sign(self.creds, nonce)
-            if (yield _Write(wire.message({
-                    "op": "auth", "key_id": headers[KEY_HEADER],
-                    "timestamp": int(headers[TS_HEADER]),
-                    "signature": headers[SIG_HEADER]}))) is not None:
+            if (
+                yield _Write(
+                    wire.message(
+                        {
+                            "op": "auth",
+                            "key_id": headers[KEY_HEADER],
+                            "timestamp": int(headers[TS_HEADER]),
+                            "signature": headers[SIG_HEADER],
+                        }
+                    )
+                )
+            ) is not None:
                 return False
         if (yield _Write(wire.message({"op": "subscribe", "channel": self.channel}))) is not None:
             return False
@@ -424,9 +456,13 @@ class _Stream:
                 m = pending.popleft()
                 if m.get("type") == "error" and m.get("op") in ("auth", "subscribe"):
                     code = m.get("code", "error")
-                    raise _Refused(401 if m["op"] == "auth" and code != "forbidden"
-                                   else _REFUSAL_STATUS.get(code, 400),
-                                   code, m.get("message", ""))
+                    raise _Refused(
+                        401
+                        if m["op"] == "auth" and code != "forbidden"
+                        else _REFUSAL_STATUS.get(code, 400),
+                        code,
+                        m.get("message", ""),
+                    )
                 if m.get("channel") == self.channel and m.get("type") in ("snapshot", "subscribed"):
                     served = True
                     if self.start_seq is None:
@@ -446,8 +482,9 @@ class _Stream:
             if not got:
                 return served
 
-    def _nonce(self, wire: _Wire, pending: collections.deque[dict],
-               deadline: float) -> Generator[_Step, Any, str | None]:
+    def _nonce(
+        self, wire: _Wire, pending: collections.deque[dict], deadline: float
+    ) -> Generator[_Step, Any, str | None]:
         """The connection's challenge, from the server's first message (`hello`); None if it
         does not come by `deadline`. The message stays in `pending` (no channel reads it)."""
         while True:
@@ -460,13 +497,15 @@ class _Stream:
             if not (yield from self._receive(wire, pending, remaining)):
                 return None
 
-    def _receive(self, wire: _Wire, pending: collections.deque[dict],
-                 timeout_s: float) -> Generator[_Step, Any, bool]:
+    def _receive(
+        self, wire: _Wire, pending: collections.deque[dict], timeout_s: float
+    ) -> Generator[_Step, Any, bool]:
         """Read once into `pending`; False when the connection failed or went quiet."""
         data = yield _Read(max(0.001, timeout_s))
         if isinstance(data, BaseException):
-            self.stats["ws_idle_timeouts" if isinstance(data, TimeoutError)
-                       else "ws_transport_errors"] += 1
+            self.stats[
+                "ws_idle_timeouts" if isinstance(data, TimeoutError) else "ws_transport_errors"
+            ] += 1
             return False
         messages, reply = wire.receive(data)
         pending.extend(messages)
@@ -474,6 +513,7 @@ class _Stream:
 
 
 # ---------------------------------------------------------------------- the two drivers
+
 
 def _host_port(url: str) -> tuple[str, int, bool]:
     parts = urlsplit(url)
@@ -550,7 +590,8 @@ class Subscription:
                 sock = self._open_socket(host, port, step.timeout_s)
                 if tls:
                     sock = (self._ssl or ssl.create_default_context()).wrap_socket(
-                        sock, server_hostname=host)
+                        sock, server_hostname=host
+                    )
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self._sock = sock
                 return None
@@ -665,8 +706,12 @@ class AsyncSubscription:
                 host, port, tls = _host_port(step.url)
                 with anyio.fail_after(step.timeout_s):
                     self._conn = await anyio.connect_tcp(
-                        host, port, tls=tls, ssl_context=self._ssl if tls else None,
-                        tls_standard_compatible=False)
+                        host,
+                        port,
+                        tls=tls,
+                        ssl_context=self._ssl if tls else None,
+                        tls_standard_compatible=False,
+                    )
                 return None
             if self._conn is None:
                 return ConnectionError("not connected")
@@ -688,8 +733,9 @@ class AsyncSubscription:
         if self._conn is not None:
             conn, self._conn = self._conn, None
             with anyio.CancelScope(shield=True):
-                with contextlib.suppress(OSError, anyio.BrokenResourceError,
-                                         anyio.ClosedResourceError):
+                with contextlib.suppress(
+                    OSError, anyio.BrokenResourceError, anyio.ClosedResourceError
+                ):
                     await conn.aclose()
 
     async def aclose(self) -> None:

@@ -40,6 +40,7 @@ TRADER_OPS = ("place", "cancel", "amend", "cancel_all")
 # Body fields a client may not set: the node sets them.
 RESERVED_FIELDS = ("op", "ts", "account")
 
+
 def private_view(events: list[dict], account: str | None) -> list[dict]:
     """The command's events as `account` may see them: its own balances and order events,
     public book events, and trades without the other party's account or fee."""
@@ -48,8 +49,11 @@ def private_view(events: list[dict], account: str | None) -> list[dict]:
     out = []
     for e in events:
         if e["type"] == "trade":
-            mine = {k: v for k, v in e.items()
-                    if k not in ("maker_account", "taker_account", "maker_fee", "taker_fee")}
+            mine = {
+                k: v
+                for k, v in e.items()
+                if k not in ("maker_account", "taker_account", "maker_fee", "taker_fee")
+            }
             if e["taker_account"] == account:
                 mine["taker_fee"] = e["taker_fee"]
             if e["maker_account"] == account:
@@ -61,8 +65,11 @@ def private_view(events: list[dict], account: str | None) -> list[dict]:
 
 
 def public_trade(e: dict) -> dict:
-    return {k: v for k, v in e.items()
-            if k not in ("maker_account", "taker_account", "maker_fee", "taker_fee")}
+    return {
+        k: v
+        for k, v in e.items()
+        if k not in ("maker_account", "taker_account", "maker_fee", "taker_fee")
+    }
 
 
 def summarize(events: list[dict], account: str | None = None) -> dict:
@@ -71,16 +78,24 @@ def summarize(events: list[dict], account: str | None = None) -> dict:
     out: dict[str, Any] = {"seq": events[-1]["seq"], "events": private_view(events, account)}
     if first["type"] in ("accepted", "amended"):
         order_id = first["order_id"]
-        trades = [e for e in out["events"] if e["type"] == "trade" and order_id in
-                  (e["taker_order_id"], e["maker_order_id"])]
+        trades = [
+            e
+            for e in out["events"]
+            if e["type"] == "trade" and order_id in (e["taker_order_id"], e["maker_order_id"])
+        ]
         status = "resting"
         for e in events:
             if e["type"] == "filled" and e["order_id"] == order_id:
                 status = "filled"
             elif e["type"] == "cancelled" and e["order_id"] == order_id:
                 status = "cancelled"
-        out.update(order_id=order_id, client_order_id=first.get("client_order_id"),
-                   status=status, filled_qty=sum(t["qty"] for t in trades), trades=trades)
+        out.update(
+            order_id=order_id,
+            client_order_id=first.get("client_order_id"),
+            status=status,
+            filled_qty=sum(t["qty"] for t in trades),
+            trades=trades,
+        )
     return out
 
 
@@ -111,8 +126,9 @@ def batch_shape_error(payload: dict) -> tuple[int, str, str] | None:
     return None
 
 
-async def place_batch(node: NodePort, account: str, orders: list[dict],
-                      request: tuple[str, int] | None = None) -> list[dict]:
+async def place_batch(
+    node: NodePort, account: str, orders: list[dict], request: tuple[str, int] | None = None
+) -> list[dict]:
     """Place `orders` for `account`: one result per order, `{http_status, ...body}`.
 
     Orders the log would refuse in any state are answered here; the rest go in one slot,
@@ -124,8 +140,7 @@ async def place_batch(node: NodePort, account: str, orders: list[dict],
     refused = [node.precheck(command) for command in commands]
     outcomes: list[list[dict] | None] = [None if early is None else [early] for early in refused]
     pending = [i for i, events in enumerate(outcomes) if events is None]
-    submitted = (await node.submit_many([commands[i] for i in pending], request)
-                 if pending else [])
+    submitted = await node.submit_many([commands[i] for i in pending], request) if pending else []
     for i, events in zip(pending, submitted, strict=True):
         outcomes[i] = events
     results = []
@@ -162,9 +177,12 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
         except NotLeaderError:
             return not_leader_response()
         except OutcomeUnknownError as exc:
-            return error(503, "outcome_unknown",
-                         f"{exc}; resend with the same client_order_id to settle it",
-                         {"Retry-After": "1"})
+            return error(
+                503,
+                "outcome_unknown",
+                f"{exc}; resend with the same client_order_id to settle it",
+                {"Retry-After": "1"},
+            )
         return json_response(body, ok_status if status == 200 else status)
 
     async def read(query: Callable[[Any], Any]) -> Response:
@@ -208,16 +226,20 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
         if not node.is_leader():
             return not_leader_response()
         try:
-            results = await place_batch(node, creds.account, payload["orders"],
-                                        http.signed_request())
+            results = await place_batch(
+                node, creds.account, payload["orders"], http.signed_request()
+            )
         except AuthError as exc:  # refused as a whole by the replay window: nothing placed
             return error(401, exc.code, exc.message)
         except NotLeaderError:
             return not_leader_response()
         except OutcomeUnknownError as exc:
-            return error(503, "outcome_unknown",
-                         f"{exc}; resend with the same client_order_ids to settle it",
-                         {"Retry-After": "1"})
+            return error(
+                503,
+                "outcome_unknown",
+                f"{exc}; resend with the same client_order_ids to settle it",
+                {"Retry-After": "1"},
+            )
         return json_response({"results": results})
 
     @app.post("/v1/orders/cancel")
@@ -275,7 +297,9 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
     @authed()
     async def open_orders(creds: Credentials) -> Response:
         market = request.args.get("market")
-        return await read(lambda ex: {"orders": ex.open_orders(account=creds.account, market=market)})
+        return await read(
+            lambda ex: {"orders": ex.open_orders(account=creds.account, market=market)}
+        )
 
     # -------------------------------------------------------------- markets and accounts
 
@@ -301,9 +325,12 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
         def query(ex: Any) -> dict | Response:
             if market not in {m["market"] for m in ex.markets()}:
                 return error(404, "unknown_market", f"unknown market {market!r}")
-            return {"market": market, "seq": ex.seq,
-                    "bids": ex.book_levels(market, "buy", depth),
-                    "asks": ex.book_levels(market, "sell", depth)}
+            return {
+                "market": market,
+                "seq": ex.seq,
+                "bids": ex.book_levels(market, "buy", depth),
+                "asks": ex.book_levels(market, "sell", depth),
+            }
 
         return await read(query)
 
@@ -317,8 +344,10 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
         def query(ex: Any) -> dict | Response:
             if market not in {m["market"] for m in ex.markets()}:
                 return error(404, "unknown_market", f"unknown market {market!r}")
-            return {"market": market,
-                    "trades": [public_trade(t) for t in node.recent_trades(market, limit)]}
+            return {
+                "market": market,
+                "trades": [public_trade(t) for t in node.recent_trades(market, limit)],
+            }
 
         return await read(query)
 
@@ -327,9 +356,13 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
     async def my_balances(creds: Credentials) -> Response:
         def query(ex: Any) -> dict:
             rows = ex.balances(creds.account)
-            return {"account": creds.account, "balances": [
-                {"asset": asset, "available": a, "reserved": r}
-                for (_, asset), (a, r) in rows.items()]}
+            return {
+                "account": creds.account,
+                "balances": [
+                    {"asset": asset, "available": a, "reserved": r}
+                    for (_, asset), (a, r) in rows.items()
+                ],
+            }
 
         return await read(query)
 

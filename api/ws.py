@@ -164,8 +164,14 @@ def _channel(value: object) -> tuple[str, str | None] | None:
 
 
 class _Connection:
-    def __init__(self, ws: Any, node: NodePort, verifier: Verifier, settings: Settings,
-                 limiter: RateLimiter | None = None) -> None:
+    def __init__(
+        self,
+        ws: Any,
+        node: NodePort,
+        verifier: Verifier,
+        settings: Settings,
+        limiter: RateLimiter | None = None,
+    ) -> None:
         self.ws = ws
         self.limiter = limiter  # order entry shares the key's REST token bucket
         self.node = node
@@ -226,7 +232,9 @@ class _Connection:
         if self.closing:
             return
         if not self.outbox.put(_encode(message)):
-            self.fail("slow_consumer", "the client reads too slowly; resubscribe after reconnecting")
+            self.fail(
+                "slow_consumer", "the client reads too slowly; resubscribe after reconnecting"
+            )
 
     def fail(self, code: str, message: str, close_code: int = CLOSE_POLICY) -> None:
         """Drop what is queued, tell the client why and close (the writer does it in order)."""
@@ -240,8 +248,9 @@ class _Connection:
 
     def error(self, code: str, message: str, **extra: Any) -> None:
         """A bad message: answer it; close the connection if they keep coming."""
-        self.send({"type": "error", "code": code, "message": message, **extra,
-                   "seq": self.position()})
+        self.send(
+            {"type": "error", "code": code, "message": message, **extra, "seq": self.position()}
+        )
         now = trio.current_time()
         self.errors.append(now)
         while self.errors and self.errors[0] < now - self.settings.error_window_s:
@@ -258,8 +267,10 @@ class _Connection:
                 self.error("bad_frame", "send JSON text frames")
                 continue
             if len(raw) > self.settings.max_message_bytes:
-                self.error("message_too_large",
-                           f"messages are at most {self.settings.max_message_bytes} bytes")
+                self.error(
+                    "message_too_large",
+                    f"messages are at most {self.settings.max_message_bytes} bytes",
+                )
                 continue
             try:
                 msg = loads(raw)
@@ -267,7 +278,7 @@ class _Connection:
                 self.error("malformed_json", "message is not valid JSON")
                 continue
             if not isinstance(msg, dict):
-                self.error("bad_request", "a message is a JSON object with an \"op\"")
+                self.error("bad_request", 'a message is a JSON object with an "op"')
                 continue
             await self._dispatch(msg)
         await trio.sleep_forever()  # closing: the writer ends the connection
@@ -279,9 +290,12 @@ class _Connection:
         if op in ORDER_OPS:
             request_id = msg.get("request_id")
             if not _valid_request_id(request_id):
-                self.error("bad_request_id",
-                           f"order requests need a request_id: a string of 1-{MAX_REQUEST_ID} "
-                           "characters or an integer", op=op)
+                self.error(
+                    "bad_request_id",
+                    f"order requests need a request_id: a string of 1-{MAX_REQUEST_ID} "
+                    "characters or an integer",
+                    op=op,
+                )
                 return
             await self.inflight.acquire()  # back-pressure: stop reading while too many are out
             assert self.nursery is not None
@@ -290,8 +304,11 @@ class _Connection:
             channel = msg.get("channel")
             parsed = _channel(channel)
             if parsed is None:
-                self.error("bad_channel", 'channel must be "book:<market>", "trades:<market>" '
-                           'or "orders"', op=op)
+                self.error(
+                    "bad_channel",
+                    'channel must be "book:<market>", "trades:<market>" or "orders"',
+                    op=op,
+                )
             elif op == "subscribe":
                 self._subscribe(channel, *parsed)
             else:
@@ -304,20 +321,25 @@ class _Connection:
                 pong["request_id"] = msg["request_id"]
             self.send(pong)
         else:
-            self.error("unknown_op", "op must be one of subscribe, unsubscribe, auth, ping, "
-                       "place, cancel, amend, cancel_all")
+            self.error(
+                "unknown_op",
+                "op must be one of subscribe, unsubscribe, auth, ping, "
+                "place, cancel, amend, cancel_all",
+            )
 
     def _auth(self, msg: dict) -> None:
         if self.creds is not None:
-            self.error("already_authenticated", "this connection is already authenticated",
-                       op="auth")
+            self.error(
+                "already_authenticated", "this connection is already authenticated", op="auth"
+            )
             return
         key_id, ts, signature = msg.get("key_id"), msg.get("timestamp"), msg.get("signature")
         if type(ts) is int:
             ts = str(ts)
         if not all(isinstance(v, str) for v in (key_id, ts, signature)):
-            self.error("bad_request", "auth needs key_id, timestamp (Unix ms) and signature",
-                       op="auth")
+            self.error(
+                "bad_request", "auth needs key_id, timestamp (Unix ms) and signature", op="auth"
+            )
             return
         headers = {KEY_HEADER: key_id, TS_HEADER: ts, SIG_HEADER: signature}
         assert self.nonce is not None  # spent only by a success, after which we return above
@@ -328,20 +350,35 @@ class _Connection:
             return
         self.creds = creds
         self.nonce = None
-        self.send({"type": "authenticated", "key_id": creds.key_id, "account": creds.account,
-                   "role": creds.role, "seq": self.position()})
+        self.send(
+            {
+                "type": "authenticated",
+                "key_id": creds.key_id,
+                "account": creds.account,
+                "role": creds.role,
+                "seq": self.position(),
+            }
+        )
 
     # -------------------------------------------------------------- channels
 
     def _subscribe(self, channel: str, kind: str, market: str | None) -> None:
         if kind == "orders" and (self.creds is None or not self.creds.account):
             code = "unauthenticated" if self.creds is None else "forbidden"
-            self.error(code, "the orders channel needs an authenticated trader key",
-                       op="subscribe", channel=channel)
+            self.error(
+                code,
+                "the orders channel needs an authenticated trader key",
+                op="subscribe",
+                channel=channel,
+            )
             return
         if channel not in self.channels and len(self.channels) >= MAX_CHANNELS:
-            self.error("too_many_channels", f"at most {MAX_CHANNELS} channels per connection",
-                       op="subscribe", channel=channel)
+            self.error(
+                "too_many_channels",
+                f"at most {MAX_CHANNELS} channels per connection",
+                op="subscribe",
+                channel=channel,
+            )
             return
         # Feed first, state second, no await in between: nothing falls in the gap.
         if self.sub is None:
@@ -363,22 +400,33 @@ class _Connection:
         if fresh:
             self.feed_pos = seq
         if found is None:
-            self.error("unknown_market", f"unknown market {market!r}", op="subscribe",
-                       channel=channel)
+            self.error(
+                "unknown_market", f"unknown market {market!r}", op="subscribe", channel=channel
+            )
             return
         self.channels[channel] = seq  # a resubscription restarts the channel here
         if kind == "book":
             bids, asks = found
-            self.send({"type": "snapshot", "channel": channel, "seq": seq,
-                       "bids": [list(level) for level in bids],
-                       "asks": [list(level) for level in asks]})
+            self.send(
+                {
+                    "type": "snapshot",
+                    "channel": channel,
+                    "seq": seq,
+                    "bids": [list(level) for level in bids],
+                    "asks": [list(level) for level in asks],
+                }
+            )
         else:
             self.send({"type": "subscribed", "channel": channel, "seq": seq})
 
     def _unsubscribe(self, channel: str) -> None:
         if self.channels.pop(channel, None) is None:
-            self.error("not_subscribed", "not subscribed to this channel", op="unsubscribe",
-                       channel=channel)
+            self.error(
+                "not_subscribed",
+                "not subscribed to this channel",
+                op="unsubscribe",
+                channel=channel,
+            )
             return
         self.send({"type": "unsubscribed", "channel": channel, "seq": self.position()})
 
@@ -393,8 +441,10 @@ class _Connection:
                 break
             self._route(events)
         if sub.overflowed:
-            self.fail("slow_consumer", "the client fell too far behind the feed; "
-                      "resubscribe after reconnecting")
+            self.fail(
+                "slow_consumer",
+                "the client fell too far behind the feed; resubscribe after reconnecting",
+            )
 
     def _route(self, events: list[dict]) -> None:
         """One applied command's events to the subscribed channels (trio thread, no await)."""
@@ -403,9 +453,12 @@ class _Connection:
             # Every command has events and the feed hands over every applied command in order,
             # so its seqs are contiguous from the first read on; a jump means the node
             # restored a snapshot under us, and no channel can be continued.
-            self.fail("resync", f"this node's state jumped from seq {self.feed_pos} to "
-                      f"{first - 1} (it installed a snapshot); reconnect and resubscribe",
-                      CLOSE_RESTART)
+            self.fail(
+                "resync",
+                f"this node's state jumped from seq {self.feed_pos} to "
+                f"{first - 1} (it installed a snapshot); reconnect and resubscribe",
+                CLOSE_RESTART,
+            )
             return
         channels = self.channels
         account = self.creds.account if self.creds is not None else None
@@ -415,10 +468,19 @@ class _Connection:
             if kind == "book":
                 channel = "book:" + event["market"]
                 if channel in channels:
-                    self._emit(channel, event, {
-                        "type": "delta", "channel": channel, "seq": event["seq"],
-                        "side": event["side"], "price": event["price"],
-                        "level_qty": event["level_qty"], "ts": event["ts"]})
+                    self._emit(
+                        channel,
+                        event,
+                        {
+                            "type": "delta",
+                            "channel": channel,
+                            "seq": event["seq"],
+                            "side": event["side"],
+                            "price": event["price"],
+                            "level_qty": event["level_qty"],
+                            "ts": event["ts"],
+                        },
+                    )
             elif kind == "trade":
                 channel = "trades:" + event["market"]
                 if channel in channels:
@@ -450,8 +512,9 @@ class _Connection:
         if "seq" not in body:
             body["seq"] = self.node.applied_seq()
         # Like one result of POST /v1/orders/batch: the REST status and the REST body.
-        self.send({"type": "response", "request_id": request_id, "op": op,
-                   "http_status": status, **body})
+        self.send(
+            {"type": "response", "request_id": request_id, "op": op, "http_status": status, **body}
+        )
 
     async def _execute(self, op: str, msg: dict) -> tuple[int, dict]:
         """(REST status, REST body: the order summary or {"error": ...}) for one request."""
@@ -492,11 +555,13 @@ class _Connection:
         if not self.node.is_leader():
             return self._not_leader(self.node.leader_url())
         results, refusal = await self._submitted(
-            place_batch(self.node, creds.account, payload["orders"]), "client_order_ids")
+            place_batch(self.node, creds.account, payload["orders"]), "client_order_ids"
+        )
         return refusal if refusal is not None else (200, {"results": results})
 
-    async def _submitted(self, pending: Awaitable[Any], ids: str
-                         ) -> tuple[Any, tuple[int, dict] | None]:
+    async def _submitted(
+        self, pending: Awaitable[Any], ids: str
+    ) -> tuple[Any, tuple[int, dict] | None]:
         """(result, None) once `pending` (a submit) is done, or (None, (status, body)) for the
         node's definite or unknown failures, answered as REST answers them."""
         try:
@@ -508,8 +573,10 @@ class _Connection:
         except NotLeaderError as exc:
             return None, self._not_leader(exc.leader_url or self.node.leader_url())
         except OutcomeUnknownError as exc:
-            return None, (503, _err("outcome_unknown",
-                                    f"{exc}; resend with the same {ids} to settle it"))
+            return None, (
+                503,
+                _err("outcome_unknown", f"{exc}; resend with the same {ids} to settle it"),
+            )
         except OverloadedError as exc:
             return None, (503, _err("overloaded", f"{exc}; nothing was applied, retry"))
 
@@ -526,8 +593,13 @@ def _err(code: str, message: str) -> dict:
     return {"error": {"code": code, "message": message}}
 
 
-def register(app: QuartTrio, node: NodePort, verifier: Verifier,
-             settings: Settings | None = None, limiter: RateLimiter | None = None) -> None:
+def register(
+    app: QuartTrio,
+    node: NodePort,
+    verifier: Verifier,
+    settings: Settings | None = None,
+    limiter: RateLimiter | None = None,
+) -> None:
     settings = settings or Settings.from_env()
 
     @app.websocket(PATH)

@@ -137,8 +137,9 @@ class KeepAliveConnection:
         self.buf = b""
         return sock
 
-    def request(self, method: bytes, path: bytes, body: bytes = b"",
-                headers: list[tuple[bytes, bytes]] = ()) -> tuple[int, bytes]:
+    def request(
+        self, method: bytes, path: bytes, body: bytes = b"", headers: list[tuple[bytes, bytes]] = ()
+    ) -> tuple[int, bytes]:
         sock = self.sock or self._open()
         head = [method + b" " + path + b" HTTP/1.1", b"Host: " + self.host]
         if body or method == b"POST":
@@ -163,7 +164,7 @@ class KeepAliveConnection:
         while (end := self.buf.find(b"\r\n\r\n")) < 0:
             self._fill(sock)
         head = self.buf[:end].split(b"\r\n")
-        self.buf = self.buf[end + 4:]
+        self.buf = self.buf[end + 4 :]
         status = int(head[0].split(b" ", 2)[1])
         length = 0
         close = False
@@ -215,15 +216,24 @@ class OrderFlow:
         else:
             offset = 1 + int(rng.expovariate(1.0 / self.MEAN_OFFSET))
             price = self.mid - offset if buy else self.mid + offset
-        return {"market": MARKET, "side": "buy" if buy else "sell", "type": "limit",
-                "price": price, "qty": 1 + int(rng.random() * 30), "tif": "gtc",
-                "client_order_id": f"{self.name}-{self.n}"}
+        return {
+            "market": MARKET,
+            "side": "buy" if buy else "sell",
+            "type": "limit",
+            "price": price,
+            "qty": 1 + int(rng.random() * 30),
+            "tif": "gtc",
+            "client_order_id": f"{self.name}-{self.n}",
+        }
 
 
 def signed(creds: Credentials, method: str, path: str, body: bytes) -> list[tuple[bytes, bytes]]:
     ts = time.time_ns() // 1_000_000
-    return [(KEY_HEADER.encode(), creds.key_id.encode()), (TS_HEADER.encode(), str(ts).encode()),
-            (SIG_HEADER.encode(), sign(creds.secret, ts, method, path, body).encode())]
+    return [
+        (KEY_HEADER.encode(), creds.key_id.encode()),
+        (TS_HEADER.encode(), str(ts).encode()),
+        (SIG_HEADER.encode(), sign(creds.secret, ts, method, path, body).encode()),
+    ]
 
 
 # ---------------------------------------------------------------- closed- and open-loop drivers
@@ -276,8 +286,9 @@ def _run_threads(target: Callable[[int], None], n: int, join_s: float) -> list[s
     return errors
 
 
-def closed_loop(url: str, send: Sender, *, connections: int, warmup_s: float,
-                seconds: float) -> dict:
+def closed_loop(
+    url: str, send: Sender, *, connections: int, warmup_s: float, seconds: float
+) -> dict:
     """Each connection sends its next request as soon as the previous answer is read."""
     rec = Recorder()
     t_from = time.perf_counter() + warmup_s
@@ -305,8 +316,9 @@ def closed_loop(url: str, send: Sender, *, connections: int, warmup_s: float,
     return _summary(rec, t_from, t_to, seconds, errors, connections)
 
 
-def open_loop(url: str, send: Sender, *, connections: int, rate: float, warmup_s: float,
-              seconds: float) -> dict:
+def open_loop(
+    url: str, send: Sender, *, connections: int, rate: float, warmup_s: float, seconds: float
+) -> dict:
     """Requests scheduled at `rate`; latency from the scheduled time (see the docstring)."""
     rec = Recorder()
     slots = itertools.count()
@@ -351,8 +363,9 @@ def open_loop(url: str, send: Sender, *, connections: int, rate: float, warmup_s
     return result
 
 
-def _summary(rec: Recorder, t_from: float, t_to: float, seconds: float, errors: list[str],
-             connections: int) -> dict:
+def _summary(
+    rec: Recorder, t_from: float, t_to: float, seconds: float, errors: list[str], connections: int
+) -> dict:
     window = [r for r in rec.records if t_from <= r[0] <= t_to]
     lat = [r[1] for r in window]
     acked = sum(r[2] for r in window)
@@ -399,8 +412,9 @@ def flows_per_connection(tag: str, seed: int) -> Callable[[int], OrderFlow]:
     return flow_for
 
 
-def signed_post(conn: KeepAliveConnection, creds: Credentials, path: str,
-                payload: object) -> tuple[int, bytes]:
+def signed_post(
+    conn: KeepAliveConnection, creds: Credentials, path: str, payload: object
+) -> tuple[int, bytes]:
     body = dumps(payload)
     return conn.request(b"POST", path.encode(), body, signed(creds, "POST", path, body))
 
@@ -430,8 +444,9 @@ def echo_sender(seed: int) -> Sender:
     return send
 
 
-def commands_sender(admin: Credentials, traders: list[Trader], seed: int, tag: str,
-                    statuses: Statuses) -> Sender:
+def commands_sender(
+    admin: Credentials, traders: list[Trader], seed: int, tag: str, statuses: Statuses
+) -> Sender:
     """The bulk path: CEILING_PER_REQUEST place commands per `POST /v1/admin/commands`."""
     flow_for = flows_per_connection(tag, seed)
 
@@ -458,8 +473,12 @@ def batch_sender(traders: list[Trader], seed: int, tag: str, statuses: Statuses)
     def send(k: int, conn: KeepAliveConnection) -> int:
         flow = flow_for(k)
         trader = traders[(k + flow.n) % len(traders)]
-        status, raw = signed_post(conn, trader.creds, "/v1/orders/batch",
-                                  {"orders": [flow.order() for _ in range(BATCH_SIZE)]})
+        status, raw = signed_post(
+            conn,
+            trader.creds,
+            "/v1/orders/batch",
+            {"orders": [flow.order() for _ in range(BATCH_SIZE)]},
+        )
         if status != 200:
             statuses.add(f"request {status}")
             return 0
@@ -474,8 +493,17 @@ def batch_sender(traders: list[Trader], seed: int, tag: str, statuses: Statuses)
 # ---------------------------------------------------------------- WebSocket order entry
 
 
-def ws_phase(url: str, traders: list[Trader], *, seed: int, connections: int, window: int,
-             warmup_s: float, seconds: float, per_message: int = 1) -> dict:
+def ws_phase(
+    url: str,
+    traders: list[Trader],
+    *,
+    seed: int,
+    connections: int,
+    window: int,
+    warmup_s: float,
+    seconds: float,
+    per_message: int = 1,
+) -> dict:
     """`window` messages in flight per socket; `per_message` > 1: `place_batch` messages of
     that many orders (acknowledged = orders answered 201)."""
     statuses: Counter = Counter()
@@ -514,10 +542,22 @@ def ws_phase(url: str, traders: list[Trader], *, seed: int, connections: int, wi
             pending: dict[int, float] = {}
             authed = False
             ts = time.time_ns() // 1_000_000
-            sock.sendall(ws.send(wse.TextMessage(dumps({
-                "op": "auth", "key_id": trader.creds.key_id, "timestamp": ts,
-                "signature": sign(trader.creds.secret, ts, "WS", "/v1/ws",
-                                  nonce.encode())}).decode())))
+            sock.sendall(
+                ws.send(
+                    wse.TextMessage(
+                        dumps(
+                            {
+                                "op": "auth",
+                                "key_id": trader.creds.key_id,
+                                "timestamp": ts,
+                                "signature": sign(
+                                    trader.creds.secret, ts, "WS", "/v1/ws", nonce.encode()
+                                ),
+                            }
+                        ).decode()
+                    )
+                )
+            )
             next_id = 0
             while True:
                 now = time.perf_counter()
@@ -528,8 +568,11 @@ def ws_phase(url: str, traders: list[Trader], *, seed: int, connections: int, wi
                         if per_message == 1:
                             msg = {"op": "place", "request_id": next_id, **flow.order()}
                         else:
-                            msg = {"op": "place_batch", "request_id": next_id,
-                                   "orders": [flow.order() for _ in range(per_message)]}
+                            msg = {
+                                "op": "place_batch",
+                                "request_id": next_id,
+                                "orders": [flow.order() for _ in range(per_message)],
+                            }
                         frames.append(ws.send(wse.TextMessage(dumps(msg).decode())))
                         pending[next_id] = now
                     sock.sendall(b"".join(frames))
@@ -599,15 +642,38 @@ def ws_phase(url: str, traders: list[Trader], *, seed: int, connections: int, wi
 
 def setup_cluster(cluster: LocalCluster, accounts: int) -> list[Trader]:
     urls = cluster.api_urls()
-    commands: list[dict] = [{"op": "create_market", "market": MARKET, "base": "BENCH",
-                             "quote": "USD", "lot_size": 1, "tick_size": 1,
-                             "maker_fee_bps": 1, "taker_fee_bps": 2}]
+    commands: list[dict] = [
+        {
+            "op": "create_market",
+            "market": MARKET,
+            "base": "BENCH",
+            "quote": "USD",
+            "lot_size": 1,
+            "tick_size": 1,
+            "maker_fee_bps": 1,
+            "taker_fee_bps": 2,
+        }
+    ]
     names = [f"api{i:03d}" for i in range(accounts)]
     for name in names:
-        commands.append({"op": "deposit", "account": name, "asset": "BENCH",
-                         "amount": 10**12, "ref": f"fund:{name}:base"})
-        commands.append({"op": "deposit", "account": name, "asset": "USD",
-                         "amount": 10**15, "ref": f"fund:{name}:quote"})
+        commands.append(
+            {
+                "op": "deposit",
+                "account": name,
+                "asset": "BENCH",
+                "amount": 10**12,
+                "ref": f"fund:{name}:base",
+            }
+        )
+        commands.append(
+            {
+                "op": "deposit",
+                "account": name,
+                "asset": "USD",
+                "amount": 10**15,
+                "ref": f"fund:{name}:quote",
+            }
+        )
     with FastClient(urls, cluster.admin_credentials()) as c:
         results = c.post_commands(commands)["results"]
     bad = [r for r in results if "events" not in r or r["events"][0]["type"] == "rejected"]
@@ -624,14 +690,28 @@ def trivial_app(root: Path):
     log = root / "trivial.log"
     repo = str(Path(__file__).resolve().parent.parent)
     # -P as for the nodes (a PYTHONPATH build comes first), the checkout after it for `bench`.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (os.environ.get("PYTHONPATH"), repo) if p)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), repo) if p),
+    }
     with open(log, "wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", TRIVIAL_MODULE, "--port", str(port),
-             "--max-lifetime", "900"],
-            stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-P",
+                "-m",
+                TRIVIAL_MODULE,
+                "--port",
+                str(port),
+                "--max-lifetime",
+                "900",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline().decode()  # READY <url>, or "" if it died
@@ -656,15 +736,23 @@ def _client_cpu(into: dict, key: str):
     """This process's CPU seconds (every client thread) per wall second of the phase."""
     cpu0, wall0 = time.process_time(), time.perf_counter()
     yield
-    into[key] = {"client_cpu_share": (time.process_time() - cpu0)
-                 / max(1e-9, time.perf_counter() - wall0)}
+    into[key] = {
+        "client_cpu_share": (time.process_time() - cpu0) / max(1e-9, time.perf_counter() - wall0)
+    }
 
 
 def run(root: Path, args: argparse.Namespace) -> dict:
-    res: dict = {"cpus": os.cpu_count(), "load_average_1m_before": _load(),
-                 "rate_limit_per_s": RATE_LIMIT_PER_S}
-    cluster = LocalCluster.create(root / "cluster", 3, rate_limit_per_s=RATE_LIMIT_PER_S,
-                                  rate_limit_burst=int(RATE_LIMIT_PER_S))
+    res: dict = {
+        "cpus": os.cpu_count(),
+        "load_average_1m_before": _load(),
+        "rate_limit_per_s": RATE_LIMIT_PER_S,
+    }
+    cluster = LocalCluster.create(
+        root / "cluster",
+        3,
+        rate_limit_per_s=RATE_LIMIT_PER_S,
+        rate_limit_burst=int(RATE_LIMIT_PER_S),
+    )
     cluster.exit_with_launcher = True
     with cluster:
         cluster.start()
@@ -677,53 +765,82 @@ def run(root: Path, args: argparse.Namespace) -> dict:
 
         with trivial_app(root) as trivial_url, _client_cpu(cpu, "trivial"):
             statuses = Statuses()
-            res["trivial"] = closed_loop(trivial_url, ping_sender(statuses),
-                                         connections=args.connections, **phase)
+            res["trivial"] = closed_loop(
+                trivial_url, ping_sender(statuses), connections=args.connections, **phase
+            )
             res["trivial"]["statuses"] = statuses.as_dict()
             res["trivial"]["load_average_1m"] = _load()
-            res["trivial_post"] = closed_loop(trivial_url, echo_sender(args.seed),
-                                              connections=args.connections, **phase)
+            res["trivial_post"] = closed_loop(
+                trivial_url, echo_sender(args.seed), connections=args.connections, **phase
+            )
 
         statuses = Statuses()
         with _client_cpu(cpu, "single"):
-            res["single"] = closed_loop(url, order_sender(traders, args.seed, "s", statuses),
-                                        connections=args.connections, **phase)
+            res["single"] = closed_loop(
+                url,
+                order_sender(traders, args.seed, "s", statuses),
+                connections=args.connections,
+                **phase,
+            )
             res["single"]["statuses"] = statuses.as_dict()
             res["single"]["load_average_1m"] = _load()
 
         statuses = Statuses()
         rate = max(1.0, LOAD_FRACTION * res["single"]["per_s"])
         with _client_cpu(cpu, "latency"):
-            res["latency"] = open_loop(url, order_sender(traders, args.seed, "l", statuses),
-                                       connections=args.connections, rate=rate,
-                                       warmup_s=min(args.warmup, 2.0), seconds=args.seconds)
+            res["latency"] = open_loop(
+                url,
+                order_sender(traders, args.seed, "l", statuses),
+                connections=args.connections,
+                rate=rate,
+                warmup_s=min(args.warmup, 2.0),
+                seconds=args.seconds,
+            )
             res["latency"]["statuses"] = statuses.as_dict()
             res["latency"]["load_average_1m"] = _load()
 
         statuses = Statuses()
         with _client_cpu(cpu, "batch"):
-            res["batch"] = closed_loop(url, batch_sender(traders, args.seed, "b", statuses),
-                                       connections=args.batch_connections, **phase)
+            res["batch"] = closed_loop(
+                url,
+                batch_sender(traders, args.seed, "b", statuses),
+                connections=args.batch_connections,
+                **phase,
+            )
             res["batch"]["statuses"] = statuses.as_dict()
             res["batch"]["load_average_1m"] = _load()
 
         with _client_cpu(cpu, "ws"):
-            res["ws"] = ws_phase(url, traders, seed=args.seed, connections=args.ws_connections,
-                                 window=args.ws_window, **phase)
+            res["ws"] = ws_phase(
+                url,
+                traders,
+                seed=args.seed,
+                connections=args.ws_connections,
+                window=args.ws_window,
+                **phase,
+            )
             res["ws"]["load_average_1m"] = _load()
 
         with _client_cpu(cpu, "ws_batch"):
-            res["ws_batch"] = ws_phase(url, traders, seed=args.seed,
-                                       connections=args.ws_connections, window=4,
-                                       per_message=100, **phase)
+            res["ws_batch"] = ws_phase(
+                url,
+                traders,
+                seed=args.seed,
+                connections=args.ws_connections,
+                window=4,
+                per_message=100,
+                **phase,
+            )
             res["ws_batch"]["load_average_1m"] = _load()
 
         statuses = Statuses()
         with _client_cpu(cpu, "ceiling"):
             res["ceiling"] = closed_loop(
-                url, commands_sender(cluster.admin_credentials(), traders, args.seed, "c",
-                                     statuses),
-                connections=args.batch_connections, **phase)
+                url,
+                commands_sender(cluster.admin_credentials(), traders, args.seed, "c", statuses),
+                connections=args.batch_connections,
+                **phase,
+            )
             res["ceiling"]["statuses"] = statuses.as_dict()
             res["ceiling"]["load_average_1m"] = _load()
 
@@ -733,10 +850,12 @@ def run(root: Path, args: argparse.Namespace) -> dict:
         res["engines"] = sorted({s.get("engine", "?") for s in statuses_end.values()})
         after = cluster.status(leader) or {}
         res["leader"] = leader
-        res["term_after"] = max((st["term"] for st in cluster.statuses().values() if st),
-                                default=None)
-        res["leader_kept"] = (after.get("role") == "leader"
-                              and after.get("term") == res["term_before"])
+        res["term_after"] = max(
+            (st["term"] for st in cluster.statuses().values() if st), default=None
+        )
+        res["leader_kept"] = (
+            after.get("role") == "leader" and after.get("term") == res["term_before"]
+        )
     for key, value in cpu.items():
         res[key].update(value)
     res["load_average_1m_after"] = _load()
@@ -764,9 +883,11 @@ def _verdict(ok: bool) -> str:
 
 
 def _conn_line(r: dict) -> str:
-    return (f"client CPU {r['client_cpu_share']:.0%} of a core; connections opened {r['connections_opened']}, closed by the server "
-            f"(Connection: close) {r['closed_by_server']}, dropped before a response "
-            f"{r['lost_before_response']}; statuses {r['statuses']}")
+    return (
+        f"client CPU {r['client_cpu_share']:.0%} of a core; connections opened {r['connections_opened']}, closed by the server "
+        f"(Connection: close) {r['closed_by_server']}, dropped before a response "
+        f"{r['lost_before_response']}; statuses {r['statuses']}"
+    )
 
 
 def print_report(res: dict) -> None:
@@ -785,80 +906,121 @@ def print_report(res: dict) -> None:
         f"{'kept' if res['leader_kept'] else 'LOST'} its leadership through the run)"
     )
     print()
-    print(f"1. single-order REST, {s['connections']} keep-alive connections, one request in "
-          f"flight each, {s['seconds']:.0f} s measured:")
-    print(f"   baseline GET /ping (Quart-trio, one route)  {t['per_s']:>9,.0f} req/s  "
-          f"p50 {t['p50_ms']:.1f} ms, p99 {t['p99_ms']:.1f} ms  (load {t['load_average_1m']:.2f})")
+    print(
+        f"1. single-order REST, {s['connections']} keep-alive connections, one request in "
+        f"flight each, {s['seconds']:.0f} s measured:"
+    )
+    print(
+        f"   baseline GET /ping (Quart-trio, one route)  {t['per_s']:>9,.0f} req/s  "
+        f"p50 {t['p50_ms']:.1f} ms, p99 {t['p99_ms']:.1f} ms  (load {t['load_average_1m']:.2f})"
+    )
     print(f"     {_conn_line(t)}")
-    print(f"   POST /v1/orders (signed, committed)         {s['per_s']:>9,.0f} orders/s  "
-          f"p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms  (load {s['load_average_1m']:.2f})")
+    print(
+        f"   POST /v1/orders (signed, committed)         {s['per_s']:>9,.0f} orders/s  "
+        f"p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms  (load {s['load_average_1m']:.2f})"
+    )
     print(f"     {_conn_line(s)}; unknown outcome {s['unknown_outcome']}")
     tp = res["trivial_post"]
-    print(f"   for reading: the baseline app's POST /echo (an order-shaped JSON body in, 201 and "
-          f"JSON out, no work) {tp['per_s']:,.0f} req/s = {res['ratio_trivial_post']:.0%} of "
-          f"GET /ping; ours = {res['ratio_echo']:.0%} of it")
-    print(f"   ours / baseline = {res['ratio_trivial']:.1%}  (target >= "
-          f"{REST_RATIO_TARGET:.0%})  {_verdict(tg['single_vs_trivial'])}")
+    print(
+        f"   for reading: the baseline app's POST /echo (an order-shaped JSON body in, 201 and "
+        f"JSON out, no work) {tp['per_s']:,.0f} req/s = {res['ratio_trivial_post']:.0%} of "
+        f"GET /ping; ours = {res['ratio_echo']:.0%} of it"
+    )
+    print(
+        f"   ours / baseline = {res['ratio_trivial']:.1%}  (target >= "
+        f"{REST_RATIO_TARGET:.0%})  {_verdict(tg['single_vs_trivial'])}"
+    )
     print()
-    print(f"2. latency at {LOAD_FRACTION:.0%} of that peak: open loop at "
-          f"{lat['rate_target']:,.0f} req/s over {lat['connections']} connections, "
-          f"{lat['seconds']:.0f} s, latency from each request's scheduled time:")
-    print(f"   achieved {lat['per_s']:,.0f} orders/s; p50 {lat['p50_ms']:.1f} ms, p99 "
-          f"{lat['p99_ms']:.1f} ms, max {lat['max_ms']:.1f} ms; requests sent over 1 ms "
-          f"after their time (no connection free) {lat['started_late_over_1ms']:,}")
+    print(
+        f"2. latency at {LOAD_FRACTION:.0%} of that peak: open loop at "
+        f"{lat['rate_target']:,.0f} req/s over {lat['connections']} connections, "
+        f"{lat['seconds']:.0f} s, latency from each request's scheduled time:"
+    )
+    print(
+        f"   achieved {lat['per_s']:,.0f} orders/s; p50 {lat['p50_ms']:.1f} ms, p99 "
+        f"{lat['p99_ms']:.1f} ms, max {lat['max_ms']:.1f} ms; requests sent over 1 ms "
+        f"after their time (no connection free) {lat['started_late_over_1ms']:,}"
+    )
     print(f"     {_conn_line(lat)}")
-    print(f"   p99 {lat['p99_ms']:.1f} ms = {lat['p99_ms'] / P99_TARGET_MS:.0%} of the bound "
-          f"(target <= {P99_TARGET_MS:.0f} ms)  {_verdict(tg['p99_at_80pct'])}")
+    print(
+        f"   p99 {lat['p99_ms']:.1f} ms = {lat['p99_ms'] / P99_TARGET_MS:.0%} of the bound "
+        f"(target <= {P99_TARGET_MS:.0f} ms)  {_verdict(tg['p99_at_80pct'])}"
+    )
     print()
-    print(f"3. batch REST, {b['connections']} connections x {BATCH_SIZE} orders per "
-          f"POST /v1/orders/batch, {b['seconds']:.0f} s:")
-    print(f"   {b['per_s']:,.0f} orders/s ({b['acknowledged']:,} answered 201 in "
-          f"{b['requests']:,} requests); request p50 {b['p50_ms']:.0f} ms, p99 "
-          f"{b['p99_ms']:.0f} ms  (load {b['load_average_1m']:.2f})")
+    print(
+        f"3. batch REST, {b['connections']} connections x {BATCH_SIZE} orders per "
+        f"POST /v1/orders/batch, {b['seconds']:.0f} s:"
+    )
+    print(
+        f"   {b['per_s']:,.0f} orders/s ({b['acknowledged']:,} answered 201 in "
+        f"{b['requests']:,} requests); request p50 {b['p50_ms']:.0f} ms, p99 "
+        f"{b['p99_ms']:.0f} ms  (load {b['load_average_1m']:.2f})"
+    )
     print(f"     {_conn_line(b)}")
-    print(f"   = {b['per_s'] / BATCH_TARGET:.0%} of the target (>= {BATCH_TARGET:,}/s)  "
-          f"{_verdict(tg['batch'])}")
+    print(
+        f"   = {b['per_s'] / BATCH_TARGET:.0%} of the target (>= {BATCH_TARGET:,}/s)  "
+        f"{_verdict(tg['batch'])}"
+    )
     print()
-    print(f"4. WebSocket order entry, {w['connections']} authenticated sockets x "
-          f"{w['window']} requests in flight, {w['seconds']:.0f} s:")
-    print(f"   {w['per_s']:,.0f} orders/s ({w['acknowledged']:,} responses 201); response "
-          f"p50 {w['p50_ms']:.0f} ms, p99 {w['p99_ms']:.0f} ms  (load "
-          f"{w['load_average_1m']:.2f}); client CPU {w['client_cpu_share']:.0%} of a core; "
-          f"statuses {w['statuses']}")
-    print(f"   = {w['per_s'] / WS_TARGET:.0%} of the target (>= {WS_TARGET:,}/s)  "
-          f"{_verdict(tg['ws'])}")
+    print(
+        f"4. WebSocket order entry, {w['connections']} authenticated sockets x "
+        f"{w['window']} requests in flight, {w['seconds']:.0f} s:"
+    )
+    print(
+        f"   {w['per_s']:,.0f} orders/s ({w['acknowledged']:,} responses 201); response "
+        f"p50 {w['p50_ms']:.0f} ms, p99 {w['p99_ms']:.0f} ms  (load "
+        f"{w['load_average_1m']:.2f}); client CPU {w['client_cpu_share']:.0%} of a core; "
+        f"statuses {w['statuses']}"
+    )
+    print(
+        f"   = {w['per_s'] / WS_TARGET:.0%} of the target (>= {WS_TARGET:,}/s)  "
+        f"{_verdict(tg['ws'])}"
+    )
     wb = res["ws_batch"]
     print()
-    print(f"5. WebSocket batch order entry (for information: the high-rate client's path), "
-          f"{wb['connections']} sockets x {wb['window']} place_batch messages of "
-          f"{wb['per_message']} orders in flight, {wb['seconds']:.0f} s:")
-    print(f"   {wb['per_s']:,.0f} orders/s ({wb['acknowledged']:,} orders answered 201); "
-          f"message p50 {wb['p50_ms']:.0f} ms, p99 {wb['p99_ms']:.0f} ms  (load "
-          f"{wb['load_average_1m']:.2f}); statuses {wb['statuses']}")
+    print(
+        f"5. WebSocket batch order entry (for information: the high-rate client's path), "
+        f"{wb['connections']} sockets x {wb['window']} place_batch messages of "
+        f"{wb['per_message']} orders in flight, {wb['seconds']:.0f} s:"
+    )
+    print(
+        f"   {wb['per_s']:,.0f} orders/s ({wb['acknowledged']:,} orders answered 201); "
+        f"message p50 {wb['p50_ms']:.0f} ms, p99 {wb['p99_ms']:.0f} ms  (load "
+        f"{wb['load_average_1m']:.2f}); statuses {wb['statuses']}"
+    )
     c = res["ceiling"]
     print()
-    print(f"6. the cluster's commit ceiling (for reading 3-5): {c['connections']} admin "
-          f"connections x {CEILING_PER_REQUEST} place commands per POST /v1/admin/commands, "
-          f"{c['seconds']:.0f} s:")
-    print(f"   {c['per_s']:,.0f} orders/s committed; request p50 {c['p50_ms']:.0f} ms, p99 "
-          f"{c['p99_ms']:.0f} ms  (load {c['load_average_1m']:.2f}); client CPU "
-          f"{c['client_cpu_share']:.0%} of a core; statuses {c['statuses']}")
+    print(
+        f"6. the cluster's commit ceiling (for reading 3-5): {c['connections']} admin "
+        f"connections x {CEILING_PER_REQUEST} place commands per POST /v1/admin/commands, "
+        f"{c['seconds']:.0f} s:"
+    )
+    print(
+        f"   {c['per_s']:,.0f} orders/s committed; request p50 {c['p50_ms']:.0f} ms, p99 "
+        f"{c['p99_ms']:.0f} ms  (load {c['load_average_1m']:.2f}); client CPU "
+        f"{c['client_cpu_share']:.0%} of a core; statuses {c['statuses']}"
+    )
     if c["per_s"]:
-        print(f"   the batch target is {BATCH_TARGET / c['per_s']:.1f}x this ceiling, the "
-              f"WebSocket target {WS_TARGET / c['per_s']:.1f}x")
+        print(
+            f"   the batch target is {BATCH_TARGET / c['per_s']:.1f}x this ceiling, the "
+            f"WebSocket target {WS_TARGET / c['per_s']:.1f}x"
+        )
     errors = [e for r in (t, tp, s, lat, b, w, wb, c) for e in r["errors"]]
     if errors:
         print(f"\nclient errors: {errors}")
-    print(f"\nstate hashes equal on every node after the run: "
-          f"{_verdict(res['state_hashes_equal'])} (cmd_index {res['cmd_index_end']:,})")
+    print(
+        f"\nstate hashes equal on every node after the run: "
+        f"{_verdict(res['state_hashes_equal'])} (cmd_index {res['cmd_index_end']:,})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=10.0, help="measured seconds per phase")
     ap.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per phase")
-    ap.add_argument("--connections", type=int, default=32,
-                    help="single-order REST and baseline connections")
+    ap.add_argument(
+        "--connections", type=int, default=32, help="single-order REST and baseline connections"
+    )
     ap.add_argument("--batch-connections", type=int, default=4)
     ap.add_argument("--ws-connections", type=int, default=4)
     ap.add_argument("--ws-window", type=int, default=256, help="requests in flight per socket")
@@ -866,9 +1028,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (node logs)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--strict", action="store_true",
-                    help="exit 1 when a target is missed (default: 0 once the run completed, "
-                    "so `make bench` runs every benchmark)")
+    ap.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 when a target is missed (default: 0 once the run completed, "
+        "so `make bench` runs every benchmark)",
+    )
     args = ap.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="qb-bench-api-"))
     try:

@@ -42,9 +42,12 @@ def create_app() -> QuartTrio:
     @app.post("/echo")
     async def echo() -> tuple[Response, int]:
         order = loads(await request.get_data())
-        return Response(dumps({"order_id": 1, "status": "open",
-                               "client_order_id": order.get("client_order_id")}),
-                        content_type="application/json"), 201
+        return Response(
+            dumps(
+                {"order_id": 1, "status": "open", "client_order_id": order.get("client_order_id")}
+            ),
+            content_type="application/json",
+        ), 201
 
     return app
 
@@ -79,8 +82,12 @@ async def _main(host: str, port: int, max_lifetime_s: float, parent: int) -> Non
         nursery.start_soon(watch)
         nursery.start_soon(watch_parent)
         binds = await nursery.start(
-            lambda task_status: serve(app, hypercorn_config(host, port),
-                                      shutdown_trigger=stop.wait, task_status=task_status)
+            lambda task_status: serve(
+                app,
+                hypercorn_config(host, port),
+                shutdown_trigger=stop.wait,
+                task_status=task_status,
+            )
         )
         print(f"READY {binds[0]}", flush=True)
         await stop.wait()

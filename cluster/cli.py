@@ -15,8 +15,12 @@ def main() -> None:
 @main.command()
 @click.option("--seed", default=7, show_default=True, help="Seed of the trading session.")
 @click.option("--orders", default=3000, show_default=True, help="Number of order commands.")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
-              help="Keep the cluster's files here (default: a temporary directory).")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Keep the cluster's files here (default: a temporary directory).",
+)
 def demo(seed: int, orders: int, data_dir: str | None) -> None:
     """Start a local 3-node cluster, run a seeded session with one leader kill, print it.
 
@@ -35,8 +39,13 @@ def node() -> None:
 
 
 @node.command("run")
-@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Node TOML config (node id, raft addr, peers, api port, data dir).")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Node TOML config (node id, raft addr, peers, api port, data dir).",
+)
 def node_run(config_path: str) -> None:
     """Run one node until SIGTERM/SIGINT.
 
@@ -65,10 +74,18 @@ def cluster() -> None:
 
 @cluster.command("up")
 @click.option("--nodes", "n", type=click.IntRange(1, 7), default=3, show_default=True)
-@click.option("--data-dir", required=True, type=click.Path(file_okay=False),
-              help="Directory for configs, secrets, node data and cluster.json.")
-@click.option("--restart/--no-restart", default=True, show_default=True,
-              help="Restart a node that dies (with backoff).")
+@click.option(
+    "--data-dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory for configs, secrets, node data and cluster.json.",
+)
+@click.option(
+    "--restart/--no-restart",
+    default=True,
+    show_default=True,
+    help="Restart a node that dies (with backoff).",
+)
 def cluster_up(n: int, data_dir: str, restart: bool) -> None:
     """Start a local cluster of N node processes; stop them all on Ctrl-C.
 
@@ -83,8 +100,11 @@ def cluster_up(n: int, data_dir: str, restart: bool) -> None:
     from .raft import EXITS_NOT_TO_RESTART
 
     root = Path(data_dir)
-    cl = LocalCluster.open(root / "cluster.json") if (root / "cluster.json").exists() else \
-        LocalCluster.create(root, n)
+    cl = (
+        LocalCluster.open(root / "cluster.json")
+        if (root / "cluster.json").exists()
+        else LocalCluster.create(root, n)
+    )
     stopping = False
 
     def on_signal(signum, frame):
@@ -98,7 +118,9 @@ def cluster_up(n: int, data_dir: str, restart: bool) -> None:
         leader = cl.wait_for_leader(30)
         click.echo(f"cluster of {len(cl.nodes)} up; leader {leader}; manifest {cl.manifest_path}")
         for node_id, proc in cl.nodes.items():
-            click.echo(f"  {node_id}: api {proc.config.api_url}  raft {proc.config.raft_addr}  pid {proc.pid}")
+            click.echo(
+                f"  {node_id}: api {proc.config.api_url}  raft {proc.config.raft_addr}  pid {proc.pid}"
+            )
         click.echo(f"  admin credentials: {cl.admin_key_path}")
         backoff = {nid: 1.0 for nid in cl.nodes}
         next_try = {nid: 0.0 for nid in cl.nodes}
@@ -112,8 +134,9 @@ def cluster_up(n: int, data_dir: str, restart: bool) -> None:
             if not restart:
                 continue
             for node_id, proc in cl.nodes.items():
-                if (node_id in refused_with
-                        and refused_with[node_id] != _identity(proc.config.data_dir)):
+                if node_id in refused_with and refused_with[node_id] != _identity(
+                    proc.config.data_dir
+                ):
                     del refused_with[node_id]  # its data directory was replaced: try again
                     next_try[node_id] = 1.0
                 if proc.alive() or time.monotonic() < next_try[node_id]:
@@ -125,8 +148,10 @@ def cluster_up(n: int, data_dir: str, restart: bool) -> None:
                         # the data directory aside (docs/operating/raft-storage.md).
                         refused_with[node_id] = _identity(proc.config.data_dir)
                         next_try[node_id] = math.inf
-                        click.echo(f"  {node_id} exited ({code}): not restarting on the same "
-                                   f"data; read {proc.config_path.parent / 'node.log'}")
+                        click.echo(
+                            f"  {node_id} exited ({code}): not restarting on the same "
+                            f"data; read {proc.config_path.parent / 'node.log'}"
+                        )
                         continue
                     next_try[node_id] = time.monotonic() + backoff[node_id]
                     click.echo(f"  {node_id} exited ({code}); restart in {backoff[node_id]:.0f} s")
@@ -142,8 +167,13 @@ def cluster_up(n: int, data_dir: str, restart: bool) -> None:
 
 
 @cluster.command("status")
-@click.option("--cluster", "manifest", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Path of the cluster's cluster.json.")
+@click.option(
+    "--cluster",
+    "manifest",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Path of the cluster's cluster.json.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def cluster_status(manifest: str, as_json: bool) -> None:
     """Print every node's role, term, indexes and state hash.
@@ -164,8 +194,10 @@ def cluster_status(manifest: str, as_json: bool) -> None:
         if s is None:
             click.echo(f"{nid}: unreachable")
         else:
-            click.echo(f"{nid}: {s['role']:9} term {s['term']} commit {s['commit_index']} "
-                       f"applied {s['applied_index']} cmd {s['cmd_index']} hash {s['state_hash'][:16]}")
+            click.echo(
+                f"{nid}: {s['role']:9} term {s['term']} commit {s['commit_index']} "
+                f"applied {s['applied_index']} cmd {s['cmd_index']} hash {s['state_hash'][:16]}"
+            )
 
 
 def _identity(path) -> tuple[int, int] | None:
@@ -186,8 +218,12 @@ def _open(manifest: str):
 
 
 _cluster_option = click.option(
-    "--cluster", "manifest", required=True, type=click.Path(exists=True, dir_okay=False),
-    help="Path of the cluster's cluster.json.")
+    "--cluster",
+    "manifest",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Path of the cluster's cluster.json.",
+)
 
 
 @cluster.command("add-node")
@@ -199,8 +235,10 @@ def cluster_add_node(manifest: str) -> None:
     """
     cl = _open(manifest)
     node_id = cl.add_node()
-    click.echo(f"added {node_id}: api {cl.nodes[node_id].config.api_url} "
-               f"raft {cl.nodes[node_id].config.raft_addr} pid {cl.nodes[node_id].pid}")
+    click.echo(
+        f"added {node_id}: api {cl.nodes[node_id].config.api_url} "
+        f"raft {cl.nodes[node_id].config.raft_addr} pid {cl.nodes[node_id].pid}"
+    )
 
 
 @cluster.command("remove-node")
@@ -213,7 +251,9 @@ def cluster_remove_node(manifest: str, node_id: str) -> None:
     """
     cl = _open(manifest)
     if node_id not in cl.nodes:
-        raise click.ClickException(f"no node {node_id!r} in {manifest} (have {', '.join(cl.nodes)})")
+        raise click.ClickException(
+            f"no node {node_id!r} in {manifest} (have {', '.join(cl.nodes)})"
+        )
     cl.remove_node(node_id)
     click.echo(f"removed {node_id}; members now {', '.join(cl.nodes)}")
 
@@ -234,20 +274,50 @@ def cluster_transfer_leader(manifest: str, target: str | None) -> None:
 
 @main.command()
 @_cluster_option
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=100.0,
-              show_default=True, help="Operations per second (places and some cancels).")
-@click.option("--duration", "duration_s", type=click.FloatRange(min=0, min_open=True),
-              default=10.0, show_default=True, help="Seconds of flow; the run stops by itself.")
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=100.0,
+    show_default=True,
+    help="Operations per second (places and some cancels).",
+)
+@click.option(
+    "--duration",
+    "duration_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds of flow; the run stops by itself.",
+)
 @click.option("--seed", default=7, show_default=True, help="Seed of the order flow.")
-@click.option("--accounts", type=click.IntRange(1, 1000), default=8, show_default=True,
-              help="Trader accounts (funded once, a new key each run).")
-@click.option("--workers", type=click.IntRange(1, 1000), default=16, show_default=True,
-              help="Concurrent requests at most.")
-@click.option("--market", default="LG-USD", show_default=True,
-              help="Market to trade (created if missing).")
+@click.option(
+    "--accounts",
+    type=click.IntRange(1, 1000),
+    default=8,
+    show_default=True,
+    help="Trader accounts (funded once, a new key each run).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 1000),
+    default=16,
+    show_default=True,
+    help="Concurrent requests at most.",
+)
+@click.option(
+    "--market", default="LG-USD", show_default=True, help="Market to trade (created if missing)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def loadgen(manifest: str, rate: float, duration_s: float, seed: int, accounts: int,
-            workers: int, market: str, as_json: bool) -> None:
+def loadgen(
+    manifest: str,
+    rate: float,
+    duration_s: float,
+    seed: int,
+    accounts: int,
+    workers: int,
+    market: str,
+    as_json: bool,
+) -> None:
     """Send a steady seeded order flow through the client SDK and report what came back.
 
     Prints sent/acked/failed/unknown counts, trades and latency percentiles.
@@ -261,8 +331,16 @@ def loadgen(manifest: str, rate: float, duration_s: float, seed: int, accounts: 
 
     progress = None if as_json else (lambda tally: click.echo(progress_line(tally), err=True))
     try:
-        report = run(Path(manifest), rate, duration_s, seed=seed, accounts=accounts,
-                     workers=workers, market=market, progress=progress)
+        report = run(
+            Path(manifest),
+            rate,
+            duration_s,
+            seed=seed,
+            accounts=accounts,
+            workers=workers,
+            market=market,
+            progress=progress,
+        )
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(report) if as_json else format_report(report))
@@ -275,22 +353,45 @@ def keys() -> None:
 
 @keys.command("create")
 @click.option("--account", required=True, help="Account the key trades for, e.g. alice.")
-@click.option("--role", type=click.Choice(["trader", "admin"]), default="trader",
-              show_default=True)
-@click.option("--cluster", "manifest", type=click.Path(exists=True, dir_okay=False),
-              help="Path of the cluster's cluster.json (node URLs and admin credentials).")
-@click.option("--url", "urls", multiple=True,
-              help="A node's API URL (repeat for every node); instead of --cluster.")
-@click.option("--admin-key-file", type=click.Path(exists=True, dir_okay=False),
-              help="Admin credentials (JSON, mode 0600); with --url.")
-@click.option("--ca-file", type=click.Path(exists=True, dir_okay=False),
-              help="CA certificate to trust for https:// URLs (default: the system's CAs).")
-@click.option("--out", type=click.Path(dir_okay=False),
-              help="Write the key (JSON, mode 0600) to this new file instead of printing it.")
+@click.option("--role", type=click.Choice(["trader", "admin"]), default="trader", show_default=True)
+@click.option(
+    "--cluster",
+    "manifest",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Path of the cluster's cluster.json (node URLs and admin credentials).",
+)
+@click.option(
+    "--url",
+    "urls",
+    multiple=True,
+    help="A node's API URL (repeat for every node); instead of --cluster.",
+)
+@click.option(
+    "--admin-key-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Admin credentials (JSON, mode 0600); with --url.",
+)
+@click.option(
+    "--ca-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="CA certificate to trust for https:// URLs (default: the system's CAs).",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    help="Write the key (JSON, mode 0600) to this new file instead of printing it.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def keys_create(account: str, role: str, manifest: str | None, urls: tuple[str, ...],
-                admin_key_file: str | None, ca_file: str | None, out: str | None,
-                as_json: bool) -> None:
+def keys_create(
+    account: str,
+    role: str,
+    manifest: str | None,
+    urls: tuple[str, ...],
+    admin_key_file: str | None,
+    ca_file: str | None,
+    out: str | None,
+    as_json: bool,
+) -> None:
     """Create an API key; its secret is shown once (or written to --out) and never stored.
 
     Example: quorumbook keys create --account alice --cluster /tmp/qb/cluster.json --out alice.key

@@ -76,7 +76,9 @@ class NodeConfig:
         if not path.exists():
             raise ConfigError(f"api_master_file {path} does not exist")
         if stat.S_IMODE(path.stat().st_mode) & 0o077:
-            raise ConfigError(f"api_master_file {path} must not be readable by group/others (chmod 600)")
+            raise ConfigError(
+                f"api_master_file {path} must not be readable by group/others (chmod 600)"
+            )
         return path.read_text().strip()
 
     def read_password(self) -> str:
@@ -86,7 +88,9 @@ class NodeConfig:
             if not path.exists():
                 raise ConfigError(f"password_file {path} does not exist")
             if stat.S_IMODE(path.stat().st_mode) & 0o077:
-                raise ConfigError(f"password_file {path} must not be readable by group/others (chmod 600)")
+                raise ConfigError(
+                    f"password_file {path} must not be readable by group/others (chmod 600)"
+                )
             password = path.read_text().strip()
         if not password:
             raise ConfigError(
@@ -95,8 +99,13 @@ class NodeConfig:
         return password
 
 
-API_SETTINGS = ("rate_limit_per_s", "rate_limit_burst", "admin_rate_limit_per_s",
-                "admin_rate_limit_burst", "ready_max_lag_entries")
+API_SETTINGS = (
+    "rate_limit_per_s",
+    "rate_limit_burst",
+    "admin_rate_limit_per_s",
+    "admin_rate_limit_burst",
+    "ready_max_lag_entries",
+)
 
 
 def load(path: Path) -> NodeConfig:
@@ -109,15 +118,32 @@ def load(path: Path) -> NodeConfig:
         api = raw.get("api", {})
         base = Path(path).resolve().parent
         peers = tuple(Peer(p["id"], p["raft_addr"], p["api_url"]) for p in raw.get("peers", []))
-        timings = {k: raft[k] for k in (
-            "election_timeout_min_s", "election_timeout_max_s", "append_entries_period_s",
-            "leader_fallback_timeout_s", "compaction_min_entries", "compaction_min_time_s",
-        ) if k in raft}
-        batching = {k: raw["batch"][k] for k in (
-            "batch_window_s", "batch_max", "batch_max_in_flight", "submit_timeout_s",
-        ) if k in raw.get("batch", {})}
-        if not isinstance(batching.get("batch_max_in_flight", 1), int) or \
-                batching.get("batch_max_in_flight", 1) < 1:
+        timings = {
+            k: raft[k]
+            for k in (
+                "election_timeout_min_s",
+                "election_timeout_max_s",
+                "append_entries_period_s",
+                "leader_fallback_timeout_s",
+                "compaction_min_entries",
+                "compaction_min_time_s",
+            )
+            if k in raft
+        }
+        batching = {
+            k: raw["batch"][k]
+            for k in (
+                "batch_window_s",
+                "batch_max",
+                "batch_max_in_flight",
+                "submit_timeout_s",
+            )
+            if k in raw.get("batch", {})
+        }
+        if (
+            not isinstance(batching.get("batch_max_in_flight", 1), int)
+            or batching.get("batch_max_in_flight", 1) < 1
+        ):
             raise ConfigError(f"config {path}: [batch] batch_max_in_flight must be an integer >= 1")
         api_settings = {k: api[k] for k in API_SETTINGS if k in api}
         tls = {k: (base / api[k]).resolve() for k in ("tls_cert_file", "tls_key_file") if k in api}
@@ -126,8 +152,10 @@ def load(path: Path) -> NodeConfig:
         for name, value in api_settings.items():
             if not isinstance(value, int | float) or value < 0:
                 raise ConfigError(f"config {path}: [api] {name} must be a number >= 0")
-        for rate, burst in (("rate_limit_per_s", "rate_limit_burst"),
-                            ("admin_rate_limit_per_s", "admin_rate_limit_burst")):
+        for rate, burst in (
+            ("rate_limit_per_s", "rate_limit_burst"),
+            ("admin_rate_limit_per_s", "admin_rate_limit_burst"),
+        ):
             if api_settings.get(rate, 1) > 0 and api_settings.get(burst, 1) < 1:
                 raise ConfigError(f"config {path}: [api] {burst} must be >= 1 when {rate} > 0")
         return NodeConfig(
@@ -137,9 +165,15 @@ def load(path: Path) -> NodeConfig:
             api_port=int(api["port"]),
             data_dir=(base / raw["data_dir"]).resolve(),
             peers=peers,
-            password_file=(base / raw["password_file"]).resolve() if "password_file" in raw else None,
-            admin_key_file=(base / raw["admin_key_file"]).resolve() if "admin_key_file" in raw else None,
-            api_master_file=(base / raw["api_master_file"]).resolve() if "api_master_file" in raw else None,
+            password_file=(base / raw["password_file"]).resolve()
+            if "password_file" in raw
+            else None,
+            admin_key_file=(base / raw["admin_key_file"]).resolve()
+            if "admin_key_file" in raw
+            else None,
+            api_master_file=(base / raw["api_master_file"]).resolve()
+            if "api_master_file" in raw
+            else None,
             **timings,
             **batching,
             **api_settings,
@@ -176,8 +210,11 @@ def dump(config: NodeConfig) -> str:
         f'host = "{config.api_host}"',
         f"port = {config.api_port}",
         *(f"{k} = {getattr(config, k)}" for k in API_SETTINGS),
-        *(f'{k} = "{getattr(config, k)}"' for k in ("tls_cert_file", "tls_key_file")
-          if getattr(config, k) is not None),
+        *(
+            f'{k} = "{getattr(config, k)}"'
+            for k in ("tls_cert_file", "tls_key_file")
+            if getattr(config, k) is not None
+        ),
         "",
         "[batch]",
         f"batch_window_s = {config.batch_window_s}",
@@ -186,6 +223,11 @@ def dump(config: NodeConfig) -> str:
         f"submit_timeout_s = {config.submit_timeout_s}",
     ]
     for peer in config.peers:
-        lines += ["", "[[peers]]", f'id = "{peer.id}"', f'raft_addr = "{peer.raft_addr}"',
-                  f'api_url = "{peer.api_url}"']
+        lines += [
+            "",
+            "[[peers]]",
+            f'id = "{peer.id}"',
+            f'raft_addr = "{peer.raft_addr}"',
+            f'api_url = "{peer.api_url}"',
+        ]
     return "\n".join(lines) + "\n"

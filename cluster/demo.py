@@ -52,8 +52,24 @@ class Session:
         ]
         for i in range(self.accounts):
             acct = f"trader{i:02d}"
-            cmds.append({"op": "deposit", "account": acct, "asset": "USD", "amount": 50_000_000, "ref": f"usd-{i}"})
-            cmds.append({"op": "deposit", "account": acct, "asset": "BTC", "amount": 500_000_000, "ref": f"btc-{i}"})
+            cmds.append(
+                {
+                    "op": "deposit",
+                    "account": acct,
+                    "asset": "USD",
+                    "amount": 50_000_000,
+                    "ref": f"usd-{i}",
+                }
+            )
+            cmds.append(
+                {
+                    "op": "deposit",
+                    "account": acct,
+                    "asset": "BTC",
+                    "amount": 500_000_000,
+                    "ref": f"btc-{i}",
+                }
+            )
         return [self._stamp(c) for c in cmds]
 
     def orders(self, count: int) -> list[dict]:
@@ -67,15 +83,34 @@ class Session:
             if roll < 0.15:
                 cmds.append({"op": "cancel_all", "account": acct, "market": MARKET})
             elif roll < 0.25:
-                cmds.append({"op": "place", "account": acct, "market": MARKET, "side": side,
-                             "type": "market", "qty": rng.randint(1, 5), "client_order_id": f"m{n}"})
+                cmds.append(
+                    {
+                        "op": "place",
+                        "account": acct,
+                        "market": MARKET,
+                        "side": side,
+                        "type": "market",
+                        "qty": rng.randint(1, 5),
+                        "client_order_id": f"m{n}",
+                    }
+                )
             else:
                 offset = rng.randint(-8, 12) * 50
                 price = mid - offset if side == "buy" else mid + offset
                 tif = rng.choice(("gtc", "gtc", "gtc", "ioc", "post_only", "fok"))
-                cmds.append({"op": "place", "account": acct, "market": MARKET, "side": side,
-                             "type": "limit", "price": price, "qty": rng.randint(1, 10),
-                             "tif": tif, "client_order_id": f"o{n}"})
+                cmds.append(
+                    {
+                        "op": "place",
+                        "account": acct,
+                        "market": MARKET,
+                        "side": side,
+                        "type": "limit",
+                        "price": price,
+                        "qty": rng.randint(1, 10),
+                        "tif": tif,
+                        "client_order_id": f"o{n}",
+                    }
+                )
         return [self._stamp(c) for c in cmds]
 
 
@@ -112,7 +147,9 @@ def run_cluster(seed: int, orders: int, data_dir: Path | None) -> None:
         leader = cluster.wait_for_leader(30)
         click.echo(f"quorumbook demo (seed {seed}): 3-node cluster up, leader {leader}")
         for node_id, proc in cluster.nodes.items():
-            click.echo(f"  {node_id}: api {proc.config.api_url}  raft {proc.config.raft_addr}  pid {proc.pid}")
+            click.echo(
+                f"  {node_id}: api {proc.config.api_url}  raft {proc.config.raft_addr}  pid {proc.pid}"
+            )
         client = stack.enter_context(AdminClient(cluster.api_urls(), cluster.admin_credentials()))
         counts: Counter[str] = Counter()
         reasons: Counter[str] = Counter()
@@ -132,8 +169,10 @@ def run_cluster(seed: int, orders: int, data_dir: Path | None) -> None:
             results = client.submit(flow[i : i + chunk])
             if killed is not None and failover_s is None:
                 failover_s = time.perf_counter() - t_kill
-                click.echo(f"  next acknowledged batch {failover_s * 1000:.0f} ms after the kill, "
-                           f"new leader {cluster.wait_for_leader(10, exclude=(killed,))}")
+                click.echo(
+                    f"  next acknowledged batch {failover_s * 1000:.0f} ms after the kill, "
+                    f"new leader {cluster.wait_for_leader(10, exclude=(killed,))}"
+                )
             unknown += _tally(results, counts, reasons, trades)
         elapsed = time.perf_counter() - started
         assert killed is not None
@@ -141,19 +180,27 @@ def run_cluster(seed: int, orders: int, data_dir: Path | None) -> None:
         client.barrier()
         statuses = cluster.wait_converged(30)
 
-        click.echo(f"  {len(setup) + len(flow)} commands in {elapsed:.1f} s through the leader "
-                   f"({unknown} without a known outcome)")
+        click.echo(
+            f"  {len(setup) + len(flow)} commands in {elapsed:.1f} s through the leader "
+            f"({unknown} without a known outcome)"
+        )
         click.echo(f"  events: {dict(sorted(counts.items()))}")
         click.echo(f"  rejections by reason: {dict(sorted(reasons.items()))}")
-        click.echo(f"  trades: {len(trades)}, volume {sum(t['qty'] for t in trades)} lots, "
-                   f"fees {sum(t['maker_fee'] + t['taker_fee'] for t in trades)} USD cents")
+        click.echo(
+            f"  trades: {len(trades)}, volume {sum(t['qty'] for t in trades)} lots, "
+            f"fees {sum(t['maker_fee'] + t['taker_fee'] for t in trades)} USD cents"
+        )
         for t in trades[:3]:
-            click.echo(f"    trade {t['trade_id']}: {t['qty']} lots @ {t['price']} "
-                       f"{t['taker_account']} ({t['taker_side']}) x {t['maker_account']}")
+            click.echo(
+                f"    trade {t['trade_id']}: {t['qty']} lots @ {t['price']} "
+                f"{t['taker_account']} ({t['taker_side']}) x {t['maker_account']}"
+            )
         click.echo(f"  {killed} restarted from its data dir and caught up:")
         for node_id, st in statuses.items():
-            click.echo(f"    {node_id}: {st['role']:9} term {st['term']} cmd_index {st['cmd_index']} "
-                       f"state {st['state_hash'][:24]}")
+            click.echo(
+                f"    {node_id}: {st['role']:9} term {st['term']} cmd_index {st['cmd_index']} "
+                f"state {st['state_hash'][:24]}"
+            )
         if len({st["state_hash"] for st in statuses.values()}) != 1:
             raise click.ClickException("replicas diverged: state hashes differ")
         click.echo("  all replicas hold the same state hash")

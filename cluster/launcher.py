@@ -96,12 +96,20 @@ class LocalCluster:
             raft_addr, api_port = addrs[node_id]
             peers = tuple(
                 Peer(other, addrs[other][0], f"{scheme}://127.0.0.1:{addrs[other][1]}")
-                for other in ids if other != node_id
+                for other in ids
+                if other != node_id
             )
             config = NodeConfig(
-                node_id=node_id, raft_addr=raft_addr, api_host="127.0.0.1", api_port=api_port,
-                data_dir=root / node_id / "data", peers=peers, password_file=password_file,
-                admin_key_file=admin_key, api_master_file=api_master, **settings,  # type: ignore[arg-type]
+                node_id=node_id,
+                raft_addr=raft_addr,
+                api_host="127.0.0.1",
+                api_port=api_port,
+                data_dir=root / node_id / "data",
+                peers=peers,
+                password_file=password_file,
+                admin_key_file=admin_key,
+                api_master_file=api_master,
+                **settings,  # type: ignore[arg-type]
             )
             path = root / node_id / "node.toml"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +176,9 @@ class LocalCluster:
         """Every node's config lists every current member (for restarts)."""
         members = {nid: n.config for nid, n in self.nodes.items()}
         for node_id, node in self.nodes.items():
-            peers = tuple(Peer(o, c.raft_addr, c.api_url) for o, c in members.items() if o != node_id)
+            peers = tuple(
+                Peer(o, c.raft_addr, c.api_url) for o, c in members.items() if o != node_id
+            )
             node.config = dataclasses.replace(node.config, peers=peers)
             node.config_path.write_text(dump(node.config))
 
@@ -179,7 +189,10 @@ class LocalCluster:
         template = next(iter(self.nodes.values())).config
         node_id = f"n{max(int(nid[1:]) for nid in self.nodes) + 1}"
         config = dataclasses.replace(
-            template, node_id=node_id, raft_addr=f"127.0.0.1:{free_port()}", api_port=free_port(),
+            template,
+            node_id=node_id,
+            raft_addr=f"127.0.0.1:{free_port()}",
+            api_port=free_port(),
             data_dir=self.root / node_id / "data",
         )
         path = self.root / node_id / "node.toml"
@@ -190,7 +203,8 @@ class LocalCluster:
         # has committed (a node's configuration is its log's; its node.toml peers are the
         # members it starts with, and must never name one the log does not).
         config = dataclasses.replace(
-            config, peers=tuple(Peer(c.node_id, c.raft_addr, c.api_url) for c in members))
+            config, peers=tuple(Peer(c.node_id, c.raft_addr, c.api_url) for c in members)
+        )
         node = NodeProcess(path, config)
         path.write_text(dump(config))
         self.nodes[node_id] = node
@@ -211,8 +225,9 @@ class LocalCluster:
         self.write_manifest()
         return node_id
 
-    def transfer_leadership(self, to: str | None = None, *, away_from: str | None = None,
-                            attempts: int = 10) -> str:
+    def transfer_leadership(
+        self, to: str | None = None, *, away_from: str | None = None, attempts: int = 10
+    ) -> str:
         """Move leadership (to `to`, or to any other node) and wait until it has moved.
 
         pysyncobj's transfer is best effort (Raft TimeoutNow: the target must be caught up and
@@ -222,11 +237,18 @@ class LocalCluster:
 
         for _ in range(attempts):
             leader = self.wait_for_leader(20)
-            if (to is not None and leader == to) or (to is None and leader != (away_from or leader)):
+            if (to is not None and leader == to) or (
+                to is None and leader != (away_from or leader)
+            ):
                 return leader
-            with AdminClient([self.nodes[leader].config.api_url], self.admin_credentials(),
-                             verify=self.verify) as c, \
-                    contextlib.suppress(httpx.HTTPError, ClusterUnavailable):
+            with (
+                AdminClient(
+                    [self.nodes[leader].config.api_url],
+                    self.admin_credentials(),
+                    verify=self.verify,
+                ) as c,
+                contextlib.suppress(httpx.HTTPError, ClusterUnavailable),
+            ):
                 # Denied (target not caught up) or the leader moved meanwhile: check, retry.
                 c.transfer_leader(to, deadline_s=5)
             deadline = time.monotonic() + 2.0
@@ -282,9 +304,20 @@ class LocalCluster:
             node.process = subprocess.Popen(
                 # -P: the working directory does not shadow PYTHONPATH (a mypyc build of the
                 # state machine there is what the node runs; docs/adr/0003).
-                [sys.executable, "-P", "-m", "cluster", "node", "run", "--config",
-                 str(node.config_path)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                [
+                    sys.executable,
+                    "-P",
+                    "-m",
+                    "cluster",
+                    "node",
+                    "run",
+                    "--config",
+                    str(node.config_path),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
                 start_new_session=True,  # our Ctrl-C reaches the launcher, which stops them in order
             )
             log.close()
@@ -361,8 +394,7 @@ class LocalCluster:
     def status(self, node_id: str, timeout_s: float = 2.0) -> dict | None:
         url = self.nodes[node_id].config.api_url
         try:
-            response = httpx.get(url + "/v1/cluster/status", timeout=timeout_s,
-                                 verify=self.verify)
+            response = httpx.get(url + "/v1/cluster/status", timeout=timeout_s, verify=self.verify)
             response.raise_for_status()
             return response.json()
         except (httpx.HTTPError, ValueError):
@@ -394,8 +426,9 @@ class LocalCluster:
             if len(leaders) == 1 and None not in leaders:
                 return leaders.pop()
             time.sleep(0.05)
-        raise TimeoutError(f"not every node follows one leader within {timeout_s} s: "
-                           f"{self.statuses()}")
+        raise TimeoutError(
+            f"not every node follows one leader within {timeout_s} s: {self.statuses()}"
+        )
 
     def wait_converged(self, timeout_s: float = 20.0, nodes: list[str] | None = None) -> dict:
         """Poll until the given live nodes report the same cmd_index and state hash."""

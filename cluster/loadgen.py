@@ -42,8 +42,15 @@ from api.client import (
     OutcomeUnknown,
 )
 
-DEFAULT_MARKET = {"market": "LG-USD", "base": "LG", "quote": "USD", "lot_size": 100,
-                  "tick_size": 5, "maker_fee_bps": 1, "taker_fee_bps": 2}
+DEFAULT_MARKET = {
+    "market": "LG-USD",
+    "base": "LG",
+    "quote": "USD",
+    "lot_size": 100,
+    "tick_size": 5,
+    "maker_fee_bps": 1,
+    "taker_fee_bps": 2,
+}
 FUNDING = 10**15  # per account and asset: enough that funds never run out in a bounded run
 # Exchange rejections: a definite answer to a well-formed request, counted as acked.
 EXCHANGE_STATUSES = (404, 409, 422)
@@ -71,19 +78,31 @@ def plan(seed: int, rate: float, duration_s: float, accounts: int, market: dict)
         roll = rng.random()
         if roll < 0.10 and placed[account]:
             target = rng.choice(placed[account][-20:])
-            ops.append(Operation(i, i / rate, account, "cancel", {"market": market["market"]},
-                                 target))
+            ops.append(
+                Operation(i, i / rate, account, "cancel", {"market": market["market"]}, target)
+            )
             continue
         side = rng.choice(("buy", "sell"))
         if roll < 0.20:
-            order = {"market": market["market"], "side": side, "type": "market", "tif": "ioc",
-                     "qty": rng.randint(1, 3)}
+            order = {
+                "market": market["market"],
+                "side": side,
+                "type": "market",
+                "tif": "ioc",
+                "qty": rng.randint(1, 3),
+            }
         else:
             offset = rng.randint(-3, 12) * tick  # negative: crosses the spread and trades
             price = mid - offset if side == "buy" else mid + offset
             tif = rng.choice(("gtc", "gtc", "gtc", "gtc", "ioc", "post_only"))
-            order = {"market": market["market"], "side": side, "type": "limit", "price": price,
-                     "qty": rng.randint(1, 10), "tif": tif}
+            order = {
+                "market": market["market"],
+                "side": side,
+                "type": "limit",
+                "price": price,
+                "qty": rng.randint(1, 10),
+                "tif": tif,
+            }
         placed[account].append(i)
         ops.append(Operation(i, i / rate, account, "place", order))
     return ops
@@ -110,26 +129,39 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
-def setup(manifest: Path, accounts: int, market_name: str
-          ) -> tuple[list[str], dict, list[Credentials], object]:
+def setup(
+    manifest: Path, accounts: int, market_name: str
+) -> tuple[list[str], dict, list[Credentials], object]:
     """Create the market and fund the accounts if missing (idempotent refs); new trader keys.
     Also returns what HTTPS clients trust for this cluster (its certificate, or True)."""
     from .launcher import LocalCluster
 
     cluster = LocalCluster.open(Path(manifest))
     urls, admin_creds, verify = cluster.api_urls(), cluster.admin_credentials(), cluster.verify
-    spec = {**DEFAULT_MARKET, "market": market_name,
-            "base": market_name.split("-")[0] if "-" in market_name else DEFAULT_MARKET["base"]}
+    spec = {
+        **DEFAULT_MARKET,
+        "market": market_name,
+        "base": market_name.split("-")[0] if "-" in market_name else DEFAULT_MARKET["base"],
+    }
     with AdminClient(urls, admin_creds, verify=verify) as admin:
         commands = [{"op": "create_market", **spec}]
         for a in range(accounts):
             for asset in (spec["base"], spec["quote"]):
-                commands.append({"op": "deposit", "account": account_name(a), "asset": asset,
-                                 "amount": FUNDING, "ref": f"loadgen-{account_name(a)}-{asset}"})
+                commands.append(
+                    {
+                        "op": "deposit",
+                        "account": account_name(a),
+                        "asset": asset,
+                        "amount": FUNDING,
+                        "ref": f"loadgen-{account_name(a)}-{asset}",
+                    }
+                )
         for command, result in zip(commands, admin.submit(commands), strict=True):
             first = (result.get("events") or [{}])[0]
-            if "error" in result or (first.get("type") == "rejected" and first.get("reason")
-                                     not in ("market_exists", "duplicate_ref")):
+            if "error" in result or (
+                first.get("type") == "rejected"
+                and first.get("reason") not in ("market_exists", "duplicate_ref")
+            ):
                 raise RuntimeError(f"setup command {command['op']} failed: {result}")
         keys = [admin.create_key(account_name(a)) for a in range(accounts)]
     with Client(urls, None, verify=verify) as public:
@@ -143,9 +175,17 @@ def account_name(a: int) -> str:
     return f"lg{a:03d}"
 
 
-async def drive(urls: list[str], keys: list[Credentials], ops: list[Operation], *,
-                workers: int, run_id: str, grace_s: float, progress=None,
-                verify: object = True) -> tuple[Tally, Counter]:
+async def drive(
+    urls: list[str],
+    keys: list[Credentials],
+    ops: list[Operation],
+    *,
+    workers: int,
+    run_id: str,
+    grace_s: float,
+    progress=None,
+    verify: object = True,
+) -> tuple[Tally, Counter]:
     """Send `ops` at their offsets from `workers` tasks; stop by itself (hard stop included)."""
     tally = Tally()
     clients = [AsyncClient(urls, key, verify=verify) for key in keys]
@@ -221,9 +261,17 @@ async def drive(urls: list[str], keys: list[Credentials], ops: list[Operation], 
     return tally, stats
 
 
-def run(manifest: Path, rate: float, duration_s: float, seed: int = 7, accounts: int = 8,
-        workers: int = 16, market: str = DEFAULT_MARKET["market"], grace_s: float = 20.0,
-        progress=None) -> dict:
+def run(
+    manifest: Path,
+    rate: float,
+    duration_s: float,
+    seed: int = 7,
+    accounts: int = 8,
+    workers: int = 16,
+    market: str = DEFAULT_MARKET["market"],
+    grace_s: float = 20.0,
+    progress=None,
+) -> dict:
     """Set up, drive the seeded flow, and return the report (one JSON-able dict)."""
     if rate <= 0 or duration_s <= 0 or accounts < 1 or workers < 1:
         raise ValueError("rate, duration, accounts and workers must be positive")
@@ -231,16 +279,35 @@ def run(manifest: Path, rate: float, duration_s: float, seed: int = 7, accounts:
     ops = plan(seed, rate, duration_s, accounts, market_params)
     run_id = secrets.token_hex(4)
     started = time.perf_counter()
-    tally, stats = trio.run(lambda: drive(urls, keys, ops, workers=workers, run_id=run_id,
-                                          grace_s=grace_s, progress=progress, verify=verify))
+    tally, stats = trio.run(
+        lambda: drive(
+            urls,
+            keys,
+            ops,
+            workers=workers,
+            run_id=run_id,
+            grace_s=grace_s,
+            progress=progress,
+            verify=verify,
+        )
+    )
     elapsed = time.perf_counter() - started
     lat = sorted(tally.latencies_ms)
     return {
-        "seed": seed, "rate": rate, "duration_s": duration_s, "accounts": accounts,
-        "workers": workers, "market": market, "run_id": run_id,
-        "planned": len(ops), "sent": tally.sent, "acked": tally.acked,
-        "rejected": sum(tally.rejections.values()), "failed": tally.failed,
-        "unknown": tally.unknown, "trades": tally.trades,
+        "seed": seed,
+        "rate": rate,
+        "duration_s": duration_s,
+        "accounts": accounts,
+        "workers": workers,
+        "market": market,
+        "run_id": run_id,
+        "planned": len(ops),
+        "sent": tally.sent,
+        "acked": tally.acked,
+        "rejected": sum(tally.rejections.values()),
+        "failed": tally.failed,
+        "unknown": tally.unknown,
+        "trades": tally.trades,
         "latency_ms_p50": round(percentile(lat, 50), 3),
         "latency_ms_p90": round(percentile(lat, 90), 3),
         "latency_ms_p99": round(percentile(lat, 99), 3),
@@ -250,8 +317,18 @@ def run(manifest: Path, rate: float, duration_s: float, seed: int = 7, accounts:
         "behind_s_max": round(max(0.0, tally.behind_s_max), 3),
         "rejections": dict(sorted(tally.rejections.items())),
         "failures": dict(sorted(tally.failures.items())),
-        "sdk": {k: stats[k] for k in ("retries", "redirects", "transport_errors", "busy",
-                                       "replayed", "unknown", "recovered")},
+        "sdk": {
+            k: stats[k]
+            for k in (
+                "retries",
+                "redirects",
+                "transport_errors",
+                "busy",
+                "replayed",
+                "unknown",
+                "recovered",
+            )
+        },
     }
 
 
@@ -277,6 +354,7 @@ def format_report(report: dict) -> str:
 
 
 def progress_line(tally: Tally) -> str:
-    return (f"  sent {tally.sent} acked {tally.acked} failed {tally.failed} "
-            f"unknown {tally.unknown} trades {tally.trades}")
-
+    return (
+        f"  sent {tally.sent} acked {tally.acked} failed {tally.failed} "
+        f"unknown {tally.unknown} trades {tally.trades}"
+    )

@@ -100,8 +100,12 @@ class ExchangeMachine:
         with self._lock:
             ex = self.exchange
             for entry in entries:
-                if (type(entry) is list and entry and entry[0] == KIND_COMMAND
-                        and len(entry) in (2, 3)):  # 3: a version-1 entry; its request is ignored
+                if (
+                    type(entry) is list
+                    and entry
+                    and entry[0] == KIND_COMMAND
+                    and len(entry) in (2, 3)
+                ):  # 3: a version-1 entry; its request is ignored
                     command = entry[1]
                     if type(command) is dict:
                         command["ts"] = max(ts, ex.last_ts)
@@ -145,8 +149,9 @@ class ExchangeMachine:
             requests.discard(order.popleft()[1])
         return horizon_ms
 
-    def _apply_request(self, ex: Exchange, ts: int, entry: list, horizon_ms: int,
-                       applied: list[list[dict]]) -> list[list[dict]] | str | None:
+    def _apply_request(
+        self, ex: Exchange, ts: int, entry: list, horizon_ms: int, applied: list[list[dict]]
+    ) -> list[list[dict]] | str | None:
         """A signed request's commands, unless the window refuses it (nothing applied)."""
         _, signature, ts_ms, commands = entry
         if type(signature) is not bytes or type(ts_ms) is not int or type(commands) is not list:
@@ -190,8 +195,9 @@ class ExchangeMachine:
         directory = sorted([k, *v] for k, v in self.directory.items())
         keys = sorted([k, *v] for k, v in self.keys.items())
         window = [self.window_clock_ms, [[t, s] for t, s in self._request_order]]
-        return msgpack.packb([SNAPSHOT_VERSION, self.exchange.snapshot(), directory, keys,
-                              window], use_bin_type=True)
+        return msgpack.packb(
+            [SNAPSHOT_VERSION, self.exchange.snapshot(), directory, keys, window], use_bin_type=True
+        )
 
     def restore(self, blob: bytes) -> None:
         try:

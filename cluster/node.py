@@ -85,8 +85,9 @@ class _Subscription:
 class Node:
     """Implements `api.port.NodePort` on top of a `Replica`."""
 
-    def __init__(self, config: NodeConfig, machine: ExchangeMachine, raft: RaftReplica,
-                 replica: Replica) -> None:
+    def __init__(
+        self, config: NodeConfig, machine: ExchangeMachine, raft: RaftReplica, replica: Replica
+    ) -> None:
         self.config = config
         self.node_id = config.node_id
         self.machine = machine
@@ -154,8 +155,9 @@ class Node:
         account, role = entry
         return Credentials(key_id, derive_secret(self.api_master, key_id), role, account)
 
-    async def create_key(self, key_id: str, account: str, role: str,
-                         request: tuple[str, int] | None = None) -> str:
+    async def create_key(
+        self, key_id: str, account: str, role: str, request: tuple[str, int] | None = None
+    ) -> str:
         if self.api_master is None:
             raise NotLeaderError(None, "this node has no api_master_file configured")
         with self._outcomes():
@@ -168,7 +170,9 @@ class Node:
     def _members(self) -> dict[str, Peer]:
         """raft_addr -> member: the static config, overlaid by the replicated directory."""
         members = {p.raft_addr: p for p in self.config.peers}
-        members[self.config.raft_addr] = Peer(self.node_id, self.config.raft_addr, self.config.api_url)
+        members[self.config.raft_addr] = Peer(
+            self.node_id, self.config.raft_addr, self.config.api_url
+        )
         for node_id, (raft_addr, api_url) in sorted(self.machine.members().items()):
             members[raft_addr] = Peer(node_id, raft_addr, api_url)
         return members
@@ -221,8 +225,9 @@ class Node:
             except RequestRefused as exc:  # the replicated replay window: nothing applied
                 raise AuthError(exc.code, str(exc)) from None
 
-    async def submit_many(self, commands: list[dict], request: tuple[str, int] | None = None
-                          ) -> list[list[dict]]:
+    async def submit_many(
+        self, commands: list[dict], request: tuple[str, int] | None = None
+    ) -> list[list[dict]]:
         with self._outcomes():
             try:
                 return await self.replica.submit_many(commands, request=request)
@@ -233,8 +238,9 @@ class Node:
         with self._outcomes():
             await self.replica.read_barrier()
 
-    async def change_membership(self, action: str, node_id: str, raft_addr: str,
-                                api_url: str) -> str:
+    async def change_membership(
+        self, action: str, node_id: str, raft_addr: str, api_url: str
+    ) -> str:
         # One change at a time from this node's API (two operators racing); the Raft adapter
         # refuses a change while another is uncommitted anyway, from wherever it came.
         async with self._membership_lock:
@@ -303,8 +309,8 @@ class Node:
             "leader": self._peer_id(raft["leader"]),
             # pysyncobj keeps a follower's last leader while it is connected to no one (it
             # does not even stand for election then): only a live link makes that leader real.
-            "leader_connected": raft["role"] == "leader" or any(
-                p["id"] == raft["leader"] and p.get("connected") for p in raft.get("peers", [])),
+            "leader_connected": raft["role"] == "leader"
+            or any(p["id"] == raft["leader"] and p.get("connected") for p in raft.get("peers", [])),
             "term": raft["term"],
             "commit_index": raft["commit_index"],
             "applied_index": raft["applied_index"],
@@ -312,8 +318,10 @@ class Node:
         }
 
     def histograms(self) -> dict:
-        return {"qb_commit_latency_seconds": self.replica.commit_latency_s.figures(),
-                "qb_batch_size_entries": self.replica.batch_sizes.figures()}
+        return {
+            "qb_commit_latency_seconds": self.replica.commit_latency_s.figures(),
+            "qb_batch_size_entries": self.replica.batch_sizes.figures(),
+        }
 
     async def status(self) -> dict:
         cmd_index, state_hash = await self._state()
@@ -323,17 +331,31 @@ class Node:
             "state_hash": state_hash,
             "engine": ENGINE,
             "peers": [
-                {"id": self._peer_id(p["id"]), "match_index": p.get("match_index"),
-                 "connected": p.get("connected")}
+                {
+                    "id": self._peer_id(p["id"]),
+                    "match_index": p.get("match_index"),
+                    "connected": p.get("connected"),
+                }
                 for p in raft.get("peers", [])
             ],
             "batches_proposed": self.replica.batches_proposed,
-            "raft": {k: raft[k] for k in ("log_first_index", "log_last_index", "refused_truncations",
-                                          "snapshots_ignored", "snapshots_installed",
-                                          "elections_averted", "step_downs_averted", "pre_votes_refused",
-                                          "membership_changes_refused", "stale_replies_dropped",
-                                          "transport")
-                     if k in raft},
+            "raft": {
+                k: raft[k]
+                for k in (
+                    "log_first_index",
+                    "log_last_index",
+                    "refused_truncations",
+                    "snapshots_ignored",
+                    "snapshots_installed",
+                    "elections_averted",
+                    "step_downs_averted",
+                    "pre_votes_refused",
+                    "membership_changes_refused",
+                    "stale_replies_dropped",
+                    "transport",
+                )
+                if k in raft
+            },
             "indexer": {"active": False},
         }
 
@@ -360,19 +382,29 @@ async def _serve(config: NodeConfig) -> None:
     # The state restored from the dump is long-lived: out of the collector's way from the
     # start (otherwise the first full collection walks all of it: 400-600 ms on ~100k orders).
     gc.freeze()
-    replica = Replica(raft, batch_window_s=config.batch_window_s, batch_max=config.batch_max,
-                      max_in_flight=config.batch_max_in_flight,
-                      submit_timeout_s=config.submit_timeout_s)
+    replica = Replica(
+        raft,
+        batch_window_s=config.batch_window_s,
+        batch_max=config.batch_max,
+        max_in_flight=config.batch_max_in_flight,
+        submit_timeout_s=config.submit_timeout_s,
+    )
     node = Node(config, machine, raft, replica)
     keys = [read_credentials(config.admin_key_file)] if config.admin_key_file else []
-    limiter = RateLimiter(RateLimits(
-        per_s=config.rate_limit_per_s, burst=config.rate_limit_burst,
-        admin_per_s=config.admin_rate_limit_per_s, admin_burst=config.admin_rate_limit_burst))
+    limiter = RateLimiter(
+        RateLimits(
+            per_s=config.rate_limit_per_s,
+            burst=config.rate_limit_burst,
+            admin_per_s=config.admin_rate_limit_per_s,
+            admin_burst=config.admin_rate_limit_burst,
+        )
+    )
     # Replays: this node's own memory first, then the replicated window of applied requests
     # (which also refuses them when the log is applied, on every node).
     verifier = Verifier(keys, lookup=node.lookup_key, applied=machine.has_request)
-    app = create_app(node, verifier, limiter=limiter,
-                     ready_max_lag_entries=config.ready_max_lag_entries)
+    app = create_app(
+        node, verifier, limiter=limiter, ready_max_lag_entries=config.ready_max_lag_entries
+    )
     hconfig = HypercornConfig()
     hconfig.bind = [f"{config.api_host}:{config.api_port}"]
     if config.tls:  # HTTPS and wss on the API port
@@ -442,8 +474,12 @@ def _tame_gc() -> None:
             return
         took = time.perf_counter() - started[0]
         if took > SLOW_GC_S:
-            log.warning("garbage collection of generation %d took %.0f ms (%d collected)",
-                        info["generation"], took * 1000, info["collected"])
+            log.warning(
+                "garbage collection of generation %d took %.0f ms (%d collected)",
+                info["generation"],
+                took * 1000,
+                info["collected"],
+            )
         if info["generation"] == 2:
             gc.freeze()
 
@@ -464,8 +500,11 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 def run(config: NodeConfig) -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     parent = os.environ.get(EXIT_WITH_PARENT_ENV)
     if parent and parent.isdigit():
         _exit_with_parent(int(parent))

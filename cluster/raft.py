@@ -139,8 +139,10 @@ class RaftSettings:
         """
         members = sorted((self.self_addr, *self.peers))
         rank, n = members.index(self.self_addr), len(members)
-        return (self.compaction_min_entries + self.compaction_min_entries * rank // n,
-                self.compaction_min_time_s * (n + rank) / n)
+        return (
+            self.compaction_min_entries + self.compaction_min_entries * rank // n,
+            self.compaction_min_time_s * (n + rank) / n,
+        )
 
     def to_syncobj_conf(self) -> SyncObjConf:
         """The pysyncobj configuration; HardenedSyncObj fills in the storage hooks."""
@@ -280,8 +282,14 @@ class _Pending:
             if fail_reason == FAIL_REASON.SUCCESS:
                 self.fire(done, None)
             elif fail_reason == FAIL_REASON.REQUEST_DENIED:
-                self.fire(None, SubmitError(SubmitErrorReason.BUSY, definite=True,
-                                            detail="another membership change is in progress"))
+                self.fire(
+                    None,
+                    SubmitError(
+                        SubmitErrorReason.BUSY,
+                        definite=True,
+                        detail="another membership change is in progress",
+                    ),
+                )
             else:
                 self.on_pysyncobj_result(result, fail_reason)
 
@@ -538,9 +546,14 @@ class RaftReplica:
             pending.fire(None, SubmitError(SubmitErrorReason.BUSY, definite=True, detail=busy))
             return True
         if kind == "remove" and addr == self._settings.self_addr:
-            pending.fire(None, SubmitError(
-                SubmitErrorReason.REJECTED, definite=True,
-                detail="the leader cannot remove itself: transfer leadership first"))
+            pending.fire(
+                None,
+                SubmitError(
+                    SubmitErrorReason.REJECTED,
+                    definite=True,
+                    detail="the leader cannot remove itself: transfer leadership first",
+                ),
+            )
             return True
         # No change pending, so the configuration is committed: asking for what already holds
         # (a retry after an unknown outcome, say) is answered without a log entry.

@@ -368,7 +368,9 @@ class HardenedSyncObj(SyncObj):
         # entries past the dump's index that may never commit; the journal keeps those
         # entries, and they are read again at start-up (_adopt_logged_configuration).
         header = DumpHeader(
-            last=tuple(last), prev=tuple(prev), cluster=tuple(sorted(self._configuration_at(last[1])))
+            last=tuple(last),
+            prev=tuple(prev),
+            cluster=tuple(sorted(self._configuration_at(last[1]))),
         )
         started = time.perf_counter()
         try:
@@ -390,8 +392,12 @@ class HardenedSyncObj(SyncObj):
             # Upstream swallows the exception (serializer.py 98-102); say what it was.
             logger.exception("writing the raft dump at index %d failed", header.index)
             raise
-        logger.info("raft dump at log index %d written: %.1f MB in %.0f ms", header.index,
-                    len(raw) / 1e6, (time.perf_counter() - started) * 1000)
+        logger.info(
+            "raft dump at log index %d written: %.1f MB in %.0f ms",
+            header.index,
+            len(raw) / 1e6,
+            (time.perf_counter() - started) * 1000,
+        )
 
     def _read_dump_hook(self, path):
         # Called by Serializer.deserialize (serializer.py 110-111), which returns
@@ -506,8 +512,7 @@ class HardenedSyncObj(SyncObj):
         busy = self.membership_change_busy()
         if busy is not None:
             self.membership_changes_refused += 1
-            logger.warning("refusing a membership change (%s %s): %s",
-                           request[0], request[1], busy)
+            logger.warning("refusing a membership change (%s %s): %s", request[0], request[1], busy)
             return False
         return self._SyncObj__doChangeCluster(request)
 
@@ -529,8 +534,12 @@ class HardenedSyncObj(SyncObj):
                 self._SyncObj__doChangeCluster(request)
                 adopted += 1
         if adopted:
-            logger.info("configuration from the log: %d membership entries past index %d; "
-                        "members %s", adopted, applied, sorted(self.configuration()))
+            logger.info(
+                "configuration from the log: %d membership entries past index %d; members %s",
+                adopted,
+                applied,
+                sorted(self.configuration()),
+            )
 
     def configuration(self) -> set[str]:
         """The members' addresses this node counts (this node included): the log's latest
@@ -571,8 +580,13 @@ class HardenedSyncObj(SyncObj):
             logger.critical(
                 "committed log entry %d cannot be applied by this build (%d bytes, type %d); "
                 "stopping the process (exit %d). A newer build wrote it, or the log is "
-                "corrupt: see docs/operating/cluster.md", index, len(command),
-                command[0] if command else -1, EXIT_ENTRY_UNREADABLE, exc_info=True)
+                "corrupt: see docs/operating/cluster.md",
+                index,
+                len(command),
+                command[0] if command else -1,
+                EXIT_ENTRY_UNREADABLE,
+                exc_info=True,
+            )
             logging.shutdown()
             os._exit(EXIT_ENTRY_UNREADABLE)
 
@@ -624,8 +638,13 @@ class HardenedSyncObj(SyncObj):
 
     def _adopt_higher_term(self, term: int, node, seen_in: str) -> None:
         # As upstream does for a vote request of a higher term (918-921).
-        logger.info("term %d seen in %s from %s (ours %d): following that term",
-                    term, seen_in, node, self._SyncObj__raftCurrentTerm)
+        logger.info(
+            "term %d seen in %s from %s (ours %d): following that term",
+            term,
+            seen_in,
+            node,
+            self._SyncObj__raftCurrentTerm,
+        )
         self._SyncObj__setCurrentTerm(term, None)
         self._SyncObj__setState(_RAFT_STATE.FOLLOWER)
         self._SyncObj__raftLeader = None
@@ -671,38 +690,57 @@ class HardenedSyncObj(SyncObj):
     def _on_pre_vote(self, node, message) -> None:
         # Grant only if this node would vote: no leader heard from recently (a leader itself
         # never grants), the term is newer, the candidate's log as up to date as ours.
-        term, last_index, last_term = (message.get(k) for k in
-                                       ("term", "last_log_index", "last_log_term"))
+        term, last_index, last_term = (
+            message.get(k) for k in ("term", "last_log_index", "last_log_term")
+        )
         if not all(type(v) is int for v in (term, last_index, last_term)):
             return
         recent = _now() - self._leader_contact < self._SyncObj__conf.raftMinTimeout
         our_term = self._SyncObj__getCurrentLogTerm()
         up_to_date = last_term > our_term or (
-            last_term == our_term and last_index >= self._SyncObj__getCurrentLogIndex())
-        granted = (self._SyncObj__raftState != _RAFT_STATE.LEADER and not recent
-                   and term > self._SyncObj__raftCurrentTerm and up_to_date)
+            last_term == our_term and last_index >= self._SyncObj__getCurrentLogIndex()
+        )
+        granted = (
+            self._SyncObj__raftState != _RAFT_STATE.LEADER
+            and not recent
+            and term > self._SyncObj__raftCurrentTerm
+            and up_to_date
+        )
         if granted:
             # Give the asker one election timeout to stand and win before we stand too: two
             # followers whose timers ran out together each granted the other's pre-vote, both
             # stood in the same term and split the vote (a failover measured ~200 ms longer).
             self._SyncObj__raftElectionDeadline = max(
-                self._SyncObj__raftElectionDeadline, _now() + self._SyncObj__generateRaftTimeout())
+                self._SyncObj__raftElectionDeadline, _now() + self._SyncObj__generateRaftTimeout()
+            )
         else:
             self.pre_votes_refused += 1
         # "current_term" lets an asker whose term is behind ours catch up (fix 12): without it,
         # a node can ask for a term we have already passed, forever.
-        self._SyncObj__transport.send(node, {"type": "pre_vote_response", "term": term,
-                                             "granted": granted,
-                                             "current_term": self._SyncObj__raftCurrentTerm})
+        self._SyncObj__transport.send(
+            node,
+            {
+                "type": "pre_vote_response",
+                "term": term,
+                "granted": granted,
+                "current_term": self._SyncObj__raftCurrentTerm,
+            },
+        )
 
     def _on_pre_vote_response(self, node, message) -> None:
         current_term = message.get("current_term")
-        if (message.get("granted") is not True and type(current_term) is int
-                and current_term > self._SyncObj__raftCurrentTerm):
+        if (
+            message.get("granted") is not True
+            and type(current_term) is int
+            and current_term > self._SyncObj__raftCurrentTerm
+        ):
             self._adopt_higher_term(current_term, node, "a pre-vote refusal")
             return
-        if (self._pre_vote_term is None or message.get("term") != self._pre_vote_term
-                or message.get("granted") is not True):
+        if (
+            self._pre_vote_term is None
+            or message.get("term") != self._pre_vote_term
+            or message.get("granted") is not True
+        ):
             return
         self._pre_vote_grants.add(node)
         self._count_pre_votes()
@@ -994,13 +1032,16 @@ class HardenedSyncObj(SyncObj):
             self._journal.sync()
         if nextNodeIdx is None:
             nextNodeIdx = self._SyncObj__getCurrentLogIndex() + 1
-        self._SyncObj__transport.send(node, {
-            "type": "next_node_idx",
-            "next_node_idx": nextNodeIdx,
-            "reset": reset,
-            "success": success,
-            "term": self._SyncObj__raftCurrentTerm,
-        })
+        self._SyncObj__transport.send(
+            node,
+            {
+                "type": "next_node_idx",
+                "next_node_idx": nextNodeIdx,
+                "reset": reset,
+                "success": success,
+                "term": self._SyncObj__raftCurrentTerm,
+            },
+        )
 
     def _onTick(self, timeToWait=0.0):
         with self._tick_lock:
@@ -1025,16 +1066,26 @@ class HardenedSyncObj(SyncObj):
         if now_state == state and now_term == term:
             return
         if now_state == _RAFT_STATE.CANDIDATE and state != _RAFT_STATE.CANDIDATE:
-            logger.info("standing for election in term %d: no AppendEntries from a leader "
-                           "within the election timeout (term was %d)", now_term, term)
+            logger.info(
+                "standing for election in term %d: no AppendEntries from a leader "
+                "within the election timeout (term was %d)",
+                now_term,
+                term,
+            )
         elif state == _RAFT_STATE.LEADER and now_state != _RAFT_STATE.LEADER:
-            reason = ("a higher term was seen" if now_term > term else
-                      "no answer from a majority within leaderFallbackTimeout")
+            reason = (
+                "a higher term was seen"
+                if now_term > term
+                else "no answer from a majority within leaderFallbackTimeout"
+            )
             logger.info("stepped down as leader (term %d -> %d): %s", term, now_term, reason)
         elif now_state == _RAFT_STATE.LEADER and state == _RAFT_STATE.FOLLOWER:
             # Stood and won within one tick (the votes arrive in the tick's final poll).
-            logger.info("stood for election (no AppendEntries from a leader within the "
-                        "election timeout) and became leader in term %d", now_term)
+            logger.info(
+                "stood for election (no AppendEntries from a leader within the "
+                "election timeout) and became leader in term %d",
+                now_term,
+            )
         elif now_state == _RAFT_STATE.LEADER and state != _RAFT_STATE.LEADER:
             logger.info("became leader in term %d", now_term)
 
@@ -1062,13 +1113,19 @@ class HardenedSyncObj(SyncObj):
         if self._SyncObj__raftState != _RAFT_STATE.LEADER:
             return
         deadline = _now() - self._SyncObj__conf.leaderFallbackTimeout
-        answered = 1 + sum(1 for node in self._SyncObj__otherNodes
-                           if self._SyncObj__lastResponseTime.get(node, 0) > deadline)
+        answered = 1 + sum(
+            1
+            for node in self._SyncObj__otherNodes
+            if self._SyncObj__lastResponseTime.get(node, 0) > deadline
+        )
         if answered * 2 > len(self._SyncObj__otherNodes) + 1:
             return
         self._poller.poll(0)
-        answered = 1 + sum(1 for node in self._SyncObj__otherNodes
-                           if self._SyncObj__lastResponseTime.get(node, 0) > deadline)
+        answered = 1 + sum(
+            1
+            for node in self._SyncObj__otherNodes
+            if self._SyncObj__lastResponseTime.get(node, 0) > deadline
+        )
         if answered * 2 > len(self._SyncObj__otherNodes) + 1:
             self.step_downs_averted += 1
 
@@ -1145,8 +1202,9 @@ class HardenedSyncObj(SyncObj):
             "leader": leader.id if leader is not None else None,
             # Only the leader decides membership changes (and its uncommitted tail is short;
             # a follower catching up may hold a long one).
-            "membership_busy": (self.membership_change_busy()
-                                if state == _RAFT_STATE.LEADER else None),
+            "membership_busy": (
+                self.membership_change_busy() if state == _RAFT_STATE.LEADER else None
+            ),
             "term": self._SyncObj__raftCurrentTerm,
             "commit_index": self._SyncObj__raftCommitIndex,
             "applied_index": self._SyncObj__raftLastApplied,

@@ -93,17 +93,33 @@ class RequestRefused(Exception):
     applied before, from an earlier copy) or its timestamp is older than the window
     ("expired")."""
 
-    MESSAGES = {REFUSED_REPLAYED: "this request was already received (and applied)",
-                REFUSED_EXPIRED: "the request's timestamp is older than the cluster's replay "
-                                 "window (a node's clock is far off); sign it again"}
+    MESSAGES = {
+        REFUSED_REPLAYED: "this request was already received (and applied)",
+        REFUSED_EXPIRED: "the request's timestamp is older than the cluster's replay "
+        "window (a node's clock is far off); sign it again",
+    }
 
     def __init__(self, code: str) -> None:
         super().__init__(self.MESSAGES.get(code, code))
         self.code = code
 
 
-COMMIT_LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
-                            2.0, 5.0, 10.0)
+COMMIT_LATENCY_BUCKETS_S = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+)
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
@@ -262,8 +278,9 @@ class Replica:
 
         self.raft.submit(payload, on_result)
 
-    def _resolve(self, batch: list[_Slot], result: list | None, failure: Any,
-                 proposed: float, ticket: object) -> None:
+    def _resolve(
+        self, batch: list[_Slot], result: list | None, failure: Any, proposed: float, ticket: object
+    ) -> None:
         if self._in_flight.pop(ticket, None) is not None:
             self._room.set()
         if failure is None:
@@ -311,8 +328,13 @@ class Replica:
             raise slot.error
         return slot.result
 
-    async def submit(self, command: dict, *, timeout_s: float | None = None,
-                     request: tuple[str, int] | None = None) -> list[dict]:
+    async def submit(
+        self,
+        command: dict,
+        *,
+        timeout_s: float | None = None,
+        request: tuple[str, int] | None = None,
+    ) -> list[dict]:
         """Replicate one command; return its events once committed and applied.
 
         `request`: (hex signature, ts_ms) of the signed API request it came from. The entry
@@ -322,8 +344,13 @@ class Replica:
             return await self._submit_entry([KIND_COMMAND, command], timeout_s)
         return (await self._submit_request([command], request, timeout_s))[0]
 
-    async def submit_many(self, commands: list[dict], *, timeout_s: float | None = None,
-                          request: tuple[str, int] | None = None) -> list[list[dict]]:
+    async def submit_many(
+        self,
+        commands: list[dict],
+        *,
+        timeout_s: float | None = None,
+        request: tuple[str, int] | None = None,
+    ) -> list[list[dict]]:
         """Replicate several commands in order, in one batch: all are applied or none.
 
         Returns each command's events. One slot for the whole list (no task per command):
@@ -334,8 +361,9 @@ class Replica:
             return await self._submit_entries([[KIND_COMMAND, c] for c in commands], timeout_s)
         return await self._submit_request(commands, request, timeout_s)
 
-    async def _submit_request(self, commands: list[dict], request: tuple[str, int],
-                              timeout_s: float | None) -> list[list[dict]]:
+    async def _submit_request(
+        self, commands: list[dict], request: tuple[str, int], timeout_s: float | None
+    ) -> list[list[dict]]:
         signature, ts_ms = request
         # The hex digest the API verified: its 32 bytes are half the size in the log, the
         # window and the snapshot.
@@ -360,8 +388,15 @@ class Replica:
         """Replicate a directory entry (where a member's API is) through the log."""
         await self._submit_entry([KIND_MEMBER, action, node_id, raft_addr, api_url], None)
 
-    async def record_key(self, action: str, key_id: str, account: str, role: str, *,
-                         request: tuple[str, int] | None = None) -> None:
+    async def record_key(
+        self,
+        action: str,
+        key_id: str,
+        account: str,
+        role: str,
+        *,
+        request: tuple[str, int] | None = None,
+    ) -> None:
         """Replicate an API key registry entry (no secret) through the log; with the signed
         `request` it came from, inside that request's entry (replay window, as `submit`)."""
         entry = [KIND_KEY, action, key_id, account, role]
@@ -379,8 +414,11 @@ class Replica:
         """
         if not self.raft.is_leader():
             raise NotLeader(self.raft.leader())
-        call = {"add": self.raft.add_node, "remove": self.raft.remove_node,
-                "transfer": self.raft.transfer_leadership}[op]
+        call = {
+            "add": self.raft.add_node,
+            "remove": self.raft.remove_node,
+            "transfer": self.raft.transfer_leadership,
+        }[op]
         outcome = await self._called_back(lambda on_result: call(addr, on_result), timeout_s)
         if outcome is None:
             raise OutcomeUnknown(f"{op} {addr}: no outcome within {timeout_s} s")
@@ -389,8 +427,11 @@ class Replica:
             if failure.reason == "busy":
                 raise MembershipBusy(f"{op} {addr}: {failure.detail}")
             if failure.definite:
-                raise NotLeader(self.raft.leader(), f"{op} {addr}: {failure.reason}"
-                                + (f" ({failure.detail})" if failure.detail else ""))
+                raise NotLeader(
+                    self.raft.leader(),
+                    f"{op} {addr}: {failure.reason}"
+                    + (f" ({failure.detail})" if failure.detail else ""),
+                )
             raise OutcomeUnknown(f"{op} {addr}: {failure.reason}")
         return result
 
@@ -399,7 +440,8 @@ class Replica:
         machine: see RaftReplica.read_between_ticks), awaited without blocking. Raises
         OutcomeUnknown if it raised or did not run within `timeout_s`."""
         outcome = await self._called_back(
-            lambda on_result: self.raft.read_between_ticks(query, on_result), timeout_s)
+            lambda on_result: self.raft.read_between_ticks(query, on_result), timeout_s
+        )
         if outcome is None:
             raise OutcomeUnknown(f"no read between ticks within {timeout_s} s")
         result, failure = outcome

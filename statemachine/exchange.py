@@ -57,7 +57,14 @@ class Market:
     )
 
     def __init__(
-        self, name: str, base: str, quote: str, lot_size: int, tick_size: int, maker: int, taker: int
+        self,
+        name: str,
+        base: str,
+        quote: str,
+        lot_size: int,
+        tick_size: int,
+        maker: int,
+        taker: int,
     ) -> None:
         self.name = name
         self.base = base
@@ -221,7 +228,9 @@ class Exchange:
                     out[(acct, asset)] = (bal.available, bal.reserved)
         return out
 
-    def book_levels(self, market: str, side: str, depth: int | None = None) -> list[tuple[int, int]]:
+    def book_levels(
+        self, market: str, side: str, depth: int | None = None
+    ) -> list[tuple[int, int]]:
         """[(price, qty)] best first; empty for an unknown market."""
         m = self._markets.get(market)
         if m is None:
@@ -686,9 +695,7 @@ class Exchange:
         market = self._market(command) if "market" in command else None
         mine = self._account_orders.get(account, {})
         victims = [
-            mine[oid]
-            for oid in sorted(mine)
-            if market is None or mine[oid].market == market.name
+            mine[oid] for oid in sorted(mine) if market is None or mine[oid].market == market.name
         ]
         if not victims:
             raise Rejection("no_open_orders", "no open orders to cancel")
@@ -702,7 +709,11 @@ class Exchange:
         if "price" not in command and "qty" not in command:
             raise Rejection("missing_field", "amend needs price or qty")
         price = self._price(command, market) if "price" in command else order.price
-        qty = v.integer(command, "qty", 1, MAX_QTY, "bad_qty") if "qty" in command else order.remaining
+        qty = (
+            v.integer(command, "qty", 1, MAX_QTY, "bad_qty")
+            if "qty" in command
+            else order.remaining
+        )
         if price == order.price and qty == order.remaining:
             raise Rejection("no_change", "the order already has this price and quantity")
         self._check_size(market, price, qty)
@@ -1031,7 +1042,9 @@ class Exchange:
         bal.available += amount
         bal.reserved -= amount
 
-    def _cancel_resting(self, market: Market, order: Order, reason: str, events: list[dict]) -> None:
+    def _cancel_resting(
+        self, market: Market, order: Order, reason: str, events: list[dict]
+    ) -> None:
         book = market.book
         price = order.price
         key = (market.name, order.side, price)  # `_touch_level`, inline: a third of all commands

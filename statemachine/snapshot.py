@@ -164,7 +164,10 @@ def _head_fields(ex: Any) -> list:
         ],
         sorted([asset, amount] for asset, amount in ex._supply.items()),
         sorted(ex._refs),
-        [[acct, sorted([coid, oid] for coid, oid in coids.items())] for acct, coids in sorted(ex._coids.items())],
+        [
+            [acct, sorted([coid, oid] for coid, oid in coids.items())]
+            for acct, coids in sorted(ex._coids.items())
+        ],
     ]
 
 
@@ -201,7 +204,14 @@ def decode(blob: bytes) -> Any:
             ex.check_invariants()
     except SnapshotError:
         raise
-    except (InvariantError, ValueError, TypeError, KeyError, IndexError, msgpack.UnpackException) as exc:
+    except (
+        InvariantError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        msgpack.UnpackException,
+    ) as exc:
         raise SnapshotError(f"snapshot body is malformed: {exc}") from exc
     return ex
 
@@ -211,16 +221,28 @@ def _build(fields: list) -> Any:
 
     if type(fields) is not list or len(fields) != 11:
         raise SnapshotError("snapshot body has the wrong shape")
-    (seq, cmd_index, last_ts, next_order_id, next_trade_id, markets, balances, supply, refs,
-     coids, books) = fields
+    (
+        seq,
+        cmd_index,
+        last_ts,
+        next_order_id,
+        next_trade_id,
+        markets,
+        balances,
+        supply,
+        refs,
+        coids,
+        books,
+    ) = fields
     ex = Exchange()
     # A body whose checksum is right can still be shaped wrongly (another build, a bug, a
     # crafted file): every scalar is type- and range-checked here, cheaply, before use.
     ex._seq, ex._cmd_index, ex._last_ts = _int(seq), _int(cmd_index), _int(last_ts)
     ex._next_order_id, ex._next_trade_id = _int(next_order_id, 1), _int(next_trade_id, 1)
     for name, base, quote, lot, tick, maker, taker in markets:
-        ex._markets[_str(name)] = Market(name, _str(base), _str(quote), _int(lot, 1), _int(tick, 1),
-                                         _int(maker), _int(taker))
+        ex._markets[_str(name)] = Market(
+            name, _str(base), _str(quote), _int(lot, 1), _int(tick, 1), _int(maker), _int(taker)
+        )
     for acct, assets in balances:
         ex._balances[_str(acct)] = {
             _str(asset): Balance(acct, asset, _int(avail), _int(reserved))
@@ -243,8 +265,14 @@ def _build(fields: list) -> Any:
             previous = None
             for price, entries in levels:
                 # Canonical: levels best first, each price once, none empty.
-                if type(price) is not int or price < 1 or not entries or (
-                    previous is not None and (price >= previous if side == BUY else price <= previous)
+                if (
+                    type(price) is not int
+                    or price < 1
+                    or not entries
+                    or (
+                        previous is not None
+                        and (price >= previous if side == BUY else price <= previous)
+                    )
                 ):
                     raise SnapshotError("snapshot book levels are out of order or empty")
                 previous = price
@@ -261,7 +289,9 @@ def _build(fields: list) -> Any:
                         or oid < 1
                     ):
                         raise SnapshotError("snapshot order is malformed")
-                    order = Order(oid, acct, name, side, price, remaining, tifs[tif], stps[stp], coid)
+                    order = Order(
+                        oid, acct, name, side, price, remaining, tifs[tif], stps[stp], coid
+                    )
                     order.original = original
                     append(order)
                     qty += remaining

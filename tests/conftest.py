@@ -23,7 +23,10 @@ def pytest_sessionstart(session):
         return
     import importlib
 
-    pure = [name for name in COMPILED_MODULES
-            if not importlib.import_module(name).__file__.endswith(".so")]
+    pure = [
+        name
+        for name in COMPILED_MODULES
+        if not importlib.import_module(name).__file__.endswith(".so")
+    ]
     if pure:
         pytest.exit(f"QB_NATIVE=1 but not compiled: {', '.join(pure)} (run `make native`)", 2)

@@ -74,7 +74,17 @@ def test_only_the_raft_adapter_imports_pysyncobj() -> None:
 
 def test_statemachine_is_pure() -> None:
     """No clock, randomness, I/O or pickle in the replicated state machine."""
-    banned = {"time", "random", "uuid", "os", "socket", "pickle", "datetime", "secrets", "threading"}
+    banned = {
+        "time",
+        "random",
+        "uuid",
+        "os",
+        "socket",
+        "pickle",
+        "datetime",
+        "secrets",
+        "threading",
+    }
     wrong = [
         f"{path.relative_to(ROOT)}:{line} imports {module}"
         for path in _sources("statemachine")

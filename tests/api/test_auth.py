@@ -11,19 +11,24 @@ KEY = new_credentials("trader", "alice")
 
 
 def headers(ts: int, body: bytes) -> dict[str, str]:
-    return {"X-QB-Key": KEY.key_id, "X-QB-Timestamp": str(ts),
-            "X-QB-Signature": sign(KEY.secret, ts, "POST", "/v1/orders", body)}
+    return {
+        "X-QB-Key": KEY.key_id,
+        "X-QB-Timestamp": str(ts),
+        "X-QB-Signature": sign(KEY.secret, ts, "POST", "/v1/orders", body),
+    }
 
 
 def test_replays_are_refused_and_old_signatures_forgotten() -> None:
     verifier = Verifier([KEY], window_ms=5_000)
     start = 1_000_000
     for i in range(3000):  # 3000 requests within one window: all remembered
-        verifier.verify(headers(start + i, b"%d" % i), "POST", "/v1/orders", b"%d" % i,
-                        now_ms=start + i)
+        verifier.verify(
+            headers(start + i, b"%d" % i), "POST", "/v1/orders", b"%d" % i, now_ms=start + i
+        )
     with pytest.raises(AuthError) as replay:
-        verifier.verify(headers(start + 10, b"10"), "POST", "/v1/orders", b"10",
-                        now_ms=start + 3000)
+        verifier.verify(
+            headers(start + 10, b"10"), "POST", "/v1/orders", b"10", now_ms=start + 3000
+        )
     assert replay.value.code == "replayed"
     # Past the window: the old request is refused as expired, and its signature forgotten.
     later = start + 3000 + 5_000
@@ -52,19 +57,29 @@ def test_a_request_the_cluster_applied_is_refused_before_the_log() -> None:
     fresh = headers(now, b"b")
     assert verifier.verify(fresh, "POST", "/v1/orders", b"b", now_ms=now) == KEY
     with pytest.raises(AuthError):
-        verifier.verify({**fresh, "X-QB-Signature": "0" * 64}, "POST", "/v1/orders", b"b",
-                        now_ms=now)
+        verifier.verify(
+            {**fresh, "X-QB-Signature": "0" * 64}, "POST", "/v1/orders", b"b", now_ms=now
+        )
     assert asked == [applied_elsewhere, fresh["X-QB-Signature"]]
 
 
-@pytest.mark.parametrize(("header", "value"), [
-    ("X-QB-Timestamp", "\u00b2"),  # latin-1 superscript two: isdigit() is true, int() raises
-    ("X-QB-Timestamp", "\u0661\u0662"),  # Arabic-Indic digits: int() would read them as 12
-    ("X-QB-Timestamp", "+1000"),
-    ("X-QB-Signature", "\u00e9" * 64),  # non-ASCII: hmac.compare_digest raises TypeError
-    ("X-QB-Signature", "not hex"),
-], ids=["superscript-digit", "arabic-indic-digits", "plus-sign", "non-ascii-signature",
-        "non-hex-signature"])
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [
+        ("X-QB-Timestamp", "\u00b2"),  # latin-1 superscript two: isdigit() is true, int() raises
+        ("X-QB-Timestamp", "\u0661\u0662"),  # Arabic-Indic digits: int() would read them as 12
+        ("X-QB-Timestamp", "+1000"),
+        ("X-QB-Signature", "\u00e9" * 64),  # non-ASCII: hmac.compare_digest raises TypeError
+        ("X-QB-Signature", "not hex"),
+    ],
+    ids=[
+        "superscript-digit",
+        "arabic-indic-digits",
+        "plus-sign",
+        "non-ascii-signature",
+        "non-hex-signature",
+    ],
+)
 def test_a_non_ascii_timestamp_or_signature_is_a_definite_refusal(header: str, value: str) -> None:
     """Only a key id is needed to reach these checks: each must be an AuthError (401), never
     an exception the server would answer with a 500."""

@@ -32,16 +32,22 @@ class StandInNode:
         raise AssertionError("nothing may be submitted in these tests")
 
 
-def call(node: StandInNode, known: list[Credentials], signer: Credentials, path: str,
-         body: dict) -> tuple[int, dict, dict]:
+def call(
+    node: StandInNode, known: list[Credentials], signer: Credentials, path: str, body: dict
+) -> tuple[int, dict, dict]:
     app = create_app(node, Verifier(known))
     raw = json.dumps(body).encode()
 
     async def go():
         client = app.test_client()
-        response = await client.post(path, data=raw,
-                                     headers={**signed_headers(signer, "POST", path, raw),
-                                              "Content-Type": "application/json"})
+        response = await client.post(
+            path,
+            data=raw,
+            headers={
+                **signed_headers(signer, "POST", path, raw),
+                "Content-Type": "application/json",
+            },
+        )
         return response.status_code, json.loads(await response.get_data()), response.headers
 
     return trio.run(go)
@@ -114,8 +120,11 @@ def test_a_request_the_state_machine_refuses_as_a_replay_is_a_401() -> None:
     could not know was a replay goes to the log, and its refusal there is a 401 (single
     orders, batches, admin commands), with the request's signature and timestamp submitted."""
     trader, admin = new_credentials("trader", "alice"), new_credentials("admin")
-    cases = [(trader, "/v1/orders", ORDER), (trader, "/v1/orders/batch", {"orders": [ORDER]}),
-             (admin, "/v1/admin/commands", {"commands": [{"op": "cancel_all"}]})]
+    cases = [
+        (trader, "/v1/orders", ORDER),
+        (trader, "/v1/orders/batch", {"orders": [ORDER]}),
+        (admin, "/v1/admin/commands", {"commands": [{"op": "cancel_all"}]}),
+    ]
     for key, path, body in cases:
         node = ReplayingLeader()
         status, answer, _ = call(node, [key], key, path, body)

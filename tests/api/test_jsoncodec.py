@@ -45,7 +45,9 @@ def test_loads_accepts_and_refuses_what_the_standard_library_does(raw) -> None:
 
 def test_integers_beyond_64_bits_and_lone_surrogates() -> None:
     assert loads(dumps({"qty": 2**70})) == {"qty": 2**70}
-    assert loads(b'{"qty": 123456789012345678901234567890}') == {"qty": 123456789012345678901234567890}
+    assert loads(b'{"qty": 123456789012345678901234567890}') == {
+        "qty": 123456789012345678901234567890
+    }
     assert loads('"\\ud800"') == "\ud800"
 
 

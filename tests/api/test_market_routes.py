@@ -45,9 +45,19 @@ def get(app, path: str) -> tuple[int, dict]:
 def test_a_market_name_with_a_slash_has_a_book_and_trades() -> None:
     ex = Exchange()
     for ts, name in enumerate(("BTC/USD", "ETH-USD"), start=1):
-        created = ex.apply({"op": "create_market", "ts": ts, "market": name, "base": "B",
-                            "quote": "USD", "lot_size": 1, "tick_size": 1, "maker_fee_bps": 0,
-                            "taker_fee_bps": 0})
+        created = ex.apply(
+            {
+                "op": "create_market",
+                "ts": ts,
+                "market": name,
+                "base": "B",
+                "quote": "USD",
+                "lot_size": 1,
+                "tick_size": 1,
+                "maker_fee_bps": 0,
+                "taker_fee_bps": 0,
+            }
+        )
         assert created[0]["type"] == "market_created", created
     app = create_app(StaleReader(ex), Verifier([]))
     for name in ("BTC/USD", "ETH-USD"):

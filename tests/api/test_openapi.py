@@ -18,8 +18,12 @@ from api.auth import Verifier, new_credentials, signed_headers
 
 IGNORED_METHODS = {"HEAD", "OPTIONS"}  # Quart answers these for every route by itself
 CONVERTER = re.compile(r"<(?:(?P<converter>[a-z]+):)?(?P<name>[^>]+)>")
-SAMPLE_ARGS = {"order_id": "7", "client_order_id": "coid-1", "market": "BTC-USD",
-               "account": "alice"}
+SAMPLE_ARGS = {
+    "order_id": "7",
+    "client_order_id": "coid-1",
+    "market": "BTC-USD",
+    "account": "alice",
+}
 
 
 class LeaderlessFollower:
@@ -34,8 +38,15 @@ class LeaderlessFollower:
         return None
 
     def health(self) -> dict:
-        return {"node_id": self.node_id, "role": "follower", "leader": None, "term": 3,
-                "commit_index": 10, "applied_index": 10, "cmd_index": 4}
+        return {
+            "node_id": self.node_id,
+            "role": "follower",
+            "leader": None,
+            "term": 3,
+            "commit_index": 10,
+            "applied_index": 10,
+            "cmd_index": 4,
+        }
 
     async def status(self) -> dict:
         return {**self.health(), "state_hash": "00", "peers": []}
@@ -113,10 +124,14 @@ def test_every_route_is_documented_with_its_methods(app) -> None:
     routes = app_routes(app[0])
     documented = documented_routes(openapi.document())
     assert routes == documented, {
-        "undocumented": {p: m - documented.get(p, set()) for p, m in routes.items()
-                         if m - documented.get(p, set())},
-        "documented but not served": {p: m - routes.get(p, set()) for p, m in documented.items()
-                                      if m - routes.get(p, set())},
+        "undocumented": {
+            p: m - documented.get(p, set())
+            for p, m in routes.items()
+            if m - documented.get(p, set())
+        },
+        "documented but not served": {
+            p: m - routes.get(p, set()) for p, m in documented.items() if m - routes.get(p, set())
+        },
     }
 
 
@@ -127,8 +142,11 @@ def test_path_parameters_are_the_route_arguments_with_their_types(app) -> None:
             continue
         path = CONVERTER.sub(lambda m: "{" + m["name"] + "}", rule.rule)
         for method in set(rule.methods) - IGNORED_METHODS:
-            params = {p["name"]: p["schema"] for p in
-                      doc["paths"][path][method.lower()].get("parameters", []) if p["in"] == "path"}
+            params = {
+                p["name"]: p["schema"]
+                for p in doc["paths"][path][method.lower()].get("parameters", [])
+                if p["in"] == "path"
+            }
             assert set(params) == set(rule.arguments), (path, method)
             for m in CONVERTER.finditer(rule.rule):
                 want = "integer" if m["converter"] == "int" else "string"
@@ -169,7 +187,9 @@ def test_each_signed_operation_needs_the_key_role_it_documents(app) -> None:
     for path, method, op in signed:
         url = concrete(path)
         own, other = (admin, trader) if op["x-qb-role"] == "admin" else (trader, admin)
-        status, body, headers = request(app[0], method, url, signed_headers(other, method, url, b""))
+        status, body, headers = request(
+            app[0], method, url, signed_headers(other, method, url, b"")
+        )
         assert (status, body["error"]["code"]) == (403, "forbidden"), (path, method, body)
         assert_documented(doc, op, status, body, headers)
         if path == "/v1/admin/balances":  # the one signed route that is a stale local read

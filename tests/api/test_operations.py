@@ -37,8 +37,17 @@ class StandInNode:
     node_id = "n2"
 
     def __init__(self, **health: object) -> None:
-        self.figures = {"node_id": "n2", "role": "follower", "leader": "n1", "leader_connected": True, "term": 3,
-                        "commit_index": 40, "applied_index": 40, "cmd_index": 17, **health}
+        self.figures = {
+            "node_id": "n2",
+            "role": "follower",
+            "leader": "n1",
+            "leader_connected": True,
+            "term": 3,
+            "commit_index": 40,
+            "applied_index": 40,
+            "cmd_index": 17,
+            **health,
+        }
 
     def is_leader(self) -> bool:
         return False
@@ -54,8 +63,11 @@ class StandInNode:
 
     def histograms(self) -> dict:
         return {
-            "qb_commit_latency_seconds": {"buckets": [[0.001, 2], [0.01, 5]], "sum": 0.02,
-                                          "count": 6},
+            "qb_commit_latency_seconds": {
+                "buckets": [[0.001, 2], [0.01, 5]],
+                "sum": 0.02,
+                "count": 6,
+            },
             "qb_batch_size_entries": {"buckets": [[1, 4], [10, 6]], "sum": 30.0, "count": 6},
         }
 
@@ -63,8 +75,9 @@ class StandInNode:
 class Caller:
     """Requests against one app, in one trio run per call."""
 
-    def __init__(self, node: StandInNode, known: list[Credentials],
-                 limiter: RateLimiter | None = None) -> None:
+    def __init__(
+        self, node: StandInNode, known: list[Credentials], limiter: RateLimiter | None = None
+    ) -> None:
         self.app = create_app(node, Verifier(known), limiter=limiter)
         self._last_ts = 0
 
@@ -73,8 +86,11 @@ class Caller:
         if signer is not None:
             # Two identical GETs in one millisecond would sign alike: a replay (401).
             ts = self._last_ts = max(time.time_ns() // 1_000_000, self._last_ts + 1)
-            headers = {KEY_HEADER: signer.key_id, TS_HEADER: str(ts),
-                       SIG_HEADER: sign(signer.secret, ts, "GET", path, b"")}
+            headers = {
+                KEY_HEADER: signer.key_id,
+                TS_HEADER: str(ts),
+                SIG_HEADER: sign(signer.secret, ts, "GET", path, b""),
+            }
 
         async def go():
             client = self.app.test_client()
@@ -99,8 +115,13 @@ def metric_samples(text: bytes) -> dict[tuple, float]:
 def test_ready_when_a_leader_is_known_and_the_applied_index_keeps_up() -> None:
     status, body, _ = Caller(StandInNode(commit_index=140, applied_index=40), []).get("/readyz")
     assert status == 200
-    assert json.loads(body) == {"ready": True, "node_id": "n2", "role": "follower",
-                                "leader": "n1", "lag_entries": 100}
+    assert json.loads(body) == {
+        "ready": True,
+        "node_id": "n2",
+        "role": "follower",
+        "leader": "n1",
+        "lag_entries": 100,
+    }
 
 
 def test_not_ready_without_a_leader() -> None:
@@ -122,7 +143,8 @@ def test_not_ready_while_applying_falls_behind_the_commit_index() -> None:
     status, body, _ = Caller(StandInNode(commit_index=141, applied_index=40), []).get("/readyz")
     assert status == 503
     assert json.loads(body)["error"]["message"] == (
-        "applied index 40 is 101 entries behind commit index 141 (at most 100)")
+        "applied index 40 is 101 entries behind commit index 141 (at most 100)"
+    )
 
 
 def test_healthz_stays_a_liveness_check() -> None:
@@ -147,17 +169,31 @@ def test_metrics_show_node_figures_and_requests_by_route_template() -> None:
         return samples[(name, tuple(sorted(labels.items())))]
 
     # Two raw paths, one series: the label is the url rule.
-    assert value("qb_http_requests_total", route="/v1/orders/<int:order_id>", method="GET",
-                 status="307") == 2
+    assert (
+        value(
+            "qb_http_requests_total", route="/v1/orders/<int:order_id>", method="GET", status="307"
+        )
+        == 2
+    )
     assert value("qb_http_requests_total", route="unmatched", method="GET", status="404") == 1
-    assert value("qb_http_request_duration_seconds_count",
-                 route="/v1/orders/<int:order_id>", method="GET") == 2
+    assert (
+        value(
+            "qb_http_request_duration_seconds_count",
+            route="/v1/orders/<int:order_id>",
+            method="GET",
+        )
+        == 2
+    )
     assert not any("/v1/orders/7" in str(key) for key in samples)
     assert value("qb_raft_role", role="follower") == 1
     assert value("qb_raft_role", role="leader") == 0
     assert value("qb_raft_leader_known") == 1
-    assert (value("qb_raft_term"), value("qb_raft_commit_index"),
-            value("qb_raft_applied_index"), value("qb_cmd_index")) == (3, 40, 40, 17)
+    assert (
+        value("qb_raft_term"),
+        value("qb_raft_commit_index"),
+        value("qb_raft_applied_index"),
+        value("qb_cmd_index"),
+    ) == (3, 40, 40, 17)
     assert value("qb_commit_latency_seconds_bucket", le="0.001") == 2
     assert value("qb_commit_latency_seconds_bucket", le="+Inf") == 6
     assert value("qb_commit_latency_seconds_sum") == 0.02
@@ -169,8 +205,10 @@ def test_every_app_has_its_own_registry() -> None:
     trader = new_credentials("trader", "alice")
     first, second = Caller(StandInNode(), [trader]), Caller(StandInNode(), [trader])
     first.get("/v1/orders/7", trader)
-    key = ("qb_http_requests_total",
-           (("method", "GET"), ("route", "/v1/orders/<int:order_id>"), ("status", "307")))
+    key = (
+        "qb_http_requests_total",
+        (("method", "GET"), ("route", "/v1/orders/<int:order_id>"), ("status", "307")),
+    )
     assert metric_samples(first.get("/metrics")[1])[key] == 1
     assert key not in metric_samples(second.get("/metrics")[1])
 
@@ -181,8 +219,9 @@ def test_every_app_has_its_own_registry() -> None:
 def test_a_key_over_its_limit_gets_429_with_retry_after_then_recovers() -> None:
     clock = FakeClock()
     alice, bob = new_credentials("trader", "alice"), new_credentials("trader", "bob")
-    caller = Caller(StandInNode(), [alice, bob],
-                    RateLimiter(RateLimits(per_s=0.5, burst=2), clock=clock))
+    caller = Caller(
+        StandInNode(), [alice, bob], RateLimiter(RateLimits(per_s=0.5, burst=2), clock=clock)
+    )
     assert [caller.get("/v1/orders/1", alice)[0] for _ in range(2)] == [307, 307]
     status, body, headers = caller.get("/v1/orders/1", alice)
     assert (status, headers["Retry-After"]) == (429, "2")  # one token per 2 s
@@ -262,9 +301,18 @@ def test_websocket_order_entry_shares_the_key_bucket() -> None:
         async with caller.app.test_client().websocket("/v1/ws") as ws:
             hello = json.loads(await ws.receive())  # the connection's challenge
             ts = time.time_ns() // 1_000_000  # the signature window is wall-clock time
-            await ws.send(json.dumps({"op": "auth", "key_id": alice.key_id, "timestamp": ts,
-                                      "signature": sign(alice.secret, ts, "WS", "/v1/ws",
-                                                        hello["nonce"].encode())}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "op": "auth",
+                        "key_id": alice.key_id,
+                        "timestamp": ts,
+                        "signature": sign(
+                            alice.secret, ts, "WS", "/v1/ws", hello["nonce"].encode()
+                        ),
+                    }
+                )
+            )
             replies = [json.loads(await ws.receive())]
             for i in range(2):
                 await ws.send(json.dumps({"op": "place", "request_id": i, **ORDER}))

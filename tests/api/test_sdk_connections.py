@@ -77,8 +77,10 @@ class RecordingServer:
                     with self.lock:
                         self.early_bytes += 1
                 served += 1
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: " + str(len(BODY)).encode() + b"\r\n\r\n" + BODY)
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: " + str(len(BODY)).encode() + b"\r\n\r\n" + BODY
+                )
 
 
 CREDS = Credentials("trade-x", "00" * 32, "trader", "alice")

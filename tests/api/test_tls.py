@@ -30,8 +30,9 @@ async def serving(app, cert: Path, key: Path, nursery: trio.Nursery) -> tuple[st
     config.certfile, config.keyfile = str(cert), str(key)
     config.accesslog = config.errorlog = None
     stop = trio.Event()
-    binds = await nursery.start(lambda task_status: serve(
-        app, config, shutdown_trigger=stop.wait, task_status=task_status))
+    binds = await nursery.start(
+        lambda task_status: serve(app, config, shutdown_trigger=stop.wait, task_status=task_status)
+    )
     return binds[0], stop
 
 

@@ -26,11 +26,21 @@ def write(tmp_path: Path, api_lines: str) -> Path:
 
 
 def test_api_settings_and_tls_round_trip(tmp_path: Path) -> None:
-    config = load(write(tmp_path, 'rate_limit_per_s = 5.5\nrate_limit_burst = 9\n'
-                                  'admin_rate_limit_per_s = 50\nready_max_lag_entries = 7\n'
-                                  'tls_cert_file = "tls/n1.crt"\ntls_key_file = "tls/n1.key"\n'))
-    assert (config.rate_limit_per_s, config.rate_limit_burst, config.admin_rate_limit_per_s,
-            config.admin_rate_limit_burst, config.ready_max_lag_entries) == (5.5, 9, 50, 400, 7)
+    config = load(
+        write(
+            tmp_path,
+            "rate_limit_per_s = 5.5\nrate_limit_burst = 9\n"
+            "admin_rate_limit_per_s = 50\nready_max_lag_entries = 7\n"
+            'tls_cert_file = "tls/n1.crt"\ntls_key_file = "tls/n1.key"\n',
+        )
+    )
+    assert (
+        config.rate_limit_per_s,
+        config.rate_limit_burst,
+        config.admin_rate_limit_per_s,
+        config.admin_rate_limit_burst,
+        config.ready_max_lag_entries,
+    ) == (5.5, 9, 50, 400, 7)
     assert config.tls_cert_file == (tmp_path / "tls" / "n1.crt").resolve()
     assert config.api_url == "https://127.0.0.1:8001"
     again = tmp_path / "again.toml"
@@ -45,12 +55,15 @@ def test_plain_http_and_defaults_without_settings(tmp_path: Path) -> None:
     assert config.admin_rate_limit_per_s == 0 and config.ready_max_lag_entries == 100
 
 
-@pytest.mark.parametrize(("lines", "message"), [
-    ('tls_cert_file = "a.crt"\n', "needs both tls_cert_file and tls_key_file"),
-    ("rate_limit_per_s = -1\n", "rate_limit_per_s must be a number >= 0"),
-    ('ready_max_lag_entries = "x"\n', "ready_max_lag_entries must be a number >= 0"),
-    ("rate_limit_burst = 0\n", "rate_limit_burst must be >= 1 when rate_limit_per_s > 0"),
-])
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ('tls_cert_file = "a.crt"\n', "needs both tls_cert_file and tls_key_file"),
+        ("rate_limit_per_s = -1\n", "rate_limit_per_s must be a number >= 0"),
+        ('ready_max_lag_entries = "x"\n', "ready_max_lag_entries must be a number >= 0"),
+        ("rate_limit_burst = 0\n", "rate_limit_burst must be >= 1 when rate_limit_per_s > 0"),
+    ],
+)
 def test_unusable_api_settings_are_refused(tmp_path: Path, lines: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load(write(tmp_path, lines))

@@ -26,8 +26,16 @@ from cluster.batch import (
 )
 from cluster.machine import REPLAY_RETENTION_MS, ExchangeMachine, MachineSnapshotError
 
-MARKET = {"op": "create_market", "market": "X-Y", "base": "X", "quote": "Y", "lot_size": 1,
-          "tick_size": 1, "maker_fee_bps": 0, "taker_fee_bps": 0}
+MARKET = {
+    "op": "create_market",
+    "market": "X-Y",
+    "base": "X",
+    "quote": "Y",
+    "lot_size": 1,
+    "tick_size": 1,
+    "maker_fee_bps": 0,
+    "taker_fee_bps": 0,
+}
 T0_MS = 1_700_000_000_000
 
 
@@ -44,8 +52,16 @@ def deposit(ref: str, amount: int = 5) -> dict:
 
 
 def order(n: int) -> dict:  # no client_order_id: nothing in the exchange would dedupe it
-    return {"op": "place", "account": "a", "market": "X-Y", "side": "buy", "type": "limit",
-            "price": 10, "qty": 1 + n % 3, "tif": "gtc"}
+    return {
+        "op": "place",
+        "account": "a",
+        "market": "X-Y",
+        "side": "buy",
+        "type": "limit",
+        "price": 10,
+        "qty": 1 + n % 3,
+        "tif": "gtc",
+    }
 
 
 def request(n: int, ts_ms: int, *commands: dict) -> list:
@@ -53,8 +69,9 @@ def request(n: int, ts_ms: int, *commands: dict) -> list:
 
 
 def setup() -> bytes:
-    return encode_batch(ns(T0_MS), [[KIND_COMMAND, dict(MARKET)],
-                                    [KIND_COMMAND, deposit("funding", 10**9)]])
+    return encode_batch(
+        ns(T0_MS), [[KIND_COMMAND, dict(MARKET)], [KIND_COMMAND, deposit("funding", 10**9)]]
+    )
 
 
 def feed(payloads: list[bytes]) -> tuple[ExchangeMachine, list[list]]:
@@ -69,8 +86,9 @@ def test_a_repeated_request_is_skipped_alike_on_every_replica() -> None:
         encode_batch(ns(T0_MS + 10), [request(1, T0_MS + 5, order(1))]),
         # The same request again (a captured copy replayed to the next leader), next to a new
         # one in the same batch, and once more later.
-        encode_batch(ns(T0_MS + 900), [request(1, T0_MS + 5, order(1)),
-                                       request(2, T0_MS + 899, order(2))]),
+        encode_batch(
+            ns(T0_MS + 900), [request(1, T0_MS + 5, order(1)), request(2, T0_MS + 899, order(2))]
+        ),
         encode_batch(ns(T0_MS + 4_000), [request(1, T0_MS + 5, order(1)), [KIND_BARRIER]]),
     ]
     one, results = feed(payloads)
@@ -120,20 +138,29 @@ def test_the_window_is_pruned_by_the_batch_clock_and_a_pruned_request_never_appl
     expired, so forgetting it can never let it apply again."""
     machine, _ = feed([setup()])
     for n in range(10):  # one request every second
-        machine.apply(encode_batch(ns(T0_MS + 1_000 * n), [request(n, T0_MS + 1_000 * n,
-                                                                   deposit(f"d{n}"))]))
+        machine.apply(
+            encode_batch(ns(T0_MS + 1_000 * n), [request(n, T0_MS + 1_000 * n, deposit(f"d{n}"))])
+        )
     assert machine.window_size() == 10
     # The clock moves to REPLAY_RETENTION_MS past request 3: 0..2 are forgotten (< horizon).
     now = T0_MS + 3_000 + REPLAY_RETENTION_MS
-    late = machine.apply(encode_batch(ns(now), [request(2, T0_MS + 2_000, deposit("d2")),
-                                                request(3, T0_MS + 3_000, deposit("d3"))]))
+    late = machine.apply(
+        encode_batch(
+            ns(now),
+            [request(2, T0_MS + 2_000, deposit("d2")), request(3, T0_MS + 3_000, deposit("d3"))],
+        )
+    )
     assert late == [REFUSED_EXPIRED, REFUSED_REPLAYED]
     assert machine.window_size() == 7 and machine.window_clock_ms == now
     assert not machine.has_request(signature(2).hex())
     # A new leader whose clock is behind does not move the horizon back: request 2 stays
     # refused (expired), and the window keeps what it has.
-    behind = machine.apply(encode_batch(ns(T0_MS), [request(2, T0_MS + 2_000, deposit("d2")),
-                                                    request(99, T0_MS, deposit("d99"))]))
+    behind = machine.apply(
+        encode_batch(
+            ns(T0_MS),
+            [request(2, T0_MS + 2_000, deposit("d2")), request(99, T0_MS, deposit("d99"))],
+        )
+    )
     assert behind == [REFUSED_EXPIRED, REFUSED_EXPIRED]
     assert machine.window_clock_ms == now and machine.window_size() == 7
     # Batches without a request leave the window alone (it depends on the log only).
@@ -148,8 +175,15 @@ def test_pruning_is_the_same_on_every_replica_whatever_the_batches() -> None:
     for n in range(60):
         ts_ms = T0_MS + 700 * n
         skew = (n * 7919) % 9_000 - 4_500  # a client clock up to 4.5 s off either way
-        payloads.append(encode_batch(ns(ts_ms), [request(n, ts_ms + skew, deposit(f"d{n}")),
-                                                 request(n - 3, ts_ms + skew, order(n))]))
+        payloads.append(
+            encode_batch(
+                ns(ts_ms),
+                [
+                    request(n, ts_ms + skew, deposit(f"d{n}")),
+                    request(n - 3, ts_ms + skew, order(n)),
+                ],
+            )
+        )
     one, two = ExchangeMachine(), ExchangeMachine()
     sizes = []
     for payload in payloads:
@@ -160,15 +194,21 @@ def test_pruning_is_the_same_on_every_replica_whatever_the_batches() -> None:
 
 
 def test_the_snapshot_carries_the_window_and_restores_it() -> None:
-    machine, _ = feed([setup(), encode_batch(ns(T0_MS + 10), [request(1, T0_MS + 9, order(1))]),
-                       encode_batch(ns(T0_MS + 20), [request(2, T0_MS + 19, order(2))])])
+    machine, _ = feed(
+        [
+            setup(),
+            encode_batch(ns(T0_MS + 10), [request(1, T0_MS + 9, order(1))]),
+            encode_batch(ns(T0_MS + 20), [request(2, T0_MS + 19, order(2))]),
+        ]
+    )
     blob = machine.snapshot()
     installed = ExchangeMachine()  # a node that catches up by installing the snapshot
     installed.restore(blob)
     assert installed.snapshot() == blob
     assert installed.window_clock_ms == T0_MS + 20
-    replay = encode_batch(ns(T0_MS + 30), [request(1, T0_MS + 9, order(1)),
-                                           request(3, T0_MS + 29, order(3))])
+    replay = encode_batch(
+        ns(T0_MS + 30), [request(1, T0_MS + 9, order(1)), request(3, T0_MS + 29, order(3))]
+    )
     assert installed.apply(replay)[0] == REFUSED_REPLAYED
     assert machine.apply(replay)[0] == REFUSED_REPLAYED
     assert installed.snapshot() == machine.snapshot()
@@ -178,10 +218,17 @@ def test_the_window_is_not_part_of_the_exchange_state() -> None:
     """The same commands, signed or not: the exchange's snapshot and state hash are equal
     (only the node snapshot around it carries the window)."""
     commands = [order(1), deposit("d1"), order(2)]
-    signed, _ = feed([setup(), encode_batch(ns(T0_MS + 1), [
-        request(n, T0_MS, dict(c)) for n, c in enumerate(commands)])])
-    plain, _ = feed([setup(), encode_batch(ns(T0_MS + 1), [
-        [KIND_COMMAND, dict(c)] for c in commands])])
+    signed, _ = feed(
+        [
+            setup(),
+            encode_batch(
+                ns(T0_MS + 1), [request(n, T0_MS, dict(c)) for n, c in enumerate(commands)]
+            ),
+        ]
+    )
+    plain, _ = feed(
+        [setup(), encode_batch(ns(T0_MS + 1), [[KIND_COMMAND, dict(c)] for c in commands])]
+    )
     assert signed.exchange.snapshot() == plain.exchange.snapshot()
     assert signed.exchange.state_hash() == plain.exchange.state_hash()
     assert signed.snapshot() != plain.snapshot()

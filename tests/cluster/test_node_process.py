@@ -11,7 +11,8 @@ from cluster import node
 
 
 def test_slow_collections_are_logged_and_full_ones_freeze_the_survivors(
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     before = list(gc.callbacks)
     assert gc.get_freeze_count() == 0
     try:
@@ -23,8 +24,9 @@ def test_slow_collections_are_logged_and_full_ones_freeze_the_survivors(
             assert gc.get_freeze_count() == 0  # only a full collection freezes
             monkeypatch.setattr(node, "SLOW_GC_S", -1.0)  # every collection is "slow"
             gc.collect(2)
-        assert any("garbage collection of generation 2 took" in r.getMessage()
-                   for r in caplog.records)
+        assert any(
+            "garbage collection of generation 2 took" in r.getMessage() for r in caplog.records
+        )
         assert gc.get_freeze_count() > 0  # what survived it is skipped from now on
     finally:
         gc.callbacks[:] = before

@@ -742,7 +742,8 @@ def test_a_raising_callback_does_not_reapply_the_entry(tmp_path):
 def run_solo_replica(tmp_path, then: str) -> subprocess.CompletedProcess:
     """A one-node replica in a subprocess; once it leads, run ``then`` (Python source, with
     ``replica`` and ``threading`` at hand), then wait: the test expects the process to end."""
-    script = textwrap.dedent(f"""
+    script = (
+        textwrap.dedent(f"""
         import pathlib, pickle, sys, threading
         from pysyncobj.syncobj import _COMMAND_TYPE
         from cluster.raft import RaftReplica, RaftSettings
@@ -764,21 +765,32 @@ def run_solo_replica(tmp_path, then: str) -> subprocess.CompletedProcess:
         while not led.wait(0.01):
             if replica.is_leader():
                 led.set()
-    """) + textwrap.dedent(then) + textwrap.dedent("""
+    """)
+        + textwrap.dedent(then)
+        + textwrap.dedent("""
         threading.Event().wait(30)   # the replica's thread ends the process before this
         sys.exit(0)
     """)
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=60, cwd=Path(__file__).resolve().parents[2])
+    )
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
 
 
 def test_apply_that_raises_stops_the_process_with_a_distinct_code(tmp_path):
-    proc = run_solo_replica(tmp_path, """
+    proc = run_solo_replica(
+        tmp_path,
+        """
         applied = threading.Event()
         replica.submit(b"fine", lambda result, error: applied.set())
         applied.wait(10)
         replica.submit(b"boom", lambda result, error: None)
-    """)
+    """,
+    )
     assert proc.returncode == EXIT_APPLY_FAILED, proc.stderr
     assert "state machine apply() failed on committed log index 4" in proc.stderr
     assert "ValueError: cannot apply this" in proc.stderr
@@ -790,12 +802,17 @@ def test_an_entry_this_build_cannot_apply_stops_the_process_loudly(tmp_path, ent
     (syncobj.py 708-729) lets an unpickling error or an unknown method id escape the tick; our
     tick loop logged it and the next tick tried the same entry again, forever, while the node
     went on voting and acknowledging. It must stop instead, with a line that says why."""
-    command = {"unknown method": "pickle.dumps((99, (b'x',)))",
-               "undecodable": "b'not a pickle at all'"}[entry]
+    command = {
+        "unknown method": "pickle.dumps((99, (b'x',)))",
+        "undecodable": "b'not a pickle at all'",
+    }[entry]
     # What a newer build (or a damaged log) would hold: pysyncobj's queue is thread-safe.
-    proc = run_solo_replica(tmp_path, f"""
+    proc = run_solo_replica(
+        tmp_path,
+        f"""
         replica._obj._applyCommand({command}, None, _COMMAND_TYPE.REGULAR)
-    """)
+    """,
+    )
     assert proc.returncode == EXIT_ENTRY_UNREADABLE, proc.stderr
     assert "committed log entry 3 cannot be applied by this build" in proc.stderr
     assert proc.stderr.count("cannot be applied") == 1  # once, not once per tick

@@ -630,9 +630,13 @@ def test_a_flood_on_the_raft_port_costs_no_election_and_a_restarted_member_rejoi
                 "the node to close connections of every kind",
             )
             for replica in replicas.values():  # what the node status shows an SRE
-                wait_for(lambda r=replica: r.status()["transport"]["handshakes_displaced"] > 0
-                         and r.status()["transport"]["frames_rejected"] > 0,
-                         "the refusals to show in the status")
+                wait_for(
+                    lambda r=replica: (
+                        r.status()["transport"]["handshakes_displaced"] > 0
+                        and r.status()["transport"]["frames_rejected"] > 0
+                    ),
+                    "the refusals to show in the status",
+                )
 
             follower_addr = next(a for a in addrs if a != leader_addr)
             replicas.pop(follower_addr).destroy()

@@ -50,17 +50,23 @@ def conf_for(sim: SimNet, kind: str, addr: str):
         return sim_conf(dynamicMembershipChange=True)
     data_dir = sim.tmp_path / addr.replace(":", "_")
     data_dir.mkdir(parents=True, exist_ok=True)
-    return sim_conf(dynamicMembershipChange=True, journalFile=str(data_dir / "raft.journal"),
-                    fullDumpFile=str(data_dir / "raft.dump"))
+    return sim_conf(
+        dynamicMembershipChange=True,
+        journalFile=str(data_dir / "raft.journal"),
+        fullDumpFile=str(data_dir / "raft.dump"),
+    )
 
 
 def five_addresses_three_members(sim: SimNet, kind: str):
     """A, B, C are the cluster; D and E are started, waiting to be added (as a launcher
     starts a new node with every member in its configuration before asking the leader)."""
-    trio = [sim.add(kind, a, [p for p in (A, B, C) if p != a], conf=conf_for(sim, kind, a))
-            for a in (A, B, C)]
-    newcomers = [sim.add(kind, a, [p for p in ADDRS if p != a], conf=conf_for(sim, kind, a))
-                 for a in (D, E)]
+    trio = [
+        sim.add(kind, a, [p for p in (A, B, C) if p != a], conf=conf_for(sim, kind, a))
+        for a in (A, B, C)
+    ]
+    newcomers = [
+        sim.add(kind, a, [p for p in ADDRS if p != a], conf=conf_for(sim, kind, a)) for a in (D, E)
+    ]
     return (*trio, *newcomers)
 
 
@@ -150,7 +156,8 @@ def test_a_new_leader_refuses_a_change_until_it_commits_in_its_term(sim: SimNet)
         sim.deliver(voter, A, count=1)  # the votes: A leads; its no-op waits on the links
     assert a.is_leader()
     assert a.sync.membership_change_busy() == (
-        "this leader has not yet committed an entry of its own term")
+        "this leader has not yet committed an entry of its own term"
+    )
     outcomes = Outcomes()
     a.sync.addNodeToCluster(D, outcomes.callback("add D"))
     a.tick()
@@ -161,7 +168,8 @@ def test_a_new_leader_refuses_a_change_until_it_commits_in_its_term(sim: SimNet)
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_restarted_follower_keeps_the_uncommitted_configuration_in_its_log(
-        sim: SimNet, kind, tmp_path):
+    sim: SimNet, kind, tmp_path
+):
     """B holds "add D" (not yet committed) when it restarts. Raft (section 6): a server uses
     the latest configuration in its log, committed or not. Plain takes configuration entries
     only as it applies them, so the restarted B counts a majority of {A, B, C} while its log
@@ -214,16 +222,21 @@ def test_real_replicas_serialise_changes_and_answer_retries(tmp_path):
     members, newcomers = addrs[:3], addrs[3:]
 
     def replica(addr, peers):
-        settings = RaftSettings(self_addr=addr, peers=tuple(p for p in peers if p != addr),
-                                password="pw", data_dir=tmp_path / addr.split(":")[1],
-                                fsync=False)
+        settings = RaftSettings(
+            self_addr=addr,
+            peers=tuple(p for p in peers if p != addr),
+            password="pw",
+            data_dir=tmp_path / addr.split(":")[1],
+            fsync=False,
+        )
         return RaftReplica(settings, CountingMachine())
 
     replicas = {a: replica(a, members) for a in members}
     replicas.update({a: replica(a, addrs) for a in newcomers})
     try:
         leader_addr = wait_for(
-            lambda: next((a for a in members if replicas[a].is_leader()), None), "a leader")
+            lambda: next((a for a in members if replicas[a].is_leader()), None), "a leader"
+        )
         leader = replicas[leader_addr]
         wait_for(lambda: leader.status()["membership_busy"] is None, "the leader's no-op")
 
@@ -234,15 +247,17 @@ def test_real_replicas_serialise_changes_and_answer_retries(tmp_path):
                 outcomes[addr] = (result, error)
                 if len(outcomes) == 2:
                     done.set()
+
             return callback
 
         for addr in newcomers:
             leader.add_node(addr, record(addr))
         assert done.wait(DEADLINE_S)
-        results = sorted(repr((r, e.reason if e else None, e.definite if e else None))
-                         for r, e in outcomes.values())
-        assert results == [repr(("added", None, None)),
-                           repr((None, SubmitErrorReason.BUSY, True))]
+        results = sorted(
+            repr((r, e.reason if e else None, e.definite if e else None))
+            for r, e in outcomes.values()
+        )
+        assert results == [repr(("added", None, None)), repr((None, SubmitErrorReason.BUSY, True))]
         refused = next(a for a, (_r, e) in outcomes.items() if e is not None)
 
         result, error = call_until_accepted(leader.add_node, refused)

@@ -34,8 +34,9 @@ def test_a_stale_term_acknowledgement_never_counts_toward_commit(sim: SimNet, ki
     sim.settle()
     assert b.log()[-1] == (7, 1) and a.commit_index() == 2
     delayed = sim.queued(B, A)
-    assert any(m["type"] == "next_node_idx" and m["next_node_idx"] == 8 and m["success"]
-               for m in delayed)
+    assert any(
+        m["type"] == "next_node_idx" and m["next_node_idx"] == 8 and m["success"] for m in delayed
+    )
     for dst in (C, D, E):
         sim.drop(A, dst)
 
@@ -89,8 +90,13 @@ def test_a_stale_term_acknowledgement_never_counts_toward_commit(sim: SimNet, ki
 def _timed_cluster(sim: SimNet):
     """Three nodes with the real timing (RaftSettings' defaults); A leads, then pre-vote is on
     (as for every real node)."""
-    nodes = sim.cluster("hardened", raftMinTimeout=0.15, raftMaxTimeout=0.3,
-                        appendEntriesPeriod=0.04, leaderFallbackTimeout=0.75)
+    nodes = sim.cluster(
+        "hardened",
+        raftMinTimeout=0.15,
+        raftMaxTimeout=0.3,
+        appendEntriesPeriod=0.04,
+        leaderFallbackTimeout=0.75,
+    )
     sim.elect(nodes[0])
     for node in nodes:
         node.sync._pre_vote = True
@@ -155,11 +161,16 @@ def test_a_node_whose_term_is_ahead_rejoins_the_cluster(sim: SimNet):
 
     def c_follows_and_caught_up() -> bool:
         leaders = [n for n in (a, b, c) if n.is_leader()]
-        return (len(leaders) == 1 and c.sync._SyncObj__raftLeader is not None
-                and c.last_applied() == leaders[0].last_applied()
-                and b"while C was away" in c.state)
+        return (
+            len(leaders) == 1
+            and c.sync._SyncObj__raftLeader is not None
+            and c.last_applied() == leaders[0].last_applied()
+            and b"while C was away" in c.state
+        )
 
     took = _run(sim, 5.0, c_follows_and_caught_up)
-    assert c_follows_and_caught_up(), f"C still out after {took:.2f} s (terms {a.term()}, " \
+    assert c_follows_and_caught_up(), (
+        f"C still out after {took:.2f} s (terms {a.term()}, "
         f"{b.term()}, {c.term()}; roles {a.role()}, {b.role()}, {c.role()})"
+    )
     assert took < 1.5

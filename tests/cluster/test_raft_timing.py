@@ -343,14 +343,22 @@ def test_members_compact_at_staggered_points(tmp_path):
     waits rank/n longer (entries and time), whatever order the peers are listed in."""
     addrs = ["127.0.0.1:7003", "127.0.0.1:7001", "127.0.0.1:7002"]
     settings = {
-        a: RaftSettings(self_addr=a, peers=tuple(reversed([p for p in addrs if p != a])),
-                        password="x", data_dir=tmp_path, compaction_min_entries=5000,
-                        compaction_min_time_s=300)
+        a: RaftSettings(
+            self_addr=a,
+            peers=tuple(reversed([p for p in addrs if p != a])),
+            password="x",
+            data_dir=tmp_path,
+            compaction_min_entries=5000,
+            compaction_min_time_s=300,
+        )
         for a in addrs
     }
     thresholds = {a: s.compaction_thresholds() for a, s in settings.items()}
-    assert thresholds == {"127.0.0.1:7001": (5000, 300.0), "127.0.0.1:7002": (6666, 400.0),
-                          "127.0.0.1:7003": (8333, 500.0)}
+    assert thresholds == {
+        "127.0.0.1:7001": (5000, 300.0),
+        "127.0.0.1:7002": (6666, 400.0),
+        "127.0.0.1:7003": (8333, 500.0),
+    }
     conf = settings["127.0.0.1:7002"].to_syncobj_conf()
     assert (conf.logCompactionMinEntries, conf.logCompactionMinTime) == (6666, 400.0)
 
@@ -359,8 +367,14 @@ def test_members_compact_at_staggered_points(tmp_path):
 def solo_leader_with_helper(tmp_path: Path, *, fsync: bool, **conf_extra):
     """A one-node HardenedSyncObj ticked by the test, leading, with its heartbeat helper
     running on a real thread; everything stopped and closed on the way out."""
-    conf = SyncObjConf(autoTick=False, raftMinTimeout=0.15, raftMaxTimeout=0.2,
-                       appendEntriesPeriod=0.04, useFork=False, **conf_extra)
+    conf = SyncObjConf(
+        autoTick=False,
+        raftMinTimeout=0.15,
+        raftMaxTimeout=0.2,
+        appendEntriesPeriod=0.04,
+        useFork=False,
+        **conf_extra,
+    )
     solo = HardenedSyncObj(
         f"127.0.0.1:{free_port()}", [], conf, RecordingMachine(), tmp_path, fsync=fsync
     )
@@ -401,8 +415,9 @@ def test_heartbeat_helper_stands_in_while_a_dump_is_written(tmp_path):
     """Writing a dump runs on the tick thread too (compaction; a large book takes hundreds of
     ms to encode and fsync): the helper keeps the leader's AppendEntries going meanwhile, and
     the dump is written whole."""
-    with solo_leader_with_helper(tmp_path, fsync=True, logCompactionMinEntries=10**6,
-                                 logCompactionMinTime=10**6) as solo:
+    with solo_leader_with_helper(
+        tmp_path, fsync=True, logCompactionMinEntries=10**6, logCompactionMinTime=10**6
+    ) as solo:
         done = threading.Event()
         for payload in (b"a", b"b", b"c"):
             solo.propose(payload, lambda result, reason: done.set())
@@ -423,8 +438,13 @@ def test_heartbeat_helper_stands_in_while_a_dump_is_written(tmp_path):
             solo.doTick(0.01)
         assert solo.heartbeats_lent["dump"] == count  # only while the dump was being written
     restarted = HardenedSyncObj(
-        f"127.0.0.1:{free_port()}", [], SyncObjConf(autoTick=False, useFork=False),
-        RecordingMachine(), tmp_path, fsync=False)
+        f"127.0.0.1:{free_port()}",
+        [],
+        SyncObjConf(autoTick=False, useFork=False),
+        RecordingMachine(),
+        tmp_path,
+        fsync=False,
+    )
     try:
         assert restarted._machine.restores == 1
         assert restarted._machine.state[-3:] == [b"a", b"b", b"c"]

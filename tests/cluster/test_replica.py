@@ -22,15 +22,28 @@ from cluster.replica import NotLeader, OutcomeUnknown, Replica, RequestRefused
 
 from .conftest import free_port
 
-MARKET = {"op": "create_market", "market": "X-Y", "base": "X", "quote": "Y", "lot_size": 1,
-          "tick_size": 1, "maker_fee_bps": 0, "taker_fee_bps": 0}
+MARKET = {
+    "op": "create_market",
+    "market": "X-Y",
+    "base": "X",
+    "quote": "Y",
+    "lot_size": 1,
+    "tick_size": 1,
+    "maker_fee_bps": 0,
+    "taker_fee_bps": 0,
+}
 
 
 def solo(data_dir: Path) -> tuple[ExchangeMachine, RaftReplica]:
     machine = ExchangeMachine()
     raft = RaftReplica(
-        RaftSettings(self_addr=f"127.0.0.1:{free_port()}", peers=(), password="test-secret",
-                     data_dir=data_dir, fsync=False),
+        RaftSettings(
+            self_addr=f"127.0.0.1:{free_port()}",
+            peers=(),
+            password="test-secret",
+            data_dir=data_dir,
+            fsync=False,
+        ),
         machine,
     )
     return machine, raft
@@ -57,8 +70,14 @@ def test_concurrent_callers_share_batches_and_each_gets_its_own_events(tmp_path:
 
             async def one(i: int) -> None:
                 results[i] = await replica.submit(
-                    {"op": "deposit", "account": f"a{i}", "asset": "Y", "amount": i + 1,
-                     "ref": f"r{i}"})
+                    {
+                        "op": "deposit",
+                        "account": f"a{i}",
+                        "asset": "Y",
+                        "amount": i + 1,
+                        "ref": f"r{i}",
+                    }
+                )
 
             async with trio.open_nursery() as callers:
                 for i in range(300):
@@ -104,8 +123,10 @@ def test_reads_between_ticks_run_on_the_tick_thread_and_report_failures(tmp_path
     _, raft = solo(tmp_path)
     outcomes: queue.Queue = queue.Queue()
     try:
-        raft.read_between_ticks(lambda: threading.current_thread().name,
-                                lambda result, error: outcomes.put((result, error)))
+        raft.read_between_ticks(
+            lambda: threading.current_thread().name,
+            lambda result, error: outcomes.put((result, error)),
+        )
         name, error = outcomes.get(timeout=10)
         assert error is None and name.startswith("raft-")  # the tick thread ran it
         raft.read_between_ticks(lambda: 1 / 0, lambda result, error: outcomes.put((result, error)))
@@ -120,8 +141,16 @@ def test_a_signed_request_applies_once_and_its_copies_are_refused(tmp_path: Path
     copy already applied) is refused by the state machine, one command or a whole batch, and
     nothing of it is applied again."""
     machine, raft = solo(tmp_path)
-    order = {"op": "place", "account": "a", "market": "X-Y", "side": "buy", "type": "limit",
-             "price": 1, "qty": 1, "tif": "gtc"}
+    order = {
+        "op": "place",
+        "account": "a",
+        "market": "X-Y",
+        "side": "buy",
+        "type": "limit",
+        "price": 1,
+        "qty": 1,
+        "tif": "gtc",
+    }
     deposit = {"op": "deposit", "account": "a", "asset": "Y", "amount": 100, "ref": "r1"}
 
     async def main() -> None:
@@ -274,7 +303,8 @@ def test_at_most_max_in_flight_batches_and_the_rest_go_out_together() -> None:
             await trio.testing.wait_all_tasks_blocked()
             assert len(raft.submitted) == 2
             assert sorted(e[1]["market"] for e in decode_batch(raft.submitted[1])[1]) == [
-                f"M{i}" for i in range(1, 6)]
+                f"M{i}" for i in range(1, 6)
+            ]
             raft.release()
             await trio.testing.wait_all_tasks_blocked()
             assert sorted(i for i, _ in results) == list(range(6))

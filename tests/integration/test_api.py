@@ -12,8 +12,16 @@ from api.client import Client
 
 from .conftest import admin
 
-MARKET = {"op": "create_market", "market": "BTC-USD", "base": "BTC", "quote": "USD",
-          "lot_size": 100, "tick_size": 5, "maker_fee_bps": 1, "taker_fee_bps": 2}
+MARKET = {
+    "op": "create_market",
+    "market": "BTC-USD",
+    "base": "BTC",
+    "quote": "USD",
+    "lot_size": 100,
+    "tick_size": 5,
+    "maker_fee_bps": 1,
+    "taker_fee_bps": 2,
+}
 
 
 def call(url: str, creds: Credentials | None, method: str, path: str, body=None) -> httpx.Response:
@@ -28,16 +36,37 @@ def test_orders_trade_and_reads_reflect_them(make_cluster) -> None:
     url = cluster.nodes[leader].config.api_url
     follower_url = next(n.config.api_url for nid, n in cluster.nodes.items() if nid != leader)
     with admin(cluster) as client:
-        client.submit([MARKET,
-                       {"op": "deposit", "account": "alice", "asset": "USD", "amount": 10**9, "ref": "a"},
-                       {"op": "deposit", "account": "bob", "asset": "BTC", "amount": 10**9, "ref": "b"}])
+        client.submit(
+            [
+                MARKET,
+                {"op": "deposit", "account": "alice", "asset": "USD", "amount": 10**9, "ref": "a"},
+                {"op": "deposit", "account": "bob", "asset": "BTC", "amount": 10**9, "ref": "b"},
+            ]
+        )
         alice, bob = client.create_key("alice"), client.create_key("bob")
 
-    sell = call(url, bob, "POST", "/v1/orders", {"market": "BTC-USD", "side": "sell", "type": "limit",
-                                                 "price": 1000, "qty": 5, "client_order_id": "s1"})
+    sell = call(
+        url,
+        bob,
+        "POST",
+        "/v1/orders",
+        {
+            "market": "BTC-USD",
+            "side": "sell",
+            "type": "limit",
+            "price": 1000,
+            "qty": 5,
+            "client_order_id": "s1",
+        },
+    )
     assert sell.status_code == 201 and sell.json()["status"] == "resting"
-    buy = call(url, alice, "POST", "/v1/orders", {"market": "BTC-USD", "side": "buy", "type": "limit",
-                                                  "price": 1000, "qty": 2})
+    buy = call(
+        url,
+        alice,
+        "POST",
+        "/v1/orders",
+        {"market": "BTC-USD", "side": "buy", "type": "limit", "price": 1000, "qty": 2},
+    )
     assert buy.status_code == 201
     assert buy.json()["status"] == "filled" and buy.json()["filled_qty"] == 2
     # Alice sees her side only: not bob's balances, fills, account name or fee.
@@ -45,12 +74,26 @@ def test_orders_trade_and_reads_reflect_them(make_cluster) -> None:
     assert all(e.get("account", "alice") == "alice" for e in buy.json()["events"])
 
     # The same client_order_id again: 409 with the first order's id, nothing traded.
-    again = call(url, bob, "POST", "/v1/orders", {"market": "BTC-USD", "side": "sell", "type": "limit",
-                                                  "price": 1000, "qty": 5, "client_order_id": "s1"})
+    again = call(
+        url,
+        bob,
+        "POST",
+        "/v1/orders",
+        {
+            "market": "BTC-USD",
+            "side": "sell",
+            "type": "limit",
+            "price": 1000,
+            "qty": 5,
+            "client_order_id": "s1",
+        },
+    )
     assert again.status_code == 409
-    assert again.json()["error"] == {"code": "duplicate_client_order_id",
-                                     "message": "client_order_id already used",
-                                     "order_id": sell.json()["order_id"]}
+    assert again.json()["error"] == {
+        "code": "duplicate_client_order_id",
+        "message": "client_order_id already used",
+        "order_id": sell.json()["order_id"],
+    }
     # A key acts only for its own account: alice cannot cancel bob's order.
     theft = call(url, alice, "POST", "/v1/orders/cancel", {"market": "BTC-USD", "order_id": 1})
     assert theft.status_code == 404 and theft.json()["error"]["code"] == "unknown_order"
@@ -71,11 +114,19 @@ def test_orders_trade_and_reads_reflect_them(make_cluster) -> None:
     assert "maker_account" not in trades[0] and "taker_fee" not in trades[0]  # public tape
 
     # A batch commits in order, each order with its own outcome.
-    batch = call(url, bob, "POST", "/v1/orders/batch", {"orders": [
-        {"market": "BTC-USD", "side": "sell", "type": "limit", "price": 1010, "qty": 1},
-        {"market": "BTC-USD", "side": "sell", "type": "limit", "price": 1011, "qty": 1},
-        {"market": "BTC-USD", "side": "sell", "type": "limit", "price": 1020, "qty": 1},
-    ]})
+    batch = call(
+        url,
+        bob,
+        "POST",
+        "/v1/orders/batch",
+        {
+            "orders": [
+                {"market": "BTC-USD", "side": "sell", "type": "limit", "price": 1010, "qty": 1},
+                {"market": "BTC-USD", "side": "sell", "type": "limit", "price": 1011, "qty": 1},
+                {"market": "BTC-USD", "side": "sell", "type": "limit", "price": 1020, "qty": 1},
+            ]
+        },
+    )
     assert batch.status_code == 200
     assert [r["http_status"] for r in batch.json()["results"]] == [201, 400, 201]
     assert batch.json()["results"][0]["status"] == "resting"
@@ -97,46 +148,127 @@ def test_bad_requests_get_4xx_with_a_code_and_never_a_500(make_cluster) -> None:
         key = client.create_key("carol")
     cases = [
         (call(url, None, "POST", "/v1/orders", {"market": "BTC-USD"}), 401, "unauthenticated"),
-        (call(url, key, "POST", "/v1/orders", {"market": "BTC-USD", "side": "buy", "type": "limit",
-                                                "price": 1001, "qty": 1}), 400, "bad_tick"),
-        (call(url, key, "POST", "/v1/orders", {"market": "NOPE", "side": "buy", "type": "limit",
-                                                "price": 1000, "qty": 1}), 404, "unknown_market"),
-        (call(url, key, "POST", "/v1/orders", {"market": "BTC-USD", "side": "buy", "type": "limit",
-                                                "price": 1000, "qty": 1}), 422, "insufficient_funds"),
+        (
+            call(
+                url,
+                key,
+                "POST",
+                "/v1/orders",
+                {"market": "BTC-USD", "side": "buy", "type": "limit", "price": 1001, "qty": 1},
+            ),
+            400,
+            "bad_tick",
+        ),
+        (
+            call(
+                url,
+                key,
+                "POST",
+                "/v1/orders",
+                {"market": "NOPE", "side": "buy", "type": "limit", "price": 1000, "qty": 1},
+            ),
+            404,
+            "unknown_market",
+        ),
+        (
+            call(
+                url,
+                key,
+                "POST",
+                "/v1/orders",
+                {"market": "BTC-USD", "side": "buy", "type": "limit", "price": 1000, "qty": 1},
+            ),
+            422,
+            "insufficient_funds",
+        ),
         (call(url, key, "POST", "/v1/markets", {}), 403, "forbidden"),
-        (call(url, cluster.admin_credentials(), "POST", "/v1/admin/keys",
-              {"account": "no spaces here", "role": "trader"}), 400, "bad_account"),
+        (
+            call(
+                url,
+                cluster.admin_credentials(),
+                "POST",
+                "/v1/admin/keys",
+                {"account": "no spaces here", "role": "trader"},
+            ),
+            400,
+            "bad_account",
+        ),
         (httpx.get(url + "/v1/nope"), 404, "not_found"),
         (httpx.get(url + "/v1/markets/BTC-USD/book?depth=0"), 400, "bad_depth"),
     ]
     # Out of range whatever the state: refused before the log, as the log would.
-    cases.append((call(url, key, "POST", "/v1/orders", {"market": "BTC-USD", "side": "buy",
-                                                        "type": "limit", "price": 1000,
-                                                        "qty": 10**30}), 400, "bad_qty"))
+    cases.append(
+        (
+            call(
+                url,
+                key,
+                "POST",
+                "/v1/orders",
+                {"market": "BTC-USD", "side": "buy", "type": "limit", "price": 1000, "qty": 10**30},
+            ),
+            400,
+            "bad_qty",
+        )
+    )
     # An integer beyond 64 bits that only the state could judge (amend looks the order up
     # first) cannot enter the log: a definite 400, and the leader lives on.
-    cases.append((call(url, key, "POST", "/v1/orders/amend", {"market": "BTC-USD", "order_id": 1,
-                                                              "qty": 10**30}), 400, "wrong_type"))
+    cases.append(
+        (
+            call(
+                url,
+                key,
+                "POST",
+                "/v1/orders/amend",
+                {"market": "BTC-USD", "order_id": 1, "qty": 10**30},
+            ),
+            400,
+            "wrong_type",
+        )
+    )
     cases.append((httpx.get(url + "/healthz"), 200, None))
     # Only a key id is needed to reach the timestamp and signature checks. Header bytes are
     # read as latin-1: "\xb2" is a superscript two (isdigit() but not int()), "\xe9" an e
     # acute (hmac.compare_digest refuses non-ASCII text). Both were 500s.
     for name, value in (("X-QB-Timestamp", b"\xb2"), ("X-QB-Signature", b"\xe9" * 64)):
         hostile = {**signed_headers(key, "POST", "/v1/orders", b"{}"), name: value}
-        cases.append((httpx.post(url + "/v1/orders", content=b"{}", headers=hostile), 401,
-                      "unauthenticated"))
+        cases.append(
+            (httpx.post(url + "/v1/orders", content=b"{}", headers=hostile), 401, "unauthenticated")
+        )
     raw = b"{not json"
-    cases.append((httpx.post(url + "/v1/orders", content=raw,
-                             headers=signed_headers(key, "POST", "/v1/orders", raw)), 400, "malformed_json"))
+    cases.append(
+        (
+            httpx.post(
+                url + "/v1/orders",
+                content=raw,
+                headers=signed_headers(key, "POST", "/v1/orders", raw),
+            ),
+            400,
+            "malformed_json",
+        )
+    )
     big = json.dumps({"market": "x" * (2 << 20)}).encode()
-    cases.append((httpx.post(url + "/v1/orders", content=big,
-                             headers=signed_headers(key, "POST", "/v1/orders", big)), 413, "request_entity_too_large"))
+    cases.append(
+        (
+            httpx.post(
+                url + "/v1/orders",
+                content=big,
+                headers=signed_headers(key, "POST", "/v1/orders", big),
+            ),
+            413,
+            "request_entity_too_large",
+        )
+    )
     replay_body = json.dumps({"market": "BTC-USD"}).encode()
     headers = signed_headers(key, "POST", "/v1/orders/cancel-all", replay_body)
     first = httpx.post(url + "/v1/orders/cancel-all", content=replay_body, headers=headers)
     assert first.status_code == 422  # no open orders
-    cases.append((httpx.post(url + "/v1/orders/cancel-all", content=replay_body, headers=headers),
-                  401, "replayed"))
+    cases.append(
+        (
+            httpx.post(url + "/v1/orders/cancel-all", content=replay_body, headers=headers),
+            401,
+            "replayed",
+        )
+    )
     for response, status, code in cases:
         assert response.status_code == status, (code, response.text)
         if code is not None:
@@ -149,8 +281,18 @@ def test_malformed_orders_are_answered_without_entering_the_log(make_cluster) ->
     cluster = make_cluster(3)
     url = cluster.nodes[cluster.wait_for_leader()].config.api_url
     with admin(cluster) as client:
-        client.submit([MARKET, {"op": "deposit", "account": "dave", "asset": "USD",
-                                "amount": 10**9, "ref": "dave-usd"}])
+        client.submit(
+            [
+                MARKET,
+                {
+                    "op": "deposit",
+                    "account": "dave",
+                    "asset": "USD",
+                    "amount": 10**9,
+                    "ref": "dave-usd",
+                },
+            ]
+        )
         key = client.create_key("dave")
         client.barrier()
     order = {"market": "BTC-USD", "side": "buy", "type": "limit", "price": 1000, "qty": 1}
@@ -166,8 +308,12 @@ def test_malformed_orders_are_answered_without_entering_the_log(make_cluster) ->
         ("/v1/orders", {**order, "colour": "red"}, 400, "unknown_field"),
         ("/v1/orders", {k: v for k, v in order.items() if k != "side"}, 400, "missing_field"),
         ("/v1/orders/cancel", {"market": "BTC-USD", "order_id": 0}, 400, "bad_order_id"),
-        ("/v1/orders/amend", {"market": "BTC-USD", "order_id": 1, "client_order_id": "x",
-                              "qty": 1}, 400, "ambiguous_order_ref"),
+        (
+            "/v1/orders/amend",
+            {"market": "BTC-USD", "order_id": 1, "client_order_id": "x", "qty": 1},
+            400,
+            "ambiguous_order_ref",
+        ),
     ]
     for path, body, status, code in cases:
         response = call(url, key, "POST", path, body)
@@ -181,15 +327,26 @@ def test_malformed_orders_are_answered_without_entering_the_log(make_cluster) ->
 
 
 # No client_order_id: nothing in the exchange dedupes a second copy of it.
-UNGUARDED_ORDER = json.dumps({"market": "BTC-USD", "side": "buy", "type": "limit",
-                              "price": 1000, "qty": 100}).encode()
+UNGUARDED_ORDER = json.dumps(
+    {"market": "BTC-USD", "side": "buy", "type": "limit", "price": 1000, "qty": 100}
+).encode()
 
 
 def funded_trader(cluster, account: str):
     """A trader key for `account`, with the market created and USD deposited."""
     with admin(cluster) as client:
-        client.submit([MARKET, {"op": "deposit", "account": account, "asset": "USD",
-                                "amount": 10**9, "ref": f"{account}-usd"}])
+        client.submit(
+            [
+                MARKET,
+                {
+                    "op": "deposit",
+                    "account": account,
+                    "asset": "USD",
+                    "amount": 10**9,
+                    "ref": f"{account}-usd",
+                },
+            ]
+        )
         return client.create_key(account)
 
 
@@ -203,8 +360,12 @@ def test_a_request_replayed_to_the_next_leader_is_refused(make_cluster) -> None:
     body = UNGUARDED_ORDER
     headers = signed_headers(key, "POST", "/v1/orders", body)
     signed_at = time.monotonic()
-    first = httpx.post(cluster.nodes[leader].config.api_url + "/v1/orders", content=body,
-                       headers=headers, timeout=10)
+    first = httpx.post(
+        cluster.nodes[leader].config.api_url + "/v1/orders",
+        content=body,
+        headers=headers,
+        timeout=10,
+    )
     assert first.status_code == 201, first.text
     cluster.kill(leader)
     new_leader = cluster.wait_for_leader(20, exclude=(leader,))
@@ -230,24 +391,45 @@ def test_a_request_replayed_to_a_restarted_node_become_leader_is_refused(make_cl
     body = UNGUARDED_ORDER
     # Stamped 4.9 s ahead (the window allows it): valid for ~9.9 s, for the restart below.
     ts = time.time_ns() // 1_000_000 + 4_900
-    headers = {KEY_HEADER: key.key_id, TS_HEADER: str(ts),
-               SIG_HEADER: sign(key.secret, ts, "POST", "/v1/orders", body)}
-    first = httpx.post(cluster.nodes[leader].config.api_url + "/v1/orders", content=body,
-                       headers=headers, timeout=10)
+    headers = {
+        KEY_HEADER: key.key_id,
+        TS_HEADER: str(ts),
+        SIG_HEADER: sign(key.secret, ts, "POST", "/v1/orders", body),
+    }
+    first = httpx.post(
+        cluster.nodes[leader].config.api_url + "/v1/orders",
+        content=body,
+        headers=headers,
+        timeout=10,
+    )
     assert first.status_code == 201, first.text
     placed_at = cluster.status(leader)["commit_index"]
     with admin(cluster) as client:  # enough entries for every node to compact past the order
         deadline = time.monotonic() + 20
         while cluster.status(restarted)["raft"]["log_first_index"] <= placed_at:
             assert time.monotonic() < deadline, "the node never compacted past the order"
-            client.submit([{"op": "deposit", "account": "filler", "asset": "USD", "amount": 1,
-                            "ref": f"f{time.monotonic_ns()}-{i}"} for i in range(5)])
+            client.submit(
+                [
+                    {
+                        "op": "deposit",
+                        "account": "filler",
+                        "asset": "USD",
+                        "amount": 1,
+                        "ref": f"f{time.monotonic_ns()}-{i}",
+                    }
+                    for i in range(5)
+                ]
+            )
     cluster.stop(restarted)
     cluster.start(restarted)
     cluster.wait_converged(20)
     assert cluster.transfer_leadership(to=restarted) == restarted
-    replay = httpx.post(cluster.nodes[restarted].config.api_url + "/v1/orders", content=body,
-                        headers=headers, timeout=10)
+    replay = httpx.post(
+        cluster.nodes[restarted].config.api_url + "/v1/orders",
+        content=body,
+        headers=headers,
+        timeout=10,
+    )
     late_ms = time.time_ns() // 1_000_000 - ts
     assert late_ms < 4_900, f"the restart took too long: the replay came {late_ms} ms late"
     assert replay.status_code == 401, f"placed twice: {replay.text}"

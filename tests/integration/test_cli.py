@@ -16,7 +16,9 @@ QB = [sys.executable, "-m", "cluster"]
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([*QB, *args], capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [*QB, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def pid_alive(pid: int) -> bool:
@@ -54,13 +56,23 @@ def stop_cluster_up(up: subprocess.Popen, manifest: Path, pids: list[int]) -> st
 
 def test_cluster_up_status_membership_and_ctrl_c(tmp_path: Path) -> None:
     data = tmp_path / "qb"
-    up = subprocess.Popen([*QB, "cluster", "up", "--nodes", "3", "--data-dir", str(data)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    up = subprocess.Popen(
+        [*QB, "cluster", "up", "--nodes", "3", "--data-dir", str(data)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     manifest = data / "cluster.json"
     pids: list[int] = []
     try:
-        wait_for(lambda: manifest.exists() and all(n["pid"] for n in json.loads(manifest.read_text())["nodes"]),
-                 30, "cluster.json with pids")
+        wait_for(
+            lambda: (
+                manifest.exists()
+                and all(n["pid"] for n in json.loads(manifest.read_text())["nodes"])
+            ),
+            30,
+            "cluster.json with pids",
+        )
         raw = json.loads(manifest.read_text())
         assert {n["id"] for n in raw["nodes"]} == {"n1", "n2", "n3"}
         assert oct(os.stat(raw["admin_credentials"]).st_mode & 0o777) == "0o600"
@@ -110,8 +122,9 @@ def whoami(url: str, creds) -> dict:
     return response.json()
 
 
-def test_keys_create_prints_the_secret_once_or_writes_a_0600_file(make_cluster,
-                                                                   tmp_path: Path) -> None:
+def test_keys_create_prints_the_secret_once_or_writes_a_0600_file(
+    make_cluster, tmp_path: Path
+) -> None:
     from api.auth import Credentials, read_credentials
 
     cluster = make_cluster(1)
@@ -123,12 +136,24 @@ def test_keys_create_prints_the_secret_once_or_writes_a_0600_file(make_cluster,
     raw = json.loads(shown.stdout)
     assert set(raw) == {"key_id", "secret", "account", "role"}
     assert (raw["account"], raw["role"]) == ("alice", "trader")
-    assert whoami(url, Credentials(raw["key_id"], raw["secret"], "trader", "alice"))["account"] \
+    assert (
+        whoami(url, Credentials(raw["key_id"], raw["secret"], "trader", "alice"))["account"]
         == "alice"
+    )
 
     out = tmp_path / "bob.key"
-    written = run("keys", "create", "--account", "bob", "--url", url,
-                  "--admin-key-file", str(cluster.admin_key_path), "--out", str(out))
+    written = run(
+        "keys",
+        "create",
+        "--account",
+        "bob",
+        "--url",
+        url,
+        "--admin-key-file",
+        str(cluster.admin_key_path),
+        "--out",
+        str(out),
+    )
     assert written.returncode == 0, written.stderr
     assert oct(out.stat().st_mode & 0o777) == "0o600"
     creds = read_credentials(out)
@@ -141,15 +166,17 @@ def test_keys_create_prints_the_secret_once_or_writes_a_0600_file(make_cluster,
     assert again.returncode != 0 and "cannot create" in again.stderr
     assert read_credentials(out) == creds  # never overwritten
 
-    admin = run("keys", "create", "--account", "ops", "--role", "admin", "--cluster", manifest,
-                "--json")
+    admin = run(
+        "keys", "create", "--account", "ops", "--role", "admin", "--cluster", manifest, "--json"
+    )
     assert admin.returncode == 0 and json.loads(admin.stdout)["role"] == "admin"
     neither = run("keys", "create", "--account", "x")
     assert neither.returncode == 2 and "either --cluster or --url" in neither.stderr
 
 
 def test_a_node_that_refuses_to_start_is_not_restarted_until_its_data_is_moved_aside(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """The runbook (docs/operating/raft-storage.md) end to end under `cluster up`: a follower's
     journal is damaged in its synced part while it is down; it refuses to start (exit 73, one
     CRITICAL line naming the file and offset), the launcher does not restart it in a loop, and
@@ -158,13 +185,23 @@ def test_a_node_that_refuses_to_start_is_not_restarted_until_its_data_is_moved_a
     from api.client import AdminClient
 
     data = tmp_path / "qb"
-    up = subprocess.Popen([*QB, "cluster", "up", "--nodes", "3", "--data-dir", str(data)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    up = subprocess.Popen(
+        [*QB, "cluster", "up", "--nodes", "3", "--data-dir", str(data)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     manifest = data / "cluster.json"
     raw: dict = {"nodes": []}
     try:
-        wait_for(lambda: manifest.exists() and all(n["pid"] for n in json.loads(manifest.read_text())["nodes"]),
-                 30, "cluster.json with pids")
+        wait_for(
+            lambda: (
+                manifest.exists()
+                and all(n["pid"] for n in json.loads(manifest.read_text())["nodes"])
+            ),
+            30,
+            "cluster.json with pids",
+        )
         raw = json.loads(manifest.read_text())
         urls = [n["api_url"] for n in raw["nodes"]]
 
@@ -172,12 +209,30 @@ def test_a_node_that_refuses_to_start_is_not_restarted_until_its_data_is_moved_a
             out = run("cluster", "status", "--cluster", str(manifest), "--json")
             return json.loads(out.stdout)["nodes"] if out.returncode == 0 else {}
 
-        nodes = wait_for(lambda: (s := statuses()) and [v and v["role"] for v in s.values()]
-                         .count("leader") == 1 and all(s.values()) and s, 30, "a leader")
+        nodes = wait_for(
+            lambda: (
+                (s := statuses())
+                and [v and v["role"] for v in s.values()].count("leader") == 1
+                and all(s.values())
+                and s
+            ),
+            30,
+            "a leader",
+        )
         victim = next(nid for nid, s in nodes.items() if s["role"] == "follower")
         with AdminClient(urls, read_credentials(Path(raw["admin_credentials"]))) as client:
-            client.submit([{"op": "deposit", "account": f"a{i}", "asset": "USD", "amount": 10,
-                            "ref": f"r{i}"} for i in range(20)])
+            client.submit(
+                [
+                    {
+                        "op": "deposit",
+                        "account": f"a{i}",
+                        "asset": "USD",
+                        "amount": 10,
+                        "ref": f"r{i}",
+                    }
+                    for i in range(20)
+                ]
+            )
             client.barrier()
         entry = next(n for n in raw["nodes"] if n["id"] == victim)
         journal = Path(entry["data_dir"]) / "raft.journal"
@@ -200,8 +255,11 @@ def test_a_node_that_refuses_to_start_is_not_restarted_until_its_data_is_moved_a
 
         Path(entry["data_dir"]).rename(Path(entry["data_dir"]).with_name("data.damaged"))
         leader_cmd = max(s["cmd_index"] for s in nodes.values() if s)
-        wait_for(lambda: (s := statuses().get(victim)) and s["cmd_index"] == leader_cmd + 20,
-                 60, "the follower to come back empty and catch up")
+        wait_for(
+            lambda: (s := statuses().get(victim)) and s["cmd_index"] == leader_cmd + 20,
+            60,
+            "the follower to come back empty and catch up",
+        )
         raw = json.loads(manifest.read_text())
     finally:
         output = stop_cluster_up(up, manifest, [n["pid"] for n in raw["nodes"]])

@@ -19,8 +19,16 @@ from cluster.config import load
 from .conftest import admin
 from .workload import DepositLoad, assert_acked_present, deposit
 
-MARKET = {"op": "create_market", "market": "BTC-USD", "base": "BTC", "quote": "USD",
-          "lot_size": 100, "tick_size": 5, "maker_fee_bps": 1, "taker_fee_bps": 2}
+MARKET = {
+    "op": "create_market",
+    "market": "BTC-USD",
+    "base": "BTC",
+    "quote": "USD",
+    "lot_size": 100,
+    "tick_size": 5,
+    "maker_fee_bps": 1,
+    "taker_fee_bps": 2,
+}
 
 
 def test_commands_reach_every_node_with_equal_state(make_cluster) -> None:
@@ -198,8 +206,9 @@ def _alive(pid: int) -> bool:
 
 def test_nodes_stop_when_their_launcher_is_killed(tmp_path: Path) -> None:
     """A test or benchmark SIGKILLed mid-way (no cleanup runs) leaves no node process."""
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(tmp_path / "c")],
-                                stdout=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, str(tmp_path / "c")], stdout=subprocess.PIPE, text=True
+    )
     pids: list[int] = []
     try:
         pids = [int(p) for p in launcher.stdout.readline().split()]

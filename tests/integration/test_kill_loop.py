@@ -42,4 +42,6 @@ def test_forty_leader_kills_lose_nothing_diverge_nowhere_apply_nothing_twice(mak
     assert max(compacted) > 1, f"no log compaction happened: {compacted}"
     for node_id, node in cluster.nodes.items():
         log = (node.config_path.parent / "node.log").read_text(errors="replace")
-        assert not re.search(r"CRITICAL|may have diverged|Traceback", log), f"{node_id}: {log[-2000:]}"
+        assert not re.search(r"CRITICAL|may have diverged|Traceback", log), (
+            f"{node_id}: {log[-2000:]}"
+        )

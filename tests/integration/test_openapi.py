@@ -30,8 +30,16 @@ from api.auth import Credentials, signed_headers
 
 from .conftest import admin
 
-MARKET = {"op": "create_market", "market": "BTC-USD", "base": "BTC", "quote": "USD",
-          "lot_size": 100, "tick_size": 5, "maker_fee_bps": 1, "taker_fee_bps": 2}
+MARKET = {
+    "op": "create_market",
+    "market": "BTC-USD",
+    "base": "BTC",
+    "quote": "USD",
+    "lot_size": 100,
+    "tick_size": 5,
+    "maker_fee_bps": 1,
+    "taker_fee_bps": 2,
+}
 SKIPPED = {("POST", "/v1/admin/members"), ("POST", "/v1/admin/transfer-leader")}
 RETRYABLE_503 = {"no_leader", "no_quorum", "outcome_unknown", "overloaded"}
 EXAMPLES = 10  # per operation and generation mode
@@ -59,20 +67,36 @@ def only_retryable_server_errors(ctx, response, case) -> None:
         assert "Retry-After" in response.headers
 
 
-CONFIG = SchemathesisConfig.from_dict({
-    # The signature headers are the Signer's: generating (or leaving out) values for them
-    # would only test 401s, which tests/api/test_openapi.py does.
-    "generation": {"with-security-parameters": False},
-    # A request over a documented limit (maxItems of a batch) is refused with 413.
-    "checks": {"negative_data_rejection": {"expected-statuses": [
-        400, 401, 403, 404, 405, 409, 413, 422, 429]}},
-})
-CHECKS = [only_retryable_server_errors, status_code_conformance, content_type_conformance,
-          response_headers_conformance, response_schema_conformance]
+CONFIG = SchemathesisConfig.from_dict(
+    {
+        # The signature headers are the Signer's: generating (or leaving out) values for them
+        # would only test 401s, which tests/api/test_openapi.py does.
+        "generation": {"with-security-parameters": False},
+        # A request over a documented limit (maxItems of a batch) is refused with 413.
+        "checks": {
+            "negative_data_rejection": {
+                "expected-statuses": [400, 401, 403, 404, 405, 409, 413, 422, 429]
+            }
+        },
+    }
+)
+CHECKS = [
+    only_retryable_server_errors,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
 
 
-def fuzz(operation, mode: GenerationMode, url: str, session: requests.Session,
-         auth: Signer | None, examples: int = EXAMPLES) -> set[int]:
+def fuzz(
+    operation,
+    mode: GenerationMode,
+    url: str,
+    session: requests.Session,
+    auth: Signer | None,
+    examples: int = EXAMPLES,
+) -> set[int]:
     """Run generated cases of one operation against `url`; the statuses seen."""
     checks = CHECKS + ([negative_data_rejection] if mode is GenerationMode.NEGATIVE else [])
     statuses: set[int] = set()
@@ -82,12 +106,21 @@ def fuzz(operation, mode: GenerationMode, url: str, session: requests.Session,
         strategy = st.one_of(*operation.get_strategies_from_examples(), strategy)
 
     @given(case=strategy)
-    @settings(max_examples=examples, derandomize=True, database=None, deadline=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                                     HealthCheck.data_too_large])
+    @settings(
+        max_examples=examples,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.filter_too_much,
+            HealthCheck.data_too_large,
+        ],
+    )
     def run(case) -> None:
-        response = case.call(base_url=url, session=session, auth=auth, allow_redirects=False,
-                             timeout=10)
+        response = case.call(
+            base_url=url, session=session, auth=auth, allow_redirects=False, timeout=10
+        )
         statuses.add(response.status_code)
         case.validate_response(response, checks=checks)
 
@@ -101,11 +134,13 @@ def test_every_answer_of_a_real_cluster_is_documented(make_cluster) -> None:
     url = cluster.nodes[leader].config.api_url
     follower_url = next(n.config.api_url for nid, n in cluster.nodes.items() if nid != leader)
     with admin(cluster) as client:
-        client.submit([MARKET,
-                       {"op": "deposit", "account": "alice", "asset": "USD", "amount": 10**9,
-                        "ref": "a"},
-                       {"op": "deposit", "account": "alice", "asset": "BTC", "amount": 10**9,
-                        "ref": "b"}])
+        client.submit(
+            [
+                MARKET,
+                {"op": "deposit", "account": "alice", "asset": "USD", "amount": 10**9, "ref": "a"},
+                {"op": "deposit", "account": "alice", "asset": "BTC", "amount": 10**9, "ref": "b"},
+            ]
+        )
         trader = client.create_key("alice")
     keys = {"admin": cluster.admin_credentials(), "trader": trader}
 
@@ -127,12 +162,15 @@ def test_every_answer_of_a_real_cluster_is_documented(make_cluster) -> None:
         modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if takes_input else [])
         for mode in modes:
             statuses |= fuzz(operation, mode, url, session, auth)
-        on_follower |= fuzz(operation, GenerationMode.POSITIVE, follower_url, session, auth,
-                            examples=2)
+        on_follower |= fuzz(
+            operation, GenerationMode.POSITIVE, follower_url, session, auth, examples=2
+        )
     elapsed_s = time.monotonic() - started
     # Not all answers were refusals: the run got through to the state machine.
     assert 201 in seen[("POST", "/v1/orders")] and 200 in seen[("GET", "/v1/markets")], seen
     assert 307 in on_follower, on_follower
-    print(f"schemathesis: {sum(map(len, seen.values()))} (route, status) pairs in "
-          f"{elapsed_s:.1f} s: {seen}")
+    print(
+        f"schemathesis: {sum(map(len, seen.values()))} (route, status) pairs in "
+        f"{elapsed_s:.1f} s: {seen}"
+    )
     cluster.wait_converged()

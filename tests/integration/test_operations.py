@@ -27,12 +27,16 @@ def wait_for(predicate, timeout_s: float, what: str):
 
 
 def samples(text: str) -> dict[tuple, float]:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
-def test_an_https_cluster_is_ready_measured_and_keys_are_created_over_tls(make_cluster,
-                                                                          tmp_path: Path) -> None:
+def test_an_https_cluster_is_ready_measured_and_keys_are_created_over_tls(
+    make_cluster, tmp_path: Path
+) -> None:
     cert, key = self_signed(tmp_path / "tls")
     cluster = make_cluster(3, tls_cert_file=cert, tls_key_file=key)
     urls = cluster.api_urls()
@@ -54,26 +58,66 @@ def test_an_https_cluster_is_ready_measured_and_keys_are_created_over_tls(make_c
 
         # A key through the CLI, over TLS, trusted via the cluster's certificate.
         made = subprocess.run(
-            [sys.executable, "-m", "cluster", "keys", "create", "--account", "alice",
-             "--cluster", str(cluster.manifest_path), "--json"],
-            capture_output=True, text=True, timeout=60, check=False)
+            [
+                sys.executable,
+                "-m",
+                "cluster",
+                "keys",
+                "create",
+                "--account",
+                "alice",
+                "--cluster",
+                str(cluster.manifest_path),
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert made.returncode == 0, made.stderr
         raw = json.loads(made.stdout)
         from api.auth import Credentials
 
         alice = Credentials(raw["key_id"], raw["secret"], "trader", "alice")
         with AdminClient(urls, cluster.admin_credentials(), verify=cert) as admin:
-            results = admin.submit([{"op": "deposit", "account": "alice", "asset": "USD",
-                                     "amount": 500, "ref": "tls-1"}])
+            results = admin.submit(
+                [
+                    {
+                        "op": "deposit",
+                        "account": "alice",
+                        "asset": "USD",
+                        "amount": 500,
+                        "ref": "tls-1",
+                    }
+                ]
+            )
         assert "events" in results[0], results
         with Client(urls, alice, verify=cert) as client:
             assert client.balances()["USD"]["available"] == 500
 
         # The load generator trusts the cluster's certificate the same way.
         flow = subprocess.run(
-            [sys.executable, "-m", "cluster", "loadgen", "--cluster", str(cluster.manifest_path),
-             "--rate", "20", "--duration", "1", "--accounts", "2", "--json"],
-            capture_output=True, text=True, timeout=120, check=False)
+            [
+                sys.executable,
+                "-m",
+                "cluster",
+                "loadgen",
+                "--cluster",
+                str(cluster.manifest_path),
+                "--rate",
+                "20",
+                "--duration",
+                "1",
+                "--accounts",
+                "2",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert flow.returncode == 0, flow.stderr
         report = json.loads(flow.stdout)
         assert report["sent"] == report["acked"] == 20 and report["failed"] == 0
@@ -86,9 +130,15 @@ def test_an_https_cluster_is_ready_measured_and_keys_are_created_over_tls(make_c
         assert figures[("qb_raft_commit_index", ())] >= figures[("qb_raft_applied_index", ())] > 0
         assert figures[("qb_raft_leader_known", ())] == 1
         assert figures[("qb_cmd_index", ())] >= 1
-        assert figures[("qb_http_requests_total", (("method", "POST"),
-                                                   ("route", "/v1/admin/commands"),
-                                                   ("status", "200")))] >= 1
+        assert (
+            figures[
+                (
+                    "qb_http_requests_total",
+                    (("method", "POST"), ("route", "/v1/admin/commands"), ("status", "200")),
+                )
+            ]
+            >= 1
+        )
 
         # Without a quorum nobody can serve: the last node standing stops being ready.
         survivor = next(nid for nid in cluster.nodes if nid != leader)
@@ -96,8 +146,11 @@ def test_an_https_cluster_is_ready_measured_and_keys_are_created_over_tls(make_c
             if nid != survivor:
                 cluster.kill(nid)
         url = cluster.nodes[survivor].config.api_url
-        refusal = wait_for(lambda: (r := http.get(url + "/readyz")).status_code == 503 and r,
-                           20, "the survivor to report not ready")
+        refusal = wait_for(
+            lambda: (r := http.get(url + "/readyz")).status_code == 503 and r,
+            20,
+            "the survivor to report not ready",
+        )
         assert refusal.json()["error"]["code"] == "not_ready"
         assert refusal.headers["Retry-After"] == "1"
         assert http.get(url + "/healthz").status_code == 200  # alive, though not ready

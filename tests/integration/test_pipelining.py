@@ -16,18 +16,36 @@ from api.auth import KEY_HEADER, SIG_HEADER, TS_HEADER, sign
 
 from .conftest import admin
 
-MARKET = {"op": "create_market", "market": "PIPE-USD", "base": "PIPE", "quote": "USD",
-          "lot_size": 1, "tick_size": 1, "maker_fee_bps": 0, "taker_fee_bps": 0}
+MARKET = {
+    "op": "create_market",
+    "market": "PIPE-USD",
+    "base": "PIPE",
+    "quote": "USD",
+    "lot_size": 1,
+    "tick_size": 1,
+    "maker_fee_bps": 0,
+    "taker_fee_bps": 0,
+}
 
 
 def _order_request(creds, host: str, coid: str, price: int) -> bytes:
-    body = json.dumps({"market": "PIPE-USD", "side": "buy", "type": "limit", "price": price,
-                       "qty": 1, "client_order_id": coid}).encode()
+    body = json.dumps(
+        {
+            "market": "PIPE-USD",
+            "side": "buy",
+            "type": "limit",
+            "price": price,
+            "qty": 1,
+            "client_order_id": coid,
+        }
+    ).encode()
     ts = time.time_ns() // 1_000_000
-    head = (f"POST /v1/orders HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n{KEY_HEADER}: {creds.key_id}\r\n"
-            f"{TS_HEADER}: {ts}\r\n{SIG_HEADER}: {sign(creds.secret, ts, 'POST', '/v1/orders', body)}"
-            "\r\n\r\n")
+    head = (
+        f"POST /v1/orders HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{KEY_HEADER}: {creds.key_id}\r\n"
+        f"{TS_HEADER}: {ts}\r\n{SIG_HEADER}: {sign(creds.secret, ts, 'POST', '/v1/orders', body)}"
+        "\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -39,12 +57,15 @@ def _read_responses(sock: socket.socket, n: int) -> list[tuple[int, dict]]:
         end = buf.find(b"\r\n\r\n")
         if end >= 0:
             lines = buf[:end].split(b"\r\n")
-            length = next(int(v) for k, _, v in (ln.partition(b":") for ln in lines[1:])
-                          if k.strip().lower() == b"content-length")
+            length = next(
+                int(v)
+                for k, _, v in (ln.partition(b":") for ln in lines[1:])
+                if k.strip().lower() == b"content-length"
+            )
             if len(buf) >= end + 4 + length:
-                body = buf[end + 4:end + 4 + length]
+                body = buf[end + 4 : end + 4 + length]
                 out.append((int(lines[0].split()[1]), json.loads(body)))
-                buf = buf[end + 4 + length:]
+                buf = buf[end + 4 + length :]
                 continue
         data = sock.recv(65536)
         if not data:
@@ -59,8 +80,18 @@ def test_pipelined_requests_get_every_response_whole_and_in_order(make_cluster) 
     leader = cluster.wait_for_leader()
     url = cluster.nodes[leader].config.api_url
     with admin(cluster) as client:
-        client.submit([MARKET, {"op": "deposit", "account": "pipe", "asset": "USD",
-                                "amount": 10**12, "ref": "pipe"}])
+        client.submit(
+            [
+                MARKET,
+                {
+                    "op": "deposit",
+                    "account": "pipe",
+                    "asset": "USD",
+                    "amount": 10**12,
+                    "ref": "pipe",
+                },
+            ]
+        )
         creds = client.create_key("pipe")
     parts = urlsplit(url)
     host = f"{parts.hostname}:{parts.port}"

@@ -20,18 +20,40 @@ from cluster.loadgen import DEFAULT_MARKET, plan
 
 from .conftest import admin
 
-MARKET = {"op": "create_market", "market": "BTC-USD", "base": "BTC", "quote": "USD",
-          "lot_size": 100, "tick_size": 5, "maker_fee_bps": 1, "taker_fee_bps": 2}
+MARKET = {
+    "op": "create_market",
+    "market": "BTC-USD",
+    "base": "BTC",
+    "quote": "USD",
+    "lot_size": 100,
+    "tick_size": 5,
+    "maker_fee_bps": 1,
+    "taker_fee_bps": 2,
+}
 
 
 def fund(cluster, account: str, btc: int = 10**12, usd: int = 10**12):
     """Market, deposits and a trader key for `account`."""
     with admin(cluster) as client:
-        client.submit([MARKET,
-                       {"op": "deposit", "account": account, "asset": "BTC", "amount": btc,
-                        "ref": f"{account}-btc"},
-                       {"op": "deposit", "account": account, "asset": "USD", "amount": usd,
-                        "ref": f"{account}-usd"}])
+        client.submit(
+            [
+                MARKET,
+                {
+                    "op": "deposit",
+                    "account": account,
+                    "asset": "BTC",
+                    "amount": btc,
+                    "ref": f"{account}-btc",
+                },
+                {
+                    "op": "deposit",
+                    "account": account,
+                    "asset": "USD",
+                    "amount": usd,
+                    "ref": f"{account}-usd",
+                },
+            ]
+        )
         return client.create_key(account)
 
 
@@ -53,8 +75,11 @@ class LoseResponses(httpx.BaseTransport):
             self.n -= 1
             self.lost += 1
             if self.replace_with_503:
-                return httpx.Response(503, headers={"Retry-After": "1"}, json={"error": {
-                    "code": "outcome_unknown", "message": "lost in the test"}})
+                return httpx.Response(
+                    503,
+                    headers={"Retry-After": "1"},
+                    json={"error": {"code": "outcome_unknown", "message": "lost in the test"}},
+                )
             raise httpx.ReadError("connection lost after sending", request=request)
         return response
 
@@ -81,38 +106,61 @@ def test_retry_policy_on_scripted_answers_under_asyncio_and_trio() -> None:
     creds = Credentials("k", "s", "trader", "a")
 
     async def place(handler) -> dict:
-        async with AsyncClient(["http://a", "http://b"], creds,
-                               transport=httpx.MockTransport(handler)) as client:
+        async with AsyncClient(
+            ["http://a", "http://b"], creds, transport=httpx.MockTransport(handler)
+        ) as client:
             return await client.place("M", "buy", "limit", 1, price=5, client_order_id="c1")
 
     for run in (lambda f, h: asyncio.run(f(h)), trio.run):
         handler, seen = scripted(
-            httpx.Response(307, headers={"X-Leader": "http://b"}, json={"error": {"code": "not_leader"}}),
+            httpx.Response(
+                307, headers={"X-Leader": "http://b"}, json={"error": {"code": "not_leader"}}
+            ),
             httpx.Response(503, json={"error": {"code": "outcome_unknown", "message": ""}}),
-            httpx.Response(409, json={"error": {"code": "duplicate_client_order_id",
-                                                "message": "", "order_id": 9}}),
-            httpx.Response(200, json={"status": "open", "order_id": 9, "client_order_id": "c1"}))
-        assert run(place, handler) == {"status": "open", "order_id": 9, "client_order_id": "c1",
-                                        "recovered": True}
-        assert [u for u, _ in seen] == ["http://a/v1/orders", "http://b/v1/orders",
-                                        "http://b/v1/orders", "http://b/v1/orders/by-client-id/c1"]
+            httpx.Response(
+                409,
+                json={"error": {"code": "duplicate_client_order_id", "message": "", "order_id": 9}},
+            ),
+            httpx.Response(200, json={"status": "open", "order_id": 9, "client_order_id": "c1"}),
+        )
+        assert run(place, handler) == {
+            "status": "open",
+            "order_id": 9,
+            "client_order_id": "c1",
+            "recovered": True,
+        }
+        assert [u for u, _ in seen] == [
+            "http://a/v1/orders",
+            "http://b/v1/orders",
+            "http://b/v1/orders",
+            "http://b/v1/orders/by-client-id/c1",
+        ]
         assert len({sig for _, sig in seen}) == 4  # re-signed every time: never a replay
 
     # Definite versus unknown when the deadline passes.
     handler, _ = scripted(httpx.ConnectError("refused"))
-    with Client(["http://a"], creds, transport=httpx.MockTransport(handler), deadline_s=0.3) as c, \
-            pytest.raises(ClusterUnavailable) as refused:
+    with (
+        Client(["http://a"], creds, transport=httpx.MockTransport(handler), deadline_s=0.3) as c,
+        pytest.raises(ClusterUnavailable) as refused,
+    ):
         c.place("M", "buy", "limit", 1, price=5)
     assert not isinstance(refused.value, OutcomeUnknown)  # nothing reached a node: not applied
     handler, _ = scripted(httpx.ReadError("reset after sending"))
-    with Client(["http://a"], creds, transport=httpx.MockTransport(handler), deadline_s=0.3) as c, \
-            pytest.raises(OutcomeUnknown):
+    with (
+        Client(["http://a"], creds, transport=httpx.MockTransport(handler), deadline_s=0.3) as c,
+        pytest.raises(OutcomeUnknown),
+    ):
         c.place("M", "buy", "limit", 1, price=5)
     # A first-attempt 409 is the caller reusing an id: definite, with the first order's id.
-    handler, _ = scripted(httpx.Response(409, json={"error": {
-        "code": "duplicate_client_order_id", "message": "", "order_id": 4}}))
-    with Client(["http://a"], creds, transport=httpx.MockTransport(handler)) as c, \
-            pytest.raises(ApiError) as reused:
+    handler, _ = scripted(
+        httpx.Response(
+            409, json={"error": {"code": "duplicate_client_order_id", "message": "", "order_id": 4}}
+        )
+    )
+    with (
+        Client(["http://a"], creds, transport=httpx.MockTransport(handler)) as c,
+        pytest.raises(ApiError) as reused,
+    ):
         c.place("M", "buy", "limit", 1, price=5, client_order_id="c1")
     assert (reused.value.status, reused.value.order_id, reused.value.after_retry) == (409, 4, False)
 
@@ -125,9 +173,11 @@ def test_a_replayed_write_may_have_been_applied_and_is_settled_by_the_look_up() 
     creds = Credentials("k", "s", "trader", "a")
     handler, seen = scripted(
         httpx.Response(401, json={"error": {"code": "replayed", "message": ""}}),
-        httpx.Response(409, json={"error": {"code": "duplicate_client_order_id",
-                                            "message": "", "order_id": 9}}),
-        httpx.Response(200, json={"status": "open", "order_id": 9, "client_order_id": "c1"}))
+        httpx.Response(
+            409, json={"error": {"code": "duplicate_client_order_id", "message": "", "order_id": 9}}
+        ),
+        httpx.Response(200, json={"status": "open", "order_id": 9, "client_order_id": "c1"}),
+    )
     with Client(["http://a"], creds, transport=httpx.MockTransport(handler)) as client:
         placed = client.place("M", "buy", "limit", 1, price=5, client_order_id="c1")
         assert placed["recovered"] is True and placed["order_id"] == 9
@@ -171,7 +221,8 @@ def test_sdk_places_cancels_amends_reads_and_reports_errors(make_cluster) -> Non
         cancelled = client.cancel("BTC-USD", order_id)
         assert cancelled["events"][0]["type"] == "cancelled"
         assert [o["client_order_id"] for o in client.open_orders("BTC-USD")] == [
-            generated["client_order_id"]]
+            generated["client_order_id"]
+        ]
         client.cancel_all("BTC-USD")
         assert client.open_orders() == []
 
@@ -192,9 +243,12 @@ def test_sdk_places_cancels_amends_reads_and_reports_errors(make_cluster) -> Non
         assert unknown_market.value.code == "unknown_market"
         assert client.stats["retries"] == retries
 
-        batch = client.place_batch([
-            {"market": "BTC-USD", "side": "sell", "type": "limit", "qty": 1, "price": 3000},
-            {"market": "BTC-USD", "side": "sell", "type": "limit", "qty": 1, "price": 3001}])
+        batch = client.place_batch(
+            [
+                {"market": "BTC-USD", "side": "sell", "type": "limit", "qty": 1, "price": 3000},
+                {"market": "BTC-USD", "side": "sell", "type": "limit", "qty": 1, "price": 3001},
+            ]
+        )
         assert "error" not in batch[0] and batch[0]["status"] == "resting"
         assert batch[1]["error"]["code"] == "bad_tick"
 
@@ -218,13 +272,26 @@ def test_sdk_settles_lost_responses_without_trading_twice(make_cluster) -> None:
     lossy = LoseResponses("/v1/orders/batch")
     with Client(cluster.api_urls(), key, transport=lossy) as client:
         lossy.n = 1
-        results = client.place_batch([
-            {"market": "BTC-USD", "side": "sell", "type": "limit", "qty": 1, "price": 6000,
-             "client_order_id": f"b{i}"} for i in range(3)])
+        results = client.place_batch(
+            [
+                {
+                    "market": "BTC-USD",
+                    "side": "sell",
+                    "type": "limit",
+                    "qty": 1,
+                    "price": 6000,
+                    "client_order_id": f"b{i}",
+                }
+                for i in range(3)
+            ]
+        )
         assert [r["client_order_id"] for r in results] == ["b0", "b1", "b2"]
         assert all(r["recovered"] for r in results)
-        assert sorted(o["client_order_id"] for o in client.open_orders()
-                      if o["client_order_id"].startswith("b")) == ["b0", "b1", "b2"]
+        assert sorted(
+            o["client_order_id"]
+            for o in client.open_orders()
+            if o["client_order_id"].startswith("b")
+        ) == ["b0", "b1", "b2"]
 
     # A cancel whose answer was lost: the resend finds no open order and says so, flagged.
     lossy = LoseResponses("/v1/orders/cancel")
@@ -247,8 +314,11 @@ def test_async_client_trades_under_trio(make_cluster) -> None:
             results: list[dict] = []
 
             async def place(i: int) -> None:
-                results.append(await client.place("BTC-USD", "sell", "limit", 1,
-                                                  price=7000 + 5 * i, client_order_id=f"t{i}"))
+                results.append(
+                    await client.place(
+                        "BTC-USD", "sell", "limit", 1, price=7000 + 5 * i, client_order_id=f"t{i}"
+                    )
+                )
 
             async with trio.open_nursery() as nursery:
                 for i in range(20):
@@ -280,8 +350,9 @@ def test_sdk_keeps_trading_through_a_leader_sigkill(make_cluster) -> None:
             coid = f"f{i}"
             try:
                 # Distinct, never-crossing sells of one funded account: every one rests.
-                result = client.place("BTC-USD", "sell", "limit", 1, price=10_000 + 5 * i,
-                                      client_order_id=coid)
+                result = client.place(
+                    "BTC-USD", "sell", "limit", 1, price=10_000 + 5 * i, client_order_id=coid
+                )
             except BaseException as exc:  # the SDK must not give up during a failover
                 errors.append(exc)
                 return
@@ -319,7 +390,8 @@ def test_sdk_keeps_trading_through_a_leader_sigkill(make_cluster) -> None:
         assert len(listed) == len(set(listed)), "an order was placed twice"
         assert set(listed) == set(acked), (
             f"lost: {sorted(set(acked) - set(listed))[:5]}, "
-            f"never acknowledged: {sorted(set(listed) - set(acked))[:5]}")
+            f"never acknowledged: {sorted(set(listed) - set(acked))[:5]}"
+        )
         assert {o["client_order_id"]: o["order_id"] for o in open_orders} == acked
         assert len(set(acked.values())) == len(acked)
         for coid in recovered + [f"f{killed_at + d}" for d in (-1, 0, 1)]:
@@ -342,16 +414,43 @@ def test_loadgen_runs_a_seeded_flow_and_prints_json(make_cluster) -> None:
     assert first != plan(12, 50, 3, 4, DEFAULT_MARKET)
     cluster = make_cluster(3)
     proc = subprocess.run(
-        [sys.executable, "-m", "cluster", "loadgen", "--cluster", str(cluster.manifest_path),
-         "--rate", "50", "--duration", "3", "--seed", "11", "--accounts", "4", "--json"],
-        capture_output=True, text=True, timeout=120, check=False)
+        [
+            sys.executable,
+            "-m",
+            "cluster",
+            "loadgen",
+            "--cluster",
+            str(cluster.manifest_path),
+            "--rate",
+            "50",
+            "--duration",
+            "3",
+            "--seed",
+            "11",
+            "--accounts",
+            "4",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["planned"] == report["sent"] == 150
     assert report["acked"] > 0 and report["failed"] == 0 and report["unknown"] == 0
     assert report["acked"] == report["sent"]
     assert report["trades"] > 0
-    assert 0 < report["latency_ms_p50"] <= report["latency_ms_p90"] <= report["latency_ms_p99"] \
+    assert (
+        0
+        < report["latency_ms_p50"]
+        <= report["latency_ms_p90"]
+        <= report["latency_ms_p99"]
         <= report["latency_ms_max"]
-    assert set(report["rejections"]) <= {"post_only_would_cross", "unknown_order",
-                                         "insufficient_funds"}
+    )
+    assert set(report["rejections"]) <= {
+        "post_only_would_cross",
+        "unknown_order",
+        "insufficient_funds",
+    }

@@ -27,16 +27,31 @@ from api.subscription import _BookTracker, _EventTracker
 from .conftest import admin
 
 M = "BTC-USD"
-MARKET = {"op": "create_market", "market": M, "base": "BTC", "quote": "USD",
-          "lot_size": 100, "tick_size": 5, "maker_fee_bps": 1, "taker_fee_bps": 2}
+MARKET = {
+    "op": "create_market",
+    "market": M,
+    "base": "BTC",
+    "quote": "USD",
+    "lot_size": 100,
+    "tick_size": 5,
+    "maker_fee_bps": 1,
+    "taker_fee_bps": 2,
+}
 
 
 def fund(cluster: Any, *accounts: str) -> dict[str, Credentials]:
     commands: list[dict] = [MARKET]
     for account in accounts:
         for asset in ("BTC", "USD"):
-            commands.append({"op": "deposit", "account": account, "asset": asset,
-                             "amount": 10**15, "ref": f"{account}-{asset}"})
+            commands.append(
+                {
+                    "op": "deposit",
+                    "account": account,
+                    "asset": asset,
+                    "amount": 10**15,
+                    "ref": f"{account}-{asset}",
+                }
+            )
     with admin(cluster) as client:
         assert all("events" in r for r in client.submit(commands))
         return {account: client.create_key(account) for account in accounts}
@@ -78,6 +93,7 @@ def check_against_rest(history: list[Book], reads: list[tuple[int, list, list]])
 
 # ---------------------------------------------------------------------- no cluster
 
+
 def test_channel_logic_on_scripted_messages() -> None:
     stats: collections.Counter[str] = collections.Counter()
     book = _BookTracker(M, stats)
@@ -87,32 +103,76 @@ def test_channel_logic_on_scripted_messages() -> None:
     def feed(tracker: Any, *messages: dict) -> list[tuple[list, bool]]:
         return [tracker.handle(m) for m in messages]
 
-    (items, resub), = feed(book, {"type": "snapshot", "channel": ch, "seq": 10,
-                                  "bids": [[995, 2]], "asks": [[1000, 5]]})
+    ((items, resub),) = feed(
+        book,
+        {"type": "snapshot", "channel": ch, "seq": 10, "bids": [[995, 2]], "asks": [[1000, 5]]},
+    )
     assert not resub and items[0].seq == 10 and items[0].snapshot
-    (items, _), = feed(book, {"type": "delta", "channel": ch, "seq": 12, "prev_seq": 10,
-                              "side": "sell", "price": 1000, "level_qty": 3})
+    ((items, _),) = feed(
+        book,
+        {
+            "type": "delta",
+            "channel": ch,
+            "seq": 12,
+            "prev_seq": 10,
+            "side": "sell",
+            "price": 1000,
+            "level_qty": 3,
+        },
+    )
     assert items[0].asks() == [[1000, 3]] and items[0].seq == 12 and not items[0].snapshot
-    (items, _), = feed(book, {"type": "heartbeat", "seq": 20})
+    ((items, _),) = feed(book, {"type": "heartbeat", "seq": 20})
     assert items[0].seq == 20  # complete through the heartbeat's seq
     # A break in the chain: nothing handed out, a resubscription asked for, and the deltas of
     # the old chain still in flight are ignored until the new snapshot.
-    assert feed(book, {"type": "delta", "channel": ch, "seq": 25, "prev_seq": 22,
-                       "side": "buy", "price": 995, "level_qty": 0}) == [([], True)]
-    assert feed(book, {"type": "delta", "channel": ch, "seq": 26, "prev_seq": 25,
-                       "side": "buy", "price": 990, "level_qty": 1},
-                {"type": "heartbeat", "seq": 30}) == [([], False), ([], False)]
-    (items, _), = feed(book, {"type": "snapshot", "channel": ch, "seq": 31, "bids": [],
-                              "asks": [[1000, 3]]})
+    assert feed(
+        book,
+        {
+            "type": "delta",
+            "channel": ch,
+            "seq": 25,
+            "prev_seq": 22,
+            "side": "buy",
+            "price": 995,
+            "level_qty": 0,
+        },
+    ) == [([], True)]
+    assert feed(
+        book,
+        {
+            "type": "delta",
+            "channel": ch,
+            "seq": 26,
+            "prev_seq": 25,
+            "side": "buy",
+            "price": 990,
+            "level_qty": 1,
+        },
+        {"type": "heartbeat", "seq": 30},
+    ) == [([], False), ([], False)]
+    ((items, _),) = feed(
+        book, {"type": "snapshot", "channel": ch, "seq": 31, "bids": [], "asks": [[1000, 3]]}
+    )
     assert items[0].snapshot and items[0].seq == 31 and items[0].bids() == []
     # Reconnected to a node that trails: its older snapshot is not handed out (seq never goes
     # back) until the book is at least as new as the last one shown.
     book.connected()
-    assert feed(book, {"type": "snapshot", "channel": ch, "seq": 28, "bids": [],
-                       "asks": [[1000, 4]]}) == [([], False)]
-    (items, _), = feed(book, {"type": "delta", "channel": ch, "seq": 29, "prev_seq": 28,
-                              "side": "sell", "price": 1000, "level_qty": 3},
-                       {"type": "heartbeat", "seq": 31})[1:]
+    assert feed(
+        book, {"type": "snapshot", "channel": ch, "seq": 28, "bids": [], "asks": [[1000, 4]]}
+    ) == [([], False)]
+    ((items, _),) = feed(
+        book,
+        {
+            "type": "delta",
+            "channel": ch,
+            "seq": 29,
+            "prev_seq": 28,
+            "side": "sell",
+            "price": 1000,
+            "level_qty": 3,
+        },
+        {"type": "heartbeat", "seq": 31},
+    )[1:]
     assert items[0].seq == 31 and items[0].snapshot and items[0].asks() == [[1000, 3]]
     assert stats["ws_seq_gaps"] == 1 and stats["ws_resnapshots"] == 2
 
@@ -123,27 +183,47 @@ def test_channel_logic_on_scripted_messages() -> None:
         return {"type": "trade", "channel": tch, "seq": seq, "prev_seq": prev}
 
     events.connected()
-    out = [i for r in feed(events, {"type": "subscribed", "channel": tch, "seq": 5},
-                           trade(7, 5), trade(9, 7), {"type": "heartbeat", "seq": 12})
-           for i in r[0]]
+    out = [
+        i
+        for r in feed(
+            events,
+            {"type": "subscribed", "channel": tch, "seq": 5},
+            trade(7, 5),
+            trade(9, 7),
+            {"type": "heartbeat", "seq": 12},
+        )
+        for i in r[0]
+    ]
     assert [m["seq"] for m in out] == [7, 9]
     # Reconnected to a node that trails (subscribed at 8): 9 again is dropped, 11 is new.
     events.connected()
-    out = [i for r in feed(events, {"type": "subscribed", "channel": tch, "seq": 8},
-                           trade(9, 8), trade(13, 9)) for i in r[0]]
+    out = [
+        i
+        for r in feed(
+            events, {"type": "subscribed", "channel": tch, "seq": 8}, trade(9, 8), trade(13, 9)
+        )
+        for i in r[0]
+    ]
     assert [m["seq"] for m in out] == [13] and stats["ws_duplicates"] == 1
     # Reconnected to a node that is ahead: what happened in between may be lost, and is said.
     events.connected()
-    out = [i for r in feed(events, {"type": "subscribed", "channel": tch, "seq": 20},
-                           trade(21, 20), trade(30, 25)) for i in r[0]]
+    out = [
+        i
+        for r in feed(
+            events, {"type": "subscribed", "channel": tch, "seq": 20}, trade(21, 20), trade(30, 25)
+        )
+        for i in r[0]
+    ]
     assert out[0] == Gap(tch, 13, 20, "reconnect") and out[1]["seq"] == 21
     assert out[2] == Gap(tch, 21, 25, "prev_seq") and out[3]["seq"] == 30
 
 
 # ---------------------------------------------------------------------- a real cluster
 
-def test_async_subscriptions_follow_the_flow_through_a_node_sigkill(make_cluster,
-                                                                     monkeypatch) -> None:
+
+def test_async_subscriptions_follow_the_flow_through_a_node_sigkill(
+    make_cluster, monkeypatch
+) -> None:
     monkeypatch.setenv("QB_WS_HEARTBEAT_S", "0.3")
     cluster = make_cluster(3)
     keys = fund(cluster, "alice", "bob")
@@ -160,9 +240,11 @@ def test_async_subscriptions_follow_the_flow_through_a_node_sigkill(make_cluster
     starts: list[int] = []  # the seq each subscription started at: book, trades, orders
 
     async def main() -> None:
-        async with AsyncClient(urls, keys["alice"]) as alice, \
-                AsyncClient(urls, keys["bob"]) as bob, \
-                AsyncClient(urls, keys["alice"]) as market_data:
+        async with (
+            AsyncClient(urls, keys["alice"]) as alice,
+            AsyncClient(urls, keys["bob"]) as bob,
+            AsyncClient(urls, keys["alice"]) as market_data,
+        ):
             book_sub = market_data.subscribe_book(M)
             trades_sub = market_data.subscribe_trades(M)
             orders_sub = alice.subscribe_orders()
@@ -180,8 +262,9 @@ def test_async_subscriptions_follow_the_flow_through_a_node_sigkill(make_cluster
                     side = rng.choice(("buy", "sell"))
                     result = await bob.place(M, side, "limit", rng.randint(1, 4), price=price)
                     other = "sell" if side == "buy" else "buy"
-                    result = await alice.place(M, other, "limit", rng.randint(1, 4),
-                                               price=price + rng.choice((-5, 0, 5)))
+                    result = await alice.place(
+                        M, other, "limit", rng.randint(1, 4), price=price + rng.choice((-5, 0, 5))
+                    )
                     if "events" in result:
                         first = result["events"][0]
                         assert first["type"] == "accepted"
@@ -194,8 +277,11 @@ def test_async_subscriptions_follow_the_flow_through_a_node_sigkill(make_cluster
             async def read_rest(n: int) -> None:
                 for _ in range(n):
                     await trio.sleep(0.1)
-                    reads.append(await trio.to_thread.run_sync(rest_book, rng.choice(
-                        [u for u in urls if u != killed.get("url")])))
+                    reads.append(
+                        await trio.to_thread.run_sync(
+                            rest_book, rng.choice([u for u in urls if u != killed.get("url")])
+                        )
+                    )
 
             async def wait(predicate: Any, timeout_s: float, what: str) -> None:
                 with trio.move_on_after(timeout_s):
@@ -220,16 +306,26 @@ def test_async_subscriptions_follow_the_flow_through_a_node_sigkill(make_cluster
                 killed["url"] = book_sub.url
                 before = len(history)
                 await trio.to_thread.run_sync(cluster.kill, leader)
-                await wait(lambda: book_sub.url not in (None, leader_url)
-                           and any(b.snapshot for b in history[before:]), 30,
-                           "a new snapshot from another node")
+                await wait(
+                    lambda: (
+                        book_sub.url not in (None, leader_url)
+                        and any(b.snapshot for b in history[before:])
+                    ),
+                    30,
+                    "a new snapshot from another node",
+                )
                 target = placed + 20
                 await read_rest(15)
                 await wait(lambda: placed >= target, 30, "the flow after the kill")
                 stop_flow.set()
-                await wait(lambda: trades_sub.url not in (None, leader_url)
-                           and orders_sub.url not in (None, leader_url), 30,
-                           "the event subscriptions to reconnect")
+                await wait(
+                    lambda: (
+                        trades_sub.url not in (None, leader_url)
+                        and orders_sub.url not in (None, leader_url)
+                    ),
+                    30,
+                    "the event subscriptions to reconnect",
+                )
 
                 # Quiet now: the book catches up with the node's final state.
                 final = await trio.to_thread.run_sync(rest_book, book_sub.url)
@@ -254,14 +350,20 @@ def test_async_subscriptions_follow_the_flow_through_a_node_sigkill(make_cluster
         expected = {t["seq"]: t["trade_id"] for t in client.trades(M, limit=1000)}
     check_events(trades, expected, starts[1])
     # Own orders: alice's acceptances likewise (other event types are checked for order).
-    check_events([e for e in orders if isinstance(e, Gap) or e["type"] == "accepted"],
-                 accepted, starts[2], key="order_id")
-    assert all(isinstance(e, Gap) or e["type"] != "accepted" or e["account"] == "alice"
-               for e in orders)
+    check_events(
+        [e for e in orders if isinstance(e, Gap) or e["type"] == "accepted"],
+        accepted,
+        starts[2],
+        key="order_id",
+    )
+    assert all(
+        isinstance(e, Gap) or e["type"] != "accepted" or e["account"] == "alice" for e in orders
+    )
 
 
-def check_events(items: list[Any], expected: dict[int, int], start: int,
-                 key: str = "trade_id") -> None:
+def check_events(
+    items: list[Any], expected: dict[int, int], start: int, key: str = "trade_id"
+) -> None:
     """Once each, in seq order, and every expected event after `start` came or is in a Gap."""
     events = [e for e in items if not isinstance(e, Gap)]
     gaps = [g for g in items if isinstance(g, Gap)]
@@ -313,14 +415,35 @@ def test_slow_consumer_cut_and_seq_gap_lead_to_a_resnapshot(make_cluster, monkey
             commands = []
             for i in range(400):  # crossing pairs: a sell rests, a buy takes it
                 price = 5 * (100 + (offset + round_ * 400 + i) % 50)
-                commands.append({"op": "place", "account": "a", "market": M, "side": "sell",
-                                 "type": "limit", "price": price, "qty": 2})
-                commands.append({"op": "place", "account": "b", "market": M, "side": "buy",
-                                 "type": "limit", "price": price, "qty": 1})
+                commands.append(
+                    {
+                        "op": "place",
+                        "account": "a",
+                        "market": M,
+                        "side": "sell",
+                        "type": "limit",
+                        "price": price,
+                        "qty": 2,
+                    }
+                )
+                commands.append(
+                    {
+                        "op": "place",
+                        "account": "b",
+                        "market": M,
+                        "side": "buy",
+                        "type": "limit",
+                        "price": price,
+                        "qty": 1,
+                    }
+                )
             client.submit(commands)
 
-    with admin(cluster) as operator, SmallWindowClient(urls, None) as client, \
-            client.subscribe_book(M) as sub:
+    with (
+        admin(cluster) as operator,
+        SmallWindowClient(urls, None) as client,
+        client.subscribe_book(M) as sub,
+    ):
         first = next(sub)
         assert first.snapshot and sub.url == urls[0]
         # The caller stops asking while 6,400 commands are applied. The node's outbox and the

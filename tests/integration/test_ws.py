@@ -35,8 +35,16 @@ from api.auth import Credentials, sign, signed_headers
 from .conftest import admin
 
 M = "BTC-USD"
-MARKET = {"op": "create_market", "market": M, "base": "BTC", "quote": "USD",
-          "lot_size": 100, "tick_size": 5, "maker_fee_bps": 1, "taker_fee_bps": 2}
+MARKET = {
+    "op": "create_market",
+    "market": M,
+    "base": "BTC",
+    "quote": "USD",
+    "lot_size": 100,
+    "tick_size": 5,
+    "maker_fee_bps": 1,
+    "taker_fee_bps": 2,
+}
 
 
 class Closed(Exception):
@@ -61,8 +69,9 @@ class WsClient:
         self.parts: list[str] = []
         self.closed: Closed | None = None
         self.accepted = False
-        self.sock.sendall(self.conn.send(Request(host=f"{parsed.host}:{parsed.port}",
-                                                 target="/v1/ws")))
+        self.sock.sendall(
+            self.conn.send(Request(host=f"{parsed.host}:{parsed.port}", target="/v1/ws"))
+        )
         while not self.accepted:
             self._pump(timeout_s)
         # Every connection opens with the server's challenge, which `auth` signs.
@@ -138,8 +147,10 @@ class WsClient:
     def request(self, message: dict, timeout_s: float = 10.0) -> tuple[dict, list[dict]]:
         """Send an order request and read until its response."""
         self.send(message)
-        return self.until(lambda m: m.get("type") == "response"
-                          and m.get("request_id") == message["request_id"], timeout_s)
+        return self.until(
+            lambda m: m.get("type") == "response" and m.get("request_id") == message["request_id"],
+            timeout_s,
+        )
 
     def auth(self, creds: Credentials) -> dict:
         self.send(auth_message(creds, self.nonce))
@@ -149,22 +160,38 @@ class WsClient:
 def auth_message(creds: Credentials, nonce: str, ts: int | None = None) -> dict:
     """The `auth` op for the connection whose `hello` carried `nonce`."""
     ts = time.time_ns() // 1_000_000 if ts is None else ts
-    return {"op": "auth", "key_id": creds.key_id, "timestamp": ts,
-            "signature": sign(creds.secret, ts, "WS", "/v1/ws", nonce.encode())}
+    return {
+        "op": "auth",
+        "key_id": creds.key_id,
+        "timestamp": ts,
+        "signature": sign(creds.secret, ts, "WS", "/v1/ws", nonce.encode()),
+    }
 
 
 def call(url: str, creds: Credentials, method: str, path: str, body: Any = None) -> httpx.Response:
     raw = json.dumps(body).encode() if body is not None else b""
-    return httpx.request(method, url + path, content=raw, timeout=10,
-                         headers=signed_headers(creds, method, path, raw))
+    return httpx.request(
+        method,
+        url + path,
+        content=raw,
+        timeout=10,
+        headers=signed_headers(creds, method, path, raw),
+    )
 
 
 def fund(client: Any, *accounts: str) -> None:
     commands: list[dict] = [MARKET]
     for account in accounts:
         for asset in ("BTC", "USD"):
-            commands.append({"op": "deposit", "account": account, "asset": asset,
-                             "amount": 10**15, "ref": f"{account}-{asset}"})
+            commands.append(
+                {
+                    "op": "deposit",
+                    "account": account,
+                    "asset": asset,
+                    "amount": 10**15,
+                    "ref": f"{account}-{asset}",
+                }
+            )
     results = client.submit(commands)
     assert all("events" in r for r in results), results
 
@@ -176,16 +203,37 @@ def random_flow(rng: random.Random, n: int, accounts: tuple[str, ...], next_id: 
         account = rng.choice(accounts)
         roll = rng.random()
         if roll < 0.15:
-            commands.append({"op": "cancel", "account": account, "market": M,
-                             "order_id": rng.randint(1, next_id)})
+            commands.append(
+                {
+                    "op": "cancel",
+                    "account": account,
+                    "market": M,
+                    "order_id": rng.randint(1, next_id),
+                }
+            )
         elif roll < 0.25:
-            commands.append({"op": "amend", "account": account, "market": M,
-                             "order_id": rng.randint(1, next_id), "qty": rng.randint(1, 5)})
+            commands.append(
+                {
+                    "op": "amend",
+                    "account": account,
+                    "market": M,
+                    "order_id": rng.randint(1, next_id),
+                    "qty": rng.randint(1, 5),
+                }
+            )
         else:
-            commands.append({"op": "place", "account": account, "market": M,
-                             "side": rng.choice(("buy", "sell")), "type": "limit",
-                             "price": 5 * rng.randint(190, 210), "qty": rng.randint(1, 10),
-                             "tif": rng.choice(("gtc", "gtc", "gtc", "ioc"))})
+            commands.append(
+                {
+                    "op": "place",
+                    "account": account,
+                    "market": M,
+                    "side": rng.choice(("buy", "sell")),
+                    "type": "limit",
+                    "price": 5 * rng.randint(190, 210),
+                    "qty": rng.randint(1, 10),
+                    "tif": rng.choice(("gtc", "gtc", "gtc", "ioc")),
+                }
+            )
     return commands
 
 
@@ -202,8 +250,10 @@ def apply_book(book: dict[str, dict[int, int]], message: dict) -> None:
 
 
 def sorted_levels(book: dict[str, dict[int, int]]) -> tuple[list, list]:
-    return (sorted(([p, q] for p, q in book["buy"].items()), reverse=True),
-            sorted([p, q] for p, q in book["sell"].items()))
+    return (
+        sorted(([p, q] for p, q in book["buy"].items()), reverse=True),
+        sorted([p, q] for p, q in book["sell"].items()),
+    )
 
 
 def test_book_over_ws_equals_book_over_rest_and_trades_are_complete(make_cluster) -> None:
@@ -280,8 +330,9 @@ def test_book_over_ws_equals_book_over_rest_and_trades_are_complete(make_cluster
                 assert (bids, asks) == (rest.json()["bids"], rest.json()["asks"]), url
                 assert bids and asks
                 recent = httpx.get(f"{url}/v1/markets/{M}/trades?limit=1000&consistency=stale")
-                expected = [t["trade_id"] for t in recent.json()["trades"]
-                            if t["seq"] > trades_from]
+                expected = [
+                    t["trade_id"] for t in recent.json()["trades"] if t["seq"] > trades_from
+                ]
                 assert expected, "the flow traded after the subscription"
                 assert [t["trade_id"] for t in trades] == expected, url
                 # The public channel does not say who traded.
@@ -303,8 +354,9 @@ def test_orders_channel_needs_auth_and_shows_only_the_callers_events(make_cluste
         ws_alice.send({"op": "subscribe", "channel": "orders"})
         assert ws_alice.recv()["code"] == "unauthenticated"
         # Wrong secret, stale timestamp, another connection's signature: all refused.
-        forged = auth_message(Credentials(alice.key_id, "0" * 64, "trader", "alice"),
-                              ws_alice.nonce)
+        forged = auth_message(
+            Credentials(alice.key_id, "0" * 64, "trader", "alice"), ws_alice.nonce
+        )
         ws_alice.send(forged)
         assert ws_alice.recv()["code"] == "unauthenticated"
         ws_alice.send(auth_message(alice, ws_alice.nonce, time.time_ns() // 1_000_000 - 60_000))
@@ -328,22 +380,44 @@ def test_orders_channel_needs_auth_and_shows_only_the_callers_events(make_cluste
             assert ws.recv()["type"] == "subscribed"
 
         def place(creds: Credentials, side: str, price: int, qty: int, coid: str) -> dict:
-            response = call(url, creds, "POST", "/v1/orders", {
-                "market": M, "side": side, "type": "limit", "price": price, "qty": qty,
-                "client_order_id": coid})
+            response = call(
+                url,
+                creds,
+                "POST",
+                "/v1/orders",
+                {
+                    "market": M,
+                    "side": side,
+                    "type": "limit",
+                    "price": price,
+                    "qty": qty,
+                    "client_order_id": coid,
+                },
+            )
             assert response.status_code == 201, response.text
             return response.json()
 
         sell = place(bob, "sell", 1000, 5, "b1")
         place(carol, "sell", 1005, 5, "c1")  # nobody's business but carol's
         # Alice's buy goes over the socket: it takes bob's 5 and carol's 5, and 2 lots rest.
-        buy, early = ws_alice.request({"op": "place", "request_id": "a1", "market": M,
-                                       "side": "buy", "type": "limit", "price": 1005, "qty": 12,
-                                       "client_order_id": "a1"})
+        buy, early = ws_alice.request(
+            {
+                "op": "place",
+                "request_id": "a1",
+                "market": M,
+                "side": "buy",
+                "type": "limit",
+                "price": 1005,
+                "qty": 12,
+                "client_order_id": "a1",
+            }
+        )
         assert buy["http_status"] == 201 and buy["filled_qty"] == 10
         # The answer carries alice's events and the public ones, not the makers' balances.
         assert {e.get("account") for e in buy["events"]} == {None, "alice"}
-        cancel = call(url, alice, "POST", "/v1/orders/cancel", {"market": M, "client_order_id": "a1"})
+        cancel = call(
+            url, alice, "POST", "/v1/orders/cancel", {"market": M, "client_order_id": "a1"}
+        )
         assert cancel.status_code == 200
         final_seq = cancel.json()["seq"]
 
@@ -358,14 +432,22 @@ def test_orders_channel_needs_auth_and_shows_only_the_callers_events(make_cluste
 
         got_alice = [m for m in early if m.get("channel") == "orders"] + stream(ws_alice)
         assert [(m["type"], m.get("order_id")) for m in got_alice] == [
-            ("accepted", buy["order_id"]), ("trade", None), ("trade", None),
-            ("cancelled", buy["order_id"])]
-        assert all(m.get("account") == "alice" or "alice" in (m.get("maker_account"),
-                                                             m.get("taker_account"))
-                   for m in got_alice)
+            ("accepted", buy["order_id"]),
+            ("trade", None),
+            ("trade", None),
+            ("cancelled", buy["order_id"]),
+        ]
+        assert all(
+            m.get("account") == "alice"
+            or "alice" in (m.get("maker_account"), m.get("taker_account"))
+            for m in got_alice
+        )
         got_bob = stream(ws_bob)
         assert [(m["type"], m.get("order_id")) for m in got_bob] == [
-            ("accepted", sell["order_id"]), ("trade", None), ("filled", sell["order_id"])]
+            ("accepted", sell["order_id"]),
+            ("trade", None),
+            ("filled", sell["order_id"]),
+        ]
         assert got_bob[1]["maker_account"] == "bob" and got_bob[1]["taker_account"] == "alice"
         for got in (got_alice, got_bob):
             assert [m["prev_seq"] for m in got[1:]] == [m["seq"] for m in got[:-1]]
@@ -398,15 +480,21 @@ def test_a_captured_auth_frame_opens_no_other_connection_on_any_node(make_cluste
                 ws.send(captured)
                 refused = ws.recv()
                 assert refused["type"] == "error" and refused["op"] == "auth", refused
-                assert (refused["code"], refused["message"]) == ("unauthenticated",
-                                                                 "bad signature")
+                assert (refused["code"], refused["message"]) == ("unauthenticated", "bad signature")
                 ws.send({"op": "subscribe", "channel": "orders"})
                 assert ws.recv()["code"] == "unauthenticated"
-                answer, _ = ws.request({"op": "place", "request_id": "stolen", "market": M,
-                                        "side": "buy", "type": "limit", "price": 1000,
-                                        "qty": 1})
-                assert (answer["http_status"], answer["error"]["code"]) == (
-                    401, "unauthenticated")
+                answer, _ = ws.request(
+                    {
+                        "op": "place",
+                        "request_id": "stolen",
+                        "market": M,
+                        "side": "buy",
+                        "type": "limit",
+                        "price": 1000,
+                        "qty": 1,
+                    }
+                )
+                assert (answer["http_status"], answer["error"]["code"]) == (401, "unauthenticated")
                 # The owner of the key still authenticates there, with that connection's nonce.
                 assert ws.auth(alice)["type"] == "authenticated"
         finally:
@@ -431,25 +519,32 @@ def test_order_entry_over_ws_with_request_ids(make_cluster) -> None:
         assert response["error"]["code"] == "unauthenticated"
         assert ws.auth(alice)["type"] == "authenticated"
 
-        placed, _ = ws.request({"op": "place", "request_id": "r1", **order,
-                                "client_order_id": "ws-1"})
+        placed, _ = ws.request(
+            {"op": "place", "request_id": "r1", **order, "client_order_id": "ws-1"}
+        )
         assert placed["http_status"] == 201, placed
         assert placed["status"] == "resting" and placed["filled_qty"] == 0
         assert placed["seq"] == placed["events"][-1]["seq"]
         order_id = placed["order_id"]
-        amended, _ = ws.request({"op": "amend", "request_id": 2, "market": M,
-                                 "order_id": order_id, "qty": 2})
+        amended, _ = ws.request(
+            {"op": "amend", "request_id": 2, "market": M, "order_id": order_id, "qty": 2}
+        )
         assert amended["http_status"] == 200 and amended["events"][0]["type"] == "amended"
         dup, _ = ws.request({"op": "place", "request_id": "r3", **order, "client_order_id": "ws-1"})
         assert dup["http_status"] == 409
-        assert dup["error"] == {"code": "duplicate_client_order_id",
-                                "message": "client_order_id already used", "order_id": order_id}
-        cancelled, _ = ws.request({"op": "cancel", "request_id": "r4", "market": M,
-                                   "client_order_id": "ws-1"})
+        assert dup["error"] == {
+            "code": "duplicate_client_order_id",
+            "message": "client_order_id already used",
+            "order_id": order_id,
+        }
+        cancelled, _ = ws.request(
+            {"op": "cancel", "request_id": "r4", "market": M, "client_order_id": "ws-1"}
+        )
         assert cancelled["http_status"] == 200
         assert cancelled["events"][0]["type"] == "cancelled"
-        again, _ = ws.request({"op": "cancel", "request_id": "r5", "market": M,
-                               "order_id": order_id})
+        again, _ = ws.request(
+            {"op": "cancel", "request_id": "r5", "market": M, "order_id": order_id}
+        )
         assert again["http_status"] == 404 and again["error"]["code"] == "unknown_order"
         forged, _ = ws.request({"op": "place", "request_id": "r6", **order, "account": "bob"})
         assert forged["http_status"] == 400 and forged["error"]["code"] == "field_not_allowed"
@@ -460,8 +555,9 @@ def test_order_entry_over_ws_with_request_ids(make_cluster) -> None:
         assert huge["http_status"] == 400 and huge["error"]["code"] == "bad_qty"
         # An integer the log cannot carry, in a command only the state could judge (amend
         # looks the order up first), is refused before it reaches the log.
-        huge, _ = ws.request({"op": "amend", "request_id": "r9", "market": M, "order_id": 1,
-                              "qty": 10**30})
+        huge, _ = ws.request(
+            {"op": "amend", "request_id": "r9", "market": M, "order_id": 1, "qty": 10**30}
+        )
         assert huge["http_status"] == 400 and huge["error"]["code"] == "wrong_type"
         ws.send({"op": "place", **order})
         assert ws.recv()["code"] == "bad_request_id"
@@ -469,8 +565,17 @@ def test_order_entry_over_ws_with_request_ids(make_cluster) -> None:
         # Pipelined: many requests in flight, every one answered once under its own id.
         ids = [f"p{i}" for i in range(60)]
         for i, request_id in enumerate(ids):
-            ws.send({"op": "place", "request_id": request_id, "market": M, "side": "buy",
-                     "type": "limit", "price": 900 + 5 * (i % 10), "qty": 1})
+            ws.send(
+                {
+                    "op": "place",
+                    "request_id": request_id,
+                    "market": M,
+                    "side": "buy",
+                    "type": "limit",
+                    "price": 900 + 5 * (i % 10),
+                    "qty": 1,
+                }
+            )
         answers: dict[str, dict] = {}
         while len(answers) < len(ids):
             message = ws.recv()
@@ -485,17 +590,22 @@ def test_order_entry_over_ws_with_request_ids(make_cluster) -> None:
 
         # A batch in one message, as POST /v1/orders/batch: one result per order, in order;
         # the malformed one refused before the log, the others committed together.
-        batch, _ = ws.request({"op": "place_batch", "request_id": "b1", "orders": [
-            {**order, "price": 905}, {**order, "qty": 0}, {**order, "price": 910}]})
+        batch, _ = ws.request(
+            {
+                "op": "place_batch",
+                "request_id": "b1",
+                "orders": [{**order, "price": 905}, {**order, "qty": 0}, {**order, "price": 910}],
+            }
+        )
         assert batch["http_status"] == 200, batch
         assert [r["http_status"] for r in batch["results"]] == [201, 400, 201]
         assert batch["results"][1]["error"]["code"] == "bad_qty"
         assert [r["status"] for r in batch["results"][::2]] == ["resting", "resting"]
-        too_many, _ = ws.request({"op": "place_batch", "request_id": "b2",
-                                  "orders": [order] * 101})
+        too_many, _ = ws.request({"op": "place_batch", "request_id": "b2", "orders": [order] * 101})
         assert too_many["http_status"] == 413 and too_many["error"]["code"] == "batch_too_large"
-        forged, _ = ws.request({"op": "place_batch", "request_id": "b3",
-                                "orders": [{**order, "account": "bob"}]})
+        forged, _ = ws.request(
+            {"op": "place_batch", "request_id": "b3", "orders": [{**order, "account": "bob"}]}
+        )
         assert forged["http_status"] == 400
 
     with WsClient(url) as ws:
@@ -535,10 +645,19 @@ def test_bad_frames_get_errors_and_abuse_closes_the_connection(make_cluster) -> 
             ({"op": "auth", "key_id": "nope", "timestamp": 1, "signature": "x"}, "unauthenticated"),
             # A digit that int() refuses, a signature that is not ASCII: both once crashed
             # the connection's task instead of answering.
-            ({"op": "auth", "key_id": known, "timestamp": "\u00b2", "signature": "0" * 64},
-             "unauthenticated"),
-            ({"op": "auth", "key_id": known, "timestamp": time.time_ns() // 1_000_000,
-              "signature": "\u00e9" * 64}, "unauthenticated"),
+            (
+                {"op": "auth", "key_id": known, "timestamp": "\u00b2", "signature": "0" * 64},
+                "unauthenticated",
+            ),
+            (
+                {
+                    "op": "auth",
+                    "key_id": known,
+                    "timestamp": time.time_ns() // 1_000_000,
+                    "signature": "\u00e9" * 64,
+                },
+                "unauthenticated",
+            ),
             ({"op": "cancel", "request_id": {"a": 1}}, "bad_request_id"),
             ("x" * (70 << 10), "message_too_large"),
         ]
@@ -627,10 +746,28 @@ def test_a_subscriber_that_never_reads_is_cut_as_a_slow_consumer(make_cluster, m
                     commands = []
                     for i in range(400):
                         price = 5 * (100 + (round_ * 400 + i) % 50)
-                        commands.append({"op": "place", "account": "a", "market": M,
-                                         "side": "sell", "type": "limit", "price": price, "qty": 1})
-                        commands.append({"op": "place", "account": "b", "market": M,
-                                         "side": "buy", "type": "limit", "price": price, "qty": 1})
+                        commands.append(
+                            {
+                                "op": "place",
+                                "account": "a",
+                                "market": M,
+                                "side": "sell",
+                                "type": "limit",
+                                "price": price,
+                                "qty": 1,
+                            }
+                        )
+                        commands.append(
+                            {
+                                "op": "place",
+                                "account": "b",
+                                "market": M,
+                                "side": "buy",
+                                "type": "limit",
+                                "price": price,
+                                "qty": 1,
+                            }
+                        )
                     client.submit(commands)
                     # Paced so that a reader that keeps up is never more than a round behind.
                     deadline = time.monotonic() + 20
@@ -654,10 +791,24 @@ def test_a_subscriber_that_never_reads_is_cut_as_a_slow_consumer(make_cluster, m
     # reads them is cut the same way.
     with admin(cluster) as client:
         deep = {**MARKET, "market": "DEEP", "base": "ETH"}
-        client.submit([deep, {"op": "deposit", "account": "a", "asset": "ETH", "amount": 10**15,
-                              "ref": "a-ETH"}] + [
-            {"op": "place", "account": "a", "market": "DEEP", "side": "sell", "type": "limit",
-             "price": 5 * (1000 + i), "qty": 1} for i in range(998)])
+        client.submit(
+            [
+                deep,
+                {"op": "deposit", "account": "a", "asset": "ETH", "amount": 10**15, "ref": "a-ETH"},
+            ]
+            + [
+                {
+                    "op": "place",
+                    "account": "a",
+                    "market": "DEEP",
+                    "side": "sell",
+                    "type": "limit",
+                    "price": 5 * (1000 + i),
+                    "qty": 1,
+                }
+                for i in range(998)
+            ]
+        )
     with WsClient(url, rcvbuf=4096) as greedy:
         for _ in range(400):  # ~15 KB each
             greedy.send({"op": "subscribe", "channel": "book:DEEP"})
@@ -685,9 +836,20 @@ def test_a_follower_that_installs_a_snapshot_tells_its_subscribers_to_resync(mak
                 chunk = 0
                 while cluster.status(leader)["raft"]["log_first_index"] <= behind + 1:
                     assert time.monotonic() < deadline, "the leader never compacted its log"
-                    client.submit([{"op": "place", "account": "a", "market": M, "side": "buy",
-                                    "type": "limit", "price": 5 * (100 + chunk * 10 + j),
-                                    "qty": 1} for j in range(10)])
+                    client.submit(
+                        [
+                            {
+                                "op": "place",
+                                "account": "a",
+                                "market": M,
+                                "side": "buy",
+                                "type": "limit",
+                                "price": 5 * (100 + chunk * 10 + j),
+                                "qty": 1,
+                            }
+                            for j in range(10)
+                        ]
+                    )
                     chunk += 1
                     time.sleep(0.05)
             finally:
@@ -695,8 +857,19 @@ def test_a_follower_that_installs_a_snapshot_tells_its_subscribers_to_resync(mak
             statuses = cluster.wait_converged(30)
             assert statuses[follower]["raft"]["snapshots_installed"] >= 1
             # The feed cannot bridge a snapshot: the subscriber is told to start over.
-            client.submit([{"op": "place", "account": "a", "market": M, "side": "buy",
-                            "type": "limit", "price": 5, "qty": 1}])
+            client.submit(
+                [
+                    {
+                        "op": "place",
+                        "account": "a",
+                        "market": M,
+                        "side": "buy",
+                        "type": "limit",
+                        "price": 5,
+                        "qty": 1,
+                    }
+                ]
+            )
             messages = read_until_closed(ws)
             assert ws.closed is not None and (ws.closed.code, ws.closed.reason) == (1012, "resync")
             assert messages[-1]["code"] == "resync"

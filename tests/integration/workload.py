@@ -74,10 +74,10 @@ def assert_acked_present(cluster: LocalCluster, acked: dict[int, int], unknown: 
             if not proc.alive():
                 continue
             rows = client.balances(proc.config.api_url)["balances"]
-            have = {int(r["account"][1:]): r["available"] for r in rows if r["account"].startswith("k")}
+            have = {
+                int(r["account"][1:]): r["available"] for r in rows if r["account"].startswith("k")
+            }
             missing = [i for i in acked if have.get(i) != acked[i]]
             assert not missing, f"{node_id} lost acknowledged deposits {missing[:10]}"
             extra = [i for i in have if i not in acked and i not in unknown]
             assert not extra, f"{node_id} holds deposits never submitted: {extra[:10]}"
-
-

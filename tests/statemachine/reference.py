@@ -105,8 +105,11 @@ def valid_market_name(value: str) -> bool:
 def valid_token(value: str) -> bool:
     """`client_order_id` and `ref`: printable ASCII (0x20..0x7e), 1-64 chars, no space at
     either end (the doc)."""
-    return (1 <= len(value) <= 64 and all(0x20 <= ord(ch) <= 0x7E for ch in value)
-            and value == value.strip(" "))
+    return (
+        1 <= len(value) <= 64
+        and all(0x20 <= ord(ch) <= 0x7E for ch in value)
+        and value == value.strip(" ")
+    )
 
 
 def is_int(value: object) -> bool:

@@ -380,24 +380,65 @@ def test_a_body_packed_in_pieces_is_byte_for_byte_one_packb() -> None:
     """Every list the pieces cut (levels per side, refs, client order ids, accounts) longer
     than a run, with and without the counters (the snapshot and the state hash)."""
     ex = Exchange()
-    ex.apply({"op": "create_market", "market": "X-Y", "base": "X", "quote": "Y", "lot_size": 1,
-              "tick_size": 1, "maker_fee_bps": 0, "taker_fee_bps": 0, "ts": 1})
+    ex.apply(
+        {
+            "op": "create_market",
+            "market": "X-Y",
+            "base": "X",
+            "quote": "Y",
+            "lot_size": 1,
+            "tick_size": 1,
+            "maker_fee_bps": 0,
+            "taker_fee_bps": 0,
+            "ts": 1,
+        }
+    )
     runs = snapshot_codec.RUN
     for i in range(runs + 40):
         for asset in ("X", "Y"):
-            ex.apply({"op": "deposit", "account": f"a{i}", "asset": asset, "amount": 10**9,
-                      "ref": f"r{asset}{i}", "ts": 2})
+            ex.apply(
+                {
+                    "op": "deposit",
+                    "account": f"a{i}",
+                    "asset": asset,
+                    "amount": 10**9,
+                    "ref": f"r{asset}{i}",
+                    "ts": 2,
+                }
+            )
     for i in range(runs + 30):  # distinct prices: more levels per side than a run
-        ex.apply({"op": "place", "account": f"a{i}", "market": "X-Y", "side": "buy",
-                  "type": "limit", "price": 1000 - i, "qty": 1, "tif": "gtc",
-                  "client_order_id": f"b{i}", "ts": 3})
-        ex.apply({"op": "place", "account": "a0", "market": "X-Y", "side": "sell",
-                  "type": "limit", "price": 2000 + i, "qty": 1, "tif": "gtc",
-                  "client_order_id": f"s{i}", "ts": 3})
+        ex.apply(
+            {
+                "op": "place",
+                "account": f"a{i}",
+                "market": "X-Y",
+                "side": "buy",
+                "type": "limit",
+                "price": 1000 - i,
+                "qty": 1,
+                "tif": "gtc",
+                "client_order_id": f"b{i}",
+                "ts": 3,
+            }
+        )
+        ex.apply(
+            {
+                "op": "place",
+                "account": "a0",
+                "market": "X-Y",
+                "side": "sell",
+                "type": "limit",
+                "price": 2000 + i,
+                "qty": 1,
+                "tif": "gtc",
+                "client_order_id": f"s{i}",
+                "ts": 3,
+            }
+        )
     fields = snapshot_codec.body_fields(ex)
     assert len(fields[-1][0][1]) > runs and len(fields[-1][0][2]) > runs  # levels
     assert len(fields[-3]) > runs and len(fields[-5]) > runs  # refs, balances
     assert max(len(pairs) for _, pairs in fields[-2]) > runs  # one account's client order ids
-    for body in (fields, fields[snapshot_codec.COUNTER_FIELDS:]):
+    for body in (fields, fields[snapshot_codec.COUNTER_FIELDS :]):
         assert snapshot_codec.pack_body(body) == msgpack.packb(body, use_bin_type=True)
     assert split(ex.snapshot())[3] == msgpack.packb(fields, use_bin_type=True)

@@ -274,7 +274,9 @@ def check_rejection(cmd: object, events: object, before: tuple[int, int, int]) -
     assert (ev["seq"], ev["cmd_index"]) == (seq + 1, index + 1), "seq / cmd_index" + where
     ts = cmd.get("ts") if isinstance(cmd, dict) else None
     valid_ts = type(ts) is int and watermark <= ts <= 2**63 - 1
-    assert ev["ts"] == (ts if valid_ts else watermark), "ts: its own if valid, else the clock" + where
+    assert ev["ts"] == (ts if valid_ts else watermark), (
+        "ts: its own if valid, else the clock" + where
+    )
     for key, value in ev.items():
         assert value is None or type(value) in (int, str), f"{key} is not plain" + where
     op = cmd.get("op") if isinstance(cmd, dict) else None
@@ -313,8 +315,11 @@ def test_garbage_is_rejected_and_changes_nothing(cmds: list[dict], data: st.Data
             # A valid ts in garbage advances the clock (the doc): keep it at or below the
             # next valid command's, so both instances accept that command alike. Such a ts
             # was no fault of the junk, which stays invalid for its other faults.
-            if isinstance(junk, dict) and type(junk.get("ts")) is int \
-                    and cmd["ts"] < junk["ts"] <= 2**63 - 1:
+            if (
+                isinstance(junk, dict)
+                and type(junk.get("ts")) is int
+                and cmd["ts"] < junk["ts"] <= 2**63 - 1
+            ):
                 junk["ts"] = cmd["ts"]
             before = (dirty.seq, dirty.cmd_index, dirty.last_ts)
             check_rejection(junk, dirty.apply(junk), before)

@@ -12,9 +12,17 @@ from statemachine.precheck import CHECKED_OPS, STATE_REASONS, ShapeCheck
 from .strategies import MARKETS, sessions, setup_commands
 from .test_fuzz import garbage
 
-SETTINGS = settings(max_examples=150, derandomize=True, database=None, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.filter_too_much])
+SETTINGS = settings(
+    max_examples=150,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+    ],
+)
 
 
 def ask(check: ShapeCheck, ex: Exchange, command: object) -> dict | None:
@@ -30,14 +38,16 @@ def untimed(command: object) -> object:
 
 @SETTINGS
 @given(sessions(min_size=5, max_size=40), st.data())
-def test_an_early_refusal_is_the_log_s_refusal_in_any_state(cmds: list[dict],
-                                                             data: st.DataObject) -> None:
+def test_an_early_refusal_is_the_log_s_refusal_in_any_state(
+    cmds: list[dict], data: st.DataObject
+) -> None:
     ex, check = Exchange(), ShapeCheck()
     for cmd in cmds:
         if cmd["op"] in CHECKED_OPS:
             for _ in range(data.draw(st.sampled_from((0, 1, 2)), label="probes")):
-                probe = untimed(data.draw(st.one_of(garbage(cmd, ex.last_ts), st.just(cmd)),
-                                          label="probe"))
+                probe = untimed(
+                    data.draw(st.one_of(garbage(cmd, ex.last_ts), st.just(cmd)), label="probe")
+                )
                 early = ask(check, ex, probe)
                 if early is None:
                     continue
@@ -45,8 +55,10 @@ def test_an_early_refusal_is_the_log_s_refusal_in_any_state(cmds: list[dict],
                 assert early["type"] == "rejected" and early["reason"] not in STATE_REASONS
                 later = ex.apply({**probe, "ts": ex.last_ts})
                 assert len(later) == 1 and later[0]["type"] == "rejected", probe
-                assert (later[0]["reason"], later[0]["message"]) == \
-                    (early["reason"], early["message"]), probe
+                assert (later[0]["reason"], later[0]["message"]) == (
+                    early["reason"],
+                    early["message"],
+                ), probe
         ex.apply(cmd)
 
 
@@ -55,8 +67,15 @@ def test_it_refuses_shapes_and_leaves_state_questions_to_the_log() -> None:
     for cmd in setup_commands():
         ex.apply(cmd)
     spec = MARKETS[0]
-    order = {"op": "place", "account": "alice", "market": spec.name, "side": "buy",
-             "type": "limit", "qty": 1, "price": spec.tick_size * 1000}
+    order = {
+        "op": "place",
+        "account": "alice",
+        "market": spec.name,
+        "side": "buy",
+        "type": "limit",
+        "qty": 1,
+        "price": spec.tick_size * 1000,
+    }
     refused = {
         "bad_qty": {**order, "qty": 0},
         "wrong_type": {**order, "qty": "1"},
@@ -84,11 +103,28 @@ def test_it_refuses_shapes_and_leaves_state_questions_to_the_log() -> None:
 
 def test_a_market_created_later_is_seen() -> None:
     ex, check = Exchange(), ShapeCheck()
-    order = {"op": "place", "account": "alice", "market": "NEW-USD", "side": "buy",
-             "type": "limit", "qty": 1, "price": 7}
+    order = {
+        "op": "place",
+        "account": "alice",
+        "market": "NEW-USD",
+        "side": "buy",
+        "type": "limit",
+        "qty": 1,
+        "price": 7,
+    }
     assert ask(check, ex, order) is None  # unknown market: the log decides
-    ex.apply({"op": "create_market", "ts": 1, "market": "NEW-USD", "base": "NEW",
-              "quote": "USD", "lot_size": 1, "tick_size": 5, "maker_fee_bps": 0,
-              "taker_fee_bps": 0})
+    ex.apply(
+        {
+            "op": "create_market",
+            "ts": 1,
+            "market": "NEW-USD",
+            "base": "NEW",
+            "quote": "USD",
+            "lot_size": 1,
+            "tick_size": 5,
+            "maker_fee_bps": 0,
+            "taker_fee_bps": 0,
+        }
+    )
     early = ask(check, ex, order)
     assert early is not None and early["reason"] == "bad_tick"
