@@ -67,9 +67,23 @@ def test_only_the_raft_adapter_imports_pysyncobj() -> None:
         for path in _sources(package)
         for module, line in _imports(path)
         if module.split(".")[0] == "pysyncobj"
-        and not (package == "cluster" and path.name.startswith("raft"))
+        and not (package == "cluster" and path.parent.name == "raft")
     ]
-    assert not wrong, "pysyncobj imported outside cluster/raft*.py:\n" + "\n".join(wrong)
+    assert not wrong, "pysyncobj imported outside cluster/raft/:\n" + "\n".join(wrong)
+
+
+def test_the_raft_adapter_is_used_through_its_package_only() -> None:
+    """cluster/raft/ has one public surface, its __init__: the rest of the project (tests
+    excepted) imports `cluster.raft`, never its modules."""
+    wrong = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for package in OURS
+        for path in _sources(package)
+        if path.parent.name != "raft"
+        for module, line in _imports(path)
+        if module.startswith("cluster.raft.")
+    ]
+    assert not wrong, "\n".join(wrong)
 
 
 def test_statemachine_is_pure() -> None:

@@ -30,7 +30,7 @@ from pysyncobj.config import FAIL_REASON
 from pysyncobj.node import TCPNode
 from pysyncobj.transport import Transport
 
-from cluster.raft_syncobj import HardenedSyncObj
+from cluster.raft.hardened import HardenedSyncObj
 
 KINDS = ("plain", "hardened")
 

@@ -1,7 +1,7 @@
 """Each pysyncobj 0.3.17 hazard, reproduced on plain pysyncobj and shown fixed on ours.
 
 The scenario tests are parametrized over ``kind``: ``plain`` is pysyncobj's own ``SyncObj``,
-``hardened`` is ``cluster.raft_syncobj.HardenedSyncObj``. Both run the same script through the
+``hardened`` is ``cluster.raft.hardened.HardenedSyncObj``. Both run the same script through the
 harness in conftest.py; the plain run asserts the unsafe outcome (so the test demonstrably can
 fail) and the hardened run asserts the safe one. Upstream line numbers are those of
 pysyncobj/syncobj.py 0.3.17.
@@ -35,8 +35,8 @@ from cluster.raft import (
     RaftStartupError,
     SubmitErrorReason,
 )
-from cluster.raft_storage import RaftStorageError
-from cluster.raft_transport import BoundedTcpConnection
+from cluster.raft.storage import RaftStorageError
+from cluster.raft.transport import BoundedTcpConnection
 
 from .conftest import KINDS, SimNet, free_port, sim_conf
 
@@ -821,13 +821,13 @@ def test_an_entry_this_build_cannot_apply_stops_the_process_loudly(tmp_path, ent
 def test_import_refuses_any_other_pysyncobj_version(monkeypatch):
     import pysyncobj.version
 
-    import cluster.raft_pin
+    import cluster.raft.pin
 
     monkeypatch.setattr(pysyncobj.version, "VERSION", "0.3.18")
     with pytest.raises(ImportError, match=r"pysyncobj==0\.3\.17"):
-        importlib.reload(cluster.raft_pin)
+        importlib.reload(cluster.raft.pin)
     monkeypatch.undo()
-    importlib.reload(cluster.raft_pin)
+    importlib.reload(cluster.raft.pin)
 
 
 def call_and_wait(method, *args):

@@ -31,7 +31,7 @@ from pysyncobj.node import TCPNode
 from pysyncobj.poller import createPoller
 from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
 
-from cluster.raft_transport import (
+from cluster.raft.transport import (
     _MAX_HANDSHAKES,
     _MAX_HANDSHAKES_PER_SOURCE,
     PRE_AUTH_FRAME_BYTES,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.raft_storage import DurableJournal, RaftStorageError
+from cluster.raft.storage import DurableJournal, RaftStorageError
 
 APP_VERSION = "0.3.17"
 # Synced in three batches, as the node syncs: the no-op entry at start-up, then two more.
@@ -192,7 +192,7 @@ def test_a_torn_write_past_the_synced_end_is_dropped_with_a_warning(tmp_path, ca
         damaged = raw[:last] + bytes(len(raw) - last)
     path.write_bytes(damaged)
 
-    with caplog.at_level(logging.WARNING, logger="cluster.raft_storage"):
+    with caplog.at_level(logging.WARNING, logger="cluster.raft.storage"):
         journal = open_journal(path, fsync=True)
     assert journal[:] == SYNCED + UNSYNCED[:1]
     journal.close()
@@ -205,7 +205,7 @@ def test_a_torn_write_past_the_synced_end_is_dropped_with_a_warning(tmp_path, ca
     assert path.stat().st_size == last
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="cluster.raft_storage"):
+    with caplog.at_level(logging.WARNING, logger="cluster.raft.storage"):
         journal = open_journal(path, fsync=True)  # the repair holds: nothing left to drop
     assert journal[:] == SYNCED + UNSYNCED[:1]
     journal.close()
@@ -378,7 +378,7 @@ def test_a_format_1_journal_is_converted_at_start_up(tmp_path, caplog, torn):
     os.link(path, old_inode)
     expected = SYNCED[:-1] if torn else SYNCED  # format 1 keeps its own torn-tail rule
 
-    with caplog.at_level(logging.INFO, logger="cluster.raft_storage"):
+    with caplog.at_level(logging.INFO, logger="cluster.raft.storage"):
         journal = open_journal(path)
     assert journal[:] == expected
     journal.close()
@@ -391,7 +391,7 @@ def test_a_format_1_journal_is_converted_at_start_up(tmp_path, caplog, torn):
     assert old_inode.read_bytes() == (raw[:-3] if torn else raw)  # renamed over, not rewritten
 
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="cluster.raft_storage"):
+    with caplog.at_level(logging.INFO, logger="cluster.raft.storage"):
         journal = open_journal(path)
     assert journal[:] == expected
     journal.close()

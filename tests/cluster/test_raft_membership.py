@@ -16,7 +16,7 @@ import pytest
 from pysyncobj.config import FAIL_REASON
 
 from cluster.raft import RaftReplica, RaftSettings, SubmitErrorReason
-from cluster.raft_storage import read_dump
+from cluster.raft.storage import read_dump
 
 from .conftest import KINDS, SimNet, free_port, sim_conf
 from .test_raft_fixes import (

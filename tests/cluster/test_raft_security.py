@@ -24,7 +24,7 @@ from pysyncobj.transport import TCPTransport
 from pysyncobj.utility import TcpUtility, UtilityException
 
 from cluster.raft import RaftReplica, RaftSettings, SubmitErrorReason
-from cluster.raft_transport import BoundedTcpConnection, HardenedTCPTransport
+from cluster.raft.transport import BoundedTcpConnection, HardenedTCPTransport
 
 from .conftest import free_port
 

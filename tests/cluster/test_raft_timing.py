@@ -24,8 +24,8 @@ from pysyncobj.syncobj import SyncObjException
 from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
 
 from cluster.raft import RaftReplica, RaftSettings
-from cluster.raft_syncobj import HardenedSyncObj
-from cluster.raft_transport import BoundedTcpConnection, HardenedTCPTransport
+from cluster.raft.hardened import HardenedSyncObj
+from cluster.raft.transport import BoundedTcpConnection, HardenedTCPTransport
 
 from .conftest import KINDS, RecordingMachine, SimNet, free_port
 

@@ -1,11 +1,12 @@
 """The node's Raft replica: the only way into pysyncobj for the rest of the project.
 
 ``RaftReplica`` replicates opaque ``bytes`` payloads through a hardened pysyncobj 0.3.17
-(``cluster.raft_syncobj``) and applies them, in log order, to a ``StateMachinePort``. It runs
+(``cluster.raft.hardened``) and applies them, in log order, to a ``StateMachinePort``. It runs
 pysyncobj on a thread it owns (so ticking never stops because some other thread exited), and
 every callback it makes runs on that thread, exactly once.
 
-Only this module and its private helpers ``cluster/raft_*.py`` import pysyncobj. Why each
+Only this package (``cluster/raft/``) imports pysyncobj; the rest of the project uses what
+``cluster.raft`` exports (this module's ``__all__``). Why each
 piece exists: docs/adr/0002-pysyncobj-hardening.md.
 """
 
@@ -29,19 +30,19 @@ from pysyncobj.encryptor import HAS_CRYPTO
 from pysyncobj.poller import POLL_EVENT_TYPE
 from pysyncobj.syncobj import SyncObjException
 
-from cluster import raft_pin
-from cluster.raft_storage import EXIT_STORAGE_FAILED, RaftStorageError
-from cluster.raft_syncobj import (
+from . import pin
+from .hardened import (
     EXIT_APPLY_FAILED,
     EXIT_ENTRY_UNREADABLE,
     EXIT_RESTORE_FAILED,
     HardenedSyncObj,
 )
-from cluster.raft_transport import HardenedTCPTransport
+from .storage import EXIT_STORAGE_FAILED, RaftStorageError
+from .transport import HardenedTCPTransport
 
 logger = logging.getLogger(__name__)
 
-PYSYNCOBJ_VERSION = raft_pin.PYSYNCOBJ_VERSION
+PYSYNCOBJ_VERSION = pin.PYSYNCOBJ_VERSION
 
 __all__ = [
     "EXITS_NOT_TO_RESTART",

@@ -2,7 +2,7 @@
 
 Everything here overrides upstream's private, name-mangled methods (``_SyncObj__name``) and
 reads its private state. Line numbers are those of ``pysyncobj/syncobj.py`` 0.3.17; the pin is
-enforced by ``cluster.raft_pin``. Each fix is described, with its test, in
+enforced by ``cluster.raft.pin``. Each fix is described, with its test, in
 ``docs/adr/0002-pysyncobj-hardening.md``.
 
 1. Truncation on overlap (upstream 982-1019): a follower deletes only from the first entry
@@ -44,8 +44,8 @@ from pysyncobj.config import FAIL_REASON, SERIALIZER_STATE, SyncObjConf
 from pysyncobj.serializer import Serializer
 from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE, SyncObj, replicated
 
-from cluster import raft_pin
-from cluster.raft_storage import (
+from . import pin
+from .storage import (
     DumpHeader,
     DurableJournal,
     RaftStorageError,
@@ -266,7 +266,7 @@ class HardenedSyncObj(SyncObj):
         journal = None
         try:
             journal = DurableJournal(
-                self._journal_path, app_version=raft_pin.PYSYNCOBJ_VERSION, fsync=fsync
+                self._journal_path, app_version=pin.PYSYNCOBJ_VERSION, fsync=fsync
             )
             if len(journal) == 0:
                 journal.add(_NO_OP, 1, 0)  # syncobj.py 167-168

@@ -38,7 +38,7 @@ from pathlib import Path
 import msgpack
 from pysyncobj.journal import Journal
 
-from cluster import raft_pin  # noqa: F401  (refuses any pysyncobj but the pinned one)
+from . import pin  # noqa: F401  (refuses any pysyncobj but the pinned one)
 
 logger = logging.getLogger(__name__)
 # A journal sync longer than this is logged: it delays the leader's heartbeats.

@@ -64,7 +64,7 @@ from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
 from pysyncobj.tcp_server import TcpServer
 from pysyncobj.transport import TCPTransport
 
-from cluster import raft_pin  # noqa: F401  (refuses any pysyncobj but the pinned one)
+from . import pin  # noqa: F401  (refuses any pysyncobj but the pinned one)
 
 logger = logging.getLogger(__name__)
 

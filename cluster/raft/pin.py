@@ -1,6 +1,6 @@
 """The pysyncobj version the Raft adapter is written against.
 
-The hardened adapter (``cluster/raft*.py``) overrides pysyncobj's private, name-mangled
+The hardened adapter (``cluster/raft/``) overrides pysyncobj's private, name-mangled
 handlers and reads its private state. That is only correct for the exact release whose
 source was read, so every ``cluster/raft_*`` module imports this one first and refuses to
 load against anything else. Line numbers quoted in those modules refer to

@@ -1,0 +1,40 @@
+"""The Raft adapter: the only package that imports pysyncobj (pinned to 0.3.17).
+
+Its one public surface is what this module exports; the modules inside are private:
+``adapter`` (``RaftReplica``, ``RaftSettings``, the outcomes), ``hardened`` (``HardenedSyncObj``:
+pysyncobj's ``SyncObj`` with its safety bugs fixed), ``storage`` (the journal and the dump),
+``transport`` (the TCP transport), ``pin`` (refuses any other pysyncobj). Why each piece exists:
+docs/adr/0002-pysyncobj-hardening.md.
+"""
+
+from .adapter import (
+    EXIT_APPLY_FAILED,
+    EXIT_ENTRY_UNREADABLE,
+    EXIT_RESTORE_FAILED,
+    EXIT_STARTUP_REFUSED,
+    EXIT_STORAGE_FAILED,
+    EXITS_NOT_TO_RESTART,
+    PYSYNCOBJ_VERSION,
+    RaftReplica,
+    RaftSettings,
+    RaftStartupError,
+    StateMachinePort,
+    SubmitError,
+    SubmitErrorReason,
+)
+
+__all__ = [
+    "EXITS_NOT_TO_RESTART",
+    "EXIT_APPLY_FAILED",
+    "EXIT_ENTRY_UNREADABLE",
+    "EXIT_RESTORE_FAILED",
+    "EXIT_STARTUP_REFUSED",
+    "EXIT_STORAGE_FAILED",
+    "PYSYNCOBJ_VERSION",
+    "RaftReplica",
+    "RaftSettings",
+    "RaftStartupError",
+    "StateMachinePort",
+    "SubmitError",
+    "SubmitErrorReason",
+]
