@@ -294,7 +294,7 @@ def build_resting(n: int, *, client_order_ids: bool, accounts: int = 1000, level
 def snapshot_figures(n: int, *, client_order_ids: bool, repeat: int = 3) -> dict:
     """Snapshot and restore `repeat` times each (best kept, every round reported)."""
     ex, build_s = build_resting(n, client_order_ids=client_order_ids)
-    resting = len(ex._orders)
+    resting = len(ex.state.orders)
     assert resting == n, (resting, n)
 
     snap_runs, restore_runs, inv_runs, snap_nogc_runs, restore_nogc_runs = [], [], [], [], []

@@ -5,6 +5,13 @@ validates everything (raising `Rejection`, which changes nothing) and only then 
 a rejected command leaves the state exactly as it was apart from the counters.
 See docs/reference/state-machine.md for the contract this module implements.
 
+`Exchange` holds an `ExchangeState` (state.py) and is the only thing that applies commands
+to it: the handlers, matching with self-trade prevention, settlement and the events are here,
+together, because they are the hot path. Money outside a fill is in accounts.py, the
+read-only queries in reads.py; `Exchange` keeps one thin method for each read, the
+snapshot codec (snapshot.py) and the invariant check (invariants.py), all of which take the
+state, not the exchange.
+
 Every replica runs every command through here, so this is the cluster's hot path
 (`python -m bench.statemachine` measures it). What keeps it fast, without changing a byte it
 emits:
@@ -23,16 +30,21 @@ emits:
   "first touch this command?" test is an attribute compare, not a tuple key in a dict.
 - A fill settles with two balance lookups (the maker's); the taker's balances and the fee
   account's are looked up once per command. Hot loops keep what they use in locals.
+- A method reads the state through one local (`st = self.state`); compiled, an attribute of
+  `st` is a field load, like one of `self` was when the state lived on the exchange.
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
+from . import accounts, invariants, reads
+from . import snapshot as codec
 from . import validation as v
+from .accounts import affordable, available, release, reserve, touch
 from .errors import InvariantError, Rejection
-from .order_book import BUY, SELL, Book, Level, Order
+from .order_book import BUY, SELL, Level, Order
+from .state import Balance, ExchangeState, Market
 from .validation import FEE_ACCOUNT, MAX_AMOUNT, MAX_ID, MAX_PRICE, MAX_QTY
 
 _ABSENT = object()  # `command.get(field, _ABSENT)`: tells a missing field from a None value
@@ -43,94 +55,11 @@ _ACCOUNTS_SEEN = v.ACCOUNTS_SEEN
 _MARKETS_SEEN = v.MARKETS_SEEN
 
 
-class Market:
-    __slots__ = (
-        "base",
-        "book",
-        "lot_size",
-        "maker_bps",
-        "max_bps",
-        "name",
-        "quote",
-        "taker_bps",
-        "tick_size",
-    )
-
-    def __init__(
-        self,
-        name: str,
-        base: str,
-        quote: str,
-        lot_size: int,
-        tick_size: int,
-        maker: int,
-        taker: int,
-    ) -> None:
-        self.name = name
-        self.base = base
-        self.quote = quote
-        self.lot_size = lot_size
-        self.tick_size = tick_size
-        self.maker_bps = maker
-        self.taker_bps = taker
-        self.max_bps = max(maker, taker)
-        self.book = Book(name)
-
-    def buy_reserve(self, price: int, qty: int) -> int:
-        """Quote a resting buy of `qty` at `price` must hold: notional plus the worst fee."""
-        notional = price * qty
-        return notional + notional * self.max_bps // 10000
-
-    def as_dict(self) -> dict:
-        return {
-            "market": self.name,
-            "base": self.base,
-            "quote": self.quote,
-            "lot_size": self.lot_size,
-            "tick_size": self.tick_size,
-            "maker_fee_bps": self.maker_bps,
-            "taker_fee_bps": self.taker_bps,
-        }
-
-
-class Balance:
-    """What one account holds of one asset."""
-
-    __slots__ = ("account", "asset", "available", "reserved", "touched")
-
-    def __init__(self, account: str, asset: str, available: int = 0, reserved: int = 0) -> None:
-        self.account = account
-        self.asset = asset
-        self.available = available
-        self.reserved = reserved
-        # cmd_index of the last command that recorded this balance as touched (see `_bal`).
-        self.touched: int | None = None
-
-
 class Exchange:
-    """Order books, balances and idempotency records of one replica."""
+    """Applies commands to one replica's `ExchangeState` (`state`, the whole of it)."""
 
-    def __init__(self) -> None:
-        self._seq = 0
-        self._cmd_index = 0
-        self._last_ts = 0
-        self._next_order_id = 1
-        self._next_trade_id = 1
-        self._markets: dict[str, Market] = {}
-        self._balances: dict[str, dict[str, Balance]] = {}  # account -> asset -> Balance
-        self._supply: dict[str, int] = {}  # asset -> deposits - withdrawals
-        self._refs: set[str] = set()
-        self._coids: dict[str, dict[str, int]] = {}  # account -> client_order_id -> order_id
-        self._orders: dict[int, Order] = {}  # live resting orders
-        # account -> order_id -> live resting order. Its order means nothing (a restore
-        # rebuilds it in book order); cancel_all sorts the ids itself.
-        self._account_orders: dict[str, dict[int, Order]] = {}
-        # Per-command scratch, emptied by `_emit_changes`: what changed, in first-touch order,
-        # with what it held before this command touched it. Levels: (market, side, price) ->
-        # quantity. Balances: (balance, available, reserved); `Balance.touched` says whether
-        # a balance is in the list already.
-        self._touched_levels: dict[tuple[str, str, int], int] = {}
-        self._touched_balances: list[tuple[Balance, int, int]] = []
+    def __init__(self, state: ExchangeState | None = None) -> None:
+        self.state = ExchangeState() if state is None else state
         self._handlers = {
             "create_market": self._create_market,
             "deposit": self._deposit,
@@ -145,133 +74,101 @@ class Exchange:
 
     def apply(self, command: Any) -> list[dict]:
         """Apply one command and return its events. Never raises for a bad command."""
-        self._cmd_index += 1
-        seq_before = self._seq
-        clock = self._last_ts
+        st = self.state
+        st.cmd_index += 1
+        seq_before = st.seq
+        clock = st.last_ts
         events: list[dict] = []
         try:
             op, ts = v.check_envelope(command, clock)
             # The log's clock advances with any command whose ts is valid, accepted or not,
             # so event ts never goes back along seq. Handlers stamp their events with it.
-            self._last_ts = ts
+            st.last_ts = ts
             self._handlers[op](command, events)
         except Rejection as rejection:
             # Handlers reject before they change anything: only the counters move.
-            self._seq = seq_before
-            self._touched_levels.clear()
-            self._touched_balances.clear()
-            self._last_ts = v.safe_ts(command, clock)
+            st.seq = seq_before
+            st.touched_levels.clear()
+            st.touched_balances.clear()
+            st.last_ts = v.safe_ts(command, clock)
             return [self._rejected_event(command, rejection)]
         except BaseException:
             # A bug (an InvariantError): the replica must stop. Leave seq and the clock as
             # they were, and no scratch behind.
-            self._seq = seq_before
-            self._last_ts = clock
-            self._touched_levels.clear()
-            self._touched_balances.clear()
+            st.seq = seq_before
+            st.last_ts = clock
+            st.touched_levels.clear()
+            st.touched_balances.clear()
             raise
-        if self._touched_levels or self._touched_balances:
+        if st.touched_levels or st.touched_balances:
             self._emit_changes(events)
         return events
 
     def snapshot(self) -> bytes:
-        from .snapshot import encode
-
-        return encode(self)
+        return codec.encode(self.state)
 
     @classmethod
     def restore(cls, blob: Any) -> Exchange:  # Any: non-bytes get SnapshotError, not TypeError
-        from .snapshot import decode
-
-        return decode(blob)
+        return cls(codec.decode(blob))
 
     def state_hash(self, *, counters: bool = True) -> str:
         """Hex sha256 of the canonical state; `counters=False` leaves out seq/cmd_index/ts."""
-        from .snapshot import COUNTER_FIELDS, body_fields, gc_paused, pack_body
-
-        with gc_paused():
-            fields = body_fields(self)
-            if not counters:
-                fields = fields[COUNTER_FIELDS:]
-            return hashlib.sha256(pack_body(fields)).hexdigest()
+        return codec.state_hash(self.state, counters=counters)
 
     @property
     def seq(self) -> int:
-        return self._seq
+        return self.state.seq
 
     @property
     def cmd_index(self) -> int:
-        return self._cmd_index
+        return self.state.cmd_index
 
     @property
     def last_ts(self) -> int:
-        return self._last_ts
+        return self.state.last_ts
 
     @property
     def market_count(self) -> int:
         """Markets are only ever added: a cheap "did they change?" for readers."""
-        return len(self._markets)
+        return len(self.state.markets)
+
+    # Reads (reads.py), one method each: how other packages ask.
 
     def markets(self) -> list[dict]:
-        return [self._markets[name].as_dict() for name in sorted(self._markets)]
+        return reads.markets(self.state)
 
     def balances(self, account: str | None = None) -> dict[tuple[str, str], tuple[int, int]]:
         """{(account, asset): (available, reserved)} for every non-zero balance."""
-        out = {}
-        for acct in sorted(self._balances):
-            if account is not None and acct != account:
-                continue
-            assets = self._balances[acct]
-            for asset in sorted(assets):
-                bal = assets[asset]
-                if bal.available or bal.reserved:
-                    out[(acct, asset)] = (bal.available, bal.reserved)
-        return out
+        return reads.balances(self.state, account)
 
     def book_levels(
         self, market: str, side: str, depth: int | None = None
     ) -> list[tuple[int, int]]:
         """[(price, qty)] best first; empty for an unknown market."""
-        m = self._markets.get(market)
-        if m is None:
-            return []
-        levels = m.book.levels(side)
-        return levels if depth is None else levels[:depth]
+        return reads.book_levels(self.state, market, side, depth)
 
     def open_orders(self, account: str | None = None, market: str | None = None) -> list[dict]:
         """Resting orders, book by book (markets by name, bids then asks), in priority order."""
-        out = []
-        for name in sorted(self._markets):
-            if market is not None and name != market:
-                continue
-            book = self._markets[name].book
-            for levels in (book.bids, book.asks):
-                for level in levels.values():
-                    for order in level.orders:
-                        if order.alive and (account is None or order.account == account):
-                            out.append(order.as_dict())
-        return out
+        return reads.open_orders(self.state, account, market)
 
     def order(self, order_id: int) -> dict | None:
-        order = self._orders.get(order_id)
-        return None if order is None else order.as_dict()
+        return reads.order(self.state, order_id)
 
     def order_id_for(self, account: str, client_order_id: str) -> int | None:
-        return self._coids.get(account, {}).get(client_order_id)
+        return reads.order_id_for(self.state, account, client_order_id)
 
     def check_invariants(self) -> None:
-        from .invariants import check
-
-        check(self)
+        invariants.check(self.state)
 
     # ------------------------------------------------------------------ plumbing
 
     def _stamp(self, event: dict) -> dict:
         """Give an event built piece by piece its seq, ts and cmd_index (the last keys)."""
-        self._seq += 1
-        event["seq"] = self._seq
-        event["ts"] = self._last_ts
-        event["cmd_index"] = self._cmd_index
+        st = self.state
+        st.seq += 1
+        event["seq"] = st.seq
+        event["ts"] = st.last_ts
+        event["cmd_index"] = st.cmd_index
         return event
 
     def _rejected_event(self, command: Any, rejection: Rejection) -> dict:
@@ -290,12 +187,13 @@ class Exchange:
     def _emit_changes(self, events: list[dict]) -> None:
         """One `book` event per level and one `balance` event per balance whose value differs
         from the start of the command, in first-touch order; then forget the touches."""
-        seq = self._seq
-        ts = self._last_ts
-        cmd_index = self._cmd_index
-        touched_levels = self._touched_levels
+        st = self.state
+        seq = st.seq
+        ts = st.last_ts
+        cmd_index = st.cmd_index
+        touched_levels = st.touched_levels
         if touched_levels:
-            markets = self._markets
+            markets = st.markets
             for (market, side, price), before in touched_levels.items():
                 book = markets[market].book
                 level = book.bids.get(-price) if side == BUY else book.asks.get(price)
@@ -315,7 +213,7 @@ class Exchange:
                         }
                     )
             touched_levels.clear()
-        touched_balances = self._touched_balances
+        touched_balances = st.touched_balances
         if touched_balances:
             for bal, avail, reserved in touched_balances:
                 if bal.available != avail or bal.reserved != reserved:
@@ -333,37 +231,17 @@ class Exchange:
                         }
                     )
             touched_balances.clear()
-        self._seq = seq
-
-    def _bal(self, account: str, asset: str) -> Balance:
-        """A balance about to change: created on demand, recorded as touched on first use.
-
-        Call it before the change: the record keeps what the balance held before this command.
-        """
-        assets = self._balances.get(account)
-        if assets is None:
-            assets = self._balances[account] = {}
-        bal = assets.get(asset)
-        if bal is None:
-            bal = assets[asset] = Balance(account, asset)
-        if bal.touched != self._cmd_index:
-            bal.touched = self._cmd_index
-            self._touched_balances.append((bal, bal.available, bal.reserved))
-        return bal
-
-    def _available(self, account: str, asset: str) -> int:
-        """Read-only: never creates an entry, so rejection paths cannot change state."""
-        bal = self._balances.get(account, _EMPTY).get(asset)
-        return 0 if bal is None else bal.available
+        st.seq = seq
 
     def _market(self, command: dict) -> Market:
+        st = self.state
         name = command["market"]
         if type(name) is str and _MARKETS_SEEN.get(name) is True:  # checked before: valid
-            market = self._markets.get(name)
+            market = st.markets.get(name)
             if market is not None:
                 return market
         name = v.market_name(command)
-        market = self._markets.get(name)
+        market = st.markets.get(name)
         if market is None:
             raise Rejection("unknown_market", f"unknown market {name!r}")
         return market
@@ -380,6 +258,7 @@ class Exchange:
             raise Rejection("notional_too_large", "order notional exceeds the limit")
 
     def _find_order(self, command: dict, account: str, market: Market) -> Order:
+        st = self.state
         order_id = command.get("order_id", _ABSENT)
         if type(order_id) is int and 0 < order_id <= MAX_ID and "client_order_id" not in command:
             pass  # the usual case: a valid order_id alone
@@ -389,10 +268,10 @@ class Exchange:
             order_id = v.integer(command, "order_id", 1, MAX_ID, "bad_order_id")
         elif "client_order_id" in command:
             coid = v.token(command, "client_order_id", "bad_client_order_id")
-            order_id = self._coids.get(account, _EMPTY).get(coid, 0)
+            order_id = st.coids.get(account, _EMPTY).get(coid, 0)
         else:
             raise Rejection("missing_field", "missing field 'order_id'")
-        order = self._orders.get(order_id)
+        order = st.orders.get(order_id)
         if order is None or order.account != account or order.market != market.name:
             raise Rejection("unknown_order", "no such open order for this account and market")
         return order
@@ -400,6 +279,7 @@ class Exchange:
     # ------------------------------------------------------------------ handlers
 
     def _create_market(self, command: dict, events: list[dict]) -> None:
+        st = self.state
         name = v.market_name(command)
         base = v.asset(command, "base")
         quote = v.asset(command, "quote")
@@ -409,59 +289,33 @@ class Exchange:
         taker = v.integer(command, "taker_fee_bps", 0, v.MAX_FEE_BPS, "bad_fee")
         if base == quote:
             raise Rejection("same_asset", "base and quote must differ")
-        if name in self._markets:
+        if name in st.markets:
             raise Rejection("market_exists", f"market {name!r} already exists")
-        market = self._markets[name] = Market(name, base, quote, lot_size, tick_size, maker, taker)
+        market = st.markets[name] = Market(name, base, quote, lot_size, tick_size, maker, taker)
         events.append(self._stamp({"type": "market_created", **market.as_dict()}))
 
-    def _transfer_args(self, command: dict) -> tuple[str, str, int, str]:
-        account = v.account(command)
-        asset = v.asset(command)
-        amount = v.integer(command, "amount", 1, MAX_AMOUNT, "bad_amount")
-        ref = v.token(command, "ref", "bad_ref")
-        if ref in self._refs:
-            raise Rejection("duplicate_ref", "ref already used")
-        return account, asset, amount, ref
-
     def _deposit(self, command: dict, events: list[dict]) -> None:
-        account, asset, amount, ref = self._transfer_args(command)
-        supply = self._supply.get(asset, 0)
-        if supply + amount > MAX_AMOUNT:
-            raise Rejection("amount_too_large", "asset supply would exceed the limit")
-        self._refs.add(ref)
-        self._supply[asset] = supply + amount
-        self._balance_change_event(account, asset, amount, ref, events)
+        bal, ref = accounts.deposit(self.state, command)
+        events.append(self._transfer_event(bal, ref))
 
     def _withdraw(self, command: dict, events: list[dict]) -> None:
-        account, asset, amount, ref = self._transfer_args(command)
-        if self._available(account, asset) < amount:
-            raise Rejection("insufficient_funds", "available balance is lower than amount")
-        self._refs.add(ref)
-        self._supply[asset] -= amount
-        self._balance_change_event(account, asset, -amount, ref, events)
+        bal, ref = accounts.withdraw(self.state, command)
+        events.append(self._transfer_event(bal, ref))
 
-    def _balance_change_event(
-        self, account: str, asset: str, delta: int, ref: str, events: list[dict]
-    ) -> None:
-        # Reported here, with its ref, so not recorded as touched.
-        assets = self._balances.get(account)
-        if assets is None:
-            assets = self._balances[account] = {}
-        bal = assets.get(asset)
-        if bal is None:
-            bal = assets[asset] = Balance(account, asset)
-        bal.available += delta
+    def _transfer_event(self, bal: Balance, ref: str) -> dict:
+        # A transfer reports its balance here, with its ref: it is not recorded as touched.
         event = {
             "type": "balance",
-            "account": account,
-            "asset": asset,
+            "account": bal.account,
+            "asset": bal.asset,
             "available": bal.available,
             "reserved": bal.reserved,
             "ref": ref,
         }
-        events.append(self._stamp(event))
+        return self._stamp(event)
 
     def _place(self, command: dict, events: list[dict]) -> None:
+        st = self.state
         # Fields in the order of the command table. Each line tests for the usual valid value;
         # on anything else, validation.py raises the exact rejection (or returns the value).
         account = command["account"]
@@ -508,24 +362,24 @@ class Exchange:
         if qty * lot_size > MAX_AMOUNT or (price is not None and price * qty > MAX_AMOUNT):
             raise Rejection("notional_too_large", "order notional exceeds the limit")  # _check_size
         if coid is not None:
-            first = self._coids.get(account, _EMPTY).get(coid)
+            first = st.coids.get(account, _EMPTY).get(coid)
             if first is not None:
                 raise Rejection(
                     "duplicate_client_order_id", "client_order_id already used", order_id=first
                 )
         buy = side == BUY
-        reserve = 0  # what a limit order holds while it rests
+        reservation = 0  # what a limit order holds while it rests
         # The balance the order needs (quote to buy, base to sell), if the account has it.
-        bal = self._balances.get(account, _EMPTY).get(market.quote if buy else market.base)
+        bal = st.balances.get(account, _EMPTY).get(market.quote if buy else market.base)
         if buy:
             if price is not None:
                 notional = price * qty
-                reserve = notional + notional * market.max_bps // 10000
-                if bal is None or reserve > bal.available:
+                reservation = notional + notional * market.max_bps // 10000
+                if bal is None or reservation > bal.available:
                     raise Rejection("insufficient_funds", f"not enough {market.quote} available")
         else:
-            reserve = qty * lot_size
-            if bal is None or reserve > bal.available:
+            reservation = qty * lot_size
+            if bal is None or reservation > bal.available:
                 raise Rejection("insufficient_funds", f"not enough {market.base} available")
         if tif == "post_only" and self._crosses(market, side, price):
             raise Rejection("post_only_would_cross", "a post-only order would trade on arrival")
@@ -533,11 +387,11 @@ class Exchange:
             raise Rejection("fok_unfillable", "a fill-or-kill order cannot fill completely")
 
         # Valid: from here on the command takes effect.
-        order_id = self._next_order_id
-        self._next_order_id = order_id + 1
+        order_id = st.next_order_id
+        st.next_order_id = order_id + 1
         order = Order(order_id, account, market.name, side, price or 0, qty, tif, stp, coid)
         if coid is not None:
-            self._coids.setdefault(account, {})[coid] = order_id
+            st.coids.setdefault(account, {})[coid] = order_id
         book = market.book
         best = book.best_ask if buy else book.best_bid
         rests_untouched = (
@@ -547,13 +401,13 @@ class Exchange:
         )
         if price is not None:
             if not rests_untouched:
-                bal = self._bal(account, market.quote if buy else market.base)
+                bal = touch(st, account, market.quote if buy else market.base)
             # (Else `bal` is the one the funds check found; it records nothing as touched.)
-            bal.available -= reserve  # type: ignore[union-attr]
-            bal.reserved += reserve  # type: ignore[union-attr]
-        self._seq += 1
-        ts = self._last_ts
-        cmd_index = self._cmd_index
+            bal.available -= reservation  # type: ignore[union-attr]
+            bal.reserved += reservation  # type: ignore[union-attr]
+        st.seq += 1
+        ts = st.last_ts
+        cmd_index = st.cmd_index
         events.append(
             {
                 "type": "accepted",
@@ -567,7 +421,7 @@ class Exchange:
                 "qty": qty,
                 "tif": tif,
                 "stp": stp,
-                "seq": self._seq,
+                "seq": st.seq,
                 "ts": ts,
                 "cmd_index": cmd_index,
             }
@@ -579,12 +433,12 @@ class Exchange:
         # level (by +qty) and one balance (by the reservation, >= 1), so the `book` and
         # `balance` events `_emit_changes` would derive are known: write them directly.
         level = book.add(order)
-        self._orders[order_id] = order
-        mine = self._account_orders.get(account)
+        st.orders[order_id] = order
+        mine = st.account_orders.get(account)
         if mine is None:
-            mine = self._account_orders[account] = {}
+            mine = st.account_orders[account] = {}
         mine[order_id] = order
-        seq = self._seq
+        seq = st.seq
         events.append(
             {
                 "type": "book",
@@ -609,16 +463,17 @@ class Exchange:
                 "cmd_index": cmd_index,
             }
         )
-        self._seq = seq + 2
+        st.seq = seq + 2
 
     def _cancel(self, command: dict, events: list[dict]) -> None:
+        st = self.state
         account = command["account"]
         if type(account) is not str or _ACCOUNTS_SEEN.get(account) is not True:
             account = v.account(command)
         market = self._market(command)
         order_id = command.get("order_id")
         if type(order_id) is int and 0 < order_id <= MAX_ID and "client_order_id" not in command:
-            order = self._orders.get(order_id)  # `_find_order`'s usual case, inline
+            order = st.orders.get(order_id)  # `_find_order`'s usual case, inline
             if order is None or order.account != account or order.market != market.name:
                 raise Rejection("unknown_order", "no such open order for this account and market")
         else:
@@ -632,24 +487,24 @@ class Exchange:
         if order.side == BUY:
             level = book.bids[-price]
             released = market.buy_reserve(price, order.remaining)
-            bal = self._balances[account][market.quote]
+            bal = st.balances[account][market.quote]
         else:
             level = book.asks[price]
             released = order.remaining * market.lot_size
-            bal = self._balances[account][market.base]
+            bal = st.balances[account][market.base]
         level.kill(order)  # `book.remove`, with the level already at hand
         if level.count == 0:
             book.drop(order.side, -price if order.side == BUY else price)
         bal.available += released
         bal.reserved -= released
-        del self._orders[order.order_id]
-        mine = self._account_orders[account]
+        del st.orders[order.order_id]
+        mine = st.account_orders[account]
         del mine[order.order_id]
         if not mine:
-            del self._account_orders[account]
-        seq = self._seq
-        ts = self._last_ts
-        cmd_index = self._cmd_index
+            del st.account_orders[account]
+        seq = st.seq
+        ts = st.last_ts
+        cmd_index = st.cmd_index
         events.append(
             {
                 "type": "cancelled",
@@ -688,21 +543,23 @@ class Exchange:
                 "cmd_index": cmd_index,
             }
         )
-        self._seq = seq + 3
+        st.seq = seq + 3
 
     def _cancel_all(self, command: dict, events: list[dict]) -> None:
+        st = self.state
         account = v.account(command)
         market = self._market(command) if "market" in command else None
-        mine = self._account_orders.get(account, {})
+        mine = st.account_orders.get(account, {})
         victims = [
             mine[oid] for oid in sorted(mine) if market is None or mine[oid].market == market.name
         ]
         if not victims:
             raise Rejection("no_open_orders", "no open orders to cancel")
         for order in victims:
-            self._cancel_resting(self._markets[order.market], order, "cancel_all", events)
+            self._cancel_resting(st.markets[order.market], order, "cancel_all", events)
 
     def _amend(self, command: dict, events: list[dict]) -> None:
+        st = self.state
         account = v.account(command)
         market = self._market(command)
         order = self._find_order(command, account, market)
@@ -723,11 +580,11 @@ class Exchange:
         if order.side == BUY:
             held = market.buy_reserve(order.price, order.remaining)
             need = market.buy_reserve(price, qty)
-            if need > held + self._available(account, market.quote):
+            if need > held + available(st, account, market.quote):
                 raise Rejection("insufficient_funds", f"not enough {market.quote} available")
         else:
             held = order.remaining * market.lot_size
-            if qty * market.lot_size > held + self._available(account, market.base):
+            if qty * market.lot_size > held + available(st, account, market.base):
                 raise Rejection("insufficient_funds", f"not enough {market.base} available")
         if order.tif == "post_only" and self._crosses(market, order.side, price):
             raise Rejection("post_only_would_cross", "a post-only order would trade on arrival")
@@ -735,7 +592,7 @@ class Exchange:
         # Leaves its queue; a fresh object re-enters, so the dead queue entry stays dead.
         self._touch_level(market, order.side, order.price)
         market.book.remove(order)
-        self._release(market, order)
+        release(st, market, order)
         filled = order.original - order.remaining
         fresh = Order(
             order.order_id,
@@ -749,13 +606,14 @@ class Exchange:
             order.client_order_id,
         )
         fresh.original = filled + qty
-        self._orders[fresh.order_id] = fresh
-        self._account_orders[account][fresh.order_id] = fresh
-        self._reserve(market, fresh)
+        st.orders[fresh.order_id] = fresh
+        st.account_orders[account][fresh.order_id] = fresh
+        reserve(st, market, fresh)
         events.append(self._amended_event(fresh, priority_kept=False))
         self._take(market, fresh, False, events)
 
     def _amend_in_place(self, market: Market, order: Order, qty: int, events: list[dict]) -> None:
+        st = self.state
         delta = order.remaining - qty
         level = market.book.level(order.side, order.price)
         assert level is not None
@@ -763,10 +621,10 @@ class Exchange:
             freed = market.buy_reserve(order.price, order.remaining) - market.buy_reserve(
                 order.price, qty
             )
-            bal = self._bal(order.account, market.quote)
+            bal = touch(st, order.account, market.quote)
         else:
             freed = delta * market.lot_size
-            bal = self._bal(order.account, market.base)
+            bal = touch(st, order.account, market.base)
         bal.available += freed
         bal.reserved -= freed
         self._touch_level(market, order.side, order.price)
@@ -821,6 +679,7 @@ class Exchange:
 
     def _take(self, market: Market, taker: Order, is_market: bool, events: list[dict]) -> None:
         """Match an incoming (or re-entering) order, then rest, fill or cancel what is left."""
+        st = self.state
         book = market.book
         buy = taker.side == BUY
         best = book.best_ask if buy else book.best_bid
@@ -838,20 +697,20 @@ class Exchange:
         if end_reason is None and not is_market and taker.tif in _RESTING_TIFS:
             price = taker.price
             key = (market.name, taker.side, price)
-            if key not in self._touched_levels:
+            if key not in st.touched_levels:
                 level = book.bids.get(-price) if buy else book.asks.get(price)
-                self._touched_levels[key] = 0 if level is None else level.qty
+                st.touched_levels[key] = 0 if level is None else level.qty
             book.add(taker)
-            self._orders[taker.order_id] = taker
-            mine = self._account_orders.get(taker.account)
+            st.orders[taker.order_id] = taker
+            mine = st.account_orders.get(taker.account)
             if mine is None:
-                mine = self._account_orders[taker.account] = {}
+                mine = st.account_orders[taker.account] = {}
             mine[taker.order_id] = taker
             return
         if taker.tif == "fok":
             raise InvariantError("a FOK order passed its fill check but did not fill")
         if not is_market:
-            self._release(market, taker)
+            release(st, market, taker)
             self._drop_record(taker)
         events.append(self._cancelled_event(taker, end_reason or "ioc"))
 
@@ -862,6 +721,7 @@ class Exchange:
 
         Returns why matching ended early ("stp", "funds"), or None.
         """
+        st = self.state
         book = market.book
         buy = taker.side == BUY
         maker_side = SELL if buy else BUY
@@ -877,12 +737,11 @@ class Exchange:
         taker_bps = market.taker_bps
         max_bps = market.max_bps
         budget_limited = buy and is_market  # a market buy spends at most its available quote
-        touched_levels = self._touched_levels
-        orders = self._orders
-        account_orders = self._account_orders
-        bal = self._bal
-        ts = self._last_ts
-        cmd_index = self._cmd_index
+        touched_levels = st.touched_levels
+        orders = st.orders
+        account_orders = st.account_orders
+        ts = st.last_ts
+        cmd_index = st.cmd_index
         # The taker's and the fee account's balances, looked up at their first fill (the
         # order of first touches decides the order of `balance` events).
         taker_quote = taker_base = fees = None
@@ -916,8 +775,8 @@ class Exchange:
                     continue
                 fill = min(taker.remaining, maker.remaining)
                 if budget_limited:
-                    budget = self._available(account, quote)
-                    fill = min(fill, self._affordable(budget, price, taker_bps))
+                    budget = available(st, account, quote)
+                    fill = min(fill, affordable(budget, price, taker_bps))
                     if fill == 0:
                         end_reason = "funds"
                         break
@@ -931,8 +790,8 @@ class Exchange:
                 base_amount = fill * lot_size
                 if buy:
                     if taker_quote is None:
-                        taker_quote = bal(account, quote)
-                        taker_base = bal(account, base)
+                        taker_quote = touch(st, account, quote)
+                        taker_base = touch(st, account, base)
                     if is_market:
                         taker_quote.available -= notional + taker_fee
                     else:
@@ -942,19 +801,19 @@ class Exchange:
                         taker_quote.reserved -= freed
                         taker_quote.available += freed - notional - taker_fee
                     taker_base.available += base_amount  # type: ignore[union-attr]
-                    bal(maker_account, base).reserved -= base_amount
-                    bal(maker_account, quote).available += notional - maker_fee
+                    touch(st, maker_account, base).reserved -= base_amount
+                    touch(st, maker_account, quote).available += notional - maker_fee
                 else:
-                    maker_quote = bal(maker_account, quote)
+                    maker_quote = touch(st, maker_account, quote)
                     held = maker.price * maker.remaining
                     left = maker.price * (maker.remaining - fill)
                     freed = held + held * max_bps // 10000 - (left + left * max_bps // 10000)
                     maker_quote.reserved -= freed
                     maker_quote.available += freed - notional - maker_fee
-                    bal(maker_account, base).available += base_amount
+                    touch(st, maker_account, base).available += base_amount
                     if taker_base is None:
-                        taker_base = bal(account, base)
-                        taker_quote = bal(account, quote)
+                        taker_base = touch(st, account, base)
+                        taker_quote = touch(st, account, quote)
                     if is_market:
                         taker_base.available -= base_amount
                     else:
@@ -962,14 +821,14 @@ class Exchange:
                     taker_quote.available += notional - taker_fee  # type: ignore[union-attr]
                 if maker_fee or taker_fee:
                     if fees is None:
-                        fees = bal(FEE_ACCOUNT, quote)
+                        fees = touch(st, FEE_ACCOUNT, quote)
                     fees.available += maker_fee + taker_fee
                 taker.remaining -= fill
                 maker.remaining -= fill
 
-                trade_id = self._next_trade_id
-                self._next_trade_id = trade_id + 1
-                self._seq += 1
+                trade_id = st.next_trade_id
+                st.next_trade_id = trade_id + 1
+                st.seq += 1
                 events.append(
                     {
                         "type": "trade",
@@ -984,7 +843,7 @@ class Exchange:
                         "taker_side": taker.side,
                         "maker_fee": maker_fee,
                         "taker_fee": taker_fee,
-                        "seq": self._seq,
+                        "seq": st.seq,
                         "ts": ts,
                         "cmd_index": cmd_index,
                     }
@@ -1008,77 +867,53 @@ class Exchange:
 
     def _drop_record(self, order: Order) -> None:
         """An amended order that finishes re-entry is still indexed; unindex it."""
-        if self._orders.get(order.order_id) is order:
-            del self._orders[order.order_id]
+        st = self.state
+        if st.orders.get(order.order_id) is order:
+            del st.orders[order.order_id]
             self._forget(order)
-
-    @staticmethod
-    def _affordable(budget: int, price: int, bps: int) -> int:
-        """Largest q with price*q + price*q*bps//10000 <= budget."""
-        q = budget * 10000 // (price * (10000 + bps))
-        while (price * (q + 1)) + (price * (q + 1) * bps // 10000) <= budget:
-            q += 1
-        return q
-
-    # ------------------------------------------------------------------ order lifecycle
-
-    def _reserve(self, market: Market, order: Order) -> None:
-        if order.side == BUY:
-            amount = market.buy_reserve(order.price, order.remaining)
-            bal = self._bal(order.account, market.quote)
-        else:
-            amount = order.remaining * market.lot_size
-            bal = self._bal(order.account, market.base)
-        bal.available -= amount
-        bal.reserved += amount
-
-    def _release(self, market: Market, order: Order) -> None:
-        if order.side == BUY:
-            amount = market.buy_reserve(order.price, order.remaining)
-            bal = self._bal(order.account, market.quote)
-        else:
-            amount = order.remaining * market.lot_size
-            bal = self._bal(order.account, market.base)
-        bal.available += amount
-        bal.reserved -= amount
 
     def _cancel_resting(
         self, market: Market, order: Order, reason: str, events: list[dict]
     ) -> None:
+        st = self.state
         book = market.book
         price = order.price
         key = (market.name, order.side, price)  # `_touch_level`, inline: a third of all commands
-        if key not in self._touched_levels:
+        if key not in st.touched_levels:
             level = book.bids.get(-price) if order.side == BUY else book.asks.get(price)
-            self._touched_levels[key] = 0 if level is None else level.qty
+            st.touched_levels[key] = 0 if level is None else level.qty
         book.remove(order)
         self._retire(market, order)
         events.append(self._cancelled_event(order, reason))
 
     def _retire(self, market: Market, order: Order) -> None:
         """Release a resting order's funds and unindex it (it has left its queue)."""
-        self._release(market, order)
-        del self._orders[order.order_id]
-        mine = self._account_orders[order.account]  # `_forget`, inline
+        st = self.state
+        release(st, market, order)
+        del st.orders[order.order_id]
+        mine = st.account_orders[order.account]  # `_forget`, inline
         del mine[order.order_id]
         if not mine:
-            del self._account_orders[order.account]
+            del st.account_orders[order.account]
 
     def _forget(self, order: Order) -> None:
-        mine = self._account_orders[order.account]
+        st = self.state
+        mine = st.account_orders[order.account]
         del mine[order.order_id]
         if not mine:
-            del self._account_orders[order.account]
+            del st.account_orders[order.account]
 
     def _touch_level(self, market: Market, side: str, price: int) -> None:
         """Record a level's quantity before this command changes it (call before the change)."""
+        st = self.state
         key = (market.name, side, price)
-        if key not in self._touched_levels:
+        if key not in st.touched_levels:
             level = market.book.level(side, price)
-            self._touched_levels[key] = 0 if level is None else level.qty
+            st.touched_levels[key] = 0 if level is None else level.qty
 
     def _cancelled_event(self, order: Order, reason: str) -> dict:
-        self._seq += 1
+        st = self.state
+        st.seq += 1
         return {
             "type": "cancelled",
             "order_id": order.order_id,
@@ -1087,23 +922,24 @@ class Exchange:
             "market": order.market,
             "reason": reason,
             "remaining": order.remaining,
-            "seq": self._seq,
-            "ts": self._last_ts,
-            "cmd_index": self._cmd_index,
+            "seq": st.seq,
+            "ts": st.last_ts,
+            "cmd_index": st.cmd_index,
         }
 
     def _filled_event(self, order: Order) -> dict:
-        self._seq += 1
+        st = self.state
+        st.seq += 1
         return {
             "type": "filled",
             "order_id": order.order_id,
             "client_order_id": order.client_order_id,
             "account": order.account,
             "market": order.market,
-            "seq": self._seq,
-            "ts": self._last_ts,
-            "cmd_index": self._cmd_index,
+            "seq": st.seq,
+            "ts": st.last_ts,
+            "cmd_index": st.cmd_index,
         }
 
 
-__all__ = ["BUY", "SELL", "Balance", "Exchange", "Level", "Market"]
+__all__ = ["BUY", "SELL", "Balance", "Exchange", "ExchangeState", "Level", "Market"]

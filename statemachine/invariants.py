@@ -18,29 +18,31 @@ The rules, in the order they are checked (the first broken one is reported):
    has no orders.
 
 It is one pass over the resting orders (a restore of a million orders runs it), and a
-message is only formatted once a rule has failed.
+message is only formatted once a rule has failed. It reads an `ExchangeState` (state.py)
+through its public attributes.
 """
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from .errors import InvariantError
 from .order_book import BUY, SELL, Level
+from .state import ExchangeState
 from .validation import FEE_ACCOUNT
 
 _NONE: dict = {}  # what a missing index entry looks like (never written to)
 _RESTING_TIFS = ("gtc", "post_only")
 
 
-def check(ex: Any) -> None:
-    orders_index = ex._orders
-    account_index = ex._account_orders
-    coids = ex._coids
+def check(state: ExchangeState) -> None:
+    orders_index = state.orders
+    account_index = state.account_orders
+    coids = state.coids
     # (account, asset) -> what the resting orders hold, in first-seen order.
     expected_reserved: dict[tuple[str, str], int] = {}
     live = 0
-    for name, market in ex._markets.items():
+    for name, market in state.markets.items():
         book = market.book
         tick = market.tick_size
         lot_size = market.lot_size
@@ -65,11 +67,13 @@ def check(ex: Any) -> None:
                     qty += remaining
                     oid = o.order_id
                     account = o.account
-                    if orders_index.get(oid) is not o:
+                    # id(): the same test as `is`, without mypy narrowing `o` to the index's
+                    # `Order | None` afterwards.
+                    if id(orders_index.get(oid)) != id(o):
                         _order_broken(
                             name, side, level, tick, f"order {oid} resting but not indexed"
                         )
-                    if account_index.get(account, _NONE).get(oid) is not o:
+                    if id(account_index.get(account, _NONE).get(oid)) != id(o):
                         _order_broken(
                             name, side, level, tick, f"order {oid} missing from its account's index"
                         )
@@ -114,7 +118,7 @@ def check(ex: Any) -> None:
     if sum(len(m) for m in account_index.values()) != live:
         raise InvariantError("account order index holds orders that are not resting")
     totals: dict[str, int] = {}
-    for acct, assets in ex._balances.items():
+    for acct, assets in state.balances.items():
         for asset, bal in assets.items():
             if bal.account != acct or bal.asset != asset:
                 raise InvariantError(f"{acct}/{asset}: balance filed under the wrong key")
@@ -127,12 +131,12 @@ def check(ex: Any) -> None:
                     f"{expected_reserved.get((acct, asset), 0)} held by resting orders"
                 )
             totals[asset] = totals.get(asset, 0) + avail + reserved
-    balances = ex._balances
+    balances = state.balances
     for key, amount in expected_reserved.items():
-        bal = balances.get(key[0], _NONE).get(key[1])
-        if not (bal is not None and bal.reserved == amount):
+        holder = balances.get(key[0], _NONE).get(key[1])
+        if not (holder is not None and holder.reserved == amount):
             raise InvariantError(f"{key}: orders hold funds not reserved")
-    supply = ex._supply
+    supply = state.supply
     for asset in sorted(set(totals) | set(supply)):
         if totals.get(asset, 0) != supply.get(asset, 0):
             raise InvariantError(

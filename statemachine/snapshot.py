@@ -5,6 +5,9 @@ msgpack array; every collection in it is written in a defined order (sorted keys
 order for books), so equal states give equal bytes and `state_hash` is the body's sha256.
 A resting order costs about 20-40 bytes: it is written inside its price level, without the
 fields the level already says (market, side, price).
+
+It reads and builds an `ExchangeState` (state.py) through its public attributes; `Exchange`
+wraps the state that `decode` returns.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from typing import Any
 import msgpack  # type: ignore[import-untyped]
 
 from .errors import InvariantError, SnapshotError
+from .invariants import check
 from .order_book import BUY, SELL, Level, Order
+from .state import Balance, ExchangeState, Market
 
 MAGIC = b"QBOOKSNP"
 VERSION = 1
@@ -125,27 +130,27 @@ def _side(levels) -> list:
     ]
 
 
-def body_fields(ex: Any) -> list:
-    return [*_head_fields(ex), _books(ex)]
+def body_fields(state: ExchangeState) -> list:
+    return [*_head_fields(state), _books(state)]
 
 
-def _books(ex: Any) -> list:
-    markets = ex._markets
+def _books(state: ExchangeState) -> list:
+    markets = state.markets
     return [
         [name, _side(markets[name].book.bids), _side(markets[name].book.asks)]
         for name in sorted(markets)
     ]
 
 
-def _head_fields(ex: Any) -> list:
+def _head_fields(state: ExchangeState) -> list:
     """Everything but the books: small, so restore can check it is canonical byte for byte."""
-    markets = ex._markets
+    markets = state.markets
     return [
-        ex._seq,
-        ex._cmd_index,
-        ex._last_ts,
-        ex._next_order_id,
-        ex._next_trade_id,
+        state.seq,
+        state.cmd_index,
+        state.last_ts,
+        state.next_order_id,
+        state.next_trade_id,
         [
             [m.name, m.base, m.quote, m.lot_size, m.tick_size, m.maker_bps, m.taker_bps]
             for m in (markets[name] for name in sorted(markets))
@@ -159,25 +164,36 @@ def _head_fields(ex: Any) -> list:
                     if bal.available or bal.reserved
                 ],
             ]
-            for acct, assets in sorted(ex._balances.items())
+            for acct, assets in sorted(state.balances.items())
             if any(bal.available or bal.reserved for bal in assets.values())
         ],
-        sorted([asset, amount] for asset, amount in ex._supply.items()),
-        sorted(ex._refs),
+        sorted([asset, amount] for asset, amount in state.supply.items()),
+        sorted(state.refs),
         [
             [acct, sorted([coid, oid] for coid, oid in coids.items())]
-            for acct, coids in sorted(ex._coids.items())
+            for acct, coids in sorted(state.coids.items())
         ],
     ]
 
 
-def encode(ex: Any) -> bytes:
+def encode(state: ExchangeState) -> bytes:
     with gc_paused():
-        body = pack_body(body_fields(ex))
+        body = pack_body(body_fields(state))
     return _HEADER.pack(MAGIC, VERSION, hashlib.sha256(body).digest()) + body
 
 
-def decode(blob: bytes) -> Any:
+def state_hash(state: ExchangeState, *, counters: bool = True) -> str:
+    """Hex sha256 of the body `encode` would write; `counters=False` leaves out the counters
+    a rejected command changes (seq, cmd_index, last_ts)."""
+    with gc_paused():
+        fields = body_fields(state)
+        if not counters:
+            fields = fields[COUNTER_FIELDS:]
+        return hashlib.sha256(pack_body(fields)).hexdigest()
+
+
+def decode(blob: Any) -> ExchangeState:
+    """The state a blob holds, checked in full (shape, canonical order, every invariant)."""
     if not isinstance(blob, bytes | bytearray | memoryview):
         raise SnapshotError("a snapshot must be bytes")
     blob = bytes(blob)
@@ -194,14 +210,14 @@ def decode(blob: bytes) -> Any:
     try:
         with gc_paused():
             fields = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
-            ex = _build(fields)
+            state = _build(fields)
             head = fields[:10]
             del fields
             # Everything but the books must be exactly what this build writes (sorted, no
             # duplicates, no zero balances); the books are checked while they are built.
-            if pack(_head_fields(ex)) != pack(head):
+            if pack(_head_fields(state)) != pack(head):
                 raise SnapshotError("snapshot body is not canonical")
-            ex.check_invariants()
+            check(state)
     except SnapshotError:
         raise
     except (
@@ -213,12 +229,10 @@ def decode(blob: bytes) -> Any:
         msgpack.UnpackException,
     ) as exc:
         raise SnapshotError(f"snapshot body is malformed: {exc}") from exc
-    return ex
+    return state
 
 
-def _build(fields: list) -> Any:
-    from .exchange import Balance, Exchange, Market
-
+def _build(fields: list) -> ExchangeState:
     if type(fields) is not list or len(fields) != 11:
         raise SnapshotError("snapshot body has the wrong shape")
     (
@@ -234,32 +248,32 @@ def _build(fields: list) -> Any:
         coids,
         books,
     ) = fields
-    ex = Exchange()
+    state = ExchangeState()
     # A body whose checksum is right can still be shaped wrongly (another build, a bug, a
     # crafted file): every scalar is type- and range-checked here, cheaply, before use.
-    ex._seq, ex._cmd_index, ex._last_ts = _int(seq), _int(cmd_index), _int(last_ts)
-    ex._next_order_id, ex._next_trade_id = _int(next_order_id, 1), _int(next_trade_id, 1)
+    state.seq, state.cmd_index, state.last_ts = _int(seq), _int(cmd_index), _int(last_ts)
+    state.next_order_id, state.next_trade_id = _int(next_order_id, 1), _int(next_trade_id, 1)
     for name, base, quote, lot, tick, maker, taker in markets:
-        ex._markets[_str(name)] = Market(
+        state.markets[_str(name)] = Market(
             name, _str(base), _str(quote), _int(lot, 1), _int(tick, 1), _int(maker), _int(taker)
         )
     for acct, assets in balances:
-        ex._balances[_str(acct)] = {
+        state.balances[_str(acct)] = {
             _str(asset): Balance(acct, asset, _int(avail), _int(reserved))
             for asset, avail, reserved in assets
         }
-    ex._supply = {_str(asset): _int(amount) for asset, amount in supply}
+    state.supply = {_str(asset): _int(amount) for asset, amount in supply}
     if type(refs) is not list:
         raise SnapshotError("snapshot refs are not a list")
-    ex._refs = {_str(ref) for ref in refs}
-    ex._coids = {_str(acct): _coid_index(pairs) for acct, pairs in coids}
-    orders = ex._orders
-    account_orders = ex._account_orders
+    state.refs = {_str(ref) for ref in refs}
+    state.coids = {_str(acct): _coid_index(pairs) for acct, pairs in coids}
+    orders = state.orders
+    account_orders = state.account_orders
     tifs, stps = _TIFS, _STPS
-    if [entry[0] for entry in books] != sorted(ex._markets):
+    if [entry[0] for entry in books] != sorted(state.markets):
         raise SnapshotError("snapshot books do not match its markets")
     for name, bids, asks in books:
-        book = ex._markets[name].book
+        book = state.markets[name].book
         for side, levels in ((BUY, bids), (SELL, asks)):
             book_side = book.bids if side == BUY else book.asks
             previous = None
@@ -305,7 +319,7 @@ def _build(fields: list) -> Any:
         book.reset_best()
     # No re-sorting of the per-account indexes: their order means nothing (cancel_all sorts
     # the order ids itself), only their contents are state.
-    return ex
+    return state
 
 
 def _coid_index(pairs: list) -> dict[str, int]:

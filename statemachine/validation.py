@@ -26,11 +26,17 @@ ORDER_TYPES = ("limit", "market")
 TIFS = ("gtc", "ioc", "fok", "post_only")
 STPS = ("cancel_taker", "cancel_maker", "cancel_both", "none")
 
-_ACCOUNT_RE = re.compile(r"[A-Za-z0-9.:-][A-Za-z0-9_.:-]{0,63}")
-_ASSET_RE = re.compile(r"[A-Z0-9]{1,16}")
-_MARKET_RE = re.compile(r"[A-Za-z0-9_.:/-]{1,32}")
-# The definition of a token; `is_token` implements it without the regex.
-_TOKEN_RE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,62}[\x21-\x7e]|[\x21-\x7e]")
+# The names a command may carry (matched whole). Public: the API's request schemas use them
+# (api/bodies.py), so the limits live in one place.
+ACCOUNT_PATTERN = r"[A-Za-z0-9.:-][A-Za-z0-9_.:-]{0,63}"
+ASSET_PATTERN = r"[A-Z0-9]{1,16}"
+MARKET_PATTERN = r"[A-Za-z0-9_.:/-]{1,32}"
+# The definition of a token (client order ids, refs); `is_token` implements it without the regex.
+TOKEN_PATTERN = r"[\x21-\x7e][\x20-\x7e]{0,62}[\x21-\x7e]|[\x21-\x7e]"
+_ACCOUNT_RE = re.compile(ACCOUNT_PATTERN)
+_ASSET_RE = re.compile(ASSET_PATTERN)
+_MARKET_RE = re.compile(MARKET_PATTERN)
+_TOKEN_RE = re.compile(TOKEN_PATTERN)
 
 # op -> (required fields, optional fields); `op` and `ts` are implied for every op.
 COMMAND_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {

@@ -435,7 +435,7 @@ def test_a_body_packed_in_pieces_is_byte_for_byte_one_packb() -> None:
                 "ts": 3,
             }
         )
-    fields = snapshot_codec.body_fields(ex)
+    fields = snapshot_codec.body_fields(ex.state)
     assert len(fields[-1][0][1]) > runs and len(fields[-1][0][2]) > runs  # levels
     assert len(fields[-3]) > runs and len(fields[-5]) > runs  # refs, balances
     assert max(len(pairs) for _, pairs in fields[-2]) > runs  # one account's client order ids
