@@ -9,12 +9,13 @@ STAMP := $(VENV)/.installed-dev
 # the sources, so the checkout itself stays pure Python and an edit is never shadowed.
 NATIVE := build/native
 NATIVE_STAMP := $(NATIVE)/.built
-NATIVE_MODULES := statemachine/order_book.py statemachine/exchange.py statemachine/validation.py
+# The compiled modules: pyproject.toml [tool.quorumbook] native-modules (also setup.py's list).
+NATIVE_MODULES := $(shell $(PYTHON) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['tool']['quorumbook']['native-modules']))")
 # -P and --import-mode=append: build/native comes before the checkout on sys.path.
 NATIVE_ENV := QB_NATIVE=1 PYTHONPATH=$(CURDIR)/$(NATIVE):$(CURDIR)
 NATIVE_PYTEST := $(NATIVE_ENV) $(BIN)/python -P -m pytest -q -p no:cacheprovider --import-mode=append
 
-.PHONY: demo test native lint bench bench-statemachine bench-replication bench-failover bench-api clean
+.PHONY: demo test test-fast native lint bench bench-statemachine bench-replication bench-failover bench-api clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,16 +25,22 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/quorumbook demo
+# The demo's nodes run the compiled engine (build/native first on their PYTHONPATH), as an
+# installed wheel's do.
+demo: $(STAMP) $(NATIVE_STAMP)
+	$(NATIVE_ENV) $(BIN)/python -P -m cluster demo
 
 test: $(STAMP) $(NATIVE_STAMP) lint
 	$(BIN)/python -m pytest -q
 	$(NATIVE_PYTEST) tests/statemachine tests/test_golden.py
 
+# The edit-test loop: lint and every test but those that start process clusters (`slow`).
+test-fast: $(STAMP) lint
+	$(BIN)/python -m pytest -q -m "not slow"
+
 native: $(NATIVE_STAMP)
 
-$(NATIVE_STAMP): $(wildcard statemachine/*.py) $(STAMP)
+$(NATIVE_STAMP): $(wildcard statemachine/*.py) pyproject.toml $(STAMP)
 	rm -rf $(NATIVE) && mkdir -p $(NATIVE)
 	cp -r statemachine $(NATIVE)/
 	cd $(NATIVE) && $(CURDIR)/$(BIN)/mypyc $(NATIVE_MODULES) > mypyc.log 2>&1 \

@@ -11,24 +11,15 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from statemachine.validation import safe_account
-
-from . import openapi, trading, ws
+from . import bodies, openapi, outcomes, trading, ws
 from .auth import AuthError, Credentials, Verifier, new_key_id
-from .common import Http, error, json_response
+from .bodies import CommandsRequest, EmptyRequest, KeyRequest, MembersRequest, TransferRequest
+from .common import Http, answer_response, error, json_response
 from .metrics import CONTENT_TYPE, Metrics
-from .port import (
-    MembershipBusyError,
-    NodePort,
-    NotLeaderError,
-    OutcomeUnknownError,
-    OverloadedError,
-    UnencodableError,
-)
+from .port import NodeError, NodePort
 from .rate_limit import RateLimiter
 
 MAX_BODY_BYTES = 1 << 20
-MAX_COMMANDS = 1000
 READY_MAX_LAG_ENTRIES = 100
 
 
@@ -56,7 +47,10 @@ def create_app(
     *,
     limiter: RateLimiter | None = None,
     ready_max_lag_entries: int = READY_MAX_LAG_ENTRIES,
+    ws_settings: ws.Settings | None = None,
 ) -> QuartTrio:
+    """The node's app. `ws_settings`: the WebSocket's ([ws] of the node's config; None:
+    its defaults with the QB_WS_* environment overrides)."""
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]  # events keep their field order
@@ -83,17 +77,21 @@ def create_app(
         code = (exc.name or "error").lower().replace(" ", "_")
         return error(exc.code or 400, code, exc.description or exc.name or "error")
 
-    @app.errorhandler(UnencodableError)
-    async def unencodable(exc: UnencodableError) -> Response:
-        return error(400, "wrong_type", f"{exc}; integers must fit in 64 bits")
+    # One mapping from what the node answers to HTTP, for every route (api/outcomes.py): the
+    # routes raise, these answer.
+    @app.errorhandler(NodeError)
+    async def node_error(exc: NodeError) -> Response:
+        return answer_response(outcomes.answer(exc, node.leader_url()))
 
-    @app.errorhandler(OverloadedError)
-    async def overloaded(exc: OverloadedError) -> Response:
-        return error(503, "overloaded", f"{exc}; nothing was applied, retry", {"Retry-After": "1"})
+    @app.errorhandler(AuthError)
+    async def refused(exc: AuthError) -> Response:  # the cluster's replay window refused it
+        return answer_response(outcomes.answer(exc))
+
+    @app.errorhandler(bodies.BodyError)
+    async def bad_body(exc: bodies.BodyError) -> Response:
+        return error(exc.status, exc.code, exc.message)
 
     http = Http(node, verifier, limiter, metrics.rate_limited)
-    not_leader_response = http.not_leader
-    json_body = http.json_object
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -127,32 +125,17 @@ def create_app(
 
     @app.post("/v1/admin/commands")
     @http.authed("admin", leader=True)
-    async def admin_commands(_: Credentials) -> Response | dict:
-        payload = await json_body()
-        if isinstance(payload, Response):
-            return payload
-        commands = payload.get("commands")
-        if not isinstance(commands, list) or not commands:
-            return error(400, "bad_request", 'body must be {"commands": [command, ...]}')
-        if len(commands) > MAX_COMMANDS:
-            return error(413, "too_many_commands", f"at most {MAX_COMMANDS} commands per request")
+    @http.body(CommandsRequest)
+    async def admin_commands(_: Credentials, body: CommandsRequest) -> Response:
         started = time.perf_counter()
-        try:
-            # One slot for the whole request: committed together, no task per command.
-            results = [
-                {"events": events}
-                for events in await node.submit_many(commands, http.signed_request())
-            ]
-        except NotLeaderError as exc:
-            results = [
-                {"error": {"code": "not_leader", "message": str(exc), "leader_url": exc.leader_url}}
-            ] * len(commands)
-        except OutcomeUnknownError as exc:
-            results = [{"error": {"code": "outcome_unknown", "message": str(exc)}}] * len(commands)
-        except AuthError as exc:  # the cluster's replay window refused it: nothing applied
-            return error(401, exc.code, exc.message)
+        # One slot for the whole request: committed together (all or none), no task per
+        # command; a failure is the whole request's (307 to the leader, 503, ...).
+        applied = await node.submit_many(body.commands, http.signed_request())
         return json_response(
-            {"results": results, "elapsed_ms": round((time.perf_counter() - started) * 1000, 3)}
+            {
+                "results": [{"events": events} for events in applied],
+                "elapsed_ms": round((time.perf_counter() - started) * 1000, 3),
+            }
         )
 
     @app.get("/v1/admin/balances")
@@ -172,99 +155,40 @@ def create_app(
 
     @app.post("/v1/admin/members")
     @http.authed("admin", leader=True)
-    async def admin_members(_: Credentials) -> Response | dict:
+    @http.body(MembersRequest)
+    async def admin_members(_: Credentials, body: MembersRequest) -> dict:
         """Add or remove one member: {"action": "add"|"remove", "id", "raft_addr", "api_url"}."""
-        payload = await json_body()
-        if isinstance(payload, Response):
-            return payload
-        action = payload.get("action")
-        fields = [payload.get(k) for k in ("id", "raft_addr", "api_url")]
-        if action not in ("add", "remove") or not all(isinstance(f, str) and f for f in fields):
-            return error(
-                400,
-                "bad_request",
-                'body must be {"action": "add"|"remove", "id", "raft_addr", "api_url"}',
-            )
-        try:
-            done = await node.change_membership(action, *fields)
-        except MembershipBusyError as exc:
-            return error(
-                409,
-                "membership_change_in_progress",
-                f"{exc}; one membership change at a time: retry once it commits",
-                {"Retry-After": "1"},
-            )
-        except NotLeaderError as exc:
-            return error(409, "membership_change_failed", str(exc))
-        except OutcomeUnknownError as exc:
-            return error(503, "outcome_unknown", str(exc), {"Retry-After": "1"})
+        done = await node.change_membership(body.action, body.id, body.raft_addr, body.api_url)
         return {"change": done, **await node.status()}
 
     @app.post("/v1/admin/transfer-leader")
     @http.authed("admin", leader=True)
-    async def admin_transfer_leader(_: Credentials) -> Response | dict:
+    @http.body(TransferRequest)
+    async def admin_transfer_leader(_: Credentials, body: TransferRequest) -> dict:
         """Hand leadership over: {"to": node_id} or {} for the most caught-up peer."""
-        payload = await json_body()
-        if isinstance(payload, Response):
-            return payload
-        target = payload.get("to")
-        if target is not None and not isinstance(target, str):
-            return error(400, "bad_request", '"to" must be a node id')
-        try:
-            await node.transfer_leadership(target)
-        except NotLeaderError as exc:
-            return error(409, "transfer_failed", str(exc))
-        except OutcomeUnknownError as exc:
-            return error(503, "outcome_unknown", str(exc), {"Retry-After": "1"})
-        return {"requested": True, "to": target}
+        await node.transfer_leadership(body.to)
+        return {"requested": True, "to": body.to}
 
     @app.post("/v1/admin/keys")
     @http.authed("admin", leader=True)
-    async def admin_create_key(_: Credentials) -> Response | dict:
+    @http.body(KeyRequest)
+    async def admin_create_key(_: Credentials, body: KeyRequest) -> dict:
         """Create an API key: {"account": A, "role": "trader"} -> {key_id, secret, ...}.
 
         The secret is shown once, here; the cluster stores only (key id, account, role).
         """
-        payload = await json_body()
-        if isinstance(payload, Response):
-            return payload
-        account = payload.get("account")
-        role = payload.get("role", "trader")
-        if not isinstance(account, str) or not account or role not in ("trader", "admin"):
-            return error(
-                400, "bad_request", 'body must be {"account": A, "role": "trader"|"admin"}'
-            )
-        if safe_account({"account": account}) is None:
-            # A key for an account no command could name would only ever be refused.
-            return error(
-                400,
-                "bad_account",
-                "account ids are 1-64 characters of letters, "
-                "digits and . : - _ (not starting with _)",
-            )
-        key_id = new_key_id(role)
-        try:
-            secret = await node.create_key(key_id, account, role, http.signed_request())
-        except AuthError as exc:  # replayed: the replicated replay window holds it
-            return error(401, exc.code, exc.message)
-        except NotLeaderError:
-            return not_leader_response()
-        except OutcomeUnknownError as exc:
-            return error(503, "outcome_unknown", str(exc), {"Retry-After": "1"})
-        return {"key_id": key_id, "secret": secret, "account": account, "role": role}
+        key_id = new_key_id(body.role)
+        secret = await node.create_key(key_id, body.account, body.role, http.signed_request())
+        return {"key_id": key_id, "secret": secret, "account": body.account, "role": body.role}
 
     trading.register(app, node, http)
-    ws.register(app, node, verifier, limiter=limiter)
+    ws.register(app, node, verifier, settings=ws_settings, limiter=limiter)
 
     @app.post("/v1/admin/barrier")
     @http.authed("admin", leader=True)
-    async def admin_barrier(_: Credentials) -> Response | dict:
-        try:
-            await node.read_barrier()
-        except NotLeaderError:
-            return not_leader_response()
-        except OutcomeUnknownError as exc:
-            return error(503, "outcome_unknown", str(exc), {"Retry-After": "1"})
+    @http.body(EmptyRequest)
+    async def admin_barrier(_: Credentials, _body: EmptyRequest) -> dict:
+        await node.read_barrier()
         return await node.status()
 
     return app

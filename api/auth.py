@@ -1,12 +1,12 @@
-"""Request signing: HMAC-SHA256 over timestamp, method, path and body.
+"""The node's side of request signing: verifying signatures, keys, the replay window.
 
-Headers: `X-QB-Key` (key id), `X-QB-Timestamp` (Unix ms), `X-QB-Signature` (hex).
-The signed message is `"{timestamp}\\n{METHOD}\\n{path?query}\\n"` followed by the raw body.
-A request outside the timestamp window, or whose signature was already seen inside it, is
-rejected, so a captured request cannot be replayed. "Seen" is this node's own memory plus,
-through `applied`, the requests the replicated state machine applied (cluster/machine.py),
-which also refuses a repeated signature when it applies the log: the check that holds on
-every node, whatever the timing.
+The wire format (headers, the signed message, `Credentials` and their files) is the SDK's,
+`api.sdk.signing`, imported here: the node and its clients cannot disagree on it. A request
+outside the timestamp window, or whose signature was already seen inside it, is rejected, so
+a captured request cannot be replayed. "Seen" is this node's own memory plus, through
+`applied`, the requests the replicated state machine applied (cluster/machine.py), which also
+refuses a repeated signature when it applies the log: the check that holds on every node,
+whatever the timing.
 """
 
 from __future__ import annotations
@@ -14,26 +14,37 @@ from __future__ import annotations
 import hashlib
 import heapq
 import hmac
-import json
-import os
 import secrets
-import stat
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 
-KEY_HEADER = "X-QB-Key"
-TS_HEADER = "X-QB-Timestamp"
-SIG_HEADER = "X-QB-Signature"
+from .sdk.signing import (
+    KEY_HEADER,
+    SIG_HEADER,
+    TS_HEADER,
+    AuthError,
+    Credentials,
+    read_secret_file,
+    sign,
+)
+
+__all__ = [
+    "KEY_HEADER",
+    "SIG_HEADER",
+    "TS_HEADER",
+    "WINDOW_MS",
+    "AuthError",
+    "Credentials",
+    "UnknownKeyError",
+    "Verifier",
+    "derive_secret",
+    "new_credentials",
+    "new_key_id",
+    "read_secret_file",
+    "sign",
+]
+
 WINDOW_MS = 5_000
-
-
-class AuthError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class UnknownKeyError(AuthError):
@@ -43,55 +54,8 @@ class UnknownKeyError(AuthError):
         super().__init__("unauthenticated", "unknown key")
 
 
-@dataclass(frozen=True)
-class Credentials:
-    key_id: str
-    secret: str
-    role: str = "admin"
-    account: str | None = None
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "key_id": self.key_id,
-                "secret": self.secret,
-                "role": self.role,
-                "account": self.account,
-            }
-        )
-
-
 def new_credentials(role: str = "admin", account: str | None = None) -> Credentials:
     return Credentials(f"{role}-{secrets.token_hex(6)}", secrets.token_hex(32), role, account)
-
-
-def write_credentials(path: Path, creds: Credentials) -> None:
-    """Write with mode 0600 from the start (no window where others can read it)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(creds.to_json())
-
-
-def read_credentials(path: Path) -> Credentials:
-    path = Path(path)
-    if stat.S_IMODE(path.stat().st_mode) & 0o077:
-        raise AuthError("insecure_credentials", f"{path} must be mode 0600")
-    raw = json.loads(path.read_text())
-    return Credentials(raw["key_id"], raw["secret"], raw.get("role", "admin"), raw.get("account"))
-
-
-def sign(secret: str, timestamp_ms: int, method: str, path: str, body: bytes) -> str:
-    message = f"{timestamp_ms}\n{method.upper()}\n{path}\n".encode() + body
-    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
-
-
-def signed_headers(creds: Credentials, method: str, path: str, body: bytes) -> dict[str, str]:
-    ts = time.time_ns() // 1_000_000
-    return {
-        KEY_HEADER: creds.key_id,
-        TS_HEADER: str(ts),
-        SIG_HEADER: sign(creds.secret, ts, method, path, body),
-    }
 
 
 def derive_secret(master: str, key_id: str) -> str:
@@ -105,13 +69,6 @@ def derive_secret(master: str, key_id: str) -> str:
 
 def new_key_id(role: str) -> str:
     return f"{role[:5]}-{secrets.token_hex(8)}"
-
-
-def read_secret_file(path: Path) -> str:
-    path = Path(path)
-    if stat.S_IMODE(path.stat().st_mode) & 0o077:
-        raise AuthError("insecure_credentials", f"{path} must be mode 0600")
-    return path.read_text().strip()
 
 
 KeyLookup = Callable[[str], "Credentials | None"]

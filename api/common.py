@@ -7,10 +7,11 @@ from typing import Any
 
 from quart import Response, request
 
+from . import bodies, outcomes
 from .auth import SIG_HEADER, TS_HEADER, AuthError, Credentials, UnknownKeyError, Verifier
-from .jsoncodec import dumps, loads
 from .port import NodePort
 from .rate_limit import RateLimiter
+from .sdk.codec import dumps
 
 
 def json_response(value: Any, status: int = 200, headers: dict | None = None) -> Response:
@@ -56,13 +57,7 @@ class Http:
 
     def not_leader(self) -> Response:
         """307 to the leader's same path (header X-Leader), or 503 + Retry-After without one."""
-        url = self.node.leader_url()
-        if url is None:
-            return error(503, "no_leader", "no leader elected yet; retry", {"Retry-After": "1"})
-        location = url + request.full_path.rstrip("?")
-        return error(
-            307, "not_leader", "writes go to the leader", {"Location": location, "X-Leader": url}
-        )
+        return answer_response(outcomes.not_leader(self.node.leader_url()))
 
     async def caller(self, role: str) -> Credentials | Response:
         """The signed caller holding a `role` key, or the 401/403/429 (or redirect) to answer.
@@ -120,16 +115,33 @@ class Http:
 
         return wrap
 
-    async def json_object(self, reserved: tuple[str, ...] = ()) -> dict | Response:
-        """The body as a JSON object ({} when empty), or the 400 to answer."""
-        raw = await request.get_data()
-        try:
-            payload = loads(raw) if raw else {}
-        except ValueError:
-            return error(400, "malformed_json", "body is not valid JSON")
-        if not isinstance(payload, dict):
-            return error(400, "bad_request", "body must be a JSON object")
-        for field in reserved:
-            if field in payload:
-                return error(400, "field_not_allowed", f"field {field!r} is set by the server")
-        return payload
+    @staticmethod
+    def body(kind: type[bodies.Body]):
+        """Route decorator (under `authed`): the handler gets the body decoded into `kind`
+        after the caller; a body that does not fit is answered 400/413 (BodyError)."""
+
+        def wrap(handler: Callable[..., Awaitable[Any]]):
+            async def inner(*args: Any, **kwargs: Any) -> Any:
+                decoded = bodies.decode(await request.get_data(), kind)
+                return await handler(*args, decoded, **kwargs)
+
+            inner.__name__ = handler.__name__
+            inner.__doc__ = handler.__doc__
+            return inner
+
+        return wrap
+
+    @staticmethod
+    async def command_fields(reserved: tuple[str, ...] = bodies.RESERVED_FIELDS) -> dict:
+        """The fields of a state-machine command from the body (BodyError if it is not an
+        object, or sets a field the node sets)."""
+        return bodies.command_fields(await request.get_data(), reserved)
+
+
+def answer_response(answer: outcomes.Answer) -> Response:
+    """The REST form of an outcome (api/outcomes.py): a 307 goes to the same path and query
+    on the leader."""
+    headers = dict(answer.headers)
+    if answer.status == 307 and answer.leader_url is not None:
+        headers["Location"] = answer.leader_url + request.full_path.rstrip("?")
+    return json_response(answer.body(), answer.status, headers)

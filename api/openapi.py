@@ -1,12 +1,12 @@
 """The OpenAPI 3.1 document of the node's REST API, served by every node at `GET /v1/openapi.json`.
 
-Written by hand from small helpers rather than generated from the handlers: the handlers read
-raw bodies on purpose (the signature covers the exact bytes, and the state machine, not the
-HTTP layer, is the one judge of a command's fields). Two tests keep it true:
-`tests/api/test_openapi.py` (same routes and methods as `app.url_map`, a valid document, the
-security each route enforces) and
-`tests/integration/test_openapi.py` (schemathesis against a real cluster: every answer has a
-documented status, headers and body).
+Request bodies are generated from their Structs (api/bodies.py), whose limits and patterns are
+the state machine's (statemachine/validation.py); answers are written here from small helpers,
+with the same limits. Three tests keep it true: `tests/api/test_openapi.py` (same routes and
+methods as `app.url_map`, a valid document, the security each route enforces),
+`tests/api/test_bodies.py` (the request schemas refuse exactly what the state machine refuses
+for its shape) and `tests/integration/test_openapi.py` (schemathesis against a real cluster:
+every answer has a documented status, headers and body).
 
 Each operation names the traits that decide its error answers (signed, leader-only, a read,
 a command for the state machine, a JSON body); `_errors` turns them into responses whose
@@ -18,6 +18,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import msgspec
+
+from statemachine import validation as v
+
+from . import bodies
 from .auth import KEY_HEADER, SIG_HEADER, TS_HEADER, WINDOW_MS
 
 PATH = "/v1/openapi.json"
@@ -25,12 +30,6 @@ PATH = "/v1/openapi.json"
 Schema = dict[str, Any]
 
 # --------------------------------------------------------------------------- schema helpers
-
-MAX_ID = 2**63 - 1
-ACCOUNT = r"^[A-Za-z0-9.:-][A-Za-z0-9_.:-]{0,63}$"
-ASSET = r"^[A-Z0-9]{1,16}$"
-MARKET = r"^[A-Za-z0-9_.:/-]{1,32}$"
-TOKEN = r"^[\x21-\x7e]([\x20-\x7e]{0,62}[\x21-\x7e])?$"  # client_order_id, ref
 
 
 def ref(name: str) -> Schema:
@@ -80,19 +79,22 @@ def obj(
 
 # --------------------------------------------------------------------------- components
 
-ACCOUNT_ID = string(
-    ACCOUNT, description="`[A-Za-z0-9_.:-]{1,64}`, not starting with `_`", examples=["alice"]
-)
-ASSET_ID = string(ASSET, examples=["USD"])
-MARKET_ID = string(MARKET, examples=["BTC-USD"])
-TOKEN_ID = string(TOKEN, description="printable ASCII, 1-64 characters, no space at either end")
-QTY = integer(1, 10**12, description="lots")
-PRICE = integer(1, 10**15, description="quote minor units per lot")
-AMOUNT = integer(1, 2**62, description="minor units")
-ORDER_ID = integer(1, MAX_ID)
-SEQ = integer(1, description="the global event sequence number")
 
-ORDER_REF = {"order_id": ORDER_ID, "client_order_id": TOKEN_ID}
+def field(kind: Any, **extra: Any) -> Schema:
+    """The JSON Schema of one of api/bodies.py's field types (its limits: the state
+    machine's), with `extra` keywords."""
+    return {**msgspec.json.schema(kind), **extra}
+
+
+ACCOUNT_ID = field(bodies.AccountId)
+ASSET_ID = field(bodies.AssetId)
+MARKET_ID = field(bodies.MarketId)
+TOKEN_ID = field(bodies.Token)
+QTY = field(bodies.Qty)
+PRICE = field(bodies.Price)
+AMOUNT = field(bodies.Amount)
+ORDER_ID = field(bodies.OrderId)
+SEQ = integer(1, description="the global event sequence number")
 
 SCHEMAS: dict[str, Schema] = {
     "Error": obj(
@@ -205,8 +207,8 @@ SCHEMAS: dict[str, Schema] = {
             "quote": ASSET_ID,
             "lot_size": integer(1),
             "tick_size": integer(1),
-            "maker_fee_bps": integer(0, 1000),
-            "taker_fee_bps": integer(0, 1000),
+            "maker_fee_bps": integer(0, v.MAX_FEE_BPS),
+            "taker_fee_bps": integer(0, v.MAX_FEE_BPS),
         },
         ("market", "base", "quote", "lot_size", "tick_size", "maker_fee_bps", "taker_fee_bps"),
     ),
@@ -230,66 +232,14 @@ SCHEMAS: dict[str, Schema] = {
         ("node_id", "role", "leader", "term", "commit_index", "applied_index", "cmd_index"),
         description='DESIGN.md "Node status"',
     ),
-    # Request bodies: the fields of the state-machine command (op, ts and account are the node's).
-    "OrderRequest": obj(
-        {
-            "market": MARKET_ID,
-            "side": enum("buy", "sell"),
-            "type": enum("limit", "market"),
-            "qty": QTY,
-            "price": {**PRICE, "description": "limit orders only, and required there"},
-            "tif": enum("gtc", "ioc", "fok", "post_only", default="gtc"),
-            "client_order_id": TOKEN_ID,
-            "stp": enum(
-                "cancel_taker", "cancel_maker", "cancel_both", "none", default="cancel_taker"
-            ),
-        },
-        ("market", "side", "type", "qty"),
-        closed=True,
-    ),
     # In a batch, an order the state machine refuses gets its error in its own result: the
     # batch itself refuses only a non-object or an order that sets a field the node sets.
     "BatchOrder": {
         "anyOf": [ref("OrderRequest"), obj({})],
-        "not": {"anyOf": [{"required": [f]} for f in ("op", "ts", "account")]},
+        "not": {"anyOf": [{"required": [f]} for f in bodies.RESERVED_FIELDS]},
     },
-    "CancelRequest": {
-        **obj({"market": MARKET_ID, **ORDER_REF}, ("market",), closed=True),
-        "oneOf": [{"required": ["order_id"]}, {"required": ["client_order_id"]}],
-    },
-    "AmendRequest": {
-        **obj(
-            {"market": MARKET_ID, **ORDER_REF, "price": PRICE, "qty": QTY}, ("market",), closed=True
-        ),
-        "oneOf": [{"required": ["order_id"]}, {"required": ["client_order_id"]}],
-        "anyOf": [{"required": ["price"]}, {"required": ["qty"]}],
-    },
-    "CancelAllRequest": obj({"market": MARKET_ID}, closed=True),
-    "CreateMarketRequest": obj(
-        {
-            "market": MARKET_ID,
-            "base": ASSET_ID,
-            "quote": ASSET_ID,
-            "lot_size": integer(1, 2**62),
-            "tick_size": integer(1, 2**62),
-            "maker_fee_bps": integer(0, 1000),
-            "taker_fee_bps": integer(0, 1000),
-        },
-        ("market", "base", "quote", "lot_size", "tick_size", "maker_fee_bps", "taker_fee_bps"),
-        closed=True,
-    ),
-    "MoneyRequest": obj(
-        {
-            "asset": ASSET_ID,
-            "amount": AMOUNT,
-            "ref": {
-                **TOKEN_ID,
-                "description": "idempotency key shared by deposits and withdrawals",
-            },
-        },
-        ("asset", "amount", "ref"),
-        closed=True,
-    ),
+    # Request bodies, generated from api/bodies.py.
+    **bodies.schemas(),
 }
 
 # --------------------------------------------------------------------------- errors
@@ -554,47 +504,17 @@ PATHS: dict[str, dict[str, Schema]] = {
             role="admin",
             traits=(LEADER,),
             example={"commands": [DEPOSIT_EXAMPLE | {"op": "deposit", "account": "alice"}]},
-            body=obj(
-                {
-                    "commands": array(
-                        {
-                            "description": "a state-machine command; anything but a "
-                            "map is rejected bad_command in its result"
-                        },
-                        minItems=1,
-                        maxItems=1000,
-                    )
-                },
-                ("commands",),
-            ),
-            errors={400: ("wrong_type",), 413: ("too_many_commands",)},
-            description="Raw state-machine commands, committed together in one slot. A command the "
-            "state machine rejects is a `rejected` event in its result, not an error.",
+            body=ref("CommandsRequest"),
+            errors={400: ("wrong_type",), 413: ("too_many_commands",), 503: ("outcome_unknown",)},
+            description="Raw state-machine commands, committed together in one slot (all or "
+            "none). A command the state machine rejects is a `rejected` event in its result, "
+            "not an error; a failure of the whole request is its answer (307, 503).",
             ok=(
                 200,
-                "each command's events, or the error that settled all of them",
+                "each command's events",
                 obj(
                     {
-                        "results": array(
-                            {
-                                "anyOf": [
-                                    obj({"events": array(ref("Event"))}, ("events",)),
-                                    obj(
-                                        {
-                                            "error": obj(
-                                                {
-                                                    "code": enum("not_leader", "outcome_unknown"),
-                                                    "message": string(),
-                                                    "leader_url": nullable(string()),
-                                                },
-                                                ("code", "message"),
-                                            )
-                                        },
-                                        ("error",),
-                                    ),
-                                ]
-                            }
-                        ),
+                        "results": array(obj({"events": array(ref("Event"))}, ("events",))),
                         "elapsed_ms": {"type": "number"},
                     },
                     ("results", "elapsed_ms"),
@@ -608,7 +528,8 @@ PATHS: dict[str, dict[str, Schema]] = {
             "admin",
             role="admin",
             traits=(LEADER,),
-            errors={503: ("outcome_unknown",)},
+            body=ref("EmptyRequest"),
+            errors={503: ("no_quorum",)},
             ok=(
                 200,
                 "the leader's status once a no-op proposed now has committed",
@@ -658,21 +579,13 @@ PATHS: dict[str, dict[str, Schema]] = {
                 "raft_addr": "127.0.0.1:7004",
                 "api_url": "http://127.0.0.1:8004",
             },
-            body=obj(
-                {
-                    "action": enum("add", "remove"),
-                    "id": string(minLength=1),
-                    "raft_addr": string(minLength=1, examples=["127.0.0.1:7004"]),
-                    "api_url": string(minLength=1, examples=["http://127.0.0.1:8004"]),
-                },
-                ("action", "id", "raft_addr", "api_url"),
-            ),
+            body=ref("MembersRequest"),
             description="One change at a time: answered once the change is committed; while "
             "another is uncommitted, 409 membership_change_in_progress with "
             "Retry-After (nothing changed). Asking for what already holds answers "
             "change: unchanged, so a retry is safe.",
             errors={
-                409: ("membership_change_in_progress", "membership_change_failed"),
+                409: ("membership_change_in_progress", "membership_change_refused"),
                 503: ("outcome_unknown",),
             },
             ok=(
@@ -694,8 +607,8 @@ PATHS: dict[str, dict[str, Schema]] = {
             role="admin",
             traits=(LEADER,),
             example={"to": "n2"},
-            body=obj({"to": string(description="a node id; absent: the most caught-up peer")}),
-            errors={409: ("transfer_failed",), 503: ("outcome_unknown",)},
+            body=ref("TransferRequest"),
+            errors={404: ("unknown_node",), 409: ("transfer_refused",), 503: ("outcome_unknown",)},
             ok=(
                 200,
                 "the hand-over was asked for",
@@ -710,11 +623,8 @@ PATHS: dict[str, dict[str, Schema]] = {
             role="admin",
             traits=(LEADER,),
             example={"account": "alice", "role": "trader"},
-            body=obj(
-                {"account": ACCOUNT_ID, "role": enum("trader", "admin", default="trader")},
-                ("account",),
-            ),
-            errors={400: ("bad_account",), 503: ("outcome_unknown",)},
+            body=ref("KeyRequest"),
+            errors={400: ("bad_account",), 503: ("outcome_unknown", "not_configured")},
             description="The secret is shown once, here; the cluster stores only (key id, account, "
             "role).",
             ok=(
@@ -764,7 +674,7 @@ PATHS: dict[str, dict[str, Schema]] = {
             traits=(LEADER,),
             example={"orders": [ORDER_EXAMPLE, ORDER_EXAMPLE | {"side": "sell", "price": 1100}]},
             body=obj(
-                {"orders": array(ref("BatchOrder"), minItems=1, maxItems=100)},
+                {"orders": array(ref("BatchOrder"), minItems=1, maxItems=bodies.MAX_BATCH_ORDERS)},
                 ("orders",),
                 closed=True,
             ),
@@ -817,7 +727,7 @@ PATHS: dict[str, dict[str, Schema]] = {
             "orders",
             role="trader",
             traits=(READ,),
-            params=(path_param("order_id", integer(0, MAX_ID), 1),),
+            params=(path_param("order_id", integer(0, v.MAX_ID), 1),),
             errors={404: ("unknown_order",)},
             ok=(200, "the caller's open order", ref("OpenOrder")),
         )

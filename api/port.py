@@ -8,7 +8,12 @@ from typing import Any, Protocol
 from statemachine import Exchange
 
 
-class NotLeaderError(Exception):
+class NodeError(Exception):
+    """What a node answers instead of a result. api/outcomes.py maps each kind to one HTTP
+    answer (and the same answer over the WebSocket), for every route."""
+
+
+class NotLeaderError(NodeError):
     """Definite: not applied. `leader_url` is where the leader's API is, if one is known."""
 
     def __init__(
@@ -18,21 +23,41 @@ class NotLeaderError(Exception):
         self.leader_url = leader_url
 
 
-class OverloadedError(Exception):
+class OverloadedError(NodeError):
     """Definite: the node's submit queue is full; nothing was applied. Retry later."""
 
 
-class UnencodableError(Exception):
+class UnencodableError(NodeError):
     """Definite: a value in the command cannot be carried by the log (400)."""
 
 
-class OutcomeUnknownError(Exception):
+class OutcomeUnknownError(NodeError):
     """The command may or may not have been applied (timeout, leader change)."""
 
 
-class MembershipBusyError(Exception):
+class NoQuorumError(NodeError):
+    """A read barrier did not complete (no majority answered in time): nothing to apply,
+    nothing read; retry."""
+
+
+class MembershipBusyError(NodeError):
     """Definite: another membership change is not committed yet; nothing was changed. Retry
     shortly (409 membership_change_in_progress with Retry-After)."""
+
+
+class RefusedError(NodeError):
+    """Definite: the leader refused an admin request it understood (removing itself, a
+    transfer to a node that is not caught up, an unknown node); nothing changed."""
+
+    def __init__(self, code: str, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+class NotConfiguredError(NodeError):
+    """This node's configuration lacks what the request needs (e.g. `api_master_file` to
+    create keys). Not a leadership question: no other answer from this node will differ."""
 
 
 class Subscription(Protocol):

@@ -15,8 +15,15 @@ from pathlib import Path
 
 import trio
 
-from api.auth import read_credentials
-from api.client import AdminClient, ApiError, AsyncClient, Client, ClusterUnavailable, Gap
+from api.sdk import (
+    AdminClient,
+    ApiError,
+    AsyncClient,
+    Client,
+    ClusterUnavailable,
+    Gap,
+    read_credentials,
+)
 
 MARKET = {
     "op": "create_market",

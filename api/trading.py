@@ -16,11 +16,12 @@ from typing import Any
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from .auth import AuthError, Credentials
+from . import bodies
+from .auth import Credentials
+from .bodies import RESERVED_FIELDS, BatchRequest
 from .common import Http, error, json_response
-from .port import NodePort, NotLeaderError, OutcomeUnknownError
+from .port import NodePort
 
-MAX_BATCH_ORDERS = 100
 MAX_DEPTH = 1000
 
 # State machine reason -> HTTP status. Anything not listed is a 400 (malformed or invalid).
@@ -37,8 +38,6 @@ REASON_STATUS = {
     "no_change": 422,
 }
 TRADER_OPS = ("place", "cancel", "amend", "cancel_all")
-# Body fields a client may not set: the node sets them.
-RESERVED_FIELDS = ("op", "ts", "account")
 
 
 def private_view(events: list[dict], account: str | None) -> list[dict]:
@@ -112,18 +111,17 @@ def command_outcome(events: list[dict], account: str | None = None) -> tuple[int
     return 200, summarize(events, account)
 
 
-def batch_shape_error(payload: dict) -> tuple[int, str, str] | None:
-    """(status, code, message) when a batch of orders is not `{"orders": [order, ...]}` with
-    1..MAX_BATCH_ORDERS objects that leave op/ts/account to the server; None when it is."""
-    orders = payload.get("orders")
-    if not isinstance(orders, list) or not orders or set(payload) != {"orders"}:
-        return 400, "bad_request", 'body must be {"orders": [order, ...]}'
-    if len(orders) > MAX_BATCH_ORDERS:
-        return 413, "batch_too_large", f"at most {MAX_BATCH_ORDERS} orders per batch"
+def batch_orders(payload: Any) -> list[dict]:
+    """The orders of a batch (`{"orders": [order, ...]}`, decoded: REST's body or the
+    WebSocket's place_batch): 1..MAX_BATCH_ORDERS objects that leave op/ts/account to the
+    server (their fields are the state machine's to judge); BodyError otherwise."""
+    orders = bodies.convert(payload, BatchRequest).orders
     for order in orders:
-        if not isinstance(order, dict) or any(f in order for f in RESERVED_FIELDS):
-            return 400, "bad_request", "each order must be an object without op/ts/account"
-    return None
+        if any(f in order for f in RESERVED_FIELDS):
+            raise bodies.BodyError(
+                400, "field_not_allowed", "an order may not set op, ts or account"
+            )
+    return orders
 
 
 async def place_batch(
@@ -151,38 +149,22 @@ async def place_batch(
 
 
 def register(app: QuartTrio, node: NodePort, http: Http) -> None:
-    not_leader_response = http.not_leader
     authed = http.authed
 
-    async def body_object() -> dict | Response:
-        return await http.json_object(RESERVED_FIELDS)
-
-    async def execute(command: dict) -> tuple[int, dict]:
-        """Submit one command; (status, body). Raises NotLeader/OutcomeUnknown errors.
+    async def write(command: dict, ok_status: int = 200) -> Response:
+        """Submit one command (raises what the node answers instead: api/outcomes.py).
 
         A trader command the log would refuse in any state is answered without it."""
-        account = command.get("account") if command.get("op") in TRADER_OPS else None
-        early = node.precheck(command)
-        if early is not None:
-            return command_outcome([early], account)
-        return command_outcome(await node.submit(command, http.signed_request()), account)
-
-    async def write(command: dict, ok_status: int = 200) -> Response:
         if not node.is_leader():
-            return not_leader_response()
-        try:
-            status, body = await execute(command)
-        except AuthError as exc:  # the cluster's replay window refused the request
-            return error(401, exc.code, exc.message)
-        except NotLeaderError:
-            return not_leader_response()
-        except OutcomeUnknownError as exc:
-            return error(
-                503,
-                "outcome_unknown",
-                f"{exc}; resend with the same client_order_id to settle it",
-                {"Retry-After": "1"},
+            return http.not_leader()
+        account = command.get("account") if command.get("op") in TRADER_OPS else None
+        events = node.precheck(command)
+        if events is None:
+            status, body = command_outcome(
+                await node.submit(command, http.signed_request()), account
             )
+        else:
+            status, body = command_outcome([events], account)
         return json_response(body, ok_status if status == 200 else status)
 
     async def read(query: Callable[[Any], Any]) -> Response:
@@ -192,13 +174,8 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
             return error(400, "bad_consistency", "consistency must be linearizable or stale")
         if consistency == "linearizable":
             if not node.is_leader():
-                return not_leader_response()
-            try:
-                await node.read_barrier()
-            except NotLeaderError:
-                return not_leader_response()
-            except OutcomeUnknownError as exc:
-                return error(503, "no_quorum", str(exc), {"Retry-After": "1"})
+                return http.not_leader()
+            await node.read_barrier()
         seq, value = node.read(lambda ex: (ex.seq, query(ex)))
         if isinstance(value, Response):
             return value
@@ -209,62 +186,35 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
     @app.post("/v1/orders")
     @authed()
     async def place_order(creds: Credentials) -> Response:
-        payload = await body_object()
-        if isinstance(payload, Response):
-            return payload
-        return await write({"op": "place", **payload, "account": creds.account}, 201)
+        fields = await http.command_fields()
+        return await write({"op": "place", **fields, "account": creds.account}, 201)
 
     @app.post("/v1/orders/batch")
     @authed()
     async def place_orders(creds: Credentials) -> Response:
-        payload = await body_object()
-        if isinstance(payload, Response):
-            return payload
-        shape = batch_shape_error(payload)
-        if shape is not None:
-            return error(*shape)
+        orders = batch_orders(await http.command_fields(reserved=()))
         if not node.is_leader():
-            return not_leader_response()
-        try:
-            results = await place_batch(
-                node, creds.account, payload["orders"], http.signed_request()
-            )
-        except AuthError as exc:  # refused as a whole by the replay window: nothing placed
-            return error(401, exc.code, exc.message)
-        except NotLeaderError:
-            return not_leader_response()
-        except OutcomeUnknownError as exc:
-            return error(
-                503,
-                "outcome_unknown",
-                f"{exc}; resend with the same client_order_ids to settle it",
-                {"Retry-After": "1"},
-            )
+            return http.not_leader()
+        results = await place_batch(node, creds.account, orders, http.signed_request())
         return json_response({"results": results})
 
     @app.post("/v1/orders/cancel")
     @authed()
     async def cancel_order(creds: Credentials) -> Response:
-        payload = await body_object()
-        if isinstance(payload, Response):
-            return payload
-        return await write({"op": "cancel", **payload, "account": creds.account})
+        fields = await http.command_fields()
+        return await write({"op": "cancel", **fields, "account": creds.account})
 
     @app.post("/v1/orders/amend")
     @authed()
     async def amend_order(creds: Credentials) -> Response:
-        payload = await body_object()
-        if isinstance(payload, Response):
-            return payload
-        return await write({"op": "amend", **payload, "account": creds.account})
+        fields = await http.command_fields()
+        return await write({"op": "amend", **fields, "account": creds.account})
 
     @app.post("/v1/orders/cancel-all")
     @authed()
     async def cancel_all(creds: Credentials) -> Response:
-        payload = await body_object()
-        if isinstance(payload, Response):
-            return payload
-        return await write({"op": "cancel_all", **payload, "account": creds.account})
+        fields = await http.command_fields()
+        return await write({"op": "cancel_all", **fields, "account": creds.account})
 
     def order_view(ex: Any, account: str, order_id: int | None) -> dict | Response:
         live = ex.order(order_id) if order_id is not None else None
@@ -310,10 +260,8 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
     @app.post("/v1/markets")
     @authed("admin")
     async def create_market(creds: Credentials) -> Response:
-        payload = await body_object()
-        if isinstance(payload, Response):
-            return payload
-        return await write({"op": "create_market", **payload}, 201)
+        fields = await http.command_fields()
+        return await write({"op": "create_market", **fields}, 201)
 
     @app.get("/v1/markets/<path:market>/book")  # path: a market name may hold "/"
     async def book(market: str) -> Response:
@@ -369,15 +317,11 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
     @app.post("/v1/accounts/<string:account>/deposits")
     @authed("admin")
     async def deposit(creds: Credentials, account: str) -> Response:
-        payload = await body_object()
-        if isinstance(payload, Response):
-            return payload
-        return await write({"op": "deposit", **payload, "account": account}, 201)
+        fields = await http.command_fields()
+        return await write({"op": "deposit", **fields, "account": account}, 201)
 
     @app.post("/v1/accounts/<string:account>/withdrawals")
     @authed("admin")
     async def withdraw(creds: Credentials, account: str) -> Response:
-        payload = await body_object()
-        if isinstance(payload, Response):
-            return payload
-        return await write({"op": "withdraw", **payload, "account": account}, 201)
+        fields = await http.command_fields()
+        return await write({"op": "withdraw", **fields, "account": account}, 201)

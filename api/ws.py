@@ -26,27 +26,22 @@ from __future__ import annotations
 import collections
 import os
 import secrets
-from collections.abc import Awaitable
-from dataclasses import dataclass, fields
-from typing import Any
+from collections.abc import Awaitable, Mapping
+from typing import Annotated, Any
 
+import msgspec
 import trio
 from quart import websocket
 from quart_trio import QuartTrio
 
+from . import bodies, outcomes
 from .auth import KEY_HEADER, SIG_HEADER, TS_HEADER, AuthError, Credentials, Verifier
+from .bodies import BodyError
 from .common import rate_limited_body
-from .jsoncodec import dumps, loads
-from .port import (
-    NodePort,
-    NotLeaderError,
-    OutcomeUnknownError,
-    OverloadedError,
-    Subscription,
-    UnencodableError,
-)
+from .port import NodeError, NodePort, Subscription
 from .rate_limit import RateLimiter
-from .trading import RESERVED_FIELDS, batch_shape_error, command_outcome, place_batch
+from .sdk.codec import dumps, loads
+from .trading import batch_orders, command_outcome, place_batch
 
 PATH = "/v1/ws"
 # The signed message of the `auth` op: "{timestamp}\nWS\n/v1/ws\n{nonce}" (api.auth.sign with
@@ -63,28 +58,43 @@ ORDER_EVENTS = ("accepted", "cancelled", "amended", "filled")
 PRIVATE_TRADE_FIELDS = ("maker_account", "taker_account", "maker_fee", "taker_fee")
 MAX_CHANNELS = 256
 MAX_REQUEST_ID = 64
+# `QB_WS_HEARTBEAT_S=0.2` overrides `heartbeat_s`, and so on (Settings.from_env).
+ENV_PREFIX = "QB_WS_"
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Per-connection bounds. `from_env` reads `QB_WS_<FIELD>` (upper case) for each field."""
+class Settings(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
+):
+    """Per-connection bounds: the node config's `[ws]` table (docs/reference/config.md), which
+    takes its defaults from here. `QB_WS_<KEY>` environment variables override it (from_env)."""
 
-    heartbeat_s: float = 5.0  # a heartbeat every this many seconds
-    max_queue_bytes: int = 1 << 20  # outbox: the feed waits above it; replies fail above 2x
-    feed_buffer: int = 10_000  # commands the feed may lag behind (>= a Raft batch); then cut
-    max_message_bytes: int = 64 << 10  # largest client frame we parse
-    max_inflight: int = 1_000  # order requests awaiting their outcome; beyond, reading pauses
-    error_budget: int = 50  # bad messages within error_window_s before the connection is closed
-    error_window_s: float = 10.0
+    heartbeat_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0  # a heartbeat every this many s
+    # The outbox: the feed waits above it; replies fail above twice this.
+    max_queue_bytes: Annotated[int, msgspec.Meta(ge=1)] = 1 << 20
+    # Commands the feed may lag behind (more than a Raft batch); then the connection is cut.
+    feed_buffer: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+    max_message_bytes: Annotated[int, msgspec.Meta(ge=1)] = 64 << 10  # largest frame we parse
+    # Order requests awaiting their outcome; beyond it, reading pauses.
+    max_inflight: Annotated[int, msgspec.Meta(ge=1)] = 1_000
+    # Bad messages within error_window_s before the connection is closed.
+    error_budget: Annotated[int, msgspec.Meta(ge=1)] = 50
+    error_window_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
 
     @classmethod
-    def from_env(cls, env: Any = os.environ) -> Settings:
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = env.get(f"QB_WS_{f.name.upper()}")
-            if raw is not None:
-                values[f.name] = float(raw) if f.type == "float" else int(raw)
-        return cls(**values)
+    def from_env(
+        cls, env: Mapping[str, str] = os.environ, base: Settings | None = None
+    ) -> Settings:
+        """`base` (the defaults if None) with each key that has a `QB_WS_<KEY>` variable (upper
+        case) set to its value; msgspec.ValidationError, located at the key, if one is bad."""
+        given = {
+            key: env[ENV_PREFIX + key.upper()]
+            for key in cls.__struct_fields__
+            if ENV_PREFIX + key.upper() in env
+        }
+        if not given:
+            return cls() if base is None else base
+        current = msgspec.to_builtins(cls() if base is None else base)
+        return msgspec.convert({**current, **given}, cls, strict=False)
 
 
 class _Close:
@@ -530,7 +540,7 @@ class _Connection:
         order = {k: v for k, v in msg.items() if k not in ("op", "request_id")}
         if op == "place_batch":
             return await self._place_batch(creds, order)
-        for name in RESERVED_FIELDS:
+        for name in bodies.RESERVED_FIELDS:
             if name in order:
                 return 400, _err("field_not_allowed", f"field {name!r} is set by the server")
         command = {"op": op, **order, "account": creds.account}
@@ -540,7 +550,7 @@ class _Connection:
         if early is not None:
             events = [early]
         else:
-            events, refusal = await self._submitted(self.node.submit(command), "client_order_id")
+            events, refusal = await self._submitted(self.node.submit(command))
             if refusal is not None:
                 return refusal
         # Only what this account may see, as the REST route answers it.
@@ -548,45 +558,28 @@ class _Connection:
         return (ORDER_OPS[op] if status == 200 else status), body
 
     async def _place_batch(self, creds: Credentials, payload: dict) -> tuple[int, dict]:
-        shape = batch_shape_error(payload)
-        if shape is not None:
-            status, code, message = shape
-            return status, _err(code, message)
+        try:
+            orders = batch_orders(payload)
+        except BodyError as exc:
+            return exc.status, _err(exc.code, exc.message)
         if not self.node.is_leader():
             return self._not_leader(self.node.leader_url())
-        results, refusal = await self._submitted(
-            place_batch(self.node, creds.account, payload["orders"]), "client_order_ids"
-        )
+        results, refusal = await self._submitted(place_batch(self.node, creds.account, orders))
         return refusal if refusal is not None else (200, {"results": results})
 
-    async def _submitted(
-        self, pending: Awaitable[Any], ids: str
-    ) -> tuple[Any, tuple[int, dict] | None]:
-        """(result, None) once `pending` (a submit) is done, or (None, (status, body)) for the
-        node's definite or unknown failures, answered as REST answers them."""
+    async def _submitted(self, pending: Awaitable[Any]) -> tuple[Any, tuple[int, dict] | None]:
+        """(result, None) once `pending` (a submit) is done, or (None, (status, body)) for
+        what the node answers instead, as every REST route answers it (api/outcomes.py)."""
         try:
             return await pending, None
-        except AuthError as exc:  # the cluster's replay window refused the signed request
-            return None, (401, _err(exc.code, exc.message))
-        except UnencodableError as exc:  # nothing was logged
-            return None, (400, _err("wrong_type", f"{exc}; integers must fit in 64 bits"))
-        except NotLeaderError as exc:
-            return None, self._not_leader(exc.leader_url or self.node.leader_url())
-        except OutcomeUnknownError as exc:
-            return None, (
-                503,
-                _err("outcome_unknown", f"{exc}; resend with the same {ids} to settle it"),
-            )
-        except OverloadedError as exc:
-            return None, (503, _err("overloaded", f"{exc}; nothing was applied, retry"))
+        except (NodeError, AuthError) as exc:
+            answer = outcomes.answer(exc, self.node.leader_url())
+            return None, (answer.status, answer.body())
 
     @staticmethod
     def _not_leader(url: str | None) -> tuple[int, dict]:
-        if url is None:
-            return 503, _err("no_leader", "no leader elected yet; retry")
-        body = _err("not_leader", "order entry goes to the leader")
-        body["error"]["leader_url"] = url
-        return 307, body
+        answer = outcomes.not_leader(url)
+        return answer.status, answer.body()
 
 
 def _err(code: str, message: str) -> dict:
@@ -600,7 +593,7 @@ def register(
     settings: Settings | None = None,
     limiter: RateLimiter | None = None,
 ) -> None:
-    settings = settings or Settings.from_env()
+    settings = Settings.from_env() if settings is None else settings
 
     @app.websocket(PATH)
     async def market_data_ws() -> None:

@@ -74,10 +74,9 @@ from urllib.parse import urlsplit
 import wsproto
 import wsproto.events as wse
 
-from api.auth import KEY_HEADER, SIG_HEADER, TS_HEADER, Credentials, sign
-from api.client import AdminClient
-from api.jsoncodec import dumps, loads
-from bench.replication import FastClient, _percentile
+from api.sdk import AdminClient, Credentials, signed_headers, ws_auth
+from api.sdk.codec import dumps, loads
+from bench.replication import _percentile
 from cluster.launcher import LocalCluster, free_port
 
 REST_RATIO_TARGET = 0.70
@@ -228,12 +227,9 @@ class OrderFlow:
 
 
 def signed(creds: Credentials, method: str, path: str, body: bytes) -> list[tuple[bytes, bytes]]:
-    ts = time.time_ns() // 1_000_000
-    return [
-        (KEY_HEADER.encode(), creds.key_id.encode()),
-        (TS_HEADER.encode(), str(ts).encode()),
-        (SIG_HEADER.encode(), sign(creds.secret, ts, method, path, body).encode()),
-    ]
+    """The SDK's signature headers, as the raw connection sends them."""
+    headers = signed_headers(creds, method, path, body)
+    return [(name.encode(), value.encode()) for name, value in headers.items()]
 
 
 # ---------------------------------------------------------------- closed- and open-loop drivers
@@ -541,23 +537,8 @@ def ws_phase(
                             nonce, text = loads(text)["nonce"], ""
             pending: dict[int, float] = {}
             authed = False
-            ts = time.time_ns() // 1_000_000
-            sock.sendall(
-                ws.send(
-                    wse.TextMessage(
-                        dumps(
-                            {
-                                "op": "auth",
-                                "key_id": trader.creds.key_id,
-                                "timestamp": ts,
-                                "signature": sign(
-                                    trader.creds.secret, ts, "WS", "/v1/ws", nonce.encode()
-                                ),
-                            }
-                        ).decode()
-                    )
-                )
-            )
+            auth = dumps(ws_auth(trader.creds, nonce)).decode()
+            sock.sendall(ws.send(wse.TextMessage(auth)))
             next_id = 0
             while True:
                 now = time.perf_counter()
@@ -674,12 +655,11 @@ def setup_cluster(cluster: LocalCluster, accounts: int) -> list[Trader]:
                 "ref": f"fund:{name}:quote",
             }
         )
-    with FastClient(urls, cluster.admin_credentials()) as c:
-        results = c.post_commands(commands)["results"]
-    bad = [r for r in results if "events" not in r or r["events"][0]["type"] == "rejected"]
-    if bad:
-        raise SystemExit(f"cluster set-up failed: {bad[:3]}")
     with AdminClient(urls, cluster.admin_credentials()) as admin:
+        results = admin.submit(commands)
+        bad = [r for r in results if "events" not in r or r["events"][0]["type"] == "rejected"]
+        if bad:
+            raise SystemExit(f"cluster set-up failed: {bad[:3]}")
         return [Trader(admin.create_key(name), name) for name in names]
 
 

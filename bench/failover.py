@@ -17,9 +17,10 @@ records their role/term changes (printed for every failover over 0.5 s, to tell 
 election from a slow first commit). Then restart the killed node and wait until it has
 caught up (its applied `cmd_index` reaches the leader's, sampled after the restart).
 
-The client is `bench.replication.FastClient`, not `api.client.AdminClient`: AdminClient
-sleeps 50 ms after each round over the nodes, which would quantize a ~0.2 s failover by up
-to a quarter; FastClient sleeps 5 ms between rounds (and never busy-loops).
+The client is the SDK's `AdminClient` (its one retry policy: a lost answer is resent, and a
+deposit the first attempt applied answers `duplicate_ref`) with its back-off held at 5 ms
+(`backoff_s=backoff_max_s=0.005`): the default, 20 ms doubling to 250 ms, would quantize a
+~0.2 s failover by up to a quarter.
 
 At the end the load stops, a barrier commits, every node must report the same state hash,
 and every node's balances must hold every acknowledged deposit exactly (lost == 0) and no
@@ -42,10 +43,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
-from api.client import AdminClient
-from bench.replication import FastClient, Unavailable
+from api.sdk import AdminClient, ApiError, ClusterUnavailable
 from cluster.launcher import LocalCluster
 
 MEDIAN_TARGET_S = 0.5
@@ -66,7 +64,9 @@ class DepositLoad:
     """One thread of continuous deposit requests; records every acknowledgement."""
 
     def __init__(self, urls: list[str], creds, per_request: int) -> None:
-        self.client = FastClient(urls, creds, timeout_s=10.0, poll_s=0.005)
+        self.client = AdminClient(
+            urls, creds, timeout_s=10.0, deadline_s=10.0, backoff_s=0.005, backoff_max_s=0.005
+        )
         self.per_request = per_request
         self.acked: dict[int, int] = {}  # i -> amount
         self.unknown: set[int] = set()
@@ -83,8 +83,8 @@ class DepositLoad:
         while not self.stop.is_set():
             batch = [next(self.counter) for _ in range(self.per_request)]
             try:
-                reply = self.client.post_commands([deposit(i) for i in batch], deadline_s=10)
-            except (Unavailable, httpx.HTTPError) as exc:
+                reply = self.client.submit_reply([deposit(i) for i in batch])
+            except (ApiError, ClusterUnavailable) as exc:
                 with self.lock:
                     self.unknown.update(batch)
                     self.errors.append(f"{type(exc).__name__}: {exc}")
@@ -160,13 +160,14 @@ class ElectionWatch:
         self.thread.start()
 
     def _run(self) -> None:
-        with httpx.Client(timeout=0.5) as http:
+        urls = [self.cluster.nodes[node_id].config.api_url for node_id in self.survivors]
+        creds = self.cluster.admin_credentials()
+        with AdminClient(urls, creds, timeout_s=0.5) as client:
             while not self.stop.is_set():
-                for node_id in self.survivors:
-                    url = self.cluster.nodes[node_id].config.api_url
+                for node_id, url in zip(self.survivors, urls, strict=True):
                     try:
-                        status = http.get(url + "/v1/cluster/status").json()
-                    except (httpx.HTTPError, ValueError):
+                        status = client.status(url)
+                    except (ApiError, ClusterUnavailable):
                         continue
                     now_ms = (time.perf_counter() - self.t_kill) * 1000
                     seen = (status.get("role"), status.get("term"), status.get("leader"))

@@ -6,8 +6,9 @@ One run measures three things on this machine:
 
 1. quorumbook. A local 3-node cluster (`LocalCluster` in a temp dir, real node processes,
    journal with fsync, the node's own batching: at most 2 batches in flight, `batch_max` 1000).
-   `--clients` threads, each with its own HTTP connection, each send one request at a time of
-   `--per-request` commands to `POST /v1/admin/commands` on the leader. Every client trades
+   `--clients` threads, each with its own HTTP connection (the SDK's `AdminClient`), each send
+   one request at a time of `--per-request` commands to `POST /v1/admin/commands` on the
+   leader. Every client trades
    its own market with its own 100 funded accounts (`OrderMix`): GTC limit places (most rest
    a few ticks from a moving mid, 12% of them cross and trade), cancels of orders the client
    saw rest (15% of commands, 35% while its book holds over 2000 orders) and 5% deposits. A command counts once its result carries events
@@ -50,10 +51,7 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
-
-from api.auth import Credentials, signed_headers
-from api.jsoncodec import dumps, loads
+from api.sdk import AdminClient, ApiError, ClusterUnavailable
 from cluster.launcher import LocalCluster, free_port
 from statemachine import Exchange
 
@@ -61,87 +59,6 @@ RAW_RATIO_TARGET = 3.0
 EXCHANGE_SHARE_TARGET = 0.30
 RAW_NODE_SCRIPT = Path(__file__).resolve().parent / "raw_pysyncobj_node.py"
 RAW_PASSWORD_ENV = "RAW_PYSYNCOBJ_PASSWORD"  # read by raw_pysyncobj_node.py
-COMMANDS_PATH = "/v1/admin/commands"
-
-
-# ---------------------------------------------------------------- a small admin client
-
-
-class Unavailable(Exception):
-    """No node accepted the request before the deadline."""
-
-
-class FastClient:
-    """Posts signed command batches to the leader; polls quickly while there is none.
-
-    Like `api.client.AdminClient._post` (follows `307` + `X-Leader`, retries `503` and
-    connection errors over every node) but it waits `poll_s` between rounds instead of 50 ms,
-    and returns the whole response (results and the node's `elapsed_ms`) and the URL that
-    answered. The failover benchmark uses it so its measurement is not quantized by the
-    client's sleep.
-    """
-
-    def __init__(
-        self, urls: list[str], creds: Credentials, *, timeout_s: float = 30.0, poll_s: float = 0.005
-    ) -> None:
-        self.urls = list(urls)
-        self.creds = creds
-        self.poll_s = poll_s
-        self.leader: str | None = None
-        self._http = httpx.Client(timeout=timeout_s)
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> FastClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def post_commands(self, commands: list[dict], deadline_s: float = 30.0) -> dict:
-        body = dumps({"commands": commands})
-        deadline = time.monotonic() + deadline_s
-        while True:
-            # One round: the known leader, then every node; a redirect to a node not yet
-            # tried this round is followed at once. Then a short sleep, never a busy loop.
-            order = ([self.leader] if self.leader else []) + self.urls
-            tried: set[str] = set()
-            i = 0
-            while i < len(order):
-                url = order[i]
-                i += 1
-                if url in tried:
-                    continue
-                tried.add(url)
-                try:
-                    response = self._http.post(
-                        url + COMMANDS_PATH,
-                        content=body,
-                        headers={
-                            "Content-Type": "application/json",
-                            **signed_headers(self.creds, "POST", COMMANDS_PATH, body),
-                        },
-                    )
-                except httpx.HTTPError:
-                    continue
-                if response.status_code == 307 and response.headers.get("X-Leader"):
-                    hint = response.headers["X-Leader"]
-                    if hint not in tried:
-                        order.insert(i, hint)
-                    continue
-                if response.status_code < 300:
-                    self.leader = url
-                    return loads(response.content)
-                if response.status_code != 503:
-                    raise httpx.HTTPStatusError(
-                        f"{response.status_code}: {response.text[:300]}",
-                        request=response.request,
-                        response=response,
-                    )
-            if time.monotonic() > deadline:
-                raise Unavailable(f"no leader accepted the request within {deadline_s} s")
-            time.sleep(self.poll_s)
 
 
 # ---------------------------------------------------------------- the command mix
@@ -385,11 +302,11 @@ def run_cluster(
         urls = cluster.api_urls()
         creds = cluster.admin_credentials()
         mixes = [OrderMix(k, seed) for k in range(clients)]
-        with FastClient(urls, creds) as c:
+        with AdminClient(urls, creds) as c:
             for mix in mixes:
                 setup = mix.setup()
                 for i in range(0, len(setup), 1000):
-                    results = c.post_commands(setup[i : i + 1000])["results"]
+                    results = c.submit(setup[i : i + 1000])
                     bad = [
                         r
                         for r in results
@@ -409,13 +326,13 @@ def run_cluster(
         def worker(k: int) -> None:
             mix = mixes[k]
             out = records[k]
-            with FastClient(urls, creds, timeout_s=60) as client:
+            with AdminClient(urls, creds, timeout_s=60, deadline_s=60) as client:
                 while not stop.is_set():
                     cmds = mix.next_request(per_request)
                     t0 = time.perf_counter()
                     try:
-                        reply = client.post_commands(cmds, deadline_s=60)
-                    except (Unavailable, httpx.HTTPError) as exc:
+                        reply = client.submit_reply(cmds)
+                    except (ApiError, ClusterUnavailable) as exc:
                         errors.append(f"client {k}: {exc}")
                         mix.observe([None] * len(cmds))
                         continue
@@ -453,8 +370,8 @@ def run_cluster(
         rejected = sum(n for key, n in tally.items() if key.startswith("rejected:"))
 
         # Proof of the run: a committed barrier, then every node holds the same state.
-        with FastClient(urls, creds) as c:
-            c.post_commands(
+        with AdminClient(urls, creds) as c:
+            c.submit(
                 [
                     {
                         "op": "deposit",

@@ -28,7 +28,7 @@ from hypercorn.trio import serve
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from api.jsoncodec import dumps, loads
+from api.sdk.codec import dumps, loads
 from cluster.node import GC_THRESHOLDS
 
 

@@ -51,19 +51,23 @@ def node_run(config_path: str) -> None:
 
     The Raft password comes from the config's password_file (mode 0600) or the
     QUORUMBOOK_RAFT_PASSWORD environment variable, never from the command line.
+    QB_WS_<KEY> variables override the config's [ws] keys (docs/reference/config.md).
 
     Example: quorumbook node run --config /srv/qb/n1/node.toml
     """
     from pathlib import Path
 
-    from .config import ConfigError, load
+    from .config import ConfigError, load, with_environment
     from .node import run
 
     try:
-        config = load(Path(config_path))
-        config.read_password()
+        config = with_environment(load(Path(config_path)))
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+    try:
+        config.check()  # secrets and timings: refuse now, with one line, not at start-up
+    except ConfigError as exc:
+        raise click.ClickException(f"config {config_path}: {exc}") from exc
     run(config)
 
 
@@ -400,10 +404,7 @@ def keys_create(
     import os
     from pathlib import Path
 
-    import httpx
-
-    from api.auth import AuthError, read_credentials
-    from api.client import AdminClient, ClusterUnavailable
+    from api.sdk import AdminClient, ApiError, AuthError, ClusterUnavailable, read_credentials
 
     if bool(manifest) == bool(urls):
         raise click.UsageError("give either --cluster or --url (with --admin-key-file)")
@@ -428,7 +429,7 @@ def keys_create(
     try:
         with AdminClient(node_urls, admin_creds, verify=verify) as client:
             creds = client.create_key(account, role)
-    except (httpx.HTTPError, ClusterUnavailable) as exc:
+    except (ApiError, ClusterUnavailable) as exc:
         if out_fd is not None:
             os.close(out_fd)
             os.unlink(out)

@@ -1,233 +1,379 @@
 """Node configuration: a TOML file per node (`quorumbook node run --config FILE`).
 
+The Structs below are the file, one per table: the top level, `[raft]`, `[api]`, `[batch]`,
+`[ws]` and `[[peers]]`. Loading refuses an unknown key or a value of the wrong type with a
+`ConfigError` that names the file and the key. Each default is declared once: by the
+component that uses it (`RaftSettings`, `RateLimits`, `api.ws.Settings`) and read from
+there, or here (`[batch]`: `Replica`'s keyword defaults are held equal to it by a test).
+docs/reference/config.md lists every key with its default, and tests/cluster/test_config.py
+holds the two together. Relative paths are relative to the config file's directory.
+
 Secrets never sit in the config or on a command line: the Raft password comes from
 `password_file` (mode 0600) or the `QUORUMBOOK_RAFT_PASSWORD` environment variable.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
-import stat
-import tomllib
-from dataclasses import dataclass, field
+import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import tomli_w
+
+from api.app import READY_MAX_LAG_ENTRIES
+from api.auth import AuthError, Credentials, read_secret_file
+from api.rate_limit import RateLimits
+from api.sdk import read_credentials
+from api.ws import ENV_PREFIX as WS_ENV_PREFIX  # QB_WS_<KEY> overrides [ws] <key>
+from api.ws import Settings as WsSettings
+
+from .raft import RaftSettings
 
 PASSWORD_ENV = "QUORUMBOOK_RAFT_PASSWORD"
 
 # Set by a launcher that wants its nodes to stop when it is gone (see LocalCluster).
 EXIT_WITH_PARENT_ENV = "QB_EXIT_WITH_PARENT"
 
+Name = Annotated[str, msgspec.Meta(min_length=1)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+SecondsOrZero = Annotated[float, msgspec.Meta(ge=0)]
+AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
+NotNegative = Annotated[int, msgspec.Meta(ge=0)]
+RatePerS = Annotated[float, msgspec.Meta(ge=0)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+
 
 class ConfigError(ValueError):
     """A node configuration that cannot be used; the message says what to fix."""
 
 
-@dataclass(frozen=True)
-class Peer:
-    id: str
-    raft_addr: str
-    api_url: str
+# Every table below refuses unknown keys (forbid_unknown_fields) and is written without the
+# keys left at their default (omit_defaults).
 
 
-@dataclass(frozen=True)
-class NodeConfig:
-    node_id: str
-    raft_addr: str
-    api_host: str
-    api_port: int
-    data_dir: Path
-    peers: tuple[Peer, ...]
+class Peer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One `[[peers]]` entry: another member, as this node starts with it."""
+
+    id: Name
+    raft_addr: Name
+    api_url: Name
+
+
+class Raft(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """`[raft]`: the keys other than `addr` are `RaftSettings` fields, defaults and all."""
+
+    addr: Name  # this node's Raft address, "host:port"
+    election_timeout_min_s: Seconds = RaftSettings.election_timeout_min_s
+    election_timeout_max_s: Seconds = RaftSettings.election_timeout_max_s
+    append_entries_period_s: Seconds = RaftSettings.append_entries_period_s
+    leader_fallback_timeout_s: Seconds = RaftSettings.leader_fallback_timeout_s
+    compaction_min_entries: AtLeastOne = RaftSettings.compaction_min_entries
+    compaction_min_time_s: Seconds = RaftSettings.compaction_min_time_s
+
+
+class Api(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """`[api]`: where the HTTP API listens, its TLS files, per-key rate limits (a rate of 0:
+    not limited) and /readyz's allowed lag between the commit and applied Raft indexes."""
+
+    port: Port
+    host: Name = "127.0.0.1"
+    rate_limit_per_s: RatePerS = RateLimits.per_s
+    rate_limit_burst: NotNegative = RateLimits.burst
+    admin_rate_limit_per_s: RatePerS = RateLimits.admin_per_s
+    admin_rate_limit_burst: NotNegative = RateLimits.admin_burst
+    ready_max_lag_entries: NotNegative = READY_MAX_LAG_ENTRIES
+    tls_cert_file: Path | None = None  # HTTPS and wss with both files, plain HTTP with neither
+    tls_key_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        # Raised during decoding, msgspec reports these at `[api]`.
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("needs both tls_cert_file and tls_key_file, or neither")
+        for rate, burst in (
+            ("rate_limit_per_s", "rate_limit_burst"),
+            ("admin_rate_limit_per_s", "admin_rate_limit_burst"),
+        ):
+            if getattr(self, rate) > 0 and getattr(self, burst) < 1:
+                raise ValueError(f"{burst} must be >= 1 when {rate} > 0")
+
+
+class Batch(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """`[batch]`: how the node's Replica batches proposals, and how long a caller waits."""
+
+    batch_window_s: SecondsOrZero = 0.0
+    batch_max: AtLeastOne = 1000
+    batch_max_in_flight: AtLeastOne = 2
+    # How long a caller waits for its command's outcome before it gets "outcome unknown".
+    # Not RaftSettings.proposal_timeout_s (10 s): the adapter's own limit, which also bounds it.
+    submit_timeout_s: Seconds = 5.0
+
+
+class NodeConfig(
+    msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True, kw_only=True
+):
+    """The whole file (its top-level keys, then its tables)."""
+
+    node_id: Name
+    data_dir: Path  # journal, meta and dump
     password_file: Path | None = None
     admin_key_file: Path | None = None
     api_master_file: Path | None = None  # derives API key secrets; same file on every node
-    election_timeout_min_s: float = 0.15
-    election_timeout_max_s: float = 0.30
-    append_entries_period_s: float = 0.04
-    leader_fallback_timeout_s: float = 0.75
-    compaction_min_entries: int = 5000
-    compaction_min_time_s: float = 300.0
-    batch_window_s: float = 0.0
-    batch_max: int = 1000
-    batch_max_in_flight: int = 2
-    submit_timeout_s: float = 5.0
-    # [api]: HTTPS (and wss) when both files are given; per-key rate limits (0 = none);
-    # /readyz's allowed lag between the commit and applied Raft indexes.
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    rate_limit_per_s: float = 200.0
-    rate_limit_burst: int = 400
-    admin_rate_limit_per_s: float = 0.0
-    admin_rate_limit_burst: int = 400
-    ready_max_lag_entries: int = 100
-    extra: dict = field(default_factory=dict)
+    raft: Raft
+    api: Api
+    batch: Batch = msgspec.field(default_factory=Batch)
+    ws: WsSettings = msgspec.field(default_factory=WsSettings)
+    peers: tuple[Peer, ...] = ()
+
+    @property
+    def raft_addr(self) -> str:
+        return self.raft.addr
+
+    @property
+    def api_host(self) -> str:
+        return self.api.host
+
+    @property
+    def api_port(self) -> int:
+        return self.api.port
+
+    @property
+    def tls_cert_file(self) -> Path | None:
+        return self.api.tls_cert_file
+
+    @property
+    def tls_key_file(self) -> Path | None:
+        return self.api.tls_key_file
 
     @property
     def tls(self) -> bool:
-        return self.tls_cert_file is not None and self.tls_key_file is not None
+        return self.api.tls_cert_file is not None and self.api.tls_key_file is not None
 
     @property
     def api_url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://{self.api_host}:{self.api_port}"
+        return f"{'https' if self.tls else 'http'}://{self.api.host}:{self.api.port}"
 
-    def read_api_master(self) -> str | None:
-        if self.api_master_file is None:
-            return None
-        path = self.api_master_file
-        if not path.exists():
-            raise ConfigError(f"api_master_file {path} does not exist")
-        if stat.S_IMODE(path.stat().st_mode) & 0o077:
-            raise ConfigError(
-                f"api_master_file {path} must not be readable by group/others (chmod 600)"
+    def settings(self) -> dict[str, Any]:
+        """Every key and its value, flat (keys are unique across the tables; see `make`)."""
+        flat: dict[str, Any] = {}
+        for name in NodeConfig.__struct_fields__:
+            value = getattr(self, name)
+            if name in TABLES:
+                flat.update((key, getattr(value, key)) for key in TABLES[name].__struct_fields__)
+            else:
+                flat[name] = value
+        return flat
+
+    def replace(self, **settings: Any) -> NodeConfig:
+        """This config with some keys changed (named as in `make`), checked as a file is."""
+        return make(**{**self.settings(), **settings})
+
+    def raft_settings(self, password: str) -> RaftSettings:
+        """The Raft adapter's settings: `[raft]` keys are RaftSettings fields of the same name.
+        RaftSettings checks how they relate (election timeout > 3 x heartbeat...)."""
+        tuning = {key: getattr(self.raft, key) for key in Raft.__struct_fields__ if key != "addr"}
+        try:
+            return RaftSettings(
+                self_addr=self.raft.addr,
+                peers=tuple(peer.raft_addr for peer in self.peers),
+                password=password,
+                data_dir=self.data_dir,
+                **tuning,
             )
-        return path.read_text().strip()
+        except ValueError as exc:
+            raise ConfigError(f"[raft] {exc}") from exc
 
     def read_password(self) -> str:
         password = os.environ.get(PASSWORD_ENV)
         if not password and self.password_file is not None:
-            path = self.password_file
-            if not path.exists():
-                raise ConfigError(f"password_file {path} does not exist")
-            if stat.S_IMODE(path.stat().st_mode) & 0o077:
-                raise ConfigError(
-                    f"password_file {path} must not be readable by group/others (chmod 600)"
-                )
-            password = path.read_text().strip()
+            password = _read_secret(self.password_file, "password_file")
         if not password:
             raise ConfigError(
                 f"a Raft password is mandatory: set password_file in the config or {PASSWORD_ENV}"
             )
         return password
 
+    def read_api_master(self) -> str | None:
+        if self.api_master_file is None:
+            return None
+        return _read_secret(self.api_master_file, "api_master_file")
 
-API_SETTINGS = (
-    "rate_limit_per_s",
-    "rate_limit_burst",
-    "admin_rate_limit_per_s",
-    "admin_rate_limit_burst",
-    "ready_max_lag_entries",
-)
+    def read_admin_key(self) -> Credentials | None:
+        if self.admin_key_file is None:
+            return None
+        try:
+            return read_credentials(self.admin_key_file)
+        except AuthError as exc:
+            raise ConfigError(f"admin_key_file: {exc.message}") from exc
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(
+                f"admin_key_file {self.admin_key_file} is not a credentials file "
+                f"(JSON with key_id and secret): {exc!r}"
+            ) from exc
+
+    def check(self) -> None:
+        """What a node needs before it starts, checked at once so that `node run` refuses
+        with one line: a password, private secret files, Raft timings that hold together."""
+        self.raft_settings(self.read_password())
+        self.read_api_master()
+        self.read_admin_key()
+        if self.api.tls_key_file is not None:
+            _read_secret(self.api.tls_key_file, "[api] tls_key_file")
+
+
+# table name -> its Struct (`peers` is an array of tables, kept apart)
+TABLES: dict[str, type[msgspec.Struct]] = {
+    "raft": Raft,
+    "api": Api,
+    "batch": Batch,
+    "ws": WsSettings,
+}
+# key -> its table ("" for the top level); `make` names keys this way
+_TABLE_OF: dict[str, str] = {
+    **{name: "" for name in NodeConfig.__struct_fields__ if name not in TABLES},
+    **{key: table for table, struct in TABLES.items() for key in struct.__struct_fields__},
+}
+assert len(_TABLE_OF) == len(NodeConfig.__struct_fields__) - len(TABLES) + sum(
+    len(struct.__struct_fields__) for struct in TABLES.values()
+), "a key is in two tables: make() and NodeConfig.replace() need them unique"
 
 
 def load(path: Path) -> NodeConfig:
+    path = Path(path)
     try:
-        raw = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
     try:
-        raft = raw.get("raft", {})
-        api = raw.get("api", {})
-        base = Path(path).resolve().parent
-        peers = tuple(Peer(p["id"], p["raft_addr"], p["api_url"]) for p in raw.get("peers", []))
-        timings = {
-            k: raft[k]
-            for k in (
-                "election_timeout_min_s",
-                "election_timeout_max_s",
-                "append_entries_period_s",
-                "leader_fallback_timeout_s",
-                "compaction_min_entries",
-                "compaction_min_time_s",
-            )
-            if k in raft
-        }
-        batching = {
-            k: raw["batch"][k]
-            for k in (
-                "batch_window_s",
-                "batch_max",
-                "batch_max_in_flight",
-                "submit_timeout_s",
-            )
-            if k in raw.get("batch", {})
-        }
-        if (
-            not isinstance(batching.get("batch_max_in_flight", 1), int)
-            or batching.get("batch_max_in_flight", 1) < 1
-        ):
-            raise ConfigError(f"config {path}: [batch] batch_max_in_flight must be an integer >= 1")
-        api_settings = {k: api[k] for k in API_SETTINGS if k in api}
-        tls = {k: (base / api[k]).resolve() for k in ("tls_cert_file", "tls_key_file") if k in api}
-        if len(tls) == 1:
-            raise ConfigError(f"config {path}: [api] needs both tls_cert_file and tls_key_file")
-        for name, value in api_settings.items():
-            if not isinstance(value, int | float) or value < 0:
-                raise ConfigError(f"config {path}: [api] {name} must be a number >= 0")
-        for rate, burst in (
-            ("rate_limit_per_s", "rate_limit_burst"),
-            ("admin_rate_limit_per_s", "admin_rate_limit_burst"),
-        ):
-            if api_settings.get(rate, 1) > 0 and api_settings.get(burst, 1) < 1:
-                raise ConfigError(f"config {path}: [api] {burst} must be >= 1 when {rate} > 0")
-        return NodeConfig(
-            node_id=raw["node_id"],
-            raft_addr=raft["addr"],
-            api_host=api.get("host", "127.0.0.1"),
-            api_port=int(api["port"]),
-            data_dir=(base / raw["data_dir"]).resolve(),
-            peers=peers,
-            password_file=(base / raw["password_file"]).resolve()
-            if "password_file" in raw
-            else None,
-            admin_key_file=(base / raw["admin_key_file"]).resolve()
-            if "admin_key_file" in raw
-            else None,
-            api_master_file=(base / raw["api_master_file"]).resolve()
-            if "api_master_file" in raw
-            else None,
-            **timings,
-            **batching,
-            **api_settings,
-            **tls,
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"config {path}: missing or bad setting {exc}") from exc
+        config = msgspec.toml.decode(text, type=NodeConfig, dec_hook=_decode_path)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"config {path}: {_explain(exc)}") from exc
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"config {path}: not valid TOML: {exc}") from exc
+    return _resolved(config, path.resolve().parent)
 
 
 def dump(config: NodeConfig) -> str:
-    """TOML text for a config (paths written as given)."""
-    lines = [
-        f'node_id = "{config.node_id}"',
-        f'data_dir = "{config.data_dir}"',
+    """The TOML text of `config`: the keys whose values differ from their defaults (so a
+    default changed in the code reaches every file), paths as given."""
+    doc = msgspec.to_builtins(config, enc_hook=_encode_path)
+    return tomli_w.dumps({key: value for key, value in doc.items() if value != {}})
+
+
+def make(**settings: Any) -> NodeConfig:
+    """A config from keys named without their table (each key is in one table only:
+    `addr` is `[raft] addr`, `port` is `[api] port`, `batch_max` is `[batch] batch_max`),
+    checked as a file is. Paths are taken as given."""
+    doc: dict[str, Any] = {}
+    for key, value in settings.items():
+        table = _TABLE_OF.get(key)
+        if table is None:
+            raise ConfigError(f"settings: unknown key {key}{_did_you_mean(key, list(_TABLE_OF))}")
+        (doc.setdefault(table, {}) if table else doc)[key] = value
+    try:
+        return msgspec.convert(doc, NodeConfig, dec_hook=_decode_path)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"settings: {_explain(exc)}") from exc
+
+
+def with_environment(config: NodeConfig, env: Mapping[str, str] = os.environ) -> NodeConfig:
+    """`config` with `[ws]` keys overridden by `QB_WS_<KEY>` variables (upper case; the tests
+    give nodes small WebSocket bounds so). `node run` applies them, nothing else does: a
+    launcher that rewrites a node's file must not write its own environment into it."""
+    try:
+        ws = WsSettings.from_env(env, base=config.ws)
+    except msgspec.ValidationError as exc:
+        match = _AT.fullmatch(str(exc))
+        assert match is not None  # the pattern matches any text
+        key = (match["at"] or "").rpartition(".")[2]
+        raise ConfigError(f"environment {WS_ENV_PREFIX}{key.upper()}: {match['what']}") from exc
+    return config if ws is config.ws else msgspec.structs.replace(config, ws=ws)
+
+
+def _read_secret(path: Path, key: str) -> str:
+    """The one 0600 check (api.auth.read_secret_file), its refusal as a ConfigError."""
+    try:
+        return read_secret_file(path, key)
+    except AuthError as exc:
+        raise ConfigError(exc.message) from exc
+
+
+def _decode_path(type_: type, value: object) -> object:
+    if type_ is Path:
+        if isinstance(value, str | Path):
+            return Path(value)
+        raise TypeError(f"Expected a path (`str`), got `{type(value).__name__}`")
+    raise NotImplementedError(type_)
+
+
+def _encode_path(value: object) -> object:
+    if isinstance(value, Path):
+        return str(value)
+    raise NotImplementedError(type(value))
+
+
+def _resolved(config: NodeConfig, base: Path) -> NodeConfig:
+    """Relative paths (top level and [api]) taken from `base`, the config file's directory."""
+
+    def resolve(table: Any) -> Any:
+        paths = {
+            key: (base / value).resolve()
+            for key in table.__struct_fields__
+            if isinstance(value := getattr(table, key), Path)
+        }
+        return msgspec.structs.replace(table, **paths)
+
+    return msgspec.structs.replace(resolve(config), api=resolve(config.api))
+
+
+# msgspec's messages: "Expected `float`, got `str` - at `$.raft.election_timeout_min_s`",
+# "Object contains unknown field `prot` - at `$.api`", "Object missing required field `port`".
+_AT = re.compile(r"(?P<what>.*?)(?: - at `\$(?P<at>[^`]*)`)?", re.S)
+_UNKNOWN = re.compile(r"Object contains unknown field `(?P<key>[^`]*)`")
+_MISSING = re.compile(r"Object missing required field `(?P<key>[^`]*)`")
+
+
+def _explain(exc: msgspec.ValidationError) -> str:
+    """msgspec's message with the key as the file spells it: "[raft] addr", "[[peers]] #2 id"."""
+    match = _AT.fullmatch(str(exc))
+    assert match is not None  # the pattern matches any text
+    what, at = match["what"], match["at"] or ""
+    if unknown := _UNKNOWN.fullmatch(what):
+        key = unknown["key"]
+        known = list(_struct_at(at).__struct_fields__)
+        return f"unknown key {_key_path(f'{at}.{key}')}{_did_you_mean(key, known)}"
+    if missing := _MISSING.fullmatch(what):
+        return f"{_key_path(at + '.' + missing['key'])} is missing (it has no default)"
+    return f"{_key_path(at)}: {what}" if at else what
+
+
+def _key_path(at: str) -> str:
+    """A msgspec location as the file spells the key: `.raft.addr` -> `[raft] addr`,
+    `.peers[1].id` -> `[[peers]] #2 id`, `.node_id` -> `node_id`."""
+    keys: list[str | int] = [
+        name or int(index) for name, index in re.findall(r"\.([^.\[]+)|\[(\d+)\]", at)
     ]
-    if config.password_file is not None:
-        lines.append(f'password_file = "{config.password_file}"')
-    if config.admin_key_file is not None:
-        lines.append(f'admin_key_file = "{config.admin_key_file}"')
-    if config.api_master_file is not None:
-        lines.append(f'api_master_file = "{config.api_master_file}"')
-    lines += [
-        "",
-        "[raft]",
-        f'addr = "{config.raft_addr}"',
-        f"election_timeout_min_s = {config.election_timeout_min_s}",
-        f"election_timeout_max_s = {config.election_timeout_max_s}",
-        f"append_entries_period_s = {config.append_entries_period_s}",
-        f"leader_fallback_timeout_s = {config.leader_fallback_timeout_s}",
-        f"compaction_min_entries = {config.compaction_min_entries}",
-        f"compaction_min_time_s = {config.compaction_min_time_s}",
-        "",
-        "[api]",
-        f'host = "{config.api_host}"',
-        f"port = {config.api_port}",
-        *(f"{k} = {getattr(config, k)}" for k in API_SETTINGS),
-        *(
-            f'{k} = "{getattr(config, k)}"'
-            for k in ("tls_cert_file", "tls_key_file")
-            if getattr(config, k) is not None
-        ),
-        "",
-        "[batch]",
-        f"batch_window_s = {config.batch_window_s}",
-        f"batch_max = {config.batch_max}",
-        f"batch_max_in_flight = {config.batch_max_in_flight}",
-        f"submit_timeout_s = {config.submit_timeout_s}",
-    ]
-    for peer in config.peers:
-        lines += [
-            "",
-            "[[peers]]",
-            f'id = "{peer.id}"',
-            f'raft_addr = "{peer.raft_addr}"',
-            f'api_url = "{peer.api_url}"',
-        ]
-    return "\n".join(lines) + "\n"
+    if not keys:
+        return "(top level)"
+    head, rest = str(keys[0]), keys[1:]
+    if rest and isinstance(rest[0], int):
+        head, rest = f"[[{head}]] #{rest[0] + 1}", rest[1:]
+    elif rest or head in TABLES:
+        head = f"[{head}]"
+    return f"{head} {'.'.join(map(str, rest))}" if rest else head
+
+
+def _struct_at(at: str) -> type[msgspec.Struct]:
+    """The Struct of the table at `at` (".api", ".peers[0]", "" for the top level)."""
+    name = re.sub(r"\[\d+\]", "", at).lstrip(".")
+    if name == "peers":
+        return Peer
+    return TABLES.get(name, NodeConfig)
+
+
+def _did_you_mean(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(known)})"

@@ -132,7 +132,7 @@ def _tally(results: list[dict], counts: Counter, reasons: Counter, trades: list)
 
 def run_cluster(seed: int, orders: int, data_dir: Path | None) -> None:
     """Start a local 3-node cluster, trade through it with one leader SIGKILL, and report."""
-    from api.client import AdminClient
+    from api.sdk import AdminClient
 
     from .launcher import LocalCluster
 
@@ -199,7 +199,7 @@ def run_cluster(seed: int, orders: int, data_dir: Path | None) -> None:
         for node_id, st in statuses.items():
             click.echo(
                 f"    {node_id}: {st['role']:9} term {st['term']} cmd_index {st['cmd_index']} "
-                f"state {st['state_hash'][:24]}"
+                f"state {st['state_hash'][:24]} engine {st['engine']}"
             )
         if len({st["state_hash"] for st in statuses.values()}) != 1:
             raise click.ClickException("replicas diverged: state hashes differ")

@@ -8,7 +8,6 @@ credentials (both mode 0600). Every process it starts it stops, by pid.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import os
@@ -23,10 +22,18 @@ from pathlib import Path
 
 import httpx
 
-from api.auth import new_credentials, read_credentials, write_credentials
-from api.client import ClusterUnavailable, tls_context
+from api.auth import new_credentials
+from api.sdk import (
+    AdminClient,
+    ApiError,
+    ClusterUnavailable,
+    OutcomeUnknown,
+    read_credentials,
+    tls_context,
+    write_credentials,
+)
 
-from .config import EXIT_WITH_PARENT_ENV, NodeConfig, Peer, dump, load
+from .config import EXIT_WITH_PARENT_ENV, NodeConfig, Peer, dump, load, make
 
 
 def free_port() -> int:
@@ -72,7 +79,9 @@ class LocalCluster:
 
     @classmethod
     def create(cls, root: Path, n: int = 3, **settings: object) -> LocalCluster:
-        """Write configs and secrets for a new cluster of `n` nodes under `root`."""
+        """Write configs and secrets for a new cluster of `n` nodes under `root`; `settings`
+        are config keys named without their table (`compaction_min_entries=20`, see
+        `cluster.config.make`), the same on every node."""
         root = Path(root).resolve()
         root.mkdir(parents=True, exist_ok=True)
         password_file = root / "raft.password"
@@ -99,17 +108,17 @@ class LocalCluster:
                 for other in ids
                 if other != node_id
             )
-            config = NodeConfig(
+            config = make(
                 node_id=node_id,
-                raft_addr=raft_addr,
-                api_host="127.0.0.1",
-                api_port=api_port,
+                addr=raft_addr,  # [raft] addr
+                host="127.0.0.1",  # [api] host and port
+                port=api_port,
                 data_dir=root / node_id / "data",
                 peers=peers,
                 password_file=password_file,
                 admin_key_file=admin_key,
                 api_master_file=api_master,
-                **settings,  # type: ignore[arg-type]
+                **settings,
             )
             path = root / node_id / "node.toml"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,20 +188,17 @@ class LocalCluster:
             peers = tuple(
                 Peer(o, c.raft_addr, c.api_url) for o, c in members.items() if o != node_id
             )
-            node.config = dataclasses.replace(node.config, peers=peers)
+            node.config = node.config.replace(peers=peers)
             node.config_path.write_text(dump(node.config))
 
     def add_node(self) -> str:
         """Start one more node and add it to the cluster through the leader."""
-        from api.client import AdminClient
-
         template = next(iter(self.nodes.values())).config
         node_id = f"n{max(int(nid[1:]) for nid in self.nodes) + 1}"
-        config = dataclasses.replace(
-            template,
+        config = template.replace(
             node_id=node_id,
-            raft_addr=f"127.0.0.1:{free_port()}",
-            api_port=free_port(),
+            addr=f"127.0.0.1:{free_port()}",  # [raft] addr
+            port=free_port(),  # [api] port
             data_dir=self.root / node_id / "data",
         )
         path = self.root / node_id / "node.toml"
@@ -202,8 +208,8 @@ class LocalCluster:
         # The newcomer knows every member; the members' own files change only once the change
         # has committed (a node's configuration is its log's; its node.toml peers are the
         # members it starts with, and must never name one the log does not).
-        config = dataclasses.replace(
-            config, peers=tuple(Peer(c.node_id, c.raft_addr, c.api_url) for c in members)
+        config = config.replace(
+            peers=tuple(Peer(c.node_id, c.raft_addr, c.api_url) for c in members)
         )
         node = NodeProcess(path, config)
         path.write_text(dump(config))
@@ -212,14 +218,16 @@ class LocalCluster:
         try:
             with AdminClient(urls, self.admin_credentials(), verify=self.verify) as client:
                 client.change_membership("add", node_id, config.raft_addr, config.api_url)
-        except httpx.HTTPStatusError:
-            self.stop(node_id)  # refused (definite): the newcomer never became a member
-            del self.nodes[node_id]
-            raise
-        except BaseException:
-            # Outcome unknown: it may be a member now, and stopping it would cost the cluster
-            # a vote. Keep it running and listed; `cluster status` tells.
-            self.write_manifest()
+        except BaseException as exc:
+            definite = isinstance(exc, (ApiError, ClusterUnavailable))
+            if definite and not isinstance(exc, OutcomeUnknown):
+                # Refused, or no leader ever answered: the newcomer never became a member.
+                self.stop(node_id)
+                del self.nodes[node_id]
+            else:
+                # Outcome unknown: it may be a member now, and stopping it would cost the
+                # cluster a vote. Keep it running and listed; `cluster status` tells.
+                self.write_manifest()
             raise
         self._rewrite_configs()
         self.write_manifest()
@@ -233,8 +241,6 @@ class LocalCluster:
         pysyncobj's transfer is best effort (Raft TimeoutNow: the target must be caught up and
         then win its election), so this retries and verifies rather than trusting the request.
         """
-        from api.client import AdminClient
-
         for _ in range(attempts):
             leader = self.wait_for_leader(20)
             if (to is not None and leader == to) or (
@@ -247,7 +253,7 @@ class LocalCluster:
                     self.admin_credentials(),
                     verify=self.verify,
                 ) as c,
-                contextlib.suppress(httpx.HTTPError, ClusterUnavailable),
+                contextlib.suppress(ApiError, ClusterUnavailable),
             ):
                 # Denied (target not caught up) or the leader moved meanwhile: check, retry.
                 c.transfer_leader(to, deadline_s=5)
@@ -261,8 +267,6 @@ class LocalCluster:
 
     def remove_node(self, node_id: str) -> None:
         """Remove a member through the leader, then stop its process."""
-        from api.client import AdminClient
-
         config = self.nodes[node_id].config
         others = [n.config.api_url for nid, n in self.nodes.items() if nid != node_id]
         if self.wait_for_leader(20) == node_id:

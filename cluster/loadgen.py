@@ -7,7 +7,7 @@ offsets. Only the client order ids carry a per-run prefix, so a rerun against th
 is not answered `duplicate_client_order_id`.
 
 `run()` sets the cluster up (market, funded accounts, trader keys: idempotent), then several
-trio tasks send the plan through `api.client.AsyncClient` at the planned offsets, and the
+trio tasks send the plan through `api.sdk.AsyncClient` at the planned offsets, and the
 report counts what came back:
 
 - acked: a definite answer from the exchange: accepted, or rejected by its rules (404/409/422:
@@ -32,13 +32,13 @@ from pathlib import Path
 
 import trio
 
-from api.auth import Credentials
-from api.client import (
+from api.sdk import (
     AdminClient,
     ApiError,
     AsyncClient,
     Client,
     ClusterUnavailable,
+    Credentials,
     OutcomeUnknown,
 )
 

@@ -23,12 +23,15 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from api.app import create_app
-from api.auth import AuthError, Credentials, Verifier, derive_secret, read_credentials
+from api.auth import AuthError, Credentials, Verifier, derive_secret
 from api.port import (
     MembershipBusyError,
+    NoQuorumError,
+    NotConfiguredError,
     NotLeaderError,
     OutcomeUnknownError,
     OverloadedError,
+    RefusedError,
     UnencodableError,
 )
 from api.rate_limit import RateLimiter, RateLimits
@@ -37,12 +40,13 @@ from statemachine.precheck import ShapeCheck
 
 from .config import EXIT_WITH_PARENT_ENV, NodeConfig, Peer
 from .machine import ExchangeMachine
-from .raft import EXIT_STARTUP_REFUSED, RaftReplica, RaftSettings, RaftStartupError
+from .raft import EXIT_STARTUP_REFUSED, RaftReplica, RaftStartupError
 from .replica import (
     MembershipBusy,
     NotLeader,
     OutcomeUnknown,
     Overloaded,
+    Refused,
     Replica,
     RequestRefused,
     Unencodable,
@@ -159,7 +163,12 @@ class Node:
         self, key_id: str, account: str, role: str, request: tuple[str, int] | None = None
     ) -> str:
         if self.api_master is None:
-            raise NotLeaderError(None, "this node has no api_master_file configured")
+            # Not a leadership question: redirecting (as this once did) sent the caller back
+            # here, and the admin client looped until its deadline.
+            raise NotConfiguredError(
+                f"node {self.node_id} has no api_master_file configured: it cannot create API "
+                "keys (set the same api_master_file on every node)"
+            )
         with self._outcomes():
             try:
                 await self.replica.record_key("add", key_id, account, role, request=request)
@@ -198,6 +207,8 @@ class Node:
             raise UnencodableError(str(exc)) from None
         except MembershipBusy as exc:
             raise MembershipBusyError(str(exc)) from None
+        except Refused as exc:
+            raise RefusedError(exc.code, str(exc)) from None
 
     def is_leader(self) -> bool:
         return self.raft.is_leader()
@@ -236,7 +247,10 @@ class Node:
 
     async def read_barrier(self) -> None:
         with self._outcomes():
-            await self.replica.read_barrier()
+            try:
+                await self.replica.read_barrier()
+            except OutcomeUnknown as exc:  # a barrier applies nothing: no majority answered
+                raise NoQuorumError(str(exc)) from None
 
     async def change_membership(
         self, action: str, node_id: str, raft_addr: str, api_url: str
@@ -261,7 +275,7 @@ class Node:
         if node_id is not None:
             addr = next((a for a, p in self._members().items() if p.id == node_id), None)
             if addr is None:
-                raise NotLeaderError(self.leader_url(), f"unknown node {node_id!r}")
+                raise RefusedError("unknown_node", f"unknown node {node_id!r}", status=404)
         with self._outcomes():
             await self.replica.raft_admin("transfer", addr)
 
@@ -364,46 +378,37 @@ async def _serve(config: NodeConfig) -> None:
     password = config.read_password()
     config.data_dir.mkdir(parents=True, exist_ok=True)
     machine = ExchangeMachine()
-    raft = RaftReplica(
-        RaftSettings(
-            self_addr=config.raft_addr,
-            peers=tuple(p.raft_addr for p in config.peers),
-            password=password,
-            data_dir=config.data_dir,
-            election_timeout_min_s=config.election_timeout_min_s,
-            election_timeout_max_s=config.election_timeout_max_s,
-            append_entries_period_s=config.append_entries_period_s,
-            leader_fallback_timeout_s=config.leader_fallback_timeout_s,
-            compaction_min_entries=config.compaction_min_entries,
-            compaction_min_time_s=config.compaction_min_time_s,
-        ),
-        machine,
-    )
+    raft = RaftReplica(config.raft_settings(password), machine)
     # The state restored from the dump is long-lived: out of the collector's way from the
     # start (otherwise the first full collection walks all of it: 400-600 ms on ~100k orders).
     gc.freeze()
     replica = Replica(
         raft,
-        batch_window_s=config.batch_window_s,
-        batch_max=config.batch_max,
-        max_in_flight=config.batch_max_in_flight,
-        submit_timeout_s=config.submit_timeout_s,
+        batch_window_s=config.batch.batch_window_s,
+        batch_max=config.batch.batch_max,
+        max_in_flight=config.batch.batch_max_in_flight,
+        submit_timeout_s=config.batch.submit_timeout_s,
     )
     node = Node(config, machine, raft, replica)
-    keys = [read_credentials(config.admin_key_file)] if config.admin_key_file else []
+    admin_key = config.read_admin_key()
+    keys = [admin_key] if admin_key is not None else []
     limiter = RateLimiter(
         RateLimits(
-            per_s=config.rate_limit_per_s,
-            burst=config.rate_limit_burst,
-            admin_per_s=config.admin_rate_limit_per_s,
-            admin_burst=config.admin_rate_limit_burst,
+            per_s=config.api.rate_limit_per_s,
+            burst=config.api.rate_limit_burst,
+            admin_per_s=config.api.admin_rate_limit_per_s,
+            admin_burst=config.api.admin_rate_limit_burst,
         )
     )
     # Replays: this node's own memory first, then the replicated window of applied requests
     # (which also refuses them when the log is applied, on every node).
     verifier = Verifier(keys, lookup=node.lookup_key, applied=machine.has_request)
     app = create_app(
-        node, verifier, limiter=limiter, ready_max_lag_entries=config.ready_max_lag_entries
+        node,
+        verifier,
+        limiter=limiter,
+        ready_max_lag_entries=config.api.ready_max_lag_entries,
+        ws_settings=config.ws,
     )
     hconfig = HypercornConfig()
     hconfig.bind = [f"{config.api_host}:{config.api_port}"]

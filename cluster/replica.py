@@ -82,6 +82,16 @@ class OutcomeUnknown(Exception):
     client_order_id (or ref) settles it."""
 
 
+class Refused(Exception):
+    """Definite: the leader refused a membership change or a leadership transfer it
+    understood (removing itself, a target that is not caught up); nothing changed. `code`
+    names the kind for the API."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class MembershipBusy(Exception):
     """Definite: another membership change is not committed yet (or this leader has not
     committed an entry of its term); nothing was proposed. Retry shortly."""
@@ -424,14 +434,16 @@ class Replica:
             raise OutcomeUnknown(f"{op} {addr}: no outcome within {timeout_s} s")
         result, failure = outcome
         if failure is not None:
+            what = f"{op} {addr}: {failure.reason}" + (
+                f" ({failure.detail})" if failure.detail else ""
+            )
             if failure.reason == "busy":
                 raise MembershipBusy(f"{op} {addr}: {failure.detail}")
-            if failure.definite:
-                raise NotLeader(
-                    self.raft.leader(),
-                    f"{op} {addr}: {failure.reason}"
-                    + (f" ({failure.detail})" if failure.detail else ""),
-                )
+            if failure.reason in ("not_leader", "no_leader"):
+                raise NotLeader(self.raft.leader(), what)
+            if failure.definite:  # rejected, discarded, queue_full, shutdown before proposing
+                code = "transfer_refused" if op == "transfer" else "membership_change_refused"
+                raise Refused(code, what)
             raise OutcomeUnknown(f"{op} {addr}: {failure.reason}")
         return result
 

@@ -1,10 +1,18 @@
 """Shared pytest options, and the check that a compiled run really tests the compiled engine."""
 
 import os
+import tomllib
+from pathlib import Path
 
 import pytest
 
-COMPILED_MODULES = ("statemachine.order_book", "statemachine.exchange", "statemachine.validation")
+# pyproject.toml [tool.quorumbook] native-modules, as module names.
+COMPILED_MODULES = tuple(
+    path.removesuffix(".py").replace("/", ".")
+    for path in tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())[
+        "tool"
+    ]["quorumbook"]["native-modules"]
+)
 
 
 def pytest_addoption(parser):
@@ -14,6 +22,14 @@ def pytest_addoption(parser):
         default=False,
         help="rewrite the '<' event lines of tests/golden/*.txt from the engine's output",
     )
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests that start process clusters (tests/integration/) are `slow`: `make
+    test-fast` leaves them out for the edit-test loop; `make test` runs everything."""
+    for item in items:
+        if item.path.parent.name == "integration":
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_sessionstart(session):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -15,8 +16,13 @@ ALLOWED = {
     "indexer": {"statemachine"},
     "cluster": {"statemachine", "api", "indexer"},
     "disaster_recovery": {"statemachine", "cluster", "api"},
-    "jepsen": {"statemachine", "api"},  # api.client only: jepsen acts like a user
+    "jepsen": {"statemachine", "api"},  # api.sdk only: jepsen acts like a user
 }
+# What the SDK (api/sdk/) may import besides itself and the standard library: its own
+# dependencies, none of the server's (quart, hypercorn, pysyncobj, ...).
+SDK_DEPENDENCIES = {"httpx", "anyio", "wsproto", "orjson"}
+# What the node's side of api/ may take from the SDK: the wire format, never a client.
+WIRE_FORMAT = {"api.sdk.codec", "api.sdk.signing"}
 
 
 def _imports(path: Path) -> list[tuple[str, int]]:
@@ -27,6 +33,23 @@ def _imports(path: Path) -> list[tuple[str, int]]:
             found += [(alias.name, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.append((node.module, node.lineno))
+    return found
+
+
+def _imports_resolved(path: Path) -> list[tuple[str, int]]:
+    """Every import of `path` as an absolute module name, relative ones resolved."""
+    package = list(path.relative_to(ROOT).parts[:-1])  # a module's, or an __init__'s own
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            if node.module:
+                found.append((module, node.lineno))
+            else:  # from . import x: each name is a module of the package
+                found += [(f"{module}.{alias.name}", node.lineno) for alias in node.names]
     return found
 
 
@@ -55,7 +78,40 @@ def test_jepsen_uses_only_the_client_of_api() -> None:
         f"{path.relative_to(ROOT)}:{line} imports {module}"
         for path in _sources("jepsen")
         for module, line in _imports(path)
-        if module.startswith("api") and not module.startswith("api.client")
+        if module.startswith("api") and not module.startswith("api.sdk")
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_sdk_imports_only_itself_and_its_dependencies() -> None:
+    """api/sdk/ imports nothing of the server side (DESIGN.md "Layout"): only api.sdk.*, the
+    standard library and the SDK's own dependencies. The node imports the wire format from
+    the SDK, never the other way round."""
+    sources = sorted((ROOT / "api" / "sdk").rglob("*.py"))
+    assert sources
+    wrong = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for path in sources
+        for module, line in _imports_resolved(path)
+        if not (
+            module == "api.sdk"
+            or module.startswith("api.sdk.")
+            or module.split(".")[0] in sys.stdlib_module_names
+            or module.split(".")[0] in SDK_DEPENDENCIES
+        )
+    ]
+    assert not wrong, "the SDK imports beyond the wire format:\n" + "\n".join(wrong)
+
+
+def test_the_node_takes_only_the_wire_format_from_the_sdk() -> None:
+    """The server side of api/ imports the SDK's codec and signing, not its clients."""
+    wrong = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for path in _sources("api")
+        if "sdk" not in path.relative_to(ROOT / "api").parts and path.name != "sdk_example.py"
+        for module, line in _imports_resolved(path)
+        if (module == "api.sdk" or module.startswith("api.sdk."))
+        and not any(module == w or module.startswith(w + ".") for w in WIRE_FORMAT)
     ]
     assert not wrong, "\n".join(wrong)
 

@@ -81,18 +81,23 @@ class RaftSettings:
     peers: tuple[str, ...]  # other nodes' raft addrs
     password: str  # mandatory; empty/None -> ValueError
     data_dir: pathlib.Path  # raft.journal, raft.journal.meta, raft.dump
+    # The next six are the node config's [raft] keys too, with these defaults (cluster/config.py
+    # reads them from here; docs/reference/config.md lists them).
     election_timeout_min_s: float = 0.15
     election_timeout_max_s: float = 0.30
     append_entries_period_s: float = 0.04
     leader_fallback_timeout_s: float = 0.75  # a cut-off leader steps down within ~1 s
     compaction_min_entries: int = 5000
-    compaction_min_time_s: float = 300
+    compaction_min_time_s: float = 300.0
     dynamic_membership: bool = True
     bind_addr: str | None = None  # default: self_addr (never 0.0.0.0 unless asked)
     tick_period_s: float = 0.01  # longest the tick thread sleeps with nothing to do
     connection_timeout_s: float = 1.0  # no bytes from a peer for this long: reconnect
     connection_retry_s: float = 0.25  # between attempts to reach a peer that is down
-    submit_timeout_s: float = 10.0  # a proposed command's outcome is UNKNOWN after this
+    # A proposal (a batch or a membership change) without an outcome after this is failed
+    # UNKNOWN and forgotten. Not the node's [batch] submit_timeout_s, which is how long a
+    # caller of Replica waits (5 s); this one bounds that wait and raft_admin's (10 s).
+    proposal_timeout_s: float = 10.0
     max_payload_bytes: int = 1024 * 1024
     append_entries_batch_bytes: int = 2 * 1024 * 1024
     snapshot_chunk_bytes: int = 1024 * 1024
@@ -125,8 +130,8 @@ class RaftSettings:
             raise ValueError("append_entries_batch_bytes must exceed max_payload_bytes + 1 KiB")
         if self.max_frame_bytes < 2 * self.append_entries_batch_bytes + self.snapshot_chunk_bytes:
             raise ValueError("max_frame_bytes is too small for the batch and chunk sizes")
-        if self.tick_period_s <= 0 or self.submit_timeout_s <= 0:
-            raise ValueError("tick_period_s and submit_timeout_s must be positive")
+        if self.tick_period_s <= 0 or self.proposal_timeout_s <= 0:
+            raise ValueError("tick_period_s and proposal_timeout_s must be positive")
 
     def compaction_thresholds(self) -> tuple[int, float]:
         """(log entries, seconds) after which this node compacts: the configured minimums,
@@ -526,7 +531,7 @@ class RaftReplica:
         if kind in ("add", "remove") and self._membership_settled(kind, arg, pending):
             return
         pending.proposed = True
-        pending.deadline = _upstream.monotonicTime() + self._settings.submit_timeout_s
+        pending.deadline = _upstream.monotonicTime() + self._settings.proposal_timeout_s
         self._in_flight.append(pending)
         if kind == "submit":
             obj.propose(arg, pending.on_pysyncobj_result)
@@ -574,7 +579,7 @@ class RaftReplica:
                     SubmitError(
                         SubmitErrorReason.TIMEOUT,
                         definite=False,
-                        detail=f"no outcome within {self._settings.submit_timeout_s} s",
+                        detail=f"no outcome within {self._settings.proposal_timeout_s} s",
                     ),
                 )
 

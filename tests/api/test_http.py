@@ -8,7 +8,8 @@ import json
 import trio
 
 from api.app import create_app
-from api.auth import AuthError, Credentials, Verifier, new_credentials, signed_headers
+from api.auth import AuthError, Credentials, Verifier, new_credentials
+from api.sdk import signed_headers
 
 
 class StandInNode:
@@ -131,3 +132,104 @@ def test_a_request_the_state_machine_refuses_as_a_replay_is_a_401() -> None:
         assert (status, answer["error"]["code"]) == (401, "replayed"), (path, answer)
         [(signature, ts_ms)] = node.requests
         assert len(signature) == 64 and isinstance(ts_ms, int)
+
+
+class RaisingLeader(StandInNode):
+    """A leader whose every node call raises `error`: what each route answers for it."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(leader=True, leader_url="http://127.0.0.1:9001")
+        self.error = error
+
+    def precheck(self, command: dict) -> None:
+        return None
+
+    async def submit(self, command: dict, request=None) -> list[dict]:
+        raise self.error
+
+    async def submit_many(self, commands: list[dict], request=None) -> list[list[dict]]:
+        raise self.error
+
+    async def change_membership(self, *args) -> str:
+        raise self.error
+
+    async def transfer_leadership(self, node_id) -> None:
+        raise self.error
+
+    async def create_key(self, *args) -> str:
+        raise self.error
+
+    async def read_barrier(self) -> None:
+        raise self.error
+
+
+ADMIN_ROUTES = {
+    "/v1/admin/commands": {"commands": [{"op": "deposit"}]},
+    "/v1/admin/members": {"action": "add", "id": "n4", "raft_addr": "h:1", "api_url": "u"},
+    "/v1/admin/transfer-leader": {},
+    "/v1/admin/keys": {"account": "alice"},
+    "/v1/admin/barrier": {},
+}
+TRADER_ROUTES = {
+    "/v1/orders": ORDER,
+    "/v1/orders/batch": {"orders": [ORDER]},
+    "/v1/orders/cancel": {"market": "BTC-USD", "order_id": 1},
+}
+
+
+def outcome_cases():
+    from api.port import (
+        MembershipBusyError,
+        NoQuorumError,
+        NotConfiguredError,
+        NotLeaderError,
+        OutcomeUnknownError,
+        OverloadedError,
+        RefusedError,
+    )
+
+    return [
+        (NotLeaderError("http://127.0.0.1:9003"), 307, "not_leader", "X-Leader"),
+        (NotLeaderError(None), 307, "not_leader", "X-Leader"),  # the node knows a leader
+        (OverloadedError("queue full"), 503, "overloaded", "Retry-After"),
+        (OutcomeUnknownError("timeout"), 503, "outcome_unknown", "Retry-After"),
+        (NoQuorumError("no majority"), 503, "no_quorum", "Retry-After"),
+        (MembershipBusyError("busy"), 409, "membership_change_in_progress", "Retry-After"),
+        (RefusedError("transfer_refused", "not caught up"), 409, "transfer_refused", None),
+        (NotConfiguredError("no api_master_file"), 503, "not_configured", None),
+        (AuthError("replayed", "seen"), 401, "replayed", None),
+    ]
+
+
+def test_every_route_answers_a_node_outcome_the_same_way() -> None:
+    """One mapping (api/outcomes.py): before it, a NotLeaderError was a 409 on the members and
+    transfer routes and a 307 on keys and barrier, and a node without api_master_file sent the
+    caller to itself in a loop."""
+    admin = new_credentials("admin")
+    trader = new_credentials("trader", "alice")
+    for error, status, code, header in outcome_cases():
+        for routes, signer in ((ADMIN_ROUTES, admin), (TRADER_ROUTES, trader)):
+            for path, body in routes.items():
+                got, answer, headers = call(
+                    RaisingLeader(error), [admin, trader], signer, path, body
+                )
+                assert (got, answer["error"]["code"]) == (status, code), (path, error)
+                if header is not None:
+                    assert header in headers, (path, error)
+                if status == 307:
+                    assert headers["Location"].endswith(path), (path, headers)
+
+
+def test_a_body_that_does_not_fit_is_answered_before_the_node_is_asked() -> None:
+    admin = new_credentials("admin")
+    node = RaisingLeader(AssertionError("the node must not be asked"))
+    for path, body, code in [
+        ("/v1/admin/members", {"action": "add"}, "bad_request"),
+        ("/v1/admin/transfer-leader", {"to": 5}, "bad_request"),
+        ("/v1/admin/keys", {"account": "_fees"}, "bad_account"),
+        ("/v1/admin/commands", {"commands": []}, "bad_request"),
+        ("/v1/admin/barrier", {"x": 1}, "bad_request"),
+    ]:
+        got, answer, _ = call(node, [admin], admin, path, body)
+        assert (got, answer["error"]["code"]) == (400, code), (path, answer)
+        assert "$." in answer["error"]["message"] or "field" in answer["error"]["message"]

@@ -1,4 +1,4 @@
-"""api/jsoncodec.py answers exactly as the standard library would, only faster."""
+"""api/sdk/codec.py answers exactly as the standard library would, only faster."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from api.jsoncodec import dumps, loads
+from api.sdk.codec import dumps, loads
 
 # As the other property tests: the same examples every run (CI is reproducible), no example
 # database, no per-example deadline (a loaded machine is not a failure).

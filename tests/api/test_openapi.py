@@ -14,7 +14,8 @@ from openapi_spec_validator import validate
 
 from api import openapi
 from api.app import create_app
-from api.auth import Verifier, new_credentials, signed_headers
+from api.auth import Verifier, new_credentials
+from api.sdk import signed_headers
 
 IGNORED_METHODS = {"HEAD", "OPTIONS"}  # Quart answers these for every route by itself
 CONVERTER = re.compile(r"<(?:(?P<converter>[a-z]+):)?(?P<name>[^>]+)>")

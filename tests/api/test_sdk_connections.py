@@ -16,8 +16,7 @@ import threading
 
 import trio
 
-from api.auth import Credentials
-from api.client import AsyncClient, Client
+from api.sdk import AsyncClient, Client, Credentials
 
 PIPELINE_WAIT_S = 0.05
 BODY = b'{"markets": []}'

@@ -13,7 +13,7 @@ from hypercorn.trio import serve
 
 from api.app import create_app
 from api.auth import Verifier, new_credentials
-from api.client import AdminClient
+from api.sdk import AdminClient
 from tests.certs import self_signed
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from api.client import AdminClient
+from api.sdk import AdminClient
 from cluster.launcher import LocalCluster
 
 

@@ -7,8 +7,7 @@ import time
 
 import httpx
 
-from api.auth import KEY_HEADER, SIG_HEADER, TS_HEADER, Credentials, sign, signed_headers
-from api.client import Client
+from api.sdk import KEY_HEADER, SIG_HEADER, TS_HEADER, Client, Credentials, sign, signed_headers
 
 from .conftest import admin
 

@@ -114,7 +114,7 @@ def test_cluster_up_status_membership_and_ctrl_c(tmp_path: Path) -> None:
 
 def whoami(url: str, creds) -> dict:
     """The key's own balances route, signed with it: proves the key is live on the cluster."""
-    from api.auth import signed_headers
+    from api.sdk import signed_headers
 
     path = "/v1/accounts/me/balances"
     response = httpx.get(url + path, headers=signed_headers(creds, "GET", path, b""), timeout=10)
@@ -125,7 +125,7 @@ def whoami(url: str, creds) -> dict:
 def test_keys_create_prints_the_secret_once_or_writes_a_0600_file(
     make_cluster, tmp_path: Path
 ) -> None:
-    from api.auth import Credentials, read_credentials
+    from api.sdk import Credentials, read_credentials
 
     cluster = make_cluster(1)
     manifest = str(cluster.manifest_path)
@@ -181,8 +181,7 @@ def test_a_node_that_refuses_to_start_is_not_restarted_until_its_data_is_moved_a
     journal is damaged in its synced part while it is down; it refuses to start (exit 73, one
     CRITICAL line naming the file and offset), the launcher does not restart it in a loop, and
     once its data directory is moved aside the launcher starts it empty and it catches up."""
-    from api.auth import read_credentials
-    from api.client import AdminClient
+    from api.sdk import AdminClient, read_credentials
 
     data = tmp_path / "qb"
     up = subprocess.Popen(

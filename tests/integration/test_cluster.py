@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.client import ClusterUnavailable
+from api.sdk import ClusterUnavailable
 from cluster.config import load
 
 from .conftest import admin
@@ -54,7 +54,7 @@ def test_follower_redirects_writes_to_the_leader(make_cluster) -> None:
         client.urls = [cluster.nodes[follower].config.api_url]  # only the follower is known
         results = client.submit([deposit(1)])
         assert results[0]["events"][0]["type"] == "balance"
-        assert client._leader == cluster.nodes[leader].config.api_url
+        assert client.leader == cluster.nodes[leader].config.api_url
 
 
 def test_leader_sigkill_under_load_loses_nothing_acknowledged(make_cluster) -> None:
@@ -135,7 +135,6 @@ def test_read_barrier_on_a_leader_cut_off_from_the_majority_does_not_return(make
             cluster.signal(f, signal.SIGSTOP)
         try:
             client.urls = [cluster.nodes[leader].config.api_url]
-            client._leader = None
             with pytest.raises((ClusterUnavailable, httpx.HTTPError)):
                 client.barrier(deadline_s=3)
             # And it stops calling itself leader within about a second (leaderFallbackTimeout).

@@ -26,7 +26,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from api.auth import Credentials, signed_headers
+from api.sdk import Credentials, signed_headers
 
 from .conftest import admin
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.client import AdminClient, Client, tls_context
+from api.sdk import AdminClient, Client, tls_context
 from tests.certs import self_signed
 
 

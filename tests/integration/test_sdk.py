@@ -1,4 +1,4 @@
-"""The client SDK (api.client) against a real 3-node cluster: orders, reads, errors, lost
+"""The client SDK (api.sdk) against a real 3-node cluster: orders, reads, errors, lost
 responses, trio, a leader SIGKILL mid-flow, and `quorumbook loadgen`."""
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import httpx
 import pytest
 import trio
 
-from api.auth import Credentials
-from api.client import ApiError, AsyncClient, Client, ClusterUnavailable, OutcomeUnknown
+from api.sdk import ApiError, AsyncClient, Client, ClusterUnavailable, Credentials, OutcomeUnknown
 from cluster.loadgen import DEFAULT_MARKET, plan
 
 from .conftest import admin

@@ -1,4 +1,4 @@
-"""WebSocket subscriptions of the client SDK (api.client, api/subscription.py).
+"""WebSocket subscriptions of the client SDK (api.sdk, api/sdk/subscription.py).
 
 The channel logic on scripted messages first (no cluster), then a real 3-node cluster: the
 SDK's book equals the REST book at the same seq while orders flow, through a SIGKILL of the
@@ -20,9 +20,8 @@ from typing import Any
 import httpx
 import trio
 
-from api.auth import Credentials
-from api.client import AsyncClient, Book, Client, Gap, Subscription
-from api.subscription import _BookTracker, _EventTracker
+from api.sdk import AsyncClient, Book, Client, Credentials, Gap, Subscription
+from api.sdk.subscription import _BookTracker, _EventTracker
 
 from .conftest import admin
 

@@ -30,7 +30,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from api.auth import Credentials, sign, signed_headers
+from api.sdk import Credentials, sign, signed_headers
 
 from .conftest import admin
 

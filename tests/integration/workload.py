@@ -6,9 +6,7 @@ import itertools
 import threading
 import time
 
-import httpx
-
-from api.client import ClusterUnavailable
+from api.sdk import ApiError, ClusterUnavailable
 from cluster.launcher import LocalCluster
 
 from .conftest import admin
@@ -36,7 +34,7 @@ class DepositLoad:
             batch = [next(self.counter) for _ in range(self.per_request)]
             try:
                 results = self.client.submit([deposit(i) for i in batch], deadline_s=10)
-            except (ClusterUnavailable, httpx.HTTPError):
+            except (ApiError, ClusterUnavailable):  # definite ones too: unknown only allows more
                 self.unknown.update(batch)
                 continue
             for i, result in zip(batch, results, strict=True):

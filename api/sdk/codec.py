@@ -1,4 +1,7 @@
-"""Fast JSON for the API's hot paths (orjson), shared by the node and the SDK.
+"""Fast JSON for the API's hot paths (orjson): the wire format's codec, the SDK's and the node's.
+
+It lives in the SDK because the SDK imports nothing of the server side; the node imports it
+from here.
 
 `dumps` is compact; orjson refuses integers beyond 64 bits, and those go through the
 standard library instead. `loads` gives exactly what `json.loads` gives (tested): orjson

@@ -7,11 +7,11 @@ last `seq` of its channel, and start again from a fresh snapshot when the chain 
 built across a gap is never handed out. Event channels drop what was already delivered
 (`seq` <= the last one) and report what may have been missed as a `Gap`.
 
-Written like the REST retry logic of `api.client`: the protocol (`_stream`) is a generator
-that yields I/O steps (`_Open`, `_Write`, `_Read`, `_Sleep`, `_Close`) and items for the caller
-(`_Emit`), and receives each step's answer; the WebSocket framing is wsproto's sans-IO
-`WSConnection`. `Subscription` (blocking sockets) and `AsyncSubscription` (anyio streams, so
-trio or asyncio) only perform the steps.
+Written like the REST retry policy (`api.sdk.retry`): the protocol (`_Stream.flow`) is a
+generator that yields I/O steps (`_Open`, `_Write`, `_Read`, `_Sleep`, `_Close`) and items for
+the caller (`_Emit`), and receives each step's answer; the WebSocket framing is wsproto's
+sans-IO `WSConnection`. `Subscription` (blocking sockets) and `AsyncSubscription` (anyio
+streams, so trio or asyncio) only perform the steps.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from .auth import KEY_HEADER, SIG_HEADER, TS_HEADER, Credentials
-from .jsoncodec import loads
+from .codec import loads
+from .errors import ApiError, ClusterUnavailable
+from .signing import WS_PATH, Credentials, ws_auth
 
-WS_PATH = "/v1/ws"
 READ_BYTES = 1 << 16
 
 
@@ -358,12 +358,7 @@ class _Stream:
     channel: str
     tracker: _Tracker
     creds: Credentials | None  # authenticate first (the orders channel)
-    # (creds, nonce) -> {KEY_HEADER, TS_HEADER, SIG_HEADER}: a fresh "WS /v1/ws" signature
-    # over the connection's nonce (its `hello`)
-    sign: Any
     stats: collections.Counter[str]
-    api_error: Any  # (status, code, message) -> the SDK's ApiError
-    unavailable: Any  # (message) -> the SDK's ClusterUnavailable
     connect_timeout_s: float = 3.0
     idle_timeout_s: float = 15.0
     max_outage_s: float | None = 60.0
@@ -390,7 +385,7 @@ class _Stream:
                 refused.append(exc)
                 if exc.code == "forbidden" or len(refused) >= n:  # every node said no
                     yield _Close()
-                    raise self.api_error(exc.status, exc.code, exc.message) from None
+                    raise ApiError(exc.status, exc.code, exc.message) from None
             yield _Close()
             self.url = None
             now = time.monotonic()
@@ -401,7 +396,7 @@ class _Stream:
                 backoff = self.backoff_s
                 continue  # straight to the next node
             if self.max_outage_s is not None and now - down_since > self.max_outage_s:
-                raise self.unavailable(
+                raise ClusterUnavailable(
                     f"{self.channel}: no node served the subscription for {self.max_outage_s} s"
                 )
             if index % n == self._start % n:  # tried every node: wait before the next round
@@ -428,19 +423,7 @@ class _Stream:
             if nonce is None:
                 self.stats["ws_connect_errors"] += 1
                 return False
-            headers = self.sign(self.creds, nonce)
-            if (
-                yield _Write(
-                    wire.message(
-                        {
-                            "op": "auth",
-                            "key_id": headers[KEY_HEADER],
-                            "timestamp": int(headers[TS_HEADER]),
-                            "signature": headers[SIG_HEADER],
-                        }
-                    )
-                )
-            ) is not None:
+            if (yield _Write(wire.message(ws_auth(self.creds, nonce)))) is not None:
                 return False
         if (yield _Write(wire.message({"op": "subscribe", "channel": self.channel}))) is not None:
             return False
