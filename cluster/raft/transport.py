@@ -278,7 +278,15 @@ class _BacklogTcpServer(TcpServer):
     readable event (up to ``_ACCEPTS_PER_EVENT``), not one per poll (tcp_server.py 42, 57-77)."""
 
     def bind(self):
-        super().bind()
+        try:
+            super().bind()
+        except BaseException:
+            # Upstream leaves the socket of a failed bind open (tcp_server.py 35-41), and
+            # pysyncobj retries the bind every bindRetryTime: one file descriptor per retry.
+            sock, self._TcpServer__socket = self._TcpServer__socket, None
+            if sock is not None:
+                sock.close()
+            raise
         self._TcpServer__socket.listen(_LISTEN_BACKLOG)  # Linux: a second listen() resizes
 
     def _TcpServer__onNewConnection(self, descr, event):

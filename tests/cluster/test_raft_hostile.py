@@ -37,6 +37,7 @@ from cluster.raft.transport import (
     PRE_AUTH_FRAME_BYTES,
     BoundedTcpConnection,
     HardenedTCPTransport,
+    _BacklogTcpServer,
 )
 
 from .conftest import free_port
@@ -674,3 +675,24 @@ def test_a_flood_on_the_raft_port_costs_no_election_and_a_restarted_member_rejoi
     finally:
         for replica in replicas.values():
             replica.destroy()
+
+
+def test_a_failed_bind_closes_its_socket():
+    """Upstream's TcpServer.bind leaves the socket open when the port is taken, and the node
+    retries the bind every bindRetryTime: a file descriptor leaked per retry (seen as a
+    ResourceWarning in a full test run whose ports collided)."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    poller = createPoller("auto")
+    try:
+        for _ in range(3):
+            server = _BacklogTcpServer(poller, "127.0.0.1", port, lambda conn: None)
+            before = set(os.listdir("/proc/self/fd"))
+            with pytest.raises(OSError):
+                server.bind()
+            assert set(os.listdir("/proc/self/fd")) <= before
+            server.unbind()  # as pysyncobj does on shutdown: no error on the closed socket
+    finally:
+        taken.close()
