@@ -15,7 +15,7 @@ NATIVE_MODULES := $(shell $(PYTHON) -c "import tomllib; print(' '.join(tomllib.l
 NATIVE_ENV := QB_NATIVE=1 PYTHONPATH=$(CURDIR)/$(NATIVE):$(CURDIR)
 NATIVE_PYTEST := $(NATIVE_ENV) $(BIN)/python -P -m pytest -q -p no:cacheprovider --import-mode=append
 
-.PHONY: demo test test-fast native lint bench bench-statemachine bench-replication bench-failover bench-api clean
+.PHONY: demo test test-fast native lint bench bench-statemachine bench-replication bench-failover bench-api bench-indexer clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,7 +51,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: bench-statemachine bench-replication bench-failover bench-api
+bench: bench-statemachine bench-replication bench-failover bench-api bench-indexer
 
 bench-statemachine: $(STAMP) $(NATIVE_STAMP)
 	$(NATIVE_ENV) $(BIN)/python -P -m bench.statemachine
@@ -64,6 +64,9 @@ bench-failover: $(STAMP) $(NATIVE_STAMP)
 
 bench-api: $(STAMP) $(NATIVE_STAMP)
 	$(NATIVE_ENV) $(BIN)/python -P -m bench.api
+
+bench-indexer: $(STAMP) $(NATIVE_STAMP)
+	$(NATIVE_ENV) $(BIN)/python -P -m bench.indexer
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

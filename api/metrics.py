@@ -12,7 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -68,6 +73,33 @@ class _NodeCollector(Collector):
                 f"qb_raft_{key}" if key != "cmd_index" else "qb_cmd_index",
                 doc,
                 value=float(health[key]),
+            )
+        indexer = health.get("indexer") or {}
+        if indexer.get("configured"):
+            for name, key, doc in (
+                ("qb_indexer_active", "active", "1 while this node's indexer streams"),
+                ("qb_indexer_checkpoint_seq", "checkpoint_seq", "last event seq in PostgreSQL"),
+                ("qb_indexer_lag_events", "lag_events", "events applied here, not yet written"),
+            ):
+                yield GaugeMetricFamily(name, doc, value=float(indexer.get(key) or 0))
+            # Counters of the indexer process: they start over when it restarts (rate() copes).
+            for name, key, doc in (
+                ("qb_indexer_events_written", "events_written",
+                 "events this node's indexer wrote to PostgreSQL (throughput: rate())"),
+                ("qb_indexer_fenced", "fenced", "writes refused because the lease was lost"),
+                ("qb_indexer_resyncs", "resyncs", "operators' resyncs this node's indexer served"),
+                ("qb_indexer_restarts", "restarts", "times the node restarted its indexer process"),
+            ):  # fmt: skip
+                yield CounterMetricFamily(name, doc, value=float(indexer.get(key) or 0))
+            yield GaugeMetricFamily(
+                "qb_indexer_lag_seconds",
+                "age of the newest event written, against the newest applied, while behind",
+                value=float(indexer.get("lag_ms") or 0) / 1000,
+            )
+            yield GaugeMetricFamily(
+                "qb_indexer_alarm",
+                "1 when events needed are no longer in this node's log (resync, indexer.md)",
+                value=1.0 if indexer.get("gone_from_seq") is not None else 0.0,
             )
         for name, doc in (
             (

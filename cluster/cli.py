@@ -21,8 +21,15 @@ def main() -> None:
     default=None,
     help="Keep the cluster's files here (default: a temporary directory).",
 )
-def demo(seed: int, orders: int, data_dir: str | None) -> None:
-    """Start a local 3-node cluster, run a seeded session with one leader kill, print it.
+@click.option(
+    "--services/--no-services",
+    default=True,
+    show_default=True,
+    help="Start the embedded PostgreSQL and broker, and show what the indexer wrote to them.",
+)
+def demo(seed: int, orders: int, data_dir: str | None, services: bool) -> None:
+    """Start the embedded services and a local 3-node cluster, run a seeded session with one
+    leader kill, print it (the indexer's rows and messages too).
 
     Example: quorumbook demo --seed 42 --orders 5000
     """
@@ -30,7 +37,7 @@ def demo(seed: int, orders: int, data_dir: str | None) -> None:
 
     from .demo import run_cluster
 
-    run_cluster(seed, orders, Path(data_dir) if data_dir else None)
+    run_cluster(seed, orders, Path(data_dir) if data_dir else None, services)
 
 
 @main.group()
@@ -90,10 +97,16 @@ def cluster() -> None:
     show_default=True,
     help="Restart a node that dies (with backoff).",
 )
-def cluster_up(n: int, data_dir: str, restart: bool) -> None:
+@click.option(
+    "--with-services",
+    is_flag=True,
+    help="Also start PostgreSQL and a Kafka-protocol broker (DIR/services) and stream every "
+    "committed event to them from a follower (the indexer).",
+)
+def cluster_up(n: int, data_dir: str, restart: bool, with_services: bool) -> None:
     """Start a local cluster of N node processes; stop them all on Ctrl-C.
 
-    Example: quorumbook cluster up --nodes 3 --data-dir /tmp/qb
+    Example: quorumbook cluster up --nodes 3 --data-dir /tmp/qb --with-services
     """
     import math
     import signal
@@ -104,11 +117,22 @@ def cluster_up(n: int, data_dir: str, restart: bool) -> None:
     from .raft import EXITS_NOT_TO_RESTART
 
     root = Path(data_dir)
-    cl = (
-        LocalCluster.open(root / "cluster.json")
-        if (root / "cluster.json").exists()
-        else LocalCluster.create(root, n)
-    )
+    services = None
+    if with_services:
+        from indexer.services import Services
+
+        services = Services.start(root / "services")
+        click.echo(f"services up: {services.postgres.url}  kafka {services.kafka.bootstrap}")
+    try:
+        cl = (
+            LocalCluster.open(root / "cluster.json")
+            if (root / "cluster.json").exists()
+            else LocalCluster.create(root, n, **(services.urls() if services else {}))
+        )
+    except BaseException:
+        if services is not None:
+            services.stop()
+        raise
     stopping = False
 
     def on_signal(signum, frame):
@@ -168,6 +192,9 @@ def cluster_up(n: int, data_dir: str, restart: bool) -> None:
     finally:
         click.echo("stopping cluster")
         cl.stop_all()
+        if services is not None:
+            click.echo("stopping services")
+            services.stop()
 
 
 @cluster.command("status")
@@ -448,3 +475,144 @@ def keys_create(
         click.echo(f"{name}: {value}")
     if out_fd is None:
         click.echo("the secret is shown only now: store it (mode 0600)", err=True)
+
+
+@main.group()
+def services() -> None:
+    """Embedded PostgreSQL and a Kafka-protocol broker (for the indexer)."""
+
+
+@services.command("up")
+@click.option(
+    "--data-dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory for the database and the broker's log (services.json says where they are).",
+)
+def services_up(data_dir: str) -> None:
+    """Start PostgreSQL and the broker on free loopback ports; stop them on Ctrl-C.
+
+    Example: quorumbook services up --data-dir /tmp/qb-services
+    """
+    import signal
+    import threading
+    from pathlib import Path
+
+    from indexer.services import Services
+
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    running = Services.start(Path(data_dir))
+    try:
+        click.echo(f"postgres_url    {running.postgres.url}")
+        click.echo(f"kafka_bootstrap {running.kafka.bootstrap}")
+        click.echo(f"(also in {running.manifest_path}; Ctrl-C stops both)")
+        stop.wait()
+    finally:
+        click.echo("stopping services")
+        running.stop()
+
+
+@main.group()
+def indexer() -> None:
+    """The event indexer (PostgreSQL and Kafka): resync, tail."""
+
+
+@indexer.command("resync")
+@click.option(
+    "--config",
+    "config_path",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="A node.toml: its [indexer] postgres_url.",
+)
+@click.option("--postgres-url", default=None, help="Default: the config's [indexer] postgres_url.")
+@click.option(
+    "--wait-s", default=60.0, show_default=True, help="How long to wait for an indexer to do it."
+)
+def indexer_resync(config_path: str | None, postgres_url: str | None, wait_s: float) -> None:
+    """Let the indexer skip the events no follower's log holds any more (the alarm,
+    docs/operating/indexer.md): a follower that raised the alarm rebuilds the orders and
+    balances tables from its own snapshot and streams on from there. The skipped range is
+    recorded in indexer_resyncs.
+
+    Example: quorumbook indexer resync --config /tmp/qb/n2/node.toml
+    """
+    import asyncio
+    from pathlib import Path
+
+    from .config import ConfigError, load
+    from .indexer_resync import resync
+
+    url = postgres_url
+    if url is None and config_path is not None:
+        try:
+            url = load(Path(config_path)).indexer.postgres_url
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from exc
+    if not url:
+        raise click.ClickException("give --postgres-url, or --config of a node with [indexer]")
+    try:
+        done = asyncio.run(resync(url, wait_s=wait_s))
+    except (RuntimeError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(done)
+
+
+@indexer.command("tail")
+@click.option(
+    "--cluster",
+    "manifest",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="cluster.json of a cluster started --with-services (its kafka_bootstrap).",
+)
+@click.option(
+    "--bootstrap", default=None, help="host:port of a Kafka broker (instead of --cluster)."
+)
+@click.option("--prefix", default="qb", show_default=True, help="Topic prefix.")
+@click.option("--topic", "topics", multiple=True, help="A topic without its prefix (default: all).")
+@click.option("--follow", is_flag=True, help="Keep waiting for new events.")
+@click.option(
+    "--state",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="A file keeping the positions: a rerun prints only what it did not print before.",
+)
+def indexer_tail(
+    manifest: str | None,
+    bootstrap: str | None,
+    prefix: str,
+    topics: tuple[str, ...],
+    follow: bool,
+    state: str | None,
+) -> None:
+    """Print the events from Kafka as JSON lines, each once (deduplicated by seq): the
+    consumer example of docs/reference/indexer-kafka.md.
+
+    Example: quorumbook indexer tail --cluster /tmp/qb/cluster.json --topic trades
+    """
+    import asyncio
+    import json
+    from pathlib import Path
+
+    from indexer.consume import tail
+    from indexer.events import TOPICS
+
+    if bootstrap is None and manifest is not None:
+        bootstrap = json.loads(Path(manifest).read_text()).get("kafka_bootstrap")
+    if not bootstrap:
+        raise click.ClickException("give --bootstrap, or --cluster of a cluster with services")
+    for topic in topics:
+        if topic not in TOPICS:
+            raise click.ClickException(f"unknown topic {topic!r} (one of {', '.join(TOPICS)})")
+    asyncio.run(
+        tail(
+            bootstrap,
+            prefix=prefix,
+            topics=topics or TOPICS,
+            follow=follow,
+            state=Path(state) if state else None,
+        )
+    )

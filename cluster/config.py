@@ -1,7 +1,7 @@
 """Node configuration: a TOML file per node (`quorumbook node run --config FILE`).
 
 The Structs below are the file, one per table: the top level, `[raft]`, `[api]`, `[batch]`,
-`[ws]` and `[[peers]]`. Loading refuses an unknown key or a value of the wrong type with a
+`[ws]`, `[indexer]` and `[[peers]]`. Loading refuses an unknown key or a value of the wrong type with a
 `ConfigError` that names the file and the key. Each default is declared once: by the
 component that uses it (`RaftSettings`, `RateLimits`, `api.ws.Settings`) and read from
 there, or here (`[batch]`: `Replica`'s keyword defaults are held equal to it by a test).
@@ -112,6 +112,18 @@ class Batch(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaul
     submit_timeout_s: Seconds = 5.0
 
 
+class Indexer(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """`[indexer]`: stream every committed event to PostgreSQL (and Kafka) while this node is
+    a follower, one follower at a time (docs/reference/indexer.md). Without `postgres_url`,
+    this node runs no indexer."""
+
+    postgres_url: str | None = None  # e.g. postgresql://user@host:5432/db
+    kafka_bootstrap: str | None = None  # e.g. host:9092; none: PostgreSQL only
+    topic_prefix: Name = "qb"  # topics <prefix>.orders, .trades, .book, .balances, .markets
+    lease_ttl_s: Seconds = 3.0  # a streamer that stops renewing is replaced after this
+    batch_max_events: AtLeastOne = 5000  # events per PostgreSQL transaction, about
+
+
 class NodeConfig(
     msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True, kw_only=True
 ):
@@ -126,6 +138,7 @@ class NodeConfig(
     api: Api
     batch: Batch = msgspec.field(default_factory=Batch)
     ws: WsSettings = msgspec.field(default_factory=WsSettings)
+    indexer: Indexer = msgspec.field(default_factory=Indexer)
     peers: tuple[Peer, ...] = ()
 
     @property
@@ -230,6 +243,7 @@ TABLES: dict[str, type[msgspec.Struct]] = {
     "api": Api,
     "batch": Batch,
     "ws": WsSettings,
+    "indexer": Indexer,
 }
 # key -> its table ("" for the top level); `make` names keys this way
 _TABLE_OF: dict[str, str] = {

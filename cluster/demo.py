@@ -1,8 +1,10 @@
 """`quorumbook demo`: a finite, seeded trading session through a local 3-node cluster.
 
-It starts the nodes, trades through the leader, SIGKILLs the leader half-way, measures the
-time to the next acknowledged batch, restarts the killed node, checks that every replica
-holds the same state hash, prints what happened and stops everything.
+It starts the embedded PostgreSQL and Kafka-protocol broker (indexer/services.py) and the
+nodes, trades through the leader, SIGKILLs the leader half-way, measures the time to the next
+acknowledged batch, restarts the killed node, checks that every replica holds the same state
+hash, waits for the indexer to write every event to PostgreSQL and Kafka, counts the rows and
+messages there, prints what happened and stops everything.
 """
 
 from __future__ import annotations
@@ -130,8 +132,9 @@ def _tally(results: list[dict], counts: Counter, reasons: Counter, trades: list)
     return unknown
 
 
-def run_cluster(seed: int, orders: int, data_dir: Path | None) -> None:
-    """Start a local 3-node cluster, trade through it with one leader SIGKILL, and report."""
+def run_cluster(seed: int, orders: int, data_dir: Path | None, services: bool = True) -> None:
+    """Start the services and a local 3-node cluster, trade through it with one leader
+    SIGKILL, and report (the indexer's rows and messages too, with `services`)."""
     from api.sdk import AdminClient
 
     from .launcher import LocalCluster
@@ -141,7 +144,16 @@ def run_cluster(seed: int, orders: int, data_dir: Path | None) -> None:
     flow = session.orders(orders)
     with contextlib.ExitStack() as stack:
         root = data_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qb-demo-")))
-        cluster = stack.enter_context(LocalCluster.create(root / "cluster", 3))
+        running = None
+        if services:
+            from indexer.services import Services
+
+            running = stack.enter_context(Services.start(root / "services"))
+            click.echo(
+                f"services up: PostgreSQL {running.postgres.url}  Kafka {running.kafka.bootstrap}"
+            )
+        settings = running.urls() if running is not None else {}
+        cluster = stack.enter_context(LocalCluster.create(root / "cluster", 3, **settings))
         cluster.exit_with_launcher = True
         cluster.start()
         leader = cluster.wait_for_leader(30)
@@ -204,4 +216,55 @@ def run_cluster(seed: int, orders: int, data_dir: Path | None) -> None:
         if len({st["state_hash"] for st in statuses.values()}) != 1:
             raise click.ClickException("replicas diverged: state hashes differ")
         click.echo("  all replicas hold the same state hash")
+        if running is not None:
+            _report_indexer(cluster, running)
         click.echo("  stopping the cluster")
+
+
+def _report_indexer(cluster, services) -> None:
+    """Wait until the indexer wrote every event, then count what PostgreSQL and Kafka hold."""
+    import asyncio
+
+    deadline = time.monotonic() + 60
+    while True:
+        indexers = {n: (s or {}).get("indexer", {}) for n, s in cluster.statuses().items()}
+        seqs = {ix.get("checkpoint_seq") for ix in indexers.values()}
+        if all(ix.get("lag_events") == 0 for ix in indexers.values()) and len(seqs) == 1:
+            break
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"the indexer did not catch up within 60 s: {indexers}")
+        time.sleep(0.2)
+    streaming = [n for n, ix in indexers.items() if ix.get("active")]
+    click.echo(
+        f"  indexer: {', '.join(streaming) or 'nobody'} streaming; every event written "
+        f"(checkpoint seq {seqs.pop()}); written per node: "
+        + ", ".join(f"{n} {ix.get('events_written', 0)}" for n, ix in indexers.items())
+    )
+    rows, messages = asyncio.run(_count(services))
+    click.echo("    PostgreSQL rows: " + ", ".join(f"{t} {n}" for t, n in rows.items()))
+    click.echo(
+        "    Kafka messages: "
+        + ", ".join(f"{t} {n}" for t, n in messages.items())
+        + f" ({sum(messages.values())} events, each seq once after dedupe)"
+    )
+
+
+async def _count(services) -> tuple[dict[str, int], dict[str, int]]:
+    import asyncpg
+
+    from indexer.consume import EventReader
+    from indexer.events import TOPIC_OF_TYPE
+
+    conn = await asyncpg.connect(services.postgres.url)
+    try:
+        rows = {
+            table: await conn.fetchval(f"SELECT count(*) FROM {table}")
+            for table in ("events", "orders", "trades", "balances", "markets")
+        }
+    finally:
+        await conn.close()
+    messages: Counter[str] = Counter()
+    async with EventReader(services.kafka.bootstrap, prefix="qb") as reader:
+        async for event in reader.events():
+            messages[f"qb.{TOPIC_OF_TYPE[event['type']]}"] += 1
+    return rows, dict(sorted(messages.items()))

@@ -175,6 +175,11 @@ class LocalCluster:
             ],
             "admin_credentials": str(self.admin_key_path),
         }
+        indexer = next(iter(self.nodes.values())).config.indexer
+        if indexer.postgres_url:  # the services the nodes stream to (DESIGN.md "CLI")
+            manifest["postgres_url"] = indexer.postgres_url
+            if indexer.kafka_bootstrap:
+                manifest["kafka_bootstrap"] = indexer.kafka_bootstrap
         tmp = self.manifest_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
         os.replace(tmp, self.manifest_path)

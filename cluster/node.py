@@ -39,6 +39,7 @@ from statemachine import exchange as _exchange_module
 from statemachine.precheck import ShapeCheck
 
 from .config import EXIT_WITH_PARENT_ENV, NodeConfig, Peer
+from .indexer_link import IndexerLink
 from .machine import ExchangeMachine
 from .raft import EXIT_STARTUP_REFUSED, RaftReplica, RaftStartupError
 from .replica import (
@@ -100,6 +101,7 @@ class Node:
         self._hash_cache: tuple[int, str] = (-1, "")
         self._hash_lock = trio.Lock()
         self._membership_lock = trio.Lock()
+        self.indexer: IndexerLink | None = None  # set by _serve when [indexer] is configured
         self.api_master = config.read_api_master()
         self._trades: dict[str, collections.deque] = {}
         self._trades_lock = threading.Lock()
@@ -313,7 +315,28 @@ class Node:
 
     def health(self) -> dict:
         # An int read needs no lock (the exchange object is swapped whole on restore).
-        return self._summary(self.raft.status(), self.machine.exchange.cmd_index)
+        return {
+            **self._summary(self.raft.status(), self.machine.exchange.cmd_index),
+            "indexer": self.indexer_status(),
+        }
+
+    def indexer_status(self) -> dict:
+        """The `indexer` object of the status: what this node's indexer process last said."""
+        if self.indexer is None:
+            return {"configured": False, "active": False}
+        return self.indexer.status
+
+    def indexer_view(self) -> dict:
+        """What the indexer process needs to know of this node (cluster/indexer_link.py):
+        ints the node publishes anyway, read without a lock."""
+        raft = self.raft.status()
+        exchange = self.machine.exchange
+        return {
+            "role": raft["role"],
+            "applied_index": raft["applied_index"],
+            "seq": exchange.seq,
+            "ts_ms": exchange.last_ts // 1_000_000,
+        }
 
     def _summary(self, raft: dict, cmd_index: int) -> dict:
         """What /readyz, /metrics and the status share, from one read of the Raft status."""
@@ -370,7 +393,7 @@ class Node:
                 )
                 if k in raft
             },
-            "indexer": {"active": False},
+            "indexer": self.indexer_status(),
         }
 
 
@@ -422,6 +445,11 @@ async def _serve(config: NodeConfig) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(replica.run)
             node.start_feed()
+            if config.indexer.postgres_url:
+                node.indexer = IndexerLink(
+                    config.indexer, config.node_id, str(config.data_dir), node.indexer_view
+                )
+                await nursery.start(node.indexer.run)
             stop = trio.Event()
 
             async def watch_signals() -> None:

@@ -1,10 +1,16 @@
 """Shared pytest options, and the check that a compiled run really tests the compiled engine."""
 
+import asyncio
+import itertools
 import os
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
+
+from indexer.services import Services
 
 # pyproject.toml [tool.quorumbook] native-modules, as module names.
 COMPILED_MODULES = tuple(
@@ -46,3 +52,47 @@ def pytest_sessionstart(session):
     ]
     if pure:
         pytest.exit(f"QB_NATIVE=1 but not compiled: {', '.join(pure)} (run `make native`)", 2)
+
+
+# ------------------------------------------------------------------ the embedded services
+# PostgreSQL and the Kafka-protocol broker (indexer/services.py), started once per session by
+# the first test that asks, stopped by pid at the end. Each test gets its own database and
+# topic prefix, so tests do not see each other's rows or messages.
+
+_names = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    running = Services.start(tmp_path_factory.mktemp("services"))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def pg_url(services: Services) -> str:
+    """A fresh, empty database on the session's server."""
+    name = f"qb_test_{next(_names)}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(services.postgres.url)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    return services.postgres.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    """Topics of this test only (the broker is shared by the session)."""
+    return f"qb{next(_names)}"
+
+
+@pytest.fixture
+def kafka_bootstrap(services: Services) -> str:
+    return services.kafka.bootstrap

@@ -3,7 +3,9 @@
 Its one public surface is what this module exports; the modules inside are private:
 ``adapter`` (``RaftReplica``, ``RaftSettings``, the outcomes), ``hardened`` (``HardenedSyncObj``:
 pysyncobj's ``SyncObj`` with its safety bugs fixed), ``storage`` (the journal and the dump),
-``transport`` (the TCP transport), ``pin`` (refuses any other pysyncobj). Why each piece exists:
+``transport`` (the TCP transport), ``pin`` (refuses any other pysyncobj). ``JournalReader``,
+``read_dump`` and ``payload_of_entry`` let another process (the indexer) follow what a node
+applies, from its data directory. Why each piece exists:
 docs/adr/0002-pysyncobj-hardening.md.
 """
 
@@ -22,6 +24,8 @@ from .adapter import (
     SubmitError,
     SubmitErrorReason,
 )
+from .hardened import payload_of_entry
+from .storage import JournalGap, JournalReader, RaftStorageError, read_dump
 
 __all__ = [
     "EXITS_NOT_TO_RESTART",
@@ -31,10 +35,15 @@ __all__ = [
     "EXIT_STARTUP_REFUSED",
     "EXIT_STORAGE_FAILED",
     "PYSYNCOBJ_VERSION",
+    "JournalGap",
+    "JournalReader",
     "RaftReplica",
     "RaftSettings",
     "RaftStartupError",
+    "RaftStorageError",
     "StateMachinePort",
     "SubmitError",
     "SubmitErrorReason",
+    "payload_of_entry",
+    "read_dump",
 ]

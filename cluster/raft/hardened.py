@@ -78,6 +78,21 @@ def _now() -> float:
     return _upstream.monotonicTime()
 
 
+def payload_of_entry(command: bytes) -> bytes | None:
+    """Our payload in a log entry's command, or None for pysyncobj's own entries (the no-op a
+    leader appends, membership and code-version changes). The envelope is pysyncobj's
+    (`type byte + pickle((method id, (payload,)))`): the journal is ours, written by the
+    cluster's members only (docs/adr/0002-pysyncobj-hardening.md)."""
+    if command[:1] != bytes([_COMMAND_TYPE.REGULAR]):
+        return None
+    call = _pickle.loads(command[1:])
+    _method, args = call[0], call[1]
+    payload = args[0]
+    if not isinstance(payload, bytes):
+        raise ValueError("a log entry whose payload is not bytes")
+    return payload
+
+
 class HardenedSerializer(Serializer):
     """pysyncobj's ``Serializer`` with the snapshot-transfer side replaced.
 

@@ -25,6 +25,7 @@ The dump file is our own msgpack document (never pickle); see ``encode_dump``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -719,6 +720,153 @@ class DurableJournal(Journal):
         if pos < 0 or pos >= len(self._entries):
             return None
         return self._entries[pos][2]
+
+
+class JournalGap(RaftStorageError):
+    """The journal no longer holds the entry asked for (compacted into a dump, or replaced by
+    an installed snapshot)."""
+
+    def __init__(self, index: int, first: int) -> None:
+        super().__init__(f"log entry {index} is no longer in the journal (it starts at {first})")
+        self.index = index
+        self.first = first
+
+
+class JournalReader:
+    """Reads the journal a running node writes, from another process (the indexer), never
+    writing it: entries by index, in order, as far as the caller says they are applied.
+
+    The node appends in place, truncates only uncommitted entries, and replaces the whole file
+    (a new inode, by rename) when it compacts or installs a snapshot. The reader keeps the file
+    it opened until it has read everything it needs from it (an unlinked file stays readable),
+    and then moves to the new one: entries are found by index, so nothing is missed or read
+    twice; if the new file starts past the next index wanted, the entry is gone (JournalGap).
+    Only entries up to an index the node reports applied are read: those are committed and
+    whole, never truncated.
+    """
+
+    _CHUNK = 1 << 20
+
+    def __init__(self, path: Path) -> None:
+        self._path = Path(path)
+        self._fd = -1
+        self._ino: tuple[int, int] | None = None
+        self._offset = _HEADER_SIZE
+        self._crc = 0
+        self._next_in_file: int | None = None  # index of the record at _offset, once seen
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def open(self) -> None:
+        """Open the journal now rather than at the first read: right after reading the dump,
+        this keeps the entries after it readable even if the node compacts again meanwhile.
+        No journal yet (a node that never wrote one): the first read opens it."""
+        if self._fd < 0:
+            with contextlib.suppress(FileNotFoundError):
+                self._open_current()
+
+    def _open_current(self) -> None:
+        self.close()
+        fd = os.open(self._path, os.O_RDONLY)
+        try:
+            header = os.pread(fd, _HEADER_SIZE, 0)
+            if len(header) < _HEADER_SIZE or not header.startswith(_NAME + b"\0"):
+                raise RaftStorageError(f"{self._path}: not a quorumbook raft journal")
+            if (
+                zlib.crc32(header[:_FIXED_CRC_OFFSET])
+                != _CRC.unpack_from(header, _FIXED_CRC_OFFSET)[0]
+            ):
+                raise RaftStorageError(
+                    f"{self._path}: the journal header's checksum does not match"
+                )
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self._ino = fd, (st.st_dev, st.st_ino)
+        self._offset, self._crc, self._next_in_file = _HEADER_SIZE, 0, None
+
+    def _replaced(self) -> bool:
+        try:
+            st = os.stat(self._path)
+        except FileNotFoundError:
+            return False  # between an unlink and a rename: look again next time
+        return (st.st_dev, st.st_ino) != self._ino
+
+    def read(self, first: int, last: int, max_entries: int = 10_000) -> list[Entry]:
+        """Entries `first`..`last` (at most `max_entries`; fewer if the file does not hold
+        them yet), in order. JournalGap if `first` is no longer in the journal."""
+        if self._fd < 0:
+            self._open_current()
+        out: list[Entry] = []
+        want = first
+        while want <= last and len(out) < max_entries:
+            got = self._read_from_file(want, last, max_entries - len(out), out)
+            want += got
+            if want > last or len(out) >= max_entries:
+                break
+            if not self._replaced():
+                break  # the file holds no more yet
+            self._open_current()
+            self._peek_first(want)
+        return out
+
+    def _peek_first(self, want: int) -> None:
+        """In a file just opened: the first record's index must not be past `want`."""
+        head = os.pread(self._fd, _RECORD_HEAD.size, _HEADER_SIZE)
+        if len(head) < _RECORD_HEAD.size:
+            return  # empty so far
+        _crc, _size, idx, _term = _RECORD_HEAD.unpack(head)
+        if idx > want:
+            raise JournalGap(want, idx)
+
+    def _read_from_file(self, want: int, last: int, room: int, out: list[Entry]) -> int:
+        """Append entries `want`.. (to `last`, at most `room`) from the open file; return how
+        many. Records before `want` are stepped over."""
+        count = 0
+        while count < room:
+            raw = os.pread(self._fd, self._CHUNK, self._offset)
+            view = memoryview(raw)
+            pos = 0
+            progressed = False
+            while count < room and pos + _RECORD_HEAD.size <= len(raw):
+                stored_crc, size, idx, term = _RECORD_HEAD.unpack_from(raw, pos)
+                end = pos + _RECORD_HEAD.size + size
+                if size > _MAX_RECORD_BYTES:
+                    break  # a torn tail past what the node applied: not ours to read
+                if end > len(raw):
+                    if _RECORD_HEAD.size + size > self._CHUNK and pos == 0:
+                        raw = os.pread(self._fd, _RECORD_HEAD.size + size, self._offset)
+                        view = memoryview(raw)
+                        if end > len(raw):
+                            break
+                    else:
+                        break
+                if idx > want + count:
+                    raise JournalGap(want + count, idx)
+                if idx > last:
+                    self._offset += pos
+                    return count
+                if zlib.crc32(view[pos + _CRC.size : end], self._crc) != stored_crc:
+                    if idx <= last:
+                        raise RaftStorageError(
+                            f"{self._path}: log entry {idx} (byte {self._offset + pos}) fails its "
+                            "checksum although the node applied it"
+                        )
+                    break
+                if idx == want + count:
+                    out.append((bytes(view[pos + _RECORD_HEAD.size : end]), idx, term))
+                    count += 1
+                self._crc = stored_crc
+                pos = end
+                progressed = True
+            self._offset += pos
+            if not progressed or pos == 0 or len(raw) < self._CHUNK:
+                return count
+        return count
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,3 +33,15 @@ def make_cluster(tmp_path: Path) -> Iterator:
 
 def admin(cluster: LocalCluster) -> AdminClient:
     return AdminClient(cluster.api_urls(), cluster.admin_credentials())
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    """Poll `predicate` until it returns something true (returned), or fail after
+    `timeout_s` naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

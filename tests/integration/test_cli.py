@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from .conftest import wait_for
+
 QB = [sys.executable, "-m", "cluster"]
 
 
@@ -27,16 +29,6 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def stop_cluster_up(up: subprocess.Popen, manifest: Path, pids: list[int]) -> str:
@@ -263,3 +255,136 @@ def test_a_node_that_refuses_to_start_is_not_restarted_until_its_data_is_moved_a
     finally:
         output = stop_cluster_up(up, manifest, [n["pid"] for n in raw["nodes"]])
     assert f"{victim} exited (73): not restarting on the same data" in output, output
+
+
+def test_services_up_prints_urls_that_work_and_ctrl_c_stops_both(tmp_path: Path) -> None:
+    import asyncio
+
+    import asyncpg
+
+    data = tmp_path / "services"
+    up = subprocess.Popen(
+        [*QB, "services", "up", "--data-dir", str(data)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    manifest = data / "services.json"
+    pids: list[int] = []
+    try:
+        raw = wait_for(
+            lambda: manifest.exists() and json.loads(manifest.read_text()), 60, "services.json"
+        )
+        pids = [raw["postgres_pid"], raw["kafka_pid"]]
+
+        async def ask() -> int:
+            conn = await asyncpg.connect(raw["postgres_url"])
+            try:
+                return await conn.fetchval("SELECT 1")
+            finally:
+                await conn.close()
+
+        assert asyncio.run(ask()) == 1
+        host, port = raw["kafka_bootstrap"].rsplit(":", 1)
+        import socket
+
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            output, _ = up.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            output, _ = up.communicate()
+        for pid in pids:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert up.returncode == 0, output
+    assert f"postgres_url    {raw['postgres_url']}" in output
+    assert f"kafka_bootstrap {raw['kafka_bootstrap']}" in output
+    assert not [pid for pid in pids if pid_alive(pid)], "services up left a service behind"
+
+
+def test_cluster_up_with_services_streams_and_indexer_tail_prints_each_event_once(
+    tmp_path: Path,
+) -> None:
+    from api.sdk import AdminClient, read_credentials
+
+    data = tmp_path / "qb"
+    up = subprocess.Popen(
+        [*QB, "cluster", "up", "--nodes", "3", "--data-dir", str(data), "--with-services"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    manifest = data / "cluster.json"
+    services = data / "services" / "services.json"
+    pids: list[int] = []
+    try:
+        raw = wait_for(
+            lambda: (
+                manifest.exists()
+                and (doc := json.loads(manifest.read_text()))
+                and all(n["pid"] for n in doc["nodes"])
+                and doc
+            ),
+            60,
+            "cluster.json with pids",
+        )
+        running = json.loads(services.read_text())
+        pids = [running["postgres_pid"], running["kafka_pid"]]
+        assert raw["postgres_url"] == running["postgres_url"]
+        assert raw["kafka_bootstrap"] == running["kafka_bootstrap"]
+        urls = [n["api_url"] for n in raw["nodes"]]
+        with AdminClient(urls, read_credentials(Path(raw["admin_credentials"]))) as client:
+            results = client.submit(
+                [
+                    {
+                        "op": "deposit",
+                        "account": f"a{i}",
+                        "asset": "USD",
+                        "amount": 10 + i,
+                        "ref": f"d{i}",
+                    }
+                    for i in range(20)
+                ]
+            )
+        last = results[-1]["events"][-1]["seq"]
+
+        def indexed() -> dict | None:
+            out = run("cluster", "status", "--cluster", str(manifest), "--json")
+            nodes = json.loads(out.stdout)["nodes"] if out.returncode == 0 else {}
+            ix = [(s or {}).get("indexer", {}) for s in nodes.values()]
+            done = [i.get("active") for i in ix].count(True) == 1 and all(
+                i.get("checkpoint_seq") == last for i in ix
+            )
+            return nodes if done else None
+
+        wait_for(indexed, 60, "the indexer to write every event")
+        tail = run("indexer", "tail", "--cluster", str(manifest), "--topic", "balances")
+        assert tail.returncode == 0, tail.stderr
+        events = [json.loads(line) for line in tail.stdout.splitlines()]
+        assert [(e["account"], e["available"]) for e in events] == [
+            (f"a{i}", 10 + i) for i in range(20)
+        ]
+        bad = run("indexer", "tail", "--cluster", str(manifest), "--topic", "nope")
+        assert bad.returncode != 0 and "unknown topic 'nope'" in bad.stderr
+        pids += [n["pid"] for n in raw["nodes"]]
+    finally:
+        output = stop_cluster_up(up, manifest, pids)
+    assert up.returncode == 0, output
+    assert "stopping services" in output
+    assert not [pid for pid in pids if pid_alive(pid)], "cluster up left processes behind"
+
+
+def test_the_demo_runs_to_the_end_and_reports_what_the_indexer_wrote() -> None:
+    done = run("demo", "--orders", "400", timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "all replicas hold the same state hash" in out
+    rows = next(line for line in out.splitlines() if "PostgreSQL rows:" in line)
+    counts = dict(part.rsplit(" ", 1) for part in rows.split(": ", 1)[1].split(", "))
+    messages = next(line for line in out.splitlines() if "Kafka messages:" in line)
+    assert int(counts["events"]) > 400 and int(counts["markets"]) == 1
+    assert f"({counts['events']} events, each seq once after dedupe)" in messages

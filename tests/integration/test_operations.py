@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,15 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.sdk import AdminClient, Client, tls_context
 from tests.certs import self_signed
 
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from .conftest import wait_for
 
 
 def samples(text: str) -> dict[tuple, float]:

@@ -1,0 +1,186 @@
+"""The indexer's source of events: a replica of the node's state machine in the indexer
+process, fed from the node's own data directory (ADR 0007).
+
+It restores the node's dump, reads the journal (`cluster.raft.JournalReader`, read-only) up to
+the index the node reports applied, and applies each entry to its own `ExchangeMachine`: the
+state machine is deterministic, so it produces the very events the node produced, with the
+same `seq`. The node's Raft path pays nothing for it (no hand-off, no queue to fill), and a
+streamer can resume from any checkpoint the node's log still holds, after its own restart
+too. Events older than the node's dump are gone from this replica (EventsGone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from indexer.events import Checkpoint, Entry, EventsGone
+from indexer.port import Node
+
+from .machine import ExchangeMachine
+from .raft import JournalGap, JournalReader, RaftStorageError, payload_of_entry, read_dump
+
+log = logging.getLogger("quorumbook.indexer")
+
+# Log entries read and applied at a time: each is a batch of up to 1000 commands, and all of
+# them are applied (the journal reader has moved past them). Small enough that the event loop
+# (lease renewals, the status) is never held up long.
+READ_ENTRIES_MAX = 16
+
+
+class LogSource:
+    def __init__(self, data_dir: Path, node: Node) -> None:
+        self._data_dir = Path(data_dir)
+        self._node = node
+        self._machine: ExchangeMachine | None = None
+        self._reader: JournalReader | None = None
+        self._next_index = 0  # the next log entry to apply
+        self._captured: list[list[dict]] = []
+        # The dump last restored: (file identity, its seq, its log index).
+        self._past: tuple[tuple[int, int, int], int, int] | None = None
+
+    # ------------------------------------------------------------------------ position
+
+    @property
+    def seq(self) -> int:
+        return self._machine.exchange.seq if self._machine is not None else -1
+
+    async def seek(self, checkpoint: Checkpoint) -> None:
+        # The replica can only move forward: past the checkpoint, it starts over from the dump.
+        # A replica that hit a gap starts over too: a resync may have moved the checkpoint
+        # past it, to where this node's dump begins.
+        if self._machine is None or self._machine.exchange.seq > checkpoint.seq:
+            self._rebuild(checkpoint)
+        try:
+            await self._advance_to(checkpoint)
+        except EventsGone:
+            self._machine = None
+            raise
+
+    async def restart_at_snapshot(self) -> tuple[Any, int]:
+        if not (self._data_dir / "raft.dump").exists():
+            raise EventsGone(self.seq + 1, "this node has no snapshot to resync from")
+        self._rebuild(None)
+        assert self._machine is not None
+        return self._machine.exchange, self._next_index - 1
+
+    def _rebuild(self, checkpoint: Checkpoint | None) -> None:
+        """A fresh replica from the node's dump (or from the log's start without one), which
+        must not be past `checkpoint` (unless None)."""
+        gone_from = (checkpoint.seq if checkpoint is not None else max(self.seq, 0)) + 1
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        self._machine = None
+        machine = ExchangeMachine()
+        machine.add_listener(lambda applied, _exchange: self._captured.extend(applied))
+        next_index = 1
+        dump = self._data_dir / "raft.dump"
+        identity = _identity(dump)
+        if identity is not None:
+            past = self._past
+            if past and past[0] == identity and checkpoint and past[1] > checkpoint.seq:
+                # The same dump, still past the checkpoint: no decoding it again.
+                raise _past_the_checkpoint(gone_from, past[1], past[2])
+            try:
+                header, blob = read_dump(dump)
+            except (OSError, RaftStorageError) as exc:
+                raise EventsGone(gone_from, f"the dump cannot be read ({exc})") from exc
+            machine.restore(blob)
+            next_index = header.index + 1
+            self._past = (identity, machine.exchange.seq, header.index)
+            if checkpoint is not None and machine.exchange.seq > checkpoint.seq:
+                raise _past_the_checkpoint(gone_from, machine.exchange.seq, header.index)
+        reader = JournalReader(self._data_dir / "raft.journal")
+        try:
+            reader.open()
+        except (OSError, RaftStorageError) as exc:
+            raise EventsGone(gone_from, f"the journal cannot be read ({exc})") from exc
+        self._machine, self._reader, self._next_index = machine, reader, next_index
+        log.info(
+            "indexer source: replica rebuilt at log index %d, seq %d",
+            next_index - 1,
+            machine.exchange.seq,
+        )
+
+    async def _advance_to(self, checkpoint: Checkpoint) -> None:
+        """Apply entries up to the checkpoint's without emitting them: they are written."""
+        while self._next_index <= checkpoint.raft_index:
+            applied = self._node.view().applied_index
+            if applied < self._next_index:
+                await self._node.changed(0.2)
+                continue
+            last = min(applied, checkpoint.raft_index)
+            self._apply_entries(self._next_index, last, emit=False)
+            await asyncio.sleep(0)  # let the status and the node link run
+        assert self._machine is not None
+        if self._machine.exchange.seq != checkpoint.seq:
+            # The checkpoint does not match this replica at its log index: never guess.
+            raise EventsGone(
+                checkpoint.seq + 1,
+                f"at log index {checkpoint.raft_index} this replica is at seq "
+                f"{self._machine.exchange.seq}, the checkpoint at {checkpoint.seq}",
+            )
+
+    # ------------------------------------------------------------------------ reading
+
+    async def read(self, max_events: int, timeout_s: float) -> list[Entry]:
+        if self._machine is None:
+            raise RuntimeError("read() before seek()")
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._node.view().applied_index < self._next_index:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return []
+            await self._node.changed(left)
+        applied = self._node.view().applied_index
+        return self._apply_entries(self._next_index, applied, emit=True, max_events=max_events)
+
+    def _apply_entries(
+        self, first: int, last: int, *, emit: bool, max_events: int = 0
+    ) -> list[Entry]:
+        """Apply entries `first`..`last` (those the journal holds, at most READ_ENTRIES_MAX;
+        about one per 50 of `max_events`), and return them with their events."""
+        assert self._machine is not None and self._reader is not None
+        out: list[Entry] = []
+        events_out = 0
+        try:
+            entries = self._reader.read(
+                first,
+                last,
+                max(1, min(READ_ENTRIES_MAX, max_events // 50)) if emit else READ_ENTRIES_MAX,
+            )
+        except JournalGap as exc:
+            seq = self.seq
+            self._machine = None  # the next seek starts over from the dump
+            raise EventsGone(seq + 1, str(exc)) from exc
+        for command, index, _term in entries:
+            payload = payload_of_entry(command)
+            self._captured.clear()
+            if payload is not None:
+                self._machine.apply(payload)
+            self._next_index = index + 1
+            if emit:
+                events = tuple(event for events in self._captured for event in events)
+                out.append(Entry(index, self._machine.exchange.cmd_index, events))
+                events_out += len(events)
+        return out
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """The file as it is now (a new dump is a new inode, by rename), or None if absent."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _past_the_checkpoint(gone_from: int, seq: int, index: int) -> EventsGone:
+    return EventsGone(
+        gone_from,
+        f"this node's snapshot is at seq {seq} (log index {index}): the events before it are "
+        "not in its log any more",
+    )

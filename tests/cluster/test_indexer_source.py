@@ -1,0 +1,163 @@
+"""The indexer's LogSource on a real journal and dump: the events it emits are the node's, from
+any checkpoint the log still holds; a compacted log raises EventsGone, and a checkpoint moved
+past the gap (a resync) is followed from the node's dump."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from pathlib import Path
+
+import pytest
+
+from cluster import indexer_source
+from cluster.batch import KIND_COMMAND, encode_batch
+from cluster.indexer_source import LogSource
+from cluster.machine import ExchangeMachine
+from cluster.raft.storage import DumpHeader, DurableJournal, encode_dump, write_file_atomically
+from indexer.events import Checkpoint, EventsGone
+from indexer.port import NodeView
+
+ENTRIES = 10
+
+
+class FakeNode:
+    def __init__(self, applied_index: int) -> None:
+        self.applied_index = applied_index
+
+    def view(self) -> NodeView:
+        return NodeView(role="follower", applied_index=self.applied_index)
+
+    async def changed(self, timeout_s: float) -> None:
+        await asyncio.sleep(min(timeout_s, 0.01))
+
+
+def deposit(i: int) -> dict:
+    return {
+        "op": "deposit",
+        "account": f"a{i % 3}",
+        "asset": "USD",
+        "amount": 10 + i,
+        "ref": f"d{i}",
+    }
+
+
+def command_of(i: int) -> bytes:
+    """A log entry's command as the adapter writes it: one batch with one deposit."""
+    payload = encode_batch(1000 + i, [[KIND_COMMAND, deposit(i)]])
+    return bytes([0]) + pickle.dumps((0, (payload,)))
+
+
+def node_state(upto: int) -> ExchangeMachine:
+    machine = ExchangeMachine()
+    for i in range(1, upto + 1):
+        machine.apply(encode_batch(1000 + i, [[KIND_COMMAND, deposit(i)]]))
+    return machine
+
+
+def write_journal(data_dir: Path, first: int, last: int) -> None:
+    """The journal holding entries `first`..`last` (a new file, as at a compaction or a
+    snapshot install)."""
+    journal = DurableJournal(data_dir / "raft.journal", app_version="test", fsync=False)
+    journal.setCurrentTerm(1, None)  # as a node stores its term before appending in it
+    journal.reset([(command_of(i), i, 1) for i in range(first, last + 1)])
+    journal.close()
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    write_journal(tmp_path, 1, ENTRIES)
+    return tmp_path
+
+
+def compact(data_dir: Path, upto: int) -> Checkpoint:
+    """What a node does at a snapshot (or when it installs the leader's): a dump at `upto`,
+    and a new journal from `upto` + 1. Returns the checkpoint a resync from that dump writes."""
+    machine = node_state(upto)
+    header = DumpHeader(
+        last=(command_of(upto), upto, 1), prev=(command_of(upto - 1), upto - 1, 1), cluster=()
+    )
+    write_file_atomically(data_dir / "raft.dump", encode_dump(header, machine.snapshot()))
+    write_journal(data_dir, upto + 1, ENTRIES)
+    ex = machine.exchange
+    return Checkpoint(seq=ex.seq, cmd_index=ex.cmd_index, raft_index=upto)
+
+
+def read_all(source: LogSource) -> list:
+    out = []
+    while entries := asyncio.run(source.read(1000, timeout_s=0.05)):
+        out.extend(entries)
+    return out
+
+
+def test_the_events_are_the_nodes_from_any_checkpoint(data_dir: Path) -> None:
+    expected = node_state(ENTRIES).exchange.seq
+    source = LogSource(data_dir, FakeNode(ENTRIES))
+    asyncio.run(source.seek(Checkpoint()))
+    entries = read_all(source)
+    assert [e.raft_index for e in entries] == list(range(1, ENTRIES + 1))
+    seqs = [event["seq"] for e in entries for event in e.events]
+    assert seqs == list(range(1, expected + 1))
+    # From a checkpoint in the middle (a takeover): the rest, nothing twice.
+    middle = entries[3]
+    resumed = LogSource(data_dir, FakeNode(ENTRIES))
+    asyncio.run(
+        resumed.seek(
+            Checkpoint(seq=middle.events[-1]["seq"], cmd_index=middle.cmd_index, raft_index=4)
+        )
+    )
+    assert [e.events for e in read_all(resumed)] == [e.events for e in entries[4:]]
+
+
+def test_a_checkpoint_that_does_not_match_the_replica_is_refused(data_dir: Path) -> None:
+    source = LogSource(data_dir, FakeNode(ENTRIES))
+    with pytest.raises(EventsGone, match="the checkpoint at"):
+        asyncio.run(source.seek(Checkpoint(seq=1, cmd_index=1, raft_index=4)))
+
+
+def test_a_compacted_log_raises_the_alarm_and_a_resync_checkpoint_is_followed(
+    data_dir: Path,
+) -> None:
+    resync = compact(data_dir, 6)
+    source = LogSource(data_dir, FakeNode(ENTRIES))
+    with pytest.raises(EventsGone, match="snapshot is at seq"):
+        asyncio.run(source.seek(Checkpoint()))
+    asyncio.run(source.seek(resync))
+    assert [e.raft_index for e in read_all(source)] == [7, 8, 9, 10]
+
+
+def test_a_source_cut_off_mid_stream_follows_a_resync_from_the_dump(tmp_path: Path) -> None:
+    """The source read entries 1..3, all its journal file held; the node then replaced the
+    journal with a snapshot at 6 (installed from the leader): reading raises the alarm, and
+    once a resync moved the checkpoint to the dump, the source starts over there."""
+    write_journal(tmp_path, 1, 3)
+    node = FakeNode(3)
+    source = LogSource(tmp_path, node)
+    asyncio.run(source.seek(Checkpoint()))
+    assert [e.raft_index for e in read_all(source)] == [1, 2, 3]
+    resync = compact(tmp_path, 6)
+    node.applied_index = ENTRIES
+    with pytest.raises(EventsGone, match="log entry 4 is no longer in the journal"):
+        read_all(source)
+    with pytest.raises(EventsGone):  # still gone from where it was
+        asyncio.run(source.seek(Checkpoint(seq=3, cmd_index=3, raft_index=3)))
+    asyncio.run(source.seek(resync))
+    assert [e.raft_index for e in read_all(source)] == [7, 8, 9, 10]
+
+
+def test_a_dump_past_the_checkpoint_is_decoded_once(data_dir: Path, monkeypatch) -> None:
+    """A replica in the alarm retries at every checkpoint move: the same dump, still past the
+    checkpoint, is not decoded again (a large book takes seconds to restore)."""
+    compact(data_dir, 6)
+    decoded = []
+    real = indexer_source.read_dump
+    monkeypatch.setattr(indexer_source, "read_dump", lambda p: decoded.append(p) or real(p))
+    source = LogSource(data_dir, FakeNode(ENTRIES))
+    for seq in (0, 1, 2):
+        with pytest.raises(EventsGone, match="snapshot is at seq"):
+            asyncio.run(source.seek(Checkpoint(seq=seq, cmd_index=seq, raft_index=seq)))
+    assert len(decoded) == 1
+    resync = compact(data_dir, 8)  # a new dump: read again
+    asyncio.run(source.seek(resync))
+    assert len(decoded) == 2
+    assert [e.raft_index for e in read_all(source)] == [9, 10]
