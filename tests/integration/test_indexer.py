@@ -222,7 +222,16 @@ def test_a_killed_streamer_is_replaced_and_nothing_is_written_twice(
         )
         assert other != active
         load.wait_acked(len(load.acked) + 300)
+        # The killed node restarts and is the only other follower: once the streamer that
+        # took over is killed too, it must go on from the checkpoint, from its own log.
         cluster.start(active)
+        wait_for(lambda: indexed(cluster)[active].get("state") == "standby", 30, "its standby")
+        other_pid = indexed(cluster)[other]["pid"]
+        cluster.kill(other)
+        os.kill(other_pid, signal.SIGKILL)
+        wait_for(lambda: streamer(cluster, other_than=other) == active, 30, "its takeover")
+        load.wait_acked(len(load.acked) + 300)
+        cluster.start(other)
     seq = caught_up(cluster, pg_url)
     assert kafka_seqs(services.kafka.bootstrap, topic_prefix) == list(range(1, seq + 1))
     rows = fetch(pg_url, "SELECT seq FROM events ORDER BY seq")
