@@ -101,6 +101,9 @@ class _NodeCollector(Collector):
                 "1 when events needed are no longer in this node's log (resync, indexer.md)",
                 value=1.0 if indexer.get("gone_from_seq") is not None else 0.0,
             )
+        archive = health.get("archive") or {}
+        if archive.get("configured"):
+            yield from _archive_metrics(archive)
         for name, doc in (
             (
                 "qb_commit_latency_seconds",
@@ -112,6 +115,29 @@ class _NodeCollector(Collector):
             buckets = [(_le(bound), float(count)) for bound, count in figures["buckets"]]
             buckets.append(("+Inf", float(figures["count"])))
             yield HistogramMetricFamily(name, doc, buckets=buckets, sum_value=figures["sum"])
+
+
+def _archive_metrics(archive: dict) -> Iterator[Metric]:
+    """The log archiver's (disaster_recovery/archiver.py; docs/operating/backup-restore.md)."""
+    for name, key, doc in (
+        ("qb_archive_active", "active", "1 while this node archives the log (one follower does)"),
+        ("qb_archive_index", "archived_index", "last log index in the archive"),
+        ("qb_archive_cmd_index", "archived_cmd_index", "cmd_index at the archive's end"),
+        ("qb_archive_lag_entries", "lag_entries", "log entries applied here, not yet archived"),
+        ("qb_archive_lag_seconds", "lag_s", "how long the archive has been behind, while it is"),
+        ("qb_archive_failing", "last_error", "1 while the archiver's last round failed"),
+    ):  # fmt: skip
+        value = archive.get(key)
+        if key == "last_error":
+            value = 1.0 if value else 0.0
+        yield GaugeMetricFamily(name, doc, value=float(value or 0))
+    # Counters of the archiver process: they start over when it restarts (rate() copes).
+    for name, key, doc in (
+        ("qb_archive_segments_written", "segments_written", "segments this node shipped"),
+        ("qb_archive_backups_written", "backups_written", "scheduled backups this node took"),
+        ("qb_archive_gaps", "gaps", "times the log moved past the archive (a loud gap)"),
+    ):
+        yield CounterMetricFamily(name, doc, value=float(archive.get(key) or 0))
 
 
 def _le(bound: float) -> str:

@@ -537,6 +537,21 @@ PATHS: dict[str, dict[str, Schema]] = {
             ),
         )
     },
+    "/v1/admin/snapshot": {
+        "get": operation(
+            "Node snapshot",
+            "admin",
+            role="admin",
+            ok=(
+                200,
+                "this node's state at its applied index (the node snapshot bytes; "
+                "`quorumbook backup create` asks a follower); X-QB-Applied-Index, "
+                "X-QB-Cmd-Index, X-QB-Seq and X-QB-State-Hash say where it was taken",
+                {"type": "string", "format": "binary"},
+            ),
+            media_type="application/octet-stream",
+        )
+    },
     "/v1/admin/balances": {
         "get": operation(
             "All balances",

@@ -129,6 +129,10 @@ class NodePort(Protocol):
         """Register an API key through the log; return its secret. With the signed `request`
         (signature, ts_ms), a replay of it is refused (AuthError replayed) like a command's."""
 
+    async def snapshot(self) -> dict:
+        """This node's state at its applied index, for a backup: `{"blob": bytes (the node
+        snapshot), "applied_index", "cmd_index", "seq", "state_hash", "role"}`."""
+
     def subscribe(self, buffer: int = 10_000) -> Subscription:
         """Follow committed events from now on (must be called from the trio thread)."""
 

@@ -616,3 +616,17 @@ def indexer_tail(
             state=Path(state) if state else None,
         )
     )
+
+
+def _add_plugin_commands() -> None:
+    """The commands of the packages that build on cluster/ (backup, restore, drill: in
+    disaster_recovery/), which this module may not import: they are entry points of the
+    group `quorumbook.commands` (pyproject.toml)."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="quorumbook.commands"):
+        if entry.name not in main.commands:
+            main.add_command(entry.load(), entry.name)
+
+
+_add_plugin_commands()

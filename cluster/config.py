@@ -1,7 +1,7 @@
 """Node configuration: a TOML file per node (`quorumbook node run --config FILE`).
 
 The Structs below are the file, one per table: the top level, `[raft]`, `[api]`, `[batch]`,
-`[ws]`, `[indexer]` and `[[peers]]`. Loading refuses an unknown key or a value of the wrong type with a
+`[ws]`, `[indexer]`, `[archive]` and `[[peers]]`. Loading refuses an unknown key or a value of the wrong type with a
 `ConfigError` that names the file and the key. Each default is declared once: by the
 component that uses it (`RaftSettings`, `RateLimits`, `api.ws.Settings`) and read from
 there, or here (`[batch]`: `Replica`'s keyword defaults are held equal to it by a test).
@@ -39,6 +39,7 @@ PASSWORD_ENV = "QUORUMBOOK_RAFT_PASSWORD"
 EXIT_WITH_PARENT_ENV = "QB_EXIT_WITH_PARENT"
 
 Name = Annotated[str, msgspec.Meta(min_length=1)]
+ClusterId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 SecondsOrZero = Annotated[float, msgspec.Meta(ge=0)]
 AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
@@ -124,6 +125,18 @@ class Indexer(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defa
     batch_max_events: AtLeastOne = 5000  # events per PostgreSQL transaction, about
 
 
+class Archive(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """`[archive]`: ship the committed log to a target in segments, and back the state up on
+    a schedule, while this node is the archiving follower (one at a time;
+    docs/operating/backup-restore.md). Without `target`, this node archives nothing."""
+
+    target: str | None = None  # a directory, or s3://bucket/prefix (AWS_* variables for S3)
+    segment_max_s: Seconds = 2.0  # a segment is cut at least this often while entries come
+    segment_max_entries: AtLeastOne = 2000  # ... or when it holds this many log entries
+    backup_interval_s: SecondsOrZero = 3600.0  # a backup of the node's latest dump this often; 0: never
+    keep_backups: AtLeastOne = 7  # older backups, and the segments only they need, are deleted
+
+
 class NodeConfig(
     msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True, kw_only=True
 ):
@@ -131,6 +144,9 @@ class NodeConfig(
 
     node_id: Name
     data_dir: Path  # journal, meta and dump
+    # The cluster's identity, the same on every node: backups and archived log segments carry
+    # it, and a restore gives the new cluster a new one (docs/operating/backup-restore.md).
+    cluster_id: ClusterId | None = None
     password_file: Path | None = None
     admin_key_file: Path | None = None
     api_master_file: Path | None = None  # derives API key secrets; same file on every node
@@ -139,6 +155,7 @@ class NodeConfig(
     batch: Batch = msgspec.field(default_factory=Batch)
     ws: WsSettings = msgspec.field(default_factory=WsSettings)
     indexer: Indexer = msgspec.field(default_factory=Indexer)
+    archive: Archive = msgspec.field(default_factory=Archive)
     peers: tuple[Peer, ...] = ()
 
     @property
@@ -235,6 +252,11 @@ class NodeConfig(
         self.read_admin_key()
         if self.api.tls_key_file is not None:
             _read_secret(self.api.tls_key_file, "[api] tls_key_file")
+        if self.archive.target and not self.cluster_id:
+            raise ConfigError(
+                "[archive] target needs a cluster_id (the same on every node): the archived "
+                "log and the backups are tied to it"
+            )
 
 
 # table name -> its Struct (`peers` is an array of tables, kept apart)
@@ -244,6 +266,7 @@ TABLES: dict[str, type[msgspec.Struct]] = {
     "batch": Batch,
     "ws": WsSettings,
     "indexer": Indexer,
+    "archive": Archive,
 }
 # key -> its table ("" for the top level); `make` names keys this way
 _TABLE_OF: dict[str, str] = {

@@ -99,6 +99,7 @@ class LocalCluster:
             write_credentials(admin_key, new_credentials("admin"))
         ids = [f"n{i}" for i in range(1, n + 1)]
         addrs = {i: (f"127.0.0.1:{free_port()}", free_port()) for i in ids}
+        settings = {"cluster_id": f"qb-{secrets.token_hex(6)}", **settings}
         scheme = "https" if settings.get("tls_cert_file") else "http"
         nodes = {}
         for node_id in ids:
@@ -175,6 +176,9 @@ class LocalCluster:
             ],
             "admin_credentials": str(self.admin_key_path),
         }
+        cluster_id = next(iter(self.nodes.values())).config.cluster_id
+        if cluster_id:
+            manifest["cluster_id"] = cluster_id
         indexer = next(iter(self.nodes.values())).config.indexer
         if indexer.postgres_url:  # the services the nodes stream to (DESIGN.md "CLI")
             manifest["postgres_url"] = indexer.postgres_url

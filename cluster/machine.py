@@ -62,6 +62,18 @@ class MachineSnapshotError(ValueError):
     """A node snapshot that is not ours or is damaged (the exchange blob is checked too)."""
 
 
+def exchange_blob_of(blob: bytes) -> bytes:
+    """The exchange's snapshot inside a node snapshot (`ExchangeMachine.snapshot`)."""
+    try:
+        fields = msgpack.unpackb(blob, raw=False)
+        exchange_blob = fields[1]
+    except Exception as exc:
+        raise MachineSnapshotError(f"undecodable node snapshot: {exc}") from exc
+    if not isinstance(exchange_blob, bytes):
+        raise MachineSnapshotError("malformed node snapshot: no exchange snapshot in it")
+    return exchange_blob
+
+
 class ExchangeMachine:
     """`StateMachinePort` over a `statemachine.Exchange`."""
 

@@ -37,10 +37,10 @@ from api.port import (
 from api.rate_limit import RateLimiter, RateLimits
 from statemachine import exchange as _exchange_module
 from statemachine.precheck import ShapeCheck
+from statemachine.snapshot import stated_hash
 
 from .config import EXIT_WITH_PARENT_ENV, NodeConfig, Peer
-from .indexer_link import IndexerLink
-from .machine import ExchangeMachine
+from .machine import ExchangeMachine, exchange_blob_of
 from .raft import EXIT_STARTUP_REFUSED, RaftReplica, RaftStartupError
 from .replica import (
     MembershipBusy,
@@ -52,6 +52,7 @@ from .replica import (
     RequestRefused,
     Unencodable,
 )
+from .sidecar import Sidecar, archive_sidecar, indexer_sidecar
 
 # Which build of the state machine this process runs (docs/adr/0003-compiled-state-machine.md).
 ENGINE = "compiled" if (_exchange_module.__file__ or "").endswith(".so") else "pure"
@@ -101,7 +102,8 @@ class Node:
         self._hash_cache: tuple[int, str] = (-1, "")
         self._hash_lock = trio.Lock()
         self._membership_lock = trio.Lock()
-        self.indexer: IndexerLink | None = None  # set by _serve when [indexer] is configured
+        self.indexer: Sidecar | None = None  # set by _serve when [indexer] is configured
+        self.archive: Sidecar | None = None  # set by _serve when [archive] is configured
         self.api_master = config.read_api_master()
         self._trades: dict[str, collections.deque] = {}
         self._trades_lock = threading.Lock()
@@ -318,7 +320,30 @@ class Node:
         return {
             **self._summary(self.raft.status(), self.machine.exchange.cmd_index),
             "indexer": self.indexer_status(),
+            "archive": self.archive_status(),
         }
+
+    async def snapshot(self) -> dict:
+        """This node's state at its applied index, for a backup: `{"blob", "applied_index",
+        "cmd_index", "seq", "state_hash", "role"}`. Taken on the Raft thread between ticks
+        (nothing applies meanwhile, and the heartbeat helper stands in for a leader's
+        AppendEntries): consistent without a lock, and it holds up only this node's apply,
+        which is why a backup asks a follower."""
+
+        def read() -> dict:
+            raft = self.raft.status()  # published after the last tick: nothing applied since
+            exchange = self.machine.exchange
+            blob = self.machine.snapshot()
+            return {
+                "blob": blob,
+                "applied_index": raft["applied_index"],
+                "cmd_index": exchange.cmd_index,
+                "seq": exchange.seq,
+                "state_hash": stated_hash(exchange_blob_of(blob)),
+                "role": raft["role"],
+            }
+
+        return await self.replica.read_between_ticks(read)
 
     def indexer_status(self) -> dict:
         """The `indexer` object of the status: what this node's indexer process last said."""
@@ -326,9 +351,15 @@ class Node:
             return {"configured": False, "active": False}
         return self.indexer.status
 
-    def indexer_view(self) -> dict:
-        """What the indexer process needs to know of this node (cluster/indexer_link.py):
-        ints the node publishes anyway, read without a lock."""
+    def archive_status(self) -> dict:
+        """The `archive` object of the status: what this node's log archiver last said."""
+        if self.archive is None:
+            return {"configured": False, "active": False}
+        return self.archive.status
+
+    def sidecar_view(self) -> dict:
+        """What the helper processes need to know of this node (cluster/sidecar.py): figures
+        the node publishes anyway, read without a lock."""
         raft = self.raft.status()
         exchange = self.machine.exchange
         return {
@@ -336,6 +367,10 @@ class Node:
             "applied_index": raft["applied_index"],
             "seq": exchange.seq,
             "ts_ms": exchange.last_ts // 1_000_000,
+            "leader": self._peer_id(raft["leader"]),
+            "connected": sorted(
+                self._peer_id(p["id"]) for p in raft.get("peers", []) if p.get("connected")
+            ),
         }
 
     def _summary(self, raft: dict, cmd_index: int) -> dict:
@@ -365,6 +400,7 @@ class Node:
         raft = self.raft.status()
         return {
             **self._summary(raft, cmd_index),
+            "cluster_id": self.config.cluster_id,
             "state_hash": state_hash,
             "engine": ENGINE,
             "peers": [
@@ -394,6 +430,7 @@ class Node:
                 if k in raft
             },
             "indexer": self.indexer_status(),
+            "archive": self.archive_status(),
         }
 
 
@@ -446,10 +483,13 @@ async def _serve(config: NodeConfig) -> None:
             await nursery.start(replica.run)
             node.start_feed()
             if config.indexer.postgres_url:
-                node.indexer = IndexerLink(
-                    config.indexer, config.node_id, str(config.data_dir), node.indexer_view
+                node.indexer = indexer_sidecar(
+                    config.indexer, config.node_id, str(config.data_dir), node.sidecar_view
                 )
                 await nursery.start(node.indexer.run)
+            if config.archive.target:
+                node.archive = archive_sidecar(config, node.sidecar_view)
+                await nursery.start(node.archive.run)
             stop = trio.Event()
 
             async def watch_signals() -> None:

@@ -192,11 +192,15 @@ def state_hash(state: ExchangeState, *, counters: bool = True) -> str:
         return hashlib.sha256(pack_body(fields)).hexdigest()
 
 
-def decode(blob: Any) -> ExchangeState:
-    """The state a blob holds, checked in full (shape, canonical order, every invariant)."""
-    if not isinstance(blob, bytes | bytearray | memoryview):
-        raise SnapshotError("a snapshot must be bytes")
-    blob = bytes(blob)
+def stated_hash(blob: bytes) -> str:
+    """The state hash a snapshot's header states (the sha256 of its body, which is what
+    `state_hash` computes for the state it holds), read without decoding the body; `decode`
+    checks both."""
+    return _header_digest(blob).hex()
+
+
+def _header_digest(blob: bytes) -> bytes:
+    """The body's sha256 the header states, once the header is checked."""
     if len(blob) < _HEADER.size:
         raise SnapshotError("snapshot truncated: shorter than its header")
     magic, version, digest = _HEADER.unpack_from(blob)
@@ -204,6 +208,15 @@ def decode(blob: Any) -> ExchangeState:
         raise SnapshotError("not a quorumbook snapshot (bad magic)")
     if version != VERSION:
         raise SnapshotError(f"unsupported snapshot version {version} (this build reads {VERSION})")
+    return digest
+
+
+def decode(blob: Any) -> ExchangeState:
+    """The state a blob holds, checked in full (shape, canonical order, every invariant)."""
+    if not isinstance(blob, bytes | bytearray | memoryview):
+        raise SnapshotError("a snapshot must be bytes")
+    blob = bytes(blob)
+    digest = _header_digest(blob)
     body = blob[_HEADER.size :]
     if hashlib.sha256(body).digest() != digest:
         raise SnapshotError("snapshot checksum mismatch: truncated or corrupted")

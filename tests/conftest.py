@@ -3,6 +3,7 @@
 import asyncio
 import itertools
 import os
+import signal
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,3 +97,49 @@ def topic_prefix() -> str:
 @pytest.fixture
 def kafka_bootstrap(services: Services) -> str:
     return services.kafka.bootstrap
+
+
+# ------------------------------------------------------------------ an S3-protocol server
+# moto's standalone server (a dev extra) on a free loopback port, started once per session by
+# the first test that asks, stopped by pid at the end. Each test gets its own bucket.
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    import subprocess
+    import sys
+
+    from indexer.services import _stop, _wait_for_port, free_port
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    server = Path(sys.executable).parent / "moto_server"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=out
+        )
+    try:
+        _wait_for_port("127.0.0.1", port, process, "moto_server", log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _stop(process, signal.SIGTERM, 10)
+
+
+@pytest.fixture
+def s3_url(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """`s3://BUCKET/prefix` of a new, empty bucket; the AWS variables point boto3 (in this
+    process and in those it starts) at the session's server."""
+    import boto3
+
+    for name, value in {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    bucket = f"qb-test-{next(_names)}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/backups"

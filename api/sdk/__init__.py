@@ -12,7 +12,7 @@ applied) or with `OutcomeUnknown` (maybe applied: resend to settle it), by one r
 
 from __future__ import annotations
 
-from .admin import AdminClient
+from .admin import AdminClient, NodeSnapshot
 from .client import MAX_BATCH_ORDERS, AsyncClient, Client, new_client_order_id, tls_context
 from .errors import ApiError, ClusterUnavailable, OutcomeUnknown
 from .signing import (
@@ -45,6 +45,7 @@ __all__ = [
     "ClusterUnavailable",
     "Credentials",
     "Gap",
+    "NodeSnapshot",
     "OutcomeUnknown",
     "Subscription",
     "new_client_order_id",

@@ -4,8 +4,9 @@ Its one public surface is what this module exports; the modules inside are priva
 ``adapter`` (``RaftReplica``, ``RaftSettings``, the outcomes), ``hardened`` (``HardenedSyncObj``:
 pysyncobj's ``SyncObj`` with its safety bugs fixed), ``storage`` (the journal and the dump),
 ``transport`` (the TCP transport), ``pin`` (refuses any other pysyncobj). ``JournalReader``,
-``read_dump`` and ``payload_of_entry`` let another process (the indexer) follow what a node
-applies, from its data directory. Why each piece exists:
+``read_dump`` and ``payload_of_entry`` let another process (the indexer, the log archiver)
+follow what a node applies, from its data directory; ``seed_data_dir`` starts a new cluster's
+log at a restored state. Why each piece exists:
 docs/adr/0002-pysyncobj-hardening.md.
 """
 
@@ -24,7 +25,7 @@ from .adapter import (
     SubmitError,
     SubmitErrorReason,
 )
-from .hardened import payload_of_entry
+from .hardened import payload_of_entry, seed_data_dir
 from .storage import JournalGap, JournalReader, RaftStorageError, read_dump
 
 __all__ = [
@@ -46,4 +47,5 @@ __all__ = [
     "SubmitErrorReason",
     "payload_of_entry",
     "read_dump",
+    "seed_data_dir",
 ]

@@ -93,6 +93,22 @@ def payload_of_entry(command: bytes) -> bytes | None:
     return payload
 
 
+def seed_data_dir(data_dir: Path, machine_blob: bytes, index: int, members: list[str]) -> None:
+    """Make `data_dir` the data directory of a member of a NEW cluster whose log starts with
+    the state `machine_blob` at log `index` (a restore, disaster_recovery/restore.py): a dump
+    whose head entries are no-ops of term 1 at `index` - 1 and `index`, naming `members`
+    (raft addresses). The node reconciles its empty journal with it at start (fix 4), applies
+    nothing up to `index`, and the cluster's first leader appends after it."""
+    if index < 2:
+        raise ValueError(f"a seeded log starts at index 2 or later, not {index}")
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if any(data_dir.iterdir()):
+        raise FileExistsError(f"{data_dir} is not empty")
+    header = DumpHeader(last=(_NO_OP, index, 1), prev=(_NO_OP, index - 1, 1), cluster=tuple(members))
+    write_file_atomically(data_dir / "raft.dump", encode_dump(header, machine_blob))
+
+
 class HardenedSerializer(Serializer):
     """pysyncobj's ``Serializer`` with the snapshot-transfer side replaced.
 

@@ -1,0 +1,420 @@
+"""The log archiver beside a node: `python -m disaster_recovery.archiver` (cluster/sidecar.py
+starts it when the node's config has `[archive] target`).
+
+One follower at a time ships the committed log to the target in segments
+(disaster_recovery/segments.py), every `segment_max_s` or `segment_max_entries`, and backs the
+state up every `backup_interval_s` from the node's own latest dump (the snapshot the node
+writes anyway when it compacts its log: nothing is stalled to take it), keeping the newest
+`keep_backups` and the segments they need. With the backups and the segments after them, a
+cluster that lost every node is restored up to the last segment (disaster_recovery/restore.py).
+
+Which follower: the one with the lowest node id among this node and the peers it sees
+connected, the leader excepted. Two that disagree for a moment (a partition) both archive:
+committed entries are the same bytes on every node, so their segments agree where they
+overlap and a restore takes either.
+
+Where it reads: like the indexer (ADR 0007), its own replica of the state machine, fed from
+the node's dump and journal up to the applied index (every entry's `cmd_index` is recorded,
+so a point-in-time restore knows where to stop). When the journal no longer holds the entry
+after the archive's end (the node compacted while no archiver ran), the archive has a gap:
+it is said loudly, and a backup of the node's dump starts a new chain after it.
+
+It talks to the node in JSON lines like the indexer: the node's view on stdin, its status
+(the node status's `archive` object) on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from cluster.machine import ExchangeMachine, exchange_blob_of
+from cluster.raft import JournalGap, JournalReader, RaftStorageError, payload_of_entry, read_dump
+from statemachine.snapshot import stated_hash
+
+from . import backup, segments
+from .target import Target, TargetError, open_target
+
+log = logging.getLogger("quorumbook.archive")
+
+TARGET_ENV = "QB_ARCHIVE_TARGET"
+STATUS_PERIOD_S = 0.5
+IDLE_S = 0.05
+READ_MAX = 256  # log entries read and applied per step
+PENDING_MAX = 50_000  # entries held while the target is down; beyond, start over from the end
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 10.0
+
+
+class Gap(RuntimeError):
+    """The node's log no longer holds the entry after the archive's end."""
+
+
+class Replica:
+    """The node's state machine, at log index `index`, fed from its dump and journal."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.machine = ExchangeMachine()
+        self.index = 0
+        self.reader = JournalReader(data_dir / "raft.journal")
+
+    @classmethod
+    def at(cls, data_dir: Path, index: int, applied: int) -> Replica:
+        """A replica at `index` (from the node's dump, then its journal). Gap when the dump is
+        past `index` or the journal no longer holds what lies between."""
+        replica = cls(data_dir)
+        dump = data_dir / "raft.dump"
+        if dump.exists():
+            header, blob = read_dump(dump)
+            if header.index > index:
+                replica.close()
+                raise Gap(f"the node's snapshot is at log index {header.index}, past {index}")
+            replica.machine.restore(blob)
+            replica.index = header.index
+        replica.reader.open()
+        while replica.index < index:
+            if not replica.read(min(index, applied), READ_MAX):
+                break
+        if replica.index != index:
+            replica.close()
+            raise Gap(f"the node has applied {applied}, not yet {index}")
+        return replica
+
+    def read(self, upto: int, max_entries: int) -> list[segments.Entry]:
+        """Apply and return the next entries up to `upto` (each with its cmd_index after)."""
+        if upto <= self.index:
+            return []
+        try:
+            entries = self.reader.read(self.index + 1, upto, max_entries)
+        except JournalGap as exc:
+            raise Gap(str(exc)) from exc
+        out = []
+        for command, idx, term in entries:
+            payload = payload_of_entry(command)
+            if payload is not None:
+                self.machine.apply(payload)
+            self.index = idx
+            out.append((command, idx, term, self.machine.exchange.cmd_index))
+        return out
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class NodeFeed:
+    """The node's view, as its JSON lines on our stdin say (a thread reads them)."""
+
+    def __init__(self) -> None:
+        self.view: dict = {}
+        self.closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="node-feed", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        for line in sys.stdin:
+            with contextlib.suppress(ValueError):
+                doc = json.loads(line)
+                if isinstance(doc, dict):
+                    self.view = doc
+        self.closed.set()
+
+
+def designated(node_id: str, view: dict) -> bool:
+    """Whether this node archives now: a follower with a leader, lowest id among itself and
+    the peers it sees connected (the leader excepted)."""
+    if view.get("role") != "follower" or not view.get("leader"):
+        return False
+    others = [p for p in view.get("connected", ()) if p != view["leader"]]
+    return node_id <= min(others, default=node_id)
+
+
+class Archiver:
+    def __init__(self, opts: argparse.Namespace, target: Target, feed: NodeFeed) -> None:
+        self.opts = opts
+        self.target = target
+        self.feed = feed
+        self.data_dir = Path(opts.data_dir)
+        self.end: int | None = None  # the archive's last index (a chain from an anchor)
+        self.end_cmd_index = 0
+        self.replica: Replica | None = None
+        self.pending: list[segments.Entry] = []
+        self.pending_since = 0.0
+        self.behind_since: float | None = None
+        self.last_backup_at: dt.datetime | None = None
+        self.last_backup_index = -1
+        self.next_backup_check = 0.0
+        self.status: dict = {
+            "configured": True, "active": False, "state": "starting", "target": target.url,
+            "archived_index": None, "archived_cmd_index": None, "lag_entries": None,
+            "lag_s": 0.0, "segments_written": 0, "backups_written": 0, "last_backup": None,
+            "gaps": 0, "last_error": None, "pid": os.getpid(),
+        }  # fmt: skip
+
+    # ------------------------------------------------------------------ the loop
+
+    def step(self) -> float:
+        """One round; how long to wait before the next."""
+        view = self.feed.view
+        if not designated(self.opts.node_id, view):
+            self._stand_by()
+            return 0.2
+        self.status["active"] = True
+        if self.end is None:
+            self._open_archive()
+        assert self.end is not None
+        applied = int(view.get("applied_index", 0))
+        if self.replica is None:
+            self.replica = self._replica_at_end(applied)
+        entries = self.replica.read(applied, READ_MAX)
+        if entries:
+            if not self.pending:
+                self.pending_since = time.monotonic()
+            self.pending += entries
+        if self._segment_due():
+            self._ship()
+        self._maybe_back_up()
+        self._report(applied)
+        return 0.0 if entries else IDLE_S
+
+    def _stand_by(self) -> None:
+        if self.replica is not None:
+            self.replica.close()
+            self.replica = None
+        self.pending = []
+        self.end = None  # another may have archived meanwhile: read it again when active
+        self.behind_since = None
+        self.status.update(active=False, state="standby", lag_entries=None, lag_s=0.0)
+
+    def _open_archive(self) -> None:
+        backup.bind(self.target, self.opts.cluster_id)
+        anchors = [(0, 0)] + [
+            (m.applied_index, m.cmd_index) for m in backup.complete_backups(self.target)
+        ]
+        spans = segments.listed(self.target)
+        reach = {}
+        for index, cmd_index in anchors:
+            chain = segments.chain(spans, index)
+            reach[index] = (chain[-1][1] if chain else index, cmd_index, chain)
+        start = max(reach, key=lambda i: (reach[i][0], i))
+        self.end, self.end_cmd_index, chain = reach[start]
+        if chain:
+            last = segments.read(self.target, chain[-1][2], cluster_id=self.opts.cluster_id)
+            self.end_cmd_index = last.last_cmd_index
+        newest = backup.complete_backups(self.target)
+        if newest:
+            self.last_backup_index = newest[-1].applied_index
+            self.last_backup_at = _parse_time(newest[-1].created_at)
+        log.info("archive %s: ends at log index %d", self.target.url, self.end)
+        self.status.update(state="archiving", archived_index=self.end,
+                           archived_cmd_index=self.end_cmd_index)  # fmt: skip
+
+    def _replica_at_end(self, applied: int) -> Replica:
+        assert self.end is not None
+        try:
+            return Replica.at(self.data_dir, self.end, applied)
+        except Gap as exc:
+            if self.end > applied:
+                raise  # the archive is ahead of this node (it is catching up): wait
+            # The log moved past the archive: a new chain from a backup of the node's dump.
+            self.status["gaps"] += 1
+            log.error(
+                "archive GAP after log index %d (%s): backing up this node's snapshot to "
+                "start a new chain; points in time in the gap cannot be restored",
+                self.end,
+                exc,
+            )
+            made = self._back_up_dump(reason="gap")
+            self.end, self.end_cmd_index = made.applied_index, made.cmd_index
+            return Replica.at(self.data_dir, self.end, applied)
+
+    def _segment_due(self) -> bool:
+        if not self.pending:
+            return False
+        return (
+            len(self.pending) >= self.opts.segment_max_entries
+            or time.monotonic() - self.pending_since >= self.opts.segment_max_s
+        )
+
+    def _ship(self) -> None:
+        assert self.end is not None
+        batch = self.pending[: self.opts.segment_max_entries]
+        segment = segments.Segment(
+            cluster_id=self.opts.cluster_id,
+            first_cmd_index=self.end_cmd_index,
+            created_at=_now_iso(),
+            entries=tuple(batch),
+        )
+        self.target.put(segment.name, segments.encode(segment))
+        self.pending = self.pending[len(batch) :]
+        self.pending_since = time.monotonic()
+        self.end, self.end_cmd_index = segment.last_index, segment.last_cmd_index
+        self.status["segments_written"] += 1
+
+    # ------------------------------------------------------------------ backups
+
+    def _maybe_back_up(self) -> None:
+        """A backup of the node's latest dump every `backup_interval_s` (if it is newer than
+        the last backup: a quiet cluster does not compact, and gets no new backup)."""
+        interval = self.opts.backup_interval_s
+        if interval <= 0 or time.monotonic() < self.next_backup_check:
+            return
+        if self.last_backup_at is not None:
+            elapsed = (dt.datetime.now(dt.UTC) - self.last_backup_at).total_seconds()
+            if elapsed < interval:
+                self.next_backup_check = time.monotonic() + interval - elapsed
+                return
+        dump = self.data_dir / "raft.dump"
+        header, blob = read_dump(dump) if dump.exists() else (None, b"")
+        if header is None or header.index <= self.last_backup_index:
+            self.next_backup_check = time.monotonic() + min(interval, 60.0)
+            return
+        self._back_up(header.index, blob, reason="scheduled")
+
+    def _back_up_dump(self, *, reason: str) -> backup.Manifest:
+        header, blob = read_dump(self.data_dir / "raft.dump")
+        return self._back_up(header.index, blob, reason=reason)
+
+    def _back_up(self, index: int, blob: bytes, *, reason: str) -> backup.Manifest:
+        machine = ExchangeMachine()
+        machine.restore(blob)  # decoded in full: never store a snapshot that does not restore
+        exchange = machine.exchange
+        state = backup.State(
+            blob=blob,
+            applied_index=index,
+            cmd_index=exchange.cmd_index,
+            seq=exchange.seq,
+            state_hash=stated_hash(exchange_blob_of(blob)),
+            taken_from=f"dump:{self.opts.node_id}",
+        )
+        made = backup.write(self.target, self.opts.cluster_id, state)
+        self.last_backup_at = dt.datetime.now(dt.UTC)
+        self.last_backup_index = made.applied_index
+        self.status["backups_written"] += 1
+        self.status["last_backup"] = made.backup_id
+        log.info("archive: backup %s (%s) at log index %d", made.backup_id, reason, index)
+        self._prune()
+        return made
+
+    def _prune(self) -> None:
+        """Keep the newest `keep_backups` backups, and the segments a restore from them needs."""
+        kept = backup.complete_backups(self.target)
+        if len(kept) <= self.opts.keep_backups:
+            return
+        old, kept = kept[: -self.opts.keep_backups], kept[-self.opts.keep_backups :]
+        for manifest in old:
+            backup.delete(self.target, manifest.backup_id)
+        floor = kept[0].applied_index
+        for _first, last, name in segments.listed(self.target):
+            if last <= floor:
+                self.target.delete(name)
+
+    # ------------------------------------------------------------------ status
+
+    def _report(self, applied: int) -> None:
+        assert self.end is not None
+        lag = max(0, applied - self.end)
+        now = time.monotonic()
+        if lag and self.behind_since is None:
+            self.behind_since = now
+        elif not lag:
+            self.behind_since = None
+        self.status.update(
+            state="archiving",
+            archived_index=self.end,
+            archived_cmd_index=self.end_cmd_index,
+            lag_entries=lag,
+            lag_s=round(now - self.behind_since, 3) if self.behind_since is not None else 0.0,
+            last_error=None,
+        )
+
+    def fail(self, exc: BaseException) -> None:
+        """A round failed (the target down, a gap the node will close): keep the archive's
+        end, drop what is held beyond the bound, try again later."""
+        self.status.update(state="backoff", last_error=f"{type(exc).__name__}: {exc}")
+        if len(self.pending) > PENDING_MAX or isinstance(exc, Gap):
+            self.pending = []
+            if self.replica is not None:
+                self.replica.close()
+                self.replica = None
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _parse_time(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _emit(status: dict) -> None:
+    sys.stdout.write(json.dumps(status) + "\n")
+    sys.stdout.flush()
+
+
+def run(opts: argparse.Namespace) -> None:
+    feed = NodeFeed()
+    feed.start()
+    target = open_target(opts.target)
+    archiver = Archiver(opts, target, feed)
+    backoff = BACKOFF_MIN_S
+    last_emit = 0.0
+    while not feed.closed.is_set():
+        try:
+            wait = archiver.step()
+            backoff = BACKOFF_MIN_S
+        except (TargetError, Gap, RaftStorageError, OSError, backup.BackupError,
+                segments.SegmentError) as exc:  # fmt: skip
+            log.warning("archive: %s: %s; retrying in %.1f s", type(exc).__name__, exc, backoff)
+            archiver.fail(exc)
+            wait, backoff = backoff, min(backoff * 2, BACKOFF_MAX_S)
+        now = time.monotonic()
+        if now - last_emit >= STATUS_PERIOD_S:
+            _emit(archiver.status)
+            last_emit = now
+        if wait:
+            feed.closed.wait(wait)
+    # The node is stopping: ship what is held (a clean stop loses nothing archived so far).
+    with contextlib.suppress(Exception):
+        while archiver.pending and archiver.status["active"]:
+            archiver._ship()
+    _emit(archiver.status)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m disaster_recovery.archiver")
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--node-id", required=True)
+    ap.add_argument("--cluster-id", required=True)
+    ap.add_argument("--target", default=os.environ.get(TARGET_ENV))
+    ap.add_argument("--segment-max-s", type=float, default=2.0)
+    ap.add_argument("--segment-max-entries", type=int, default=2000)
+    ap.add_argument("--backup-interval-s", type=float, default=3600.0)
+    ap.add_argument("--keep-backups", type=int, default=7)
+    opts = ap.parse_args(argv)
+    if not opts.target:
+        ap.error(f"no --target and no ${TARGET_ENV}")
+    return opts
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    run(parse(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""`quorumbook restore`: a new cluster from a target's backups and archived log.
+
+The state at the newest point the target holds (or at the newest log entry whose commands end
+at or before `--to-cmd-index N`) is rebuilt here, offline: the newest backup that gets there
+(verified in full), then the archived segments after it, each entry applied to the state
+machine and its `cmd_index` checked against the one the archiver recorded (a replay that
+diverges stops the restore). The result seeds the data directory of every member of a new
+local cluster (`cluster.raft.seed_data_dir`): its log starts at that state, its nodes all
+report its state hash, and it accepts orders.
+
+The new cluster is a new history: a new `cluster_id`, its own archive target (the old one
+stays the record of the old history), an indexer database that is reconciled, never shared
+(docs/operating/backup-restore.md). Secrets are not in backups: the API master secret (which
+derives every trader key's secret) and the admin key are carried over only when given.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster.machine import ExchangeMachine
+from cluster.raft import payload_of_entry, seed_data_dir
+
+from . import backup, segments
+from .target import Target
+
+
+class RestoreError(RuntimeError):
+    """A restore that cannot be done, said in one line."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    backup_id: str | None  # None: from the empty state at log index 0 (nothing compacted yet)
+    anchor_index: int
+    anchor_cmd_index: int
+    chain: tuple[tuple[int, int, str], ...]  # the segments to read, in order
+    archive_end: int  # the last log index the chain reaches
+
+
+def plan(target: Target, to_cmd_index: int | None = None) -> Plan:
+    """Where to start: of the backups at or before `to_cmd_index` (and the empty state, if
+    the archive starts at the log's first entry), the one whose segment chain reaches
+    furthest (the newest of those)."""
+    cluster_id = backup.target_cluster(target)
+    if cluster_id is None:
+        raise RestoreError(f"{target.url} holds no quorumbook backup or archived log")
+    anchors: list[tuple[str | None, int, int]] = [(None, 0, 0)]
+    for m in backup.complete_backups(target):
+        if to_cmd_index is None or m.cmd_index <= to_cmd_index:
+            anchors.append((m.backup_id, m.applied_index, m.cmd_index))
+    spans = segments.listed(target)
+    best: Plan | None = None
+    for backup_id, index, cmd_index in anchors:
+        chain = tuple(segments.chain(spans, index))
+        if backup_id is None and not chain:
+            continue  # the empty state with nothing after it
+        candidate = Plan(backup_id, index, cmd_index, chain, chain[-1][1] if chain else index)
+        if best is None or (candidate.archive_end, index) > (best.archive_end, best.anchor_index):
+            best = candidate
+    if best is None:
+        point = "" if to_cmd_index is None else f" at or before cmd_index {to_cmd_index}"
+        raise RestoreError(
+            f"{target.url} holds no backup{point} and no archived log from its start"
+        )
+    return best
+
+
+@dataclass
+class Restored:
+    machine: ExchangeMachine
+    index: int
+    cmd_index: int
+    segments_read: int
+
+
+def replay(
+    target: Target,
+    chosen: Plan,
+    to_cmd_index: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Restored:
+    """The state at the plan's end (or at `to_cmd_index`'s entry boundary)."""
+    say = progress or (lambda _line: None)
+    cluster_id = backup.target_cluster(target)
+    if chosen.backup_id is not None:
+        say(f"backup {chosen.backup_id}: log index {chosen.anchor_index}, cmd_index "
+            f"{chosen.anchor_cmd_index}; verifying")  # fmt: skip
+        try:
+            machine = backup.load(target, chosen.backup_id, cluster_id=cluster_id).machine
+        except backup.BackupError as exc:
+            raise RestoreError(str(exc)) from exc
+    else:
+        say("no backup before the archive's start: from the empty state")
+        machine = ExchangeMachine()
+    index, read = chosen.anchor_index, 0
+    for _first, _last, name in chosen.chain:
+        try:
+            segment = segments.read(target, name, cluster_id=cluster_id)
+        except segments.SegmentError as exc:
+            raise RestoreError(
+                f"{exc}; the archive cannot be replayed past log index {index}"
+            ) from exc
+        read += 1
+        for command, idx, _term, cmd_index in segment.entries:
+            if idx <= index:
+                continue  # an overlap with the segment before
+            if idx != index + 1:
+                raise RestoreError(f"{name}: log index {idx} follows {index}")
+            if to_cmd_index is not None and cmd_index > to_cmd_index:
+                say(f"stopped before log index {idx} (its commands end at cmd_index {cmd_index})")
+                return Restored(machine, index, machine.exchange.cmd_index, read)
+            payload = payload_of_entry(command)
+            if payload is not None:
+                machine.apply(payload)
+            if machine.exchange.cmd_index != cmd_index:
+                raise RestoreError(
+                    f"the replay diverged at log index {idx}: cmd_index "
+                    f"{machine.exchange.cmd_index} here, {cmd_index} when it was archived"
+                )
+            index = idx
+        if read % 50 == 0:
+            say(f"  {read} of {len(chosen.chain)} segments, log index {index}")
+    return Restored(machine, index, machine.exchange.cmd_index, read)
+
+
+def restore(
+    target: Target,
+    data_dir: Path,
+    *,
+    nodes: int = 3,
+    to_cmd_index: int | None = None,
+    force: bool = False,
+    api_master_file: Path | None = None,
+    admin_key_file: Path | None = None,
+    archive_to: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Build a new local cluster of `nodes` members under `data_dir` at the restored state;
+    returns what was restored (also written to `data_dir`/restore.json)."""
+    from cluster.launcher import LocalCluster
+
+    say = progress or (lambda _line: None)
+    data_dir = Path(data_dir)
+    if nodes not in (1, 3, 5):
+        raise RestoreError(f"--nodes must be 1, 3 or 5, not {nodes}")
+    if data_dir.exists() and any(data_dir.iterdir()):
+        if not force:
+            raise RestoreError(
+                f"{data_dir} is not empty: restore builds a new cluster there (give --force to "
+                "delete what it holds first)"
+            )
+        shutil.rmtree(data_dir)
+    old_cluster = backup.target_cluster(target)
+    chosen = plan(target, to_cmd_index)
+    restored = replay(target, chosen, to_cmd_index, say)
+    machine = restored.machine
+    machine.directory = {}  # the old members: the new cluster's are in its configs
+    state_hash = machine.exchange.state_hash()
+    blob = machine.snapshot()
+    index = max(restored.index, 2)  # a seeded log starts at index 2 at the earliest
+    new_id = f"qb-{secrets.token_hex(6)}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for source, name in ((api_master_file, "api.master"), (admin_key_file, "admin.key")):
+        if source is not None:
+            shutil.copyfile(source, data_dir / name)
+            (data_dir / name).chmod(0o600)
+    settings: dict = {"cluster_id": new_id}
+    if archive_to:
+        settings["target"] = archive_to  # [archive] target
+    cluster = LocalCluster.create(data_dir, nodes, **settings)
+    members = [n.config.raft_addr for n in cluster.nodes.values()]
+    for node in cluster.nodes.values():
+        seed_data_dir(node.config.data_dir, blob, index, members)
+    result = {
+        "restored_from": target.url,
+        "from_cluster_id": old_cluster,
+        "cluster_id": new_id,
+        "backup_id": chosen.backup_id,
+        "segments_read": restored.segments_read,
+        "archive_end_index": chosen.archive_end,
+        "log_index": index,
+        "cmd_index": restored.cmd_index,
+        "seq": machine.exchange.seq,
+        "state_hash": state_hash,
+        "requested_cmd_index": to_cmd_index,
+        "nodes": nodes,
+        "manifest": str(cluster.manifest_path),
+        "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+    }
+    (data_dir / "restore.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
