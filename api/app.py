@@ -161,6 +161,7 @@ def create_app(
         taken = await node.snapshot()
         headers = {
             "X-QB-Node-Id": node.node_id,
+            "X-QB-Cluster-Id": taken.get("cluster_id") or "",
             "X-QB-Role": str(taken["role"]),
             "X-QB-Applied-Index": str(taken["applied_index"]),
             "X-QB-Cmd-Index": str(taken["cmd_index"]),

@@ -131,7 +131,7 @@ class NodePort(Protocol):
 
     async def snapshot(self) -> dict:
         """This node's state at its applied index, for a backup: `{"blob": bytes (the node
-        snapshot), "applied_index", "cmd_index", "seq", "state_hash", "role"}`."""
+        snapshot), "applied_index", "cmd_index", "seq", "state_hash", "role", "cluster_id"}`."""
 
     def subscribe(self, buffer: int = 10_000) -> Subscription:
         """Follow committed events from now on (must be called from the trio thread)."""

@@ -133,7 +133,7 @@ class Archive(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defa
     target: str | None = None  # a directory, or s3://bucket/prefix (AWS_* variables for S3)
     segment_max_s: Seconds = 2.0  # a segment is cut at least this often while entries come
     segment_max_entries: AtLeastOne = 2000  # ... or when it holds this many log entries
-    backup_interval_s: SecondsOrZero = 3600.0  # a backup of the node's latest dump this often; 0: never
+    backup_interval_s: SecondsOrZero = 3600.0  # a backup of the latest dump this often; 0: never
     keep_backups: AtLeastOne = 7  # older backups, and the segments only they need, are deleted
 
 

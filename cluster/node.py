@@ -341,6 +341,7 @@ class Node:
                 "seq": exchange.seq,
                 "state_hash": stated_hash(exchange_blob_of(blob)),
                 "role": raft["role"],
+                "cluster_id": self.config.cluster_id,
             }
 
         return await self.replica.read_between_ticks(read)

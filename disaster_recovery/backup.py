@@ -312,18 +312,12 @@ def take(
     urls = {n["id"]: n["api_url"] for n in doc["nodes"]}
     creds = read_credentials(Path(doc["admin_credentials"]))
     with AdminClient(list(urls.values()), creds) as client:
-        statuses = {nid: client.statuses().get(url) for nid, url in urls.items()}
-        source = node or _pick_follower(statuses)
+        # /readyz, not the status: a status walks the whole state to hash it, on the leader too.
+        readies = {nid: client.readiness(url) for nid, url in urls.items()}
+        source = node or _pick_follower(readies)
         if source not in urls:
             raise BackupError(f"no node {source!r} in {manifest_path}")
-        status = statuses.get(source) or {}
-        cluster_id = status.get("cluster_id") or doc.get("cluster_id")
-        if not cluster_id:
-            raise BackupError(
-                "the cluster has no cluster_id (set the same `cluster_id` in every node.toml): "
-                "backups and the archived log are tied to it"
-            )
-        say(f"taking the state of {source} (role {status.get('role')})")
+        say(f"taking the state of {source} (role {(readies.get(source) or {}).get('role')})")
         last = [0.0]
 
         def on_progress(got: int, total: int | None) -> None:
@@ -336,6 +330,17 @@ def take(
             snap = client.snapshot(urls[source], on_progress=on_progress)
         except (ApiError, ClusterUnavailable) as exc:
             raise BackupError(f"{source} did not give its state: {exc}") from exc
+    cluster_id = snap.cluster_id
+    if not cluster_id:
+        raise BackupError(
+            f"{snap.node_id} has no cluster_id (set the same `cluster_id` in every node.toml): "
+            "backups and the archived log are tied to it"
+        )
+    if doc.get("cluster_id") not in (None, cluster_id):
+        raise BackupError(
+            f"{snap.node_id} is of cluster {cluster_id}, but {manifest_path} names cluster "
+            f"{doc['cluster_id']}"
+        )
     state = State(
         blob=snap.blob,
         applied_index=snap.applied_index,
@@ -352,17 +357,18 @@ def take(
     return manifest
 
 
-def _pick_follower(statuses: dict[str, dict | None]) -> str:
-    """The follower with a live leader that has applied the most (a leader is never asked)."""
+def _pick_follower(readies: dict[str, dict | None]) -> str:
+    """The ready follower (a live link to a leader, caught up) least behind the commit index,
+    the lowest id of those (a leader is never asked)."""
     followers = [
-        (s["applied_index"], nid)
-        for nid, s in statuses.items()
-        if s and s.get("role") == "follower" and s.get("leader_connected")
+        (s.get("lag_entries", 0), nid)
+        for nid, s in readies.items()
+        if s and s.get("role") == "follower"
     ]
     if not followers:
-        answered = {nid: (s or {}).get("role") for nid, s in statuses.items()}
+        answered = {nid: (s or {}).get("role", "not ready") for nid, s in readies.items()}
         raise BackupError(
             f"no follower with a live leader answered ({answered}): a backup is taken on a "
             "follower so that it never holds up the leader (name one with --node to insist)"
         )
-    return max(followers)[1]
+    return min(followers)[1]

@@ -29,6 +29,7 @@ class NodeSnapshot:
     and where they were taken."""
 
     node_id: str
+    cluster_id: str | None  # None: the node's config names none
     role: str
     applied_index: int
     cmd_index: int
@@ -115,6 +116,14 @@ class AdminClient:
         not answer)."""
         return self._run(self._core.probe(url, "/v1/cluster/status", signed=False))
 
+    def readiness(self, url: str) -> dict | None:
+        """That node's `GET /readyz` answer (`ready`, `role`, `leader`, `lag_entries`; cheap:
+        no walk of the state, unlike the status), or None if it is not ready or silent."""
+        try:
+            return self._run(self._core.probe(url, "/readyz", signed=False))
+        except (ClusterUnavailable, ApiError):
+            return None
+
     def statuses(self) -> dict[str, dict | None]:
         """Every node's status; None for a node that did not answer."""
         out: dict[str, dict | None] = {}
@@ -160,6 +169,7 @@ class AdminClient:
                 h = r.headers
                 return NodeSnapshot(
                     node_id=h["X-QB-Node-Id"],
+                    cluster_id=h.get("X-QB-Cluster-Id") or None,
                     role=h["X-QB-Role"],
                     applied_index=int(h["X-QB-Applied-Index"]),
                     cmd_index=int(h["X-QB-Cmd-Index"]),

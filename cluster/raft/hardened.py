@@ -105,7 +105,9 @@ def seed_data_dir(data_dir: Path, machine_blob: bytes, index: int, members: list
     data_dir.mkdir(parents=True, exist_ok=True)
     if any(data_dir.iterdir()):
         raise FileExistsError(f"{data_dir} is not empty")
-    header = DumpHeader(last=(_NO_OP, index, 1), prev=(_NO_OP, index - 1, 1), cluster=tuple(members))
+    header = DumpHeader(
+        last=(_NO_OP, index, 1), prev=(_NO_OP, index - 1, 1), cluster=tuple(members)
+    )
     write_file_atomically(data_dir / "raft.dump", encode_dump(header, machine_blob))
 
 

@@ -67,7 +67,7 @@ class LeaderlessFollower:
 
     async def snapshot(self) -> dict:
         return {"blob": b"\x95", "applied_index": 10, "cmd_index": 4, "seq": 9,
-                "state_hash": "00", "role": "follower"}  # fmt: skip
+                "state_hash": "00", "role": "follower", "cluster_id": "qb-test"}  # fmt: skip
 
     def read(self, query):
         raise AssertionError("a linearizable read was served by a follower")
