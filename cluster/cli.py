@@ -103,7 +103,16 @@ def cluster() -> None:
     help="Also start PostgreSQL and a Kafka-protocol broker (DIR/services) and stream every "
     "committed event to them from a follower (the indexer).",
 )
-def cluster_up(n: int, data_dir: str, restart: bool, with_services: bool) -> None:
+@click.option(
+    "--archive-to",
+    default=None,
+    help="A new cluster's [archive] target (a directory or s3://bucket/prefix): a follower "
+    "ships the committed log there and takes scheduled backups "
+    "(docs/operating/backup-restore.md).",
+)
+def cluster_up(
+    n: int, data_dir: str, restart: bool, with_services: bool, archive_to: str | None
+) -> None:
     """Start a local cluster of N node processes; stop them all on Ctrl-C.
 
     Example: quorumbook cluster up --nodes 3 --data-dir /tmp/qb --with-services
@@ -117,6 +126,11 @@ def cluster_up(n: int, data_dir: str, restart: bool, with_services: bool) -> Non
     from .raft import EXITS_NOT_TO_RESTART
 
     root = Path(data_dir)
+    if archive_to and (root / "cluster.json").exists():
+        raise click.UsageError(
+            f"--archive-to sets up a new cluster; {root} holds one: set [archive] target in its "
+            "nodes' node.toml"
+        )
     services = None
     if with_services:
         from indexer.services import Services
@@ -127,7 +141,12 @@ def cluster_up(n: int, data_dir: str, restart: bool, with_services: bool) -> Non
         cl = (
             LocalCluster.open(root / "cluster.json")
             if (root / "cluster.json").exists()
-            else LocalCluster.create(root, n, **(services.urls() if services else {}))
+            else LocalCluster.create(
+                root,
+                n,
+                **(services.urls() if services else {}),
+                **({"target": archive_to} if archive_to else {}),
+            )
         )
     except BaseException:
         if services is not None:
@@ -516,7 +535,7 @@ def services_up(data_dir: str) -> None:
 
 @main.group()
 def indexer() -> None:
-    """The event indexer (PostgreSQL and Kafka): resync, tail."""
+    """The event indexer (PostgreSQL and Kafka): resync, adopt, tail."""
 
 
 @indexer.command("resync")
@@ -558,6 +577,102 @@ def indexer_resync(config_path: str | None, postgres_url: str | None, wait_s: fl
     except (RuntimeError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(done)
+
+
+@indexer.command("adopt")
+@click.option(
+    "--restore-json",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="The restore's record (NEWDIR/restore.json): the clusters and the restore point.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="A node.toml of the restored cluster: its [indexer] postgres_url and cluster_id.",
+)
+@click.option("--postgres-url", default=None, help="Default: the config's [indexer] postgres_url.")
+@click.option(
+    "--cluster-id", default=None, help="The restored cluster's (default: restore.json's)."
+)
+@click.option(
+    "--from-cluster-id", default=None, help="The old cluster's (default: restore.json's)."
+)
+@click.option("--at-seq", type=int, default=None, help="The restore point's seq.")
+@click.option("--at-cmd-index", type=int, default=None, help="The restore point's cmd_index.")
+@click.option("--at-log-index", type=int, default=None, help="Its log index in the new cluster.")
+@click.option("--dry-run", is_flag=True, help="Say what it would do, change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the indexer_adoptions row.")
+def indexer_adopt(
+    restore_json: str | None,
+    config_path: str | None,
+    postgres_url: str | None,
+    cluster_id: str | None,
+    from_cluster_id: str | None,
+    at_seq: int | None,
+    at_cmd_index: int | None,
+    at_log_index: int | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Move the indexer's database to a restored cluster's history (the foreign_timeline
+    alarm, docs/operating/indexer.md "After a restore"): the old history's rows past the
+    restore point go to the *_orphaned tables, the rest is rolled back to it, and the restored
+    cluster's indexer streams on from there. Refuses, changing nothing, when that cannot be
+    done without mixing the two histories.
+
+    Example: quorumbook indexer adopt --restore-json /tmp/qb2/restore.json --config /tmp/qb2/n1/node.toml
+    """
+    import asyncio
+    import json
+    from pathlib import Path
+
+    from indexer.adoption import AdoptError, describe, run
+    from indexer.timeline import RestorePoint
+
+    from .config import ConfigError, load
+
+    doc: dict = json.loads(Path(restore_json).read_text()) if restore_json else {}
+    for key, value in (
+        ("cluster_id", cluster_id),
+        ("from_cluster_id", from_cluster_id),
+        ("seq", at_seq),
+        ("cmd_index", at_cmd_index),
+        ("log_index", at_log_index),
+    ):
+        if value is not None:
+            doc[key] = value
+    url = postgres_url
+    if config_path is not None:
+        try:
+            config = load(Path(config_path))
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from exc
+        url = url or config.indexer.postgres_url
+        doc.setdefault("cluster_id", config.cluster_id)
+        if doc["cluster_id"] != config.cluster_id:
+            raise click.ClickException(
+                f"{config_path} is of cluster {config.cluster_id}, not {doc['cluster_id']}"
+            )
+    if not url:
+        raise click.ClickException("give --postgres-url, or --config of a node with [indexer]")
+    try:
+        point = RestorePoint.of_restore(doc)
+    except ValueError as exc:
+        raise click.ClickException(
+            f"{exc} (give --restore-json, or --cluster-id, --from-cluster-id, --at-seq, "
+            "--at-cmd-index and --at-log-index)"
+        ) from exc
+    try:
+        record = asyncio.run(run(str(url), point, dry_run=dry_run))
+    except (AdoptError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(record, default=str))
+    else:
+        click.echo(describe(record))
 
 
 @indexer.command("tail")

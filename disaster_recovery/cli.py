@@ -120,13 +120,21 @@ def backup_verify(to: str, backup_id: str | None, cluster_id: str | None, as_jso
 
 @backup.command("list")
 @click.argument("to")
+@click.option(
+    "--segments",
+    "all_segments",
+    is_flag=True,
+    help="Also every archived segment (log indexes, cmd_index range, when it was cut): "
+    "where to stop a point-in-time restore.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def backup_list(to: str, as_json: bool) -> None:
+def backup_list(to: str, all_segments: bool, as_json: bool) -> None:
     """What TARGET holds: its cluster, its backups (index, cmd_index, size, time) and the
-    archived log.
+    archived log (its first and last segment; every one with --segments).
 
-    Example: quorumbook backup list /srv/qb-backups
+    Example: quorumbook backup list /srv/qb-backups --segments
     """
+    from . import segments
     from .backup import BackupError, list_backups, target_cluster
     from .target import TargetError
 
@@ -134,8 +142,23 @@ def backup_list(to: str, as_json: bool) -> None:
     try:
         owner = target_cluster(target)
         listed = list_backups(target)
-    except (BackupError, TargetError) as exc:
+        spans = segments.listed(target)
+        shown = spans if all_segments else spans[:1] + spans[-1:] if len(spans) > 1 else spans
+        described = []
+        for first, last, name in shown:
+            seg = segments.read(target, name, cluster_id=owner)
+            described.append({"name": name, "first_index": first, "last_index": last,
+                              "first_cmd_index": seg.first_cmd_index,
+                              "last_cmd_index": seg.last_cmd_index,
+                              "created_at": seg.created_at})  # fmt: skip
+    except (BackupError, TargetError, segments.SegmentError) as exc:
         raise click.ClickException(str(exc)) from exc
+    archive = {
+        "segments": len(spans),
+        "first_index": spans[0][0] if spans else None,
+        "last_index": max(last for _first, last, _name in spans) if spans else None,
+        "listed": described,
+    }
     rows = [
         {"backup_id": item.backup_id, "complete": item.manifest is not None,
          **({"created_at": item.manifest.created_at, "applied_index": item.manifest.applied_index,
@@ -145,7 +168,8 @@ def backup_list(to: str, as_json: bool) -> None:
         for item in listed
     ]  # fmt: skip
     if as_json:
-        click.echo(json.dumps({"target": target.url, "cluster_id": owner, "backups": rows}))
+        click.echo(json.dumps({"target": target.url, "cluster_id": owner, "backups": rows,
+                               "archive": archive}))  # fmt: skip
         return
     click.echo(f"{target.url}: cluster {owner or '(none yet)'}, {len(rows)} backups")
     for r in rows:
@@ -156,6 +180,15 @@ def backup_list(to: str, as_json: bool) -> None:
             )
         else:
             click.echo(f"  {r['backup_id']}  INCOMPLETE: {r['problem']}")
+    click.echo(
+        f"archived log: {archive['segments']} segments"
+        + (f", log index {archive['first_index']}..{archive['last_index']}" if spans else "")
+    )
+    for d in described:
+        click.echo(
+            f"  {d['name']}  cmd_index {d['first_cmd_index']}..{d['last_cmd_index']}  "
+            f"cut {d['created_at']}"
+        )
 
 
 @click.command()

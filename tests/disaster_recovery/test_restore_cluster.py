@@ -193,6 +193,15 @@ def test_archive_to_s3_and_restore_to_any_point_in_time(clusters, tmp_path, s3_u
     assert "qb_archive_lag_entries 0.0" in metrics and "qb_archive_active 1.0" in metrics
     assert segments.listed(target) and backup.target_cluster(target) is not None
 
+    listed = json.loads(qb("backup", "list", s3_url, "--segments", "--json").stdout)
+    archive = listed["archive"]
+    assert archive["segments"] == len(archive["listed"]) >= 1
+    assert archive["listed"][-1]["last_cmd_index"] == points[-1]["cmd_index"]
+    assert all(
+        a["last_cmd_index"] == b["first_cmd_index"] and a["last_index"] + 1 == b["first_index"]
+        for a, b in zip(archive["listed"], archive["listed"][1:], strict=False)
+    )  # one chain, nothing missing (one archiver: no overlaps)
+
     for node_id in source.nodes:  # the disaster: every node, no clean stop
         source.kill(node_id)
     # The newest state, from the archived log alone (no backup was ever taken).
