@@ -275,3 +275,55 @@ def test_drill_restore(tmp_path):
         return not any(Path(f"/proc/{pid}").exists() for pid in result["pids"])
 
     wait_for(all_gone, 10, "the drill's processes to be gone")
+
+
+def archiving(cluster: LocalCluster) -> dict[str, dict]:
+    """{node id: archive status} of the nodes archiving now."""
+    return {
+        nid: s["archive"]
+        for nid, s in cluster.statuses().items()
+        if s and s["archive"].get("active")
+    }
+
+
+def test_the_archive_survives_its_node_and_its_target_failing(clusters, tmp_path):
+    """The archiving follower is SIGKILLed: another takes over where the archive ends. The
+    target fails: the archiver says so (status, metric), retries, and catches up with no gap.
+    A restore from the archive alone is the cluster's final state."""
+    to = tmp_path / "target"
+    source = clusters(target=str(to), segment_max_s=0.2, backup_interval_s=0)
+    key = set_up(source)
+    place_resting(source, key, 0, 10)
+    first = wait_for(lambda: archiving(source), 20, "an archiving follower")
+    (archiver,) = first
+    source.kill(archiver)
+    place_resting(source, key, 100, 10)
+    second = wait_for(lambda: archiving(source), 20, "another follower to archive")
+    assert archiver not in second
+
+    hidden = tmp_path / "hidden"
+    to.rename(hidden)
+    to.write_bytes(b"")  # a file where the directory was: every put fails
+    place_resting(source, key, 200, 10)
+
+    def failing():
+        return [a for a in archiving(source).values() if a["state"] == "backoff"]
+
+    (status,) = wait_for(failing, 20, "the archiver to report the failing target")
+    assert "put" in status["last_error"] and status["lag_entries"] > 0
+    assert "qb_archive_failing 1.0" in qb_metrics(source, next(iter(archiving(source))))
+    to.unlink()
+    hidden.rename(to)
+    source.start(archiver)  # back as a follower: it may archive again, from the archive's end
+    last = converged(source)
+
+    def caught_up():
+        now = archiving(source)
+        return len(now) == 1 and next(iter(now.values()))["archived_cmd_index"] == last["cmd_index"]
+
+    wait_for(caught_up, 30, "the archive to catch up")
+    assert all(s["archive"]["gaps"] == 0 for s in source.statuses().values() if s)
+    for node_id in source.nodes:
+        source.kill(node_id)
+    restored = restore_cli(str(to), tmp_path / "restored")
+    assert {k: restored[k] for k in last} == last
