@@ -66,6 +66,7 @@ from api.sdk import (
 )
 from cluster.launcher import LocalCluster
 from cluster.loadgen import EXCHANGE_STATUSES, Operation, percentile, plan, setup
+from cluster.machine import exchange_blob_of
 from statemachine.snapshot import decode, stated_hash
 
 RTO_MEDIAN_TARGET_S = 0.5  # docs/operating/cluster.md: a new leader 0.2-0.5 s after a death
@@ -336,9 +337,12 @@ class Holdings:
         return [i for i in range(first, self.next_order_id) if i not in mapped]
 
 
-def check_orders(outcomes: list[Outcome], held: dict[str, Holdings]) -> dict:
+def check_orders(
+    outcomes: list[Outcome], held: dict[str, Holdings], first_order_id: int = 1
+) -> dict:
     """What every member (`held`: node id -> its holdings, taken after they converged) holds
-    of what the load sent, against what the load was told."""
+    of what the load sent, against what the load was told. `first_order_id`: the id the
+    exchange was to give next when the load started."""
     nodes = sorted(held)
     places = [o for o in outcomes if o.op == "place"]
     out: dict[str, Any] = {
@@ -360,11 +364,9 @@ def check_orders(outcomes: list[Outcome], held: dict[str, Holdings]) -> dict:
         "lost_samples": [],
         "duplicated_samples": [],
     }
-    drill_ids = []
     for o in places:
         ids = [held[n].order_id(o) for n in nodes]
         present = [i is not None for i in ids]
-        drill_ids += [i for i in ids if i is not None]
         if len(set(ids)) > 1:
             out["lookups_disagree"] += 1
         if o.result == "acked":
@@ -389,15 +391,13 @@ def check_orders(outcomes: list[Outcome], held: dict[str, Holdings]) -> dict:
         elif o.result == "rejected":
             out["rejected_orders"] += 1
             out["rejected_but_present"] += any(present)
-    # Every order id given out since the drill's first order maps back to one client_order_id
-    # (every order of the load has one, and the load's are the only orders of a throwaway
-    # cluster): an id none maps to is an extra copy of some order.
-    if drill_ids:
-        first = min(drill_ids)
-        orphans = {n: held[n].orphans(first) for n in nodes}
-        worst = max(nodes, key=lambda n: len(orphans[n]))
-        out["duplicated_orders"] = len(orphans[worst])
-        out["duplicated_samples"] = [{"node": worst, "order_id": i} for i in orphans[worst][:10]]
+    # Every order id given out since the load started maps back to one client_order_id (every
+    # order of the load has one, and the load's are the only orders of a throwaway cluster):
+    # an id none maps to is an extra copy of some order.
+    orphans = {n: held[n].orphans(first_order_id) for n in nodes}
+    worst = max(nodes, key=lambda n: len(orphans[n]))
+    out["duplicated_orders"] = len(orphans[worst])
+    out["duplicated_samples"] = [{"node": worst, "order_id": i} for i in orphans[worst][:10]]
     for o in outcomes:
         if o.op == "cancel" and o.result == "acked":
             out["acked_cancels"] += 1
@@ -539,6 +539,7 @@ class Target:
         self.root: Path | None = None
         self.cluster: LocalCluster = None  # type: ignore[assignment]
         self.held: dict[str, Holdings] = {}  # verify(): node id -> what its state holds
+        self.first_order_id = 1  # load(): the order id the exchange was to give next
 
     # ------------------------------------------------------------------ set-up and clean-up
 
@@ -689,6 +690,10 @@ class Target:
         """The order load (not started). A short back-off: the SDK's default (20 ms doubling
         to 250 ms) would quantize a ~0.3 s RTO."""
         urls, market, keys, verify = setup(self.cluster.manifest_path, ACCOUNTS, MARKET)
+        with self.admin() as admin:  # where the load's order ids start: the leader's state
+            leader = admin.barrier()["node_id"]
+            taken = admin.snapshot(self.url(leader), timeout_s=60)
+        self.first_order_id = decode(exchange_blob_of(taken.blob)).next_order_id
         load = OrderLoad(
             urls,
             keys,
@@ -744,18 +749,16 @@ class Target:
         result.figures["state_hash"] = hashes[members[0]] if result.state_hashes_equal else hashes
         if not result.state_hashes_equal:
             result.fail(f"the members' states differ: {hashes}")
-        self.held = {}
+        self.held, indexes = {}, {}
         for nid, blob in blobs.items():
             try:
                 state = decode(blob)  # checks the checksum and every invariant
             except ValueError as exc:
                 raise DrillAborted(f"{nid}'s state fails its checks: {exc}") from exc
-            self.held[nid] = Holdings.of(state)
-            result.figures.setdefault("cmd_index", {})[nid] = state.cmd_index
-        indexes = set(result.figures["cmd_index"].values())
-        if len(indexes) == 1:
-            result.figures["cmd_index"] = indexes.pop()
-        found = check_orders(outcomes, self.held)
+            self.held[nid], indexes[nid] = Holdings.of(state), state.cmd_index
+        one = set(indexes.values())
+        result.figures["cmd_index"] = one.pop() if len(one) == 1 else indexes
+        found = check_orders(outcomes, self.held, self.first_order_id)
         result.figures.update(found)
         self.log(
             f"{len(members)} members at cmd_index {result.figures['cmd_index']}, state hashes "
@@ -768,15 +771,20 @@ class Target:
             result.fail(failure)
 
     def _converged_snapshots(self, admin: AdminClient, members: list[str]) -> dict[str, bytes]:
-        """Every member's snapshot, taken once they report the same state. A write cut by the
-        load's stop may still commit meanwhile: then they are taken again."""
-        for _ in range(5):
-            with contextlib.suppress(TimeoutError):
-                self.cluster.wait_converged(30, nodes=members)
+        """Every member's exchange state (its snapshot, inside the node's), taken once they
+        report the same one. A write cut by the load's stop may still commit while they are
+        taken: then they are taken again. Members that never agree are taken as they are."""
+        for _ in range(3):
+            try:
+                self.cluster.wait_converged(60, nodes=members)
+            except TimeoutError:
+                converged = False
+            else:
+                converged = True
             taken = {nid: admin.snapshot(self.url(nid), timeout_s=60) for nid in members}
-            if len({(s.cmd_index, stated_hash(s.blob)) for s in taken.values()}) == 1:
+            if not converged or len({(s.cmd_index, s.state_hash) for s in taken.values()}) == 1:
                 break
-        return {nid: s.blob for nid, s in taken.items()}
+        return {nid: exchange_blob_of(s.blob) for nid, s in taken.items()}
 
 
 def _run(
