@@ -31,8 +31,6 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from cluster.raft.storage import fsync_dir
-
 MiB = 1024 * 1024
 # Larger objects go up in parts: one put_object is capped at 5 GB, and a part that fails is
 # resent alone. S3 refuses parts under 5 MiB (but the last).
@@ -132,6 +130,16 @@ class Target(Protocol):
 
 
 # --------------------------------------------------------------------------------- directory
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the directory's entries (a rename, a new subdirectory) survive a crash. (The Raft
+    storage has its own: cluster/raft/ is used through its package's surface only.)"""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _exists(target: Target, name: str) -> bool:
