@@ -96,11 +96,26 @@ class _NodeCollector(Collector):
                 "age of the newest event written, against the newest applied, while behind",
                 value=float(indexer.get("lag_ms") or 0) / 1000,
             )
+            reasons = {
+                "events_gone": indexer.get("gone_from_seq") is not None,
+                "foreign_timeline": indexer.get("timeline_alarm") == "foreign_timeline",
+                "checkpoint_ahead": indexer.get("timeline_alarm") == "checkpoint_ahead",
+            }
             yield GaugeMetricFamily(
                 "qb_indexer_alarm",
-                "1 when events needed are no longer in this node's log (resync, indexer.md)",
-                value=1.0 if indexer.get("gone_from_seq") is not None else 0.0,
+                "1 when this node's indexer raised an alarm (qb_indexer_alarm_reason says which; "
+                "docs/operating/indexer.md)",
+                value=1.0 if any(reasons.values()) else 0.0,
             )
+            alarm = GaugeMetricFamily(
+                "qb_indexer_alarm_reason",
+                "1 for each alarm this node's indexer raised: events_gone (resync), "
+                "foreign_timeline or checkpoint_ahead (nothing written; after a restore: adopt)",
+                labels=["reason"],
+            )
+            for reason, raised in reasons.items():
+                alarm.add_metric([reason], 1.0 if raised else 0.0)
+            yield alarm
         archive = health.get("archive") or {}
         if archive.get("configured"):
             yield from _archive_metrics(archive)

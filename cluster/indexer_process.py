@@ -87,11 +87,16 @@ async def main(opts: argparse.Namespace) -> None:
 
     async def connect_pg():
         return await PgSink.connect(
-            opts.postgres_url, holder=opts.node_id, lease_ttl_s=opts.lease_ttl_s
+            opts.postgres_url,
+            holder=opts.node_id,
+            lease_ttl_s=opts.lease_ttl_s,
+            cluster_id=opts.cluster_id,
         )
 
     async def connect_kafka():
-        return await KafkaSink.connect(opts.kafka_bootstrap, prefix=opts.topic_prefix)
+        return await KafkaSink.connect(
+            opts.kafka_bootstrap, prefix=opts.topic_prefix, cluster_id=opts.cluster_id
+        )
 
     streamer = Streamer(
         link,
@@ -100,6 +105,7 @@ async def main(opts: argparse.Namespace) -> None:
         connect_kafka=connect_kafka if opts.kafka_bootstrap else None,
         batch_max_events=opts.batch_max_events,
         lease_ttl_s=opts.lease_ttl_s,
+        cluster_id=opts.cluster_id,
     )
     streamer.status.pid = os.getpid()
     tasks = [asyncio.create_task(t) for t in (link.run(), streamer.run(), report(streamer))]
@@ -113,6 +119,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m cluster.indexer_process")
     ap.add_argument("--data-dir", required=True, help="the node's Raft data directory")
     ap.add_argument("--node-id", required=True, help="the lease holder's name")
+    ap.add_argument(
+        "--cluster-id",
+        default="",
+        help="the node's cluster_id: the only history this indexer writes (indexer/timeline.py; "
+        "without it, only to a database that records none)",
+    )
     ap.add_argument(
         "--postgres-url",
         default=os.environ.get("QB_INDEXER_POSTGRES_URL"),

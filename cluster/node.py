@@ -485,7 +485,11 @@ async def _serve(config: NodeConfig) -> None:
             node.start_feed()
             if config.indexer.postgres_url:
                 node.indexer = indexer_sidecar(
-                    config.indexer, config.node_id, str(config.data_dir), node.sidecar_view
+                    config.indexer,
+                    config.node_id,
+                    str(config.data_dir),
+                    node.sidecar_view,
+                    cluster_id=config.cluster_id,
                 )
                 await nursery.start(node.indexer.run)
             if config.archive.target:

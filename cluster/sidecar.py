@@ -133,12 +133,19 @@ class Sidecar:
 
 
 def indexer_sidecar(
-    settings: Indexer, node_id: str, data_dir: str, view: Callable[[], dict]
+    settings: Indexer,
+    node_id: str,
+    data_dir: str,
+    view: Callable[[], dict],
+    *,
+    cluster_id: str | None = None,
 ) -> Sidecar:
-    """The indexer process (cluster/indexer_process.py) for an `[indexer]` table."""
+    """The indexer process (cluster/indexer_process.py) for an `[indexer]` table. `cluster_id`:
+    the node's; the indexer writes no other cluster's history (indexer/timeline.py)."""
     argv = [
         sys.executable, "-P", "-m", "cluster.indexer_process",
         "--data-dir", data_dir, "--node-id", node_id,
+        "--cluster-id", cluster_id or "",
         "--topic-prefix", settings.topic_prefix,
         "--lease-ttl-s", str(settings.lease_ttl_s),
         "--batch-max-events", str(settings.batch_max_events),

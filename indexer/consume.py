@@ -15,6 +15,13 @@ is what a consumer in another language does too:
   and the highest `seq` delivered (store both, atomically with what you did with the events,
   for effectively-once processing);
 - `seq` from the `seq` header (no need to parse the value to drop a copy);
+- a restore starts a new history (a new `cluster_id` header) whose events reuse the `seq`
+  numbers after the restore point: a partition's first record of a new cluster id starts the
+  count over (it is not a copy), records of a cluster id the partition has left are dropped
+  (late copies of the old history), and `switches` lists each change, so that the application
+  can undo what it did with the old history's events past the restore point
+  (docs/operating/indexer.md "After a restore"). A record without the header (an older
+  indexer) counts as the partition's current history;
 - a bounded read stops at the first empty fetch, not at `end_offsets()`, which the embedded
   broker under-reports.
 """
@@ -28,7 +35,7 @@ import json
 import os
 import sys
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TextIO
 
@@ -41,10 +48,13 @@ IDLE_MS = 1000  # a fetch that brings nothing for this long ends a bounded read
 
 @dataclass
 class Position:
-    """Where a partition was read to: the next offset, and the highest seq delivered."""
+    """Where a partition was read to: the next offset, and the highest seq delivered, of the
+    history of `cluster_id` ("": none named yet); `retired`: histories it has left."""
 
     offset: int = 0
     seq: int = 0
+    cluster_id: str = ""
+    retired: list[str] = field(default_factory=list)
 
 
 class EventReader:
@@ -69,6 +79,11 @@ class EventReader:
         self.topics = [f"{prefix}.{name}" for name in topics]
         self.idle_ms = idle_ms
         self.duplicates = 0  # copies dropped: a count, for the curious
+        self.retired_dropped = 0  # records of a history a partition has left
+        # Each move of a partition to another cluster's history: {"partition", "from", "to",
+        # "first_seq"}; the events after the restore point that came before it are not part
+        # of the history that goes on.
+        self.switches: list[dict] = []
         self._stored = positions or {}
         self._positions: dict[TopicPartition, Position] = {}
         self._consumer = AIOKafkaConsumer(
@@ -109,10 +124,7 @@ class EventReader:
     def positions(self) -> dict[str, dict]:
         """Where every partition was read to (JSON-able; give it back as `positions=`). An
         event counts as read once it was yielded."""
-        return {
-            f"{tp.topic}:{tp.partition}": {"offset": p.offset, "seq": p.seq}
-            for tp, p in self._positions.items()
-        }
+        return {f"{tp.topic}:{tp.partition}": asdict(p) for tp, p in self._positions.items()}
 
     async def events(self, *, follow: bool = False) -> AsyncIterator[dict]:
         """Each event not delivered before, partition by partition in log order (so in `seq`
@@ -128,7 +140,21 @@ class EventReader:
                 position = self._positions[tp]
                 for record in records:
                     position.offset = record.offset + 1
-                    seq = int(dict(record.headers)["seq"])
+                    headers = dict(record.headers)
+                    seq = int(headers["seq"])
+                    cluster = headers.get("cluster_id", b"").decode()
+                    if cluster and cluster != position.cluster_id:
+                        if cluster in position.retired:
+                            self.retired_dropped += 1
+                            continue
+                        if position.cluster_id:  # a restored cluster's history: count anew
+                            position.retired.append(position.cluster_id)
+                            position.seq = 0
+                            self.switches.append({
+                                "partition": f"{tp.topic}:{tp.partition}",
+                                "from": position.cluster_id, "to": cluster, "first_seq": seq,
+                            })  # fmt: skip
+                        position.cluster_id = cluster
                     if seq <= position.seq:
                         self.duplicates += 1  # published again after a crash or a takeover
                         continue

@@ -28,13 +28,15 @@ class Checkpoint:
     """How far the indexer got. `seq`: the last event in PostgreSQL (0: none yet), with the
     `cmd_index` and `raft_index` of the last log entry whose events are all in; `kafka_seq`:
     the last event Kafka acknowledged (never past `seq`); `epoch`: the lease epoch that wrote
-    it."""
+    it; `cluster_id`: the cluster whose history the rows are ("": none recorded yet, a fresh
+    database or one an older indexer wrote; indexer/timeline.py)."""
 
     seq: int = 0
     cmd_index: int = 0
     raft_index: int = 0
     kafka_seq: int = 0
     epoch: int = 0
+    cluster_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,23 @@ class Lease:
 class Fenced(RuntimeError):
     """A write refused because its lease was lost (expired, taken over) or the checkpoint was
     not where the writer expected: the writer must stop and start over as a candidate."""
+
+
+class ForeignTimeline(RuntimeError):
+    """A write refused (nothing written) because the database follows another cluster's
+    history than the writer's (`db_cluster_id` against `ours`): a restored cluster pointed at
+    the old cluster's database, or the old cluster after an operator moved the database to the
+    restored one. Only `quorumbook indexer adopt` moves a database to another history
+    (docs/operating/indexer.md "After a restore")."""
+
+    def __init__(self, db_cluster_id: str, ours: str, checkpoint: Checkpoint) -> None:
+        super().__init__(
+            f"the database follows cluster {db_cluster_id or '(none)'!s}, this indexer "
+            f"{ours or '(none)'!s} (checkpoint seq {checkpoint.seq}): nothing written"
+        )
+        self.db_cluster_id = db_cluster_id
+        self.ours = ours
+        self.checkpoint = checkpoint
 
 
 class EventsGone(RuntimeError):

@@ -2,7 +2,9 @@
 
 `KafkaSink.publish(entries)` sends every event of the entries to `prefix.<topic>`
 (`indexer.events.TOPIC_OF_TYPE`), keyed by its market (else its account, else empty), with
-`seq`, `cmd_index` and `type` in the headers, and returns only when the broker acknowledged
+`seq`, `cmd_index`, `type` and (when the node has one) `cluster_id` in the headers: after a
+restore, the restored cluster's events reuse the old `seq` numbers past the restore point, and
+the header is how a consumer tells the two histories apart (indexer/consume.py). It returns only when the broker acknowledged
 all of them (acks=all). It never writes PostgreSQL and keeps no checkpoint: the streamer
 publishes what PostgreSQL committed, then records the last acked `seq`, so after a crash or a
 takeover the same events may be published again. Consumers drop them by `seq`
@@ -63,8 +65,10 @@ class KafkaSink:
         partitions: int,
         replication_factor: int,
         timeout_s: float,
+        cluster_id: str | None = None,
     ) -> None:
         self._producer = producer
+        self._cluster_header = [("cluster_id", cluster_id.encode())] if cluster_id else []
         self.bootstrap = bootstrap
         self.prefix = prefix
         self._partitions = partitions
@@ -90,10 +94,12 @@ class KafkaSink:
         replication_factor: int = 1,
         compression: str | None = None,
         timeout_s: float = TIMEOUT_S,
+        cluster_id: str | None = None,
     ) -> KafkaSink:
         """Create the topics that are missing (`partitions` each; existing ones are kept as
         they are), then start the producer. `compression`: None or "gzip" (lz4, zstd and
         snappy need the optional `cramjam` package). `timeout_s` bounds every call.
+        `cluster_id`: the node's, sent in every record's headers.
         Raises KafkaUnavailable when the broker cannot be reached."""
         if partitions < 1 or replication_factor < 1:
             raise ValueError("partitions and replication_factor must be >= 1")
@@ -129,6 +135,7 @@ class KafkaSink:
             partitions=partitions,
             replication_factor=replication_factor,
             timeout_s=timeout_s,
+            cluster_id=cluster_id,
         )
 
     async def publish(self, entries: Sequence[Entry]) -> int:
@@ -203,6 +210,7 @@ class KafkaSink:
                     ("seq", b"%d" % seq),
                     ("cmd_index", b"%d" % event["cmd_index"]),
                     ("type", kind.encode()),
+                    *self._cluster_header,
                 ]
                 value = orjson.dumps(event)
                 builders = batches.setdefault((topic, partition), [])

@@ -7,6 +7,8 @@ their projections (docs/reference/indexer-postgres.md).
    order (no deadlock between writers and lease takers);
 2. refuses (`Fenced`, nothing written) unless the lease is the writer's (holder, epoch) and
    unexpired on the database's clock, and the checkpoint is at the `seq` the writer expected;
+   and refuses (`ForeignTimeline`) unless the checkpoint follows the writer's cluster (an
+   unrecorded one is recorded as the writer's: indexer/timeline.py);
 3. inserts the events and applies their effect on the projections (orders, trades, balances,
    markets), computed in Python beforehand as one final row per touched order or balance;
 4. moves the checkpoint to the batch's last entry, and commits.
@@ -25,6 +27,7 @@ rows as one JSON document; an event batch never reads the projections back.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass
@@ -36,7 +39,9 @@ import orjson
 from statemachine import Exchange
 from statemachine.state import ExchangeState
 
-from .events import Checkpoint, Entry, Fenced, Lease
+from . import adoption
+from .events import Checkpoint, Entry, Fenced, ForeignTimeline, Lease
+from .timeline import RestorePoint
 
 # pg_advisory_lock key held while migrating (any bigint; this one is ours: "qbindexr").
 MIGRATION_LOCK_KEY = 0x7162_696E_6465_7872
@@ -134,7 +139,8 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
 
 # ------------------------------------------------------------------------------ statements
 
-_READ_CHECKPOINT = "SELECT seq, cmd_index, raft_index, kafka_seq, epoch FROM indexer_checkpoint"
+_CHECKPOINT_COLUMNS = "seq, cmd_index, raft_index, kafka_seq, epoch, cluster_id"
+_READ_CHECKPOINT = f"SELECT {_CHECKPOINT_COLUMNS} FROM indexer_checkpoint"
 _LOCK_CHECKPOINT = _READ_CHECKPOINT + " FOR UPDATE"
 _LOCK_LEASE = """
 SELECT holder, epoch, expires_at > clock_timestamp() AS live FROM indexer_lease FOR SHARE"""
@@ -157,10 +163,10 @@ WHERE l.holder = $1 AND l.epoch = $2 AND l.expires_at > c.t
 RETURNING l.epoch"""
 _RELEASE = "UPDATE indexer_lease SET expires_at = '-infinity' WHERE holder = $1 AND epoch = $2"
 
-_ADVANCE = """
+_ADVANCE = f"""
 UPDATE indexer_checkpoint SET seq = $1, cmd_index = $2, raft_index = $3, epoch = $4,
     kafka_seq = CASE WHEN $5 THEN $1 ELSE kafka_seq END, updated_at = now()
-RETURNING seq, cmd_index, raft_index, kafka_seq, epoch"""
+RETURNING {_CHECKPOINT_COLUMNS}"""
 
 # Rows go in as one JSON document per table and statement, the events and projection rows as
 # they are (json_to_recordset picks the columns it names, ignores other keys): one encode
@@ -266,10 +272,15 @@ UPDATE indexer_resync_request SET done_id = $1 WHERE id = $1 AND done_id < $1
 RETURNING id"""
 _WITHDRAW_RESYNC = """
 UPDATE indexer_resync_request SET done_id = $1 WHERE id = $1 AND done_id < $1 RETURNING id"""
-_RESYNC_CHECKPOINT = """
+_RESYNC_CHECKPOINT = f"""
 UPDATE indexer_checkpoint SET seq = $1, cmd_index = $2, raft_index = $3, kafka_seq = $1,
     epoch = $4, updated_at = now()
-RETURNING seq, cmd_index, raft_index, kafka_seq, epoch"""
+RETURNING {_CHECKPOINT_COLUMNS}"""
+# A fresh database (nothing written, no cluster recorded) takes the first indexer's cluster.
+_CLAIM_FRESH = f"""
+UPDATE indexer_checkpoint SET cluster_id = $1, updated_at = now()
+WHERE cluster_id = '' AND seq = 0
+RETURNING {_CHECKPOINT_COLUMNS}"""
 
 
 # ------------------------------------------------------------------------------ the sink
@@ -277,15 +288,21 @@ RETURNING seq, cmd_index, raft_index, kafka_seq, epoch"""
 
 class PgSink:
     """One streamer's connection to PostgreSQL (a pool of two: a write and a lease renewal may
-    run at once). `holder` names the node in the lease."""
+    run at once). `holder` names the node in the lease; `cluster_id` its cluster ("": not
+    configured), the only history it writes."""
 
-    def __init__(self, pool: asyncpg.Pool, holder: str, lease_ttl_s: float) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, holder: str, lease_ttl_s: float, cluster_id: str = ""
+    ) -> None:
         self._pool = pool
         self.holder = holder
         self.lease_ttl_s = lease_ttl_s
+        self.cluster_id = cluster_id
 
     @classmethod
-    async def connect(cls, url: str, *, holder: str, lease_ttl_s: float = 3.0) -> PgSink:
+    async def connect(
+        cls, url: str, *, holder: str, lease_ttl_s: float = 3.0, cluster_id: str | None = None
+    ) -> PgSink:
         """Connect and bring the schema up to date (migrations are idempotent)."""
         if not holder:
             raise ValueError("a lease holder needs a name")
@@ -317,13 +334,22 @@ class PgSink:
                 "synchronous_commit": "on",
             },
         )
-        return cls(pool, holder, lease_ttl_s)
+        return cls(pool, holder, lease_ttl_s, cluster_id or "")
 
     async def close(self) -> None:
         await self._pool.close()
 
     async def checkpoint(self) -> Checkpoint:
         return Checkpoint(*await self._pool.fetchrow(_READ_CHECKPOINT))
+
+    async def claim_fresh(self) -> Checkpoint:
+        """Record our cluster in a fresh database (nothing written, no cluster recorded: any
+        history agrees with an empty one); the checkpoint as it is now either way."""
+        if self.cluster_id:
+            row = await self._pool.fetchrow(_CLAIM_FRESH, self.cluster_id)
+            if row is not None:
+                return Checkpoint(*row)
+        return await self.checkpoint()
 
     # ------------------------------------------------------------------ the lease
 
@@ -361,7 +387,7 @@ class PgSink:
         `expected_seq`; `BatchError` (nothing written) for a batch that cannot be right."""
         batch = _Batch(entries, expected_seq)
         async with self._pool.acquire() as conn, conn.transaction():
-            before = await _fence(conn, lease)
+            before = await _fence(conn, lease, self.cluster_id)
             if before.seq != expected_seq:
                 raise Fenced(
                     f"the checkpoint is at seq {before.seq}, not {expected_seq}: "
@@ -385,7 +411,7 @@ class PgSink:
         """Record that Kafka acknowledged every event up to `seq` (<= the checkpoint's seq). It
         only goes up: a lower `seq` changes nothing. Fenced like `write`."""
         async with self._pool.acquire() as conn, conn.transaction():
-            before = await _fence(conn, lease)
+            before = await _fence(conn, lease, self.cluster_id)
             if seq > before.seq:
                 raise ValueError(f"kafka_seq {seq} would pass the checkpoint's seq {before.seq}")
             if seq > before.kafka_seq:
@@ -449,7 +475,7 @@ class PgSink:
         async with self._pool.acquire() as conn, conn.transaction():
             # An operator's command: when it says done, it is on disk.
             await conn.execute("SET LOCAL synchronous_commit = on")
-            before = await _fence(conn, lease)
+            before = await _fence(conn, lease, self.cluster_id)
             if seq < before.seq:
                 raise ValueError(
                     f"a resync cannot go back: the checkpoint is at seq {before.seq}, "
@@ -469,6 +495,31 @@ class PgSink:
             )  # fmt: skip
             row = await conn.fetchrow(_RESYNC_CHECKPOINT, seq, cmd_index, raft_index, lease.epoch)
         return Checkpoint(*row)
+
+    # ------------------------------------------------------------------ restores
+
+    async def adopt(self, point: RestorePoint, *, dry_run: bool = False) -> dict:
+        """Move the database to a restored cluster's history (indexer/adoption.py), all or
+        nothing; with `dry_run`, do it and roll it back. Returns the indexer_adoptions row
+        (`dry_run` added). Raises adoption.AdoptError (nothing changed) when it cannot be
+        done without mixing the two histories."""
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                # An operator's command: when it says done, it is on disk.
+                await conn.execute("SET LOCAL synchronous_commit = on")
+                before = Checkpoint(*await conn.fetchrow(_LOCK_CHECKPOINT))
+                record = await adoption.adopt(conn, before, point)
+                if dry_run:
+                    raise _RolledBack(record)
+        except _RolledBack as done:
+            return {**done.record, "dry_run": True}
+        return {**record, "dry_run": False}
+
+
+class _RolledBack(Exception):
+    def __init__(self, record: dict) -> None:
+        super().__init__("a dry run")
+        self.record = record
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -495,10 +546,21 @@ async def _reset_connection(conn: asyncpg.Connection) -> None:
     other session state (its default reset costs a round trip per pool use)."""
 
 
-async def _fence(conn: asyncpg.Connection, lease: Lease) -> Checkpoint:
+async def _fence(conn: asyncpg.Connection, lease: Lease, cluster_id: str) -> Checkpoint:
     """Lock the checkpoint, then the lease (this order, always), and check the lease is
-    `lease`, unexpired. Returns the checkpoint; raises Fenced."""
+    `lease`, unexpired, and the checkpoint follows `cluster_id`'s history. Returns the
+    checkpoint; raises Fenced or ForeignTimeline.
+
+    A checkpoint with no cluster recorded (a database an older indexer wrote) is recorded as
+    ours here, in the write's transaction: a streamer writes only after its replica reproduced
+    the checkpoint (the same `seq` at the same log index), the best evidence there is that the
+    rows are of its history (indexer/timeline.py)."""
     checkpoint = Checkpoint(*await conn.fetchrow(_LOCK_CHECKPOINT))
+    if checkpoint.cluster_id != cluster_id:
+        if checkpoint.cluster_id or not cluster_id:
+            raise ForeignTimeline(checkpoint.cluster_id, cluster_id, checkpoint)
+        await conn.execute("UPDATE indexer_checkpoint SET cluster_id = $1", cluster_id)
+        checkpoint = dataclasses.replace(checkpoint, cluster_id=cluster_id)
     holder, epoch, live = await conn.fetchrow(_LOCK_LEASE)
     if (holder, epoch) != (lease.holder, lease.epoch):
         raise Fenced(

@@ -22,6 +22,14 @@ so another follower can go on from the checkpoint, and this one bids for it agai
 its replica holds the events after the checkpoint, or to serve an operator's resync request
 (`quorumbook indexer resync`): the tables rebuilt from this node's snapshot, then streaming
 on from there.
+
+Another history (indexer/timeline.py): every round starts by reading the checkpoint and
+checking that it follows this node's cluster and is not ahead of this node's history, and every
+write checks the cluster again in its transaction (`ForeignTimeline`, nothing written). A
+database of another cluster (a restored cluster pointed at the old one's database), or a
+checkpoint ahead of the cluster, halts the streamer: a loud alarm in the status and the log,
+nothing written, no resync served, until an operator moves the database
+(`quorumbook indexer adopt`) or points the indexer at another one.
 """
 
 from __future__ import annotations
@@ -33,8 +41,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .events import Checkpoint, Entry, EventsGone, Fenced, Lease
-from .port import EntrySource, Node
+from . import timeline
+from .events import Checkpoint, Entry, EventsGone, Fenced, ForeignTimeline, Lease
+from .port import EntrySource, Node, NodeView
 
 log = logging.getLogger("quorumbook.indexer")
 
@@ -49,7 +58,8 @@ class Status:
 
     configured: bool = True
     active: bool = False  # this node's streamer holds the lease and streams
-    state: str = "starting"  # idle | standby | active | resync | backoff | gone | error
+    # idle | standby | active | resync | backoff | gone | halted | error
+    state: str = "starting"
     checkpoint_seq: int = 0
     lag_events: int = 0
     lag_ms: int = 0
@@ -58,6 +68,11 @@ class Status:
     fenced: int = 0  # writes refused because the lease was lost
     resyncs: int = 0  # operators' resyncs this process served
     gone_from_seq: int | None = None  # the alarm: events from here are no longer here
+    cluster_id: str | None = None  # this node's cluster, the only history it writes
+    db_cluster_id: str | None = None  # the one the database's checkpoint follows ("": none)
+    # The alarm, state "halted": "foreign_timeline" or "checkpoint_ahead" (indexer/timeline.py);
+    # nothing is written until an operator acts.
+    timeline_alarm: str | None = None
     last_error: str | None = None
     pid: int | None = None
 
@@ -75,6 +90,7 @@ class Streamer:
         connect_kafka: Callable[[], Awaitable[Any]] | None,
         batch_max_events: int = 5000,
         lease_ttl_s: float = 3.0,
+        cluster_id: str = "",
     ) -> None:
         self.node = node
         self.source = source
@@ -82,10 +98,15 @@ class Streamer:
         self._connect_kafka = connect_kafka
         self.batch_max_events = batch_max_events
         self.lease_ttl_s = lease_ttl_s
-        self.status = Status()
+        self.cluster_id = cluster_id
+        self.status = Status(cluster_id=cluster_id)
         self.status_changed = asyncio.Event()  # the state moved: report it now
         self._checkpoint = Checkpoint()
         self._last_ts_ms = 0  # the newest event written: for lag_ms
+        # A checkpoint_ahead alarm holds while the checkpoint stays where it was raised: the
+        # node's seq may pass the checkpoint's later, on its own history.
+        self._ahead: tuple[Checkpoint, timeline.Alarm] | None = None
+        self._logged_alarm: tuple[str, str, int] | None = None
 
     # ----------------------------------------------------------------------------- loop
 
@@ -120,9 +141,12 @@ class Streamer:
             self.status.last_error = None
             while True:
                 view = self.node.view()
+                if await self._halted(pg, view):
+                    await self.node.changed(STANDBY_POLL_S)
+                    continue
                 if not view.follower:
                     self._set_state("idle", False)
-                    await self._refresh(pg)
+                    self._report()
                     await self.node.changed(STANDBY_POLL_S)
                     continue
                 try:
@@ -144,6 +168,10 @@ class Streamer:
                 except EventsGone as exc:
                     self._alarm(exc)
                     await self.node.changed(STANDBY_POLL_S)
+                except ForeignTimeline as exc:
+                    # The database moved to another history under us (an operator's adopt):
+                    # nothing was written; the check above raises the alarm.
+                    log.warning("indexer: write refused: %s", exc)
         finally:
             if kafka is not None:
                 await _quietly(kafka.close())
@@ -159,6 +187,50 @@ class Streamer:
                 "else run `quorumbook indexer resync`",
                 exc,
             )
+
+    async def _halted(self, pg: Any, view: NodeView) -> bool:
+        """Read the checkpoint (a fresh database takes our cluster) and check whose history it
+        is (indexer/timeline.py); True, with the alarm raised, when this node must not write."""
+        checkpoint = await pg.checkpoint()
+        if not checkpoint.cluster_id and checkpoint.seq == 0 and self.cluster_id:
+            checkpoint = await pg.claim_fresh()
+        self._checkpoint = checkpoint
+        self.status.db_cluster_id = checkpoint.cluster_id
+        alarm = timeline.check(self.cluster_id, checkpoint, view)
+        if alarm is not None and alarm.reason == timeline.CHECKPOINT_AHEAD:
+            self._ahead = (checkpoint, alarm)
+        elif alarm is None and self._ahead is not None:
+            if self._ahead[0] == checkpoint:
+                alarm = self._ahead[1]
+            else:
+                self._ahead = None  # an operator moved the checkpoint
+        self._report()
+        if alarm is None:
+            if self.status.timeline_alarm is not None:
+                log.warning(
+                    "indexer: the database follows this cluster (%s) again at seq %d; the "
+                    "%s alarm is over",
+                    self.cluster_id, checkpoint.seq, self.status.timeline_alarm,
+                )  # fmt: skip
+                self.status.timeline_alarm = None
+                self.status.last_error = None
+                self._logged_alarm = None
+            return False
+        self._set_state("halted", False)
+        self.status.gone_from_seq = None  # of a checkpoint that is not of our history: moot
+        self.status.timeline_alarm = alarm.reason
+        self.status.last_error = alarm.message
+        once = (alarm.reason, checkpoint.cluster_id, checkpoint.seq)
+        if self._logged_alarm != once:
+            self._logged_alarm = once
+            log.error(
+                "indexer ALARM %s: %s; nothing is written until an operator acts: "
+                "`quorumbook indexer adopt` after a restore, else a fresh database "
+                '(docs/operating/indexer.md "After a restore")',
+                alarm.reason,
+                alarm.message,
+            )
+        return True
 
     async def _under(self, pg: Any, lease: Lease, work: Awaitable[None]) -> None:
         """Run `work` (streaming, a resync) under `lease`."""
@@ -177,6 +249,7 @@ class Streamer:
 
     async def _refresh(self, pg: Any) -> None:
         self._checkpoint = await pg.checkpoint()
+        self.status.db_cluster_id = self._checkpoint.cluster_id
         self._report()
 
     async def _standby(self, pg: Any) -> None:
