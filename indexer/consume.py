@@ -64,7 +64,7 @@ class EventReader:
         async with EventReader(bootstrap, prefix="qb") as reader:
             async for event in reader.events():
                 handle(event)
-            save(reader.positions())  # {"qb.trades:0": {"offset": 812, "seq": 40211}, ...}
+            save(reader.positions())  # {"qb.trades:0": {"offset": 812, "seq": 40211, "cluster_id": ..., "retired": [...]}, ...}
     """
 
     def __init__(
