@@ -15,7 +15,7 @@ NATIVE_MODULES := $(shell $(PYTHON) -c "import tomllib; print(' '.join(tomllib.l
 NATIVE_ENV := QB_NATIVE=1 PYTHONPATH=$(CURDIR)/$(NATIVE):$(CURDIR)
 NATIVE_PYTEST := $(NATIVE_ENV) $(BIN)/python -P -m pytest -q -p no:cacheprovider --import-mode=append
 
-.PHONY: demo test test-fast native lint bench bench-statemachine bench-replication bench-failover bench-api bench-indexer clean
+.PHONY: demo test test-fast native lint bench bench-statemachine bench-replication bench-failover bench-api bench-indexer bench-restore clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,7 +51,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: bench-statemachine bench-replication bench-failover bench-api bench-indexer
+bench: bench-statemachine bench-replication bench-failover bench-api bench-indexer bench-restore
 
 bench-statemachine: $(STAMP) $(NATIVE_STAMP)
 	$(NATIVE_ENV) $(BIN)/python -P -m bench.statemachine
@@ -67,6 +67,9 @@ bench-api: $(STAMP) $(NATIVE_STAMP)
 
 bench-indexer: $(STAMP) $(NATIVE_STAMP)
 	$(NATIVE_ENV) $(BIN)/python -P -m bench.indexer
+
+bench-restore: $(STAMP) $(NATIVE_STAMP)
+	$(NATIVE_ENV) $(BIN)/python -P -m bench.restore
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

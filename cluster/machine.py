@@ -74,6 +74,17 @@ def exchange_blob_of(blob: bytes) -> bytes:
     return exchange_blob
 
 
+def without_directory(blob: bytes) -> bytes:
+    """A node snapshot with its directory of members emptied, its other fields (the exchange's
+    bytes among them) as they are: a restored cluster's members are in its configs."""
+    try:
+        fields = msgpack.unpackb(blob, raw=False)
+        fields[2] = []
+    except Exception as exc:
+        raise MachineSnapshotError(f"undecodable node snapshot: {exc}") from exc
+    return msgpack.packb(fields, use_bin_type=True)
+
+
 class ExchangeMachine:
     """`StateMachinePort` over a `statemachine.Exchange`."""
 

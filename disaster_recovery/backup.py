@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import msgspec
 
-from cluster.machine import ExchangeMachine, MachineSnapshotError
+from cluster.machine import ExchangeMachine, MachineSnapshotError, exchange_blob_of
 from statemachine import SnapshotError
+from statemachine.snapshot import stated_hash
 
 from .target import MissingObject, Target
 
@@ -232,6 +233,7 @@ def complete_backups(target: Target) -> list[Manifest]:
 class Verified:
     manifest: Manifest
     machine: ExchangeMachine
+    blob: bytes  # the node snapshot as stored
 
 
 def load(
@@ -240,10 +242,15 @@ def load(
     *,
     cluster_id: str | None = None,
     progress: Callable[[str], None] | None = None,
+    recompute_hash: bool = True,
 ) -> Verified:
     """Read and verify one backup; the state machine it holds. BackupError says what is wrong:
     incomplete, newer format, another cluster's, a file truncated or corrupted, a snapshot
-    that does not decode or whose state hash, cmd_index or seq differ from the manifest's."""
+    that does not decode or whose state hash, cmd_index or seq differ from the manifest's.
+
+    `recompute_hash=False` compares the manifest's hash with the one the snapshot states
+    (whose body decode checked against it, and found canonical) instead of walking the whole
+    state again to recompute it: a restore's shortcut (about 1.5 s per million orders)."""
     say = progress or (lambda _line: None)
     manifest = read_manifest(target, backup_id)
     owner = target_cluster(target)
@@ -277,7 +284,8 @@ def load(
     except (MachineSnapshotError, SnapshotError, ValueError) as exc:
         raise BackupError(f"backup {backup_id}: the snapshot does not decode: {exc}") from exc
     exchange = machine.exchange
-    got = (exchange.state_hash(), exchange.cmd_index, exchange.seq)
+    stated = stated_hash(exchange_blob_of(blobs[STATE_FILE]))
+    got = (exchange.state_hash() if recompute_hash else stated, exchange.cmd_index, exchange.seq)
     want = (manifest.state_hash, manifest.cmd_index, manifest.seq)
     if got != want:
         raise BackupError(
@@ -285,7 +293,7 @@ def load(
             f"seq {got[2]}) is not the manifest's (hash {want[0][:16]}, cmd_index {want[1]}, "
             f"seq {want[2]})"
         )
-    return Verified(manifest, machine)
+    return Verified(manifest, machine, blobs[STATE_FILE])
 
 
 # ---------------------------------------------------------------------------------- taking one

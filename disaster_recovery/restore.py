@@ -21,11 +21,13 @@ import json
 import secrets
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.machine import ExchangeMachine
+from cluster.machine import ExchangeMachine, exchange_blob_of, without_directory
 from cluster.raft import payload_of_entry, seed_data_dir
+from statemachine.snapshot import stated_hash
 
 from . import backup, segments
 from .target import Target
@@ -78,6 +80,7 @@ class Restored:
     index: int
     cmd_index: int
     segments_read: int
+    backup_blob: bytes | None = None  # the backup's snapshot, while no entry changed the state
 
 
 def replay(
@@ -93,12 +96,15 @@ def replay(
         say(f"backup {chosen.backup_id}: log index {chosen.anchor_index}, cmd_index "
             f"{chosen.anchor_cmd_index}; verifying")  # fmt: skip
         try:
-            machine = backup.load(target, chosen.backup_id, cluster_id=cluster_id).machine
+            loaded = backup.load(
+                target, chosen.backup_id, cluster_id=cluster_id, recompute_hash=False
+            )
         except backup.BackupError as exc:
             raise RestoreError(str(exc)) from exc
+        machine, unchanged = loaded.machine, loaded.blob
     else:
         say("no backup before the archive's start: from the empty state")
-        machine = ExchangeMachine()
+        machine, unchanged = ExchangeMachine(), None
     index, read = chosen.anchor_index, 0
     for _first, _last, name in chosen.chain:
         try:
@@ -119,6 +125,7 @@ def replay(
             payload = payload_of_entry(command)
             if payload is not None:
                 machine.apply(payload)
+                unchanged = None
             if machine.exchange.cmd_index != cmd_index:
                 raise RestoreError(
                     f"the replay diverged at log index {idx}: cmd_index "
@@ -127,7 +134,7 @@ def replay(
             index = idx
         if read % 50 == 0:
             say(f"  {read} of {len(chosen.chain)} segments, log index {index}")
-    return Restored(machine, index, machine.exchange.cmd_index, read)
+    return Restored(machine, index, machine.exchange.cmd_index, read, unchanged)
 
 
 def restore(
@@ -161,9 +168,14 @@ def restore(
     chosen = plan(target, to_cmd_index)
     restored = replay(target, chosen, to_cmd_index, say)
     machine = restored.machine
-    machine.directory = {}  # the old members: the new cluster's are in its configs
-    state_hash = machine.exchange.state_hash()
-    blob = machine.snapshot()
+    # The old members' directory goes: the new cluster's are in its configs. A state no entry
+    # changed keeps the backup's exchange bytes (no second encode of a large state).
+    if restored.backup_blob is not None:
+        blob = without_directory(restored.backup_blob)
+    else:
+        machine.directory = {}
+        blob = machine.snapshot()
+    state_hash = stated_hash(exchange_blob_of(blob))
     index = max(restored.index, 2)  # a seeded log starts at index 2 at the earliest
     new_id = f"qb-{secrets.token_hex(6)}"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -176,8 +188,14 @@ def restore(
         settings["target"] = archive_to  # [archive] target
     cluster = LocalCluster.create(data_dir, nodes, **settings)
     members = [n.config.raft_addr for n in cluster.nodes.values()]
-    for node in cluster.nodes.values():
-        seed_data_dir(node.config.data_dir, blob, index, members)
+    # In parallel: most of a seed is its fsync, which lets the other threads go on.
+    with ThreadPoolExecutor(len(cluster.nodes)) as pool:
+        seeded = [
+            pool.submit(seed_data_dir, node.config.data_dir, blob, index, members)
+            for node in cluster.nodes.values()
+        ]
+        for future in seeded:
+            future.result()
     result = {
         "restored_from": target.url,
         "from_cluster_id": old_cluster,

@@ -24,7 +24,12 @@ from cluster.batch import (
     decode_batch,
     encode_batch,
 )
-from cluster.machine import REPLAY_RETENTION_MS, ExchangeMachine, MachineSnapshotError
+from cluster.machine import (
+    REPLAY_RETENTION_MS,
+    ExchangeMachine,
+    MachineSnapshotError,
+    without_directory,
+)
 
 MARKET = {
     "op": "create_market",
@@ -257,3 +262,11 @@ def test_foreign_versions_are_refused_clearly() -> None:
         ExchangeMachine().restore(msgpack.packb([9, b"", [], [], [0, []]]))
     with pytest.raises(MachineSnapshotError, match="malformed"):
         ExchangeMachine().restore(msgpack.packb([2, b"", [], []]))
+
+
+def test_without_directory_is_the_snapshot_of_the_state_without_members() -> None:
+    machine, _ = feed([setup(), encode_batch(ns(T0_MS + 10), [request(1, T0_MS + 9, order(1))])])
+    machine.directory = {"n1": ("127.0.0.1:1", "http://127.0.0.1:2"), "n2": ("a:1", "http://b")}
+    blob = machine.snapshot()
+    machine.directory = {}
+    assert without_directory(blob) == machine.snapshot() != blob

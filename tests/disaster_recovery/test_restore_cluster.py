@@ -322,7 +322,7 @@ def test_the_archive_survives_its_node_and_its_target_failing(clusters, tmp_path
         return len(now) == 1 and next(iter(now.values()))["archived_cmd_index"] == last["cmd_index"]
 
     wait_for(caught_up, 30, "the archive to catch up")
-    assert all(s["archive"]["gaps"] == 0 for s in source.statuses().values() if s)
+    assert all(s["archive"].get("gaps", 0) == 0 for s in source.statuses().values() if s)
     for node_id in source.nodes:
         source.kill(node_id)
     restored = restore_cli(str(to), tmp_path / "restored")
