@@ -233,10 +233,6 @@ def decode(blob: Any) -> ExchangeState:
             if pack(_head_fields(state)) != pack(head):
                 raise SnapshotError("snapshot body is not canonical")
             check(state)
-            # The state is long-lived: out of the collector's way before it runs again, or its
-            # first collections walk every order (400-600 ms per million, on every node that
-            # loads one, at once). Its objects hold no cycles: reference counting frees them.
-            gc.freeze()
     except SnapshotError:
         raise
     except (
