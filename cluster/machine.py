@@ -89,7 +89,10 @@ def without_directory(blob: bytes) -> bytes:
 class ExchangeMachine:
     """`StateMachinePort` over a `statemachine.Exchange`."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, freeze_restored: bool = False) -> None:
+        """`freeze_restored`: a node's machine (see `restore`); a process that restores many
+        states (tests, tools) leaves the collector alone."""
+        self.freeze_restored = freeze_restored
         self.exchange = Exchange()
         # node_id -> (raft_addr, api_url): members added at run time, replicated like commands
         self.directory: dict[str, tuple[str, str]] = {}
@@ -243,11 +246,12 @@ class ExchangeMachine:
         except (TypeError, ValueError) as exc:
             raise MachineSnapshotError(f"malformed node snapshot: {exc}") from exc
         exchange = Exchange.restore(exchange_blob)
-        # The state is long-lived: out of the collector's way before it runs again, or its
-        # first collections walk every order (400-600 ms per million resting orders, on every
-        # node that loads it, at once). Its objects hold no cycles: reference counting frees
-        # them. (A node freezes its heap after each full collection anyway: node.py.)
-        gc.freeze()
+        if self.freeze_restored:
+            # The state is long-lived: out of the collector's way before it runs again, or its
+            # first collections walk every order (400-600 ms per million resting orders, on
+            # every node that loads it, at once). Its objects hold no cycles: reference
+            # counting frees them. (The node also freezes after each full collection.)
+            gc.freeze()
         with self._lock:
             self.exchange = exchange
             self.directory = directory

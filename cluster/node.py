@@ -250,6 +250,8 @@ class Node:
                 raise AuthError(exc.code, str(exc)) from None
 
     async def read_barrier(self) -> None:
+        if self.config.api.unsafe_local_reads:
+            return  # the planted bug (config.py): no barrier, a deposed leader answers
         with self._outcomes():
             try:
                 await self.replica.read_barrier()
@@ -436,9 +438,14 @@ class Node:
 
 
 async def _serve(config: NodeConfig) -> None:
+    if config.api.unsafe_local_reads:
+        log.warning(
+            "UNSAFE: [api] unsafe_local_reads is set: linearizable reads skip the read barrier "
+            "(a planted bug for the Jepsen harness; never in production)"
+        )
     password = config.read_password()
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    machine = ExchangeMachine()
+    machine = ExchangeMachine(freeze_restored=True)
     raft = RaftReplica(config.raft_settings(password), machine)
     # The state restored from the dump is long-lived: out of the collector's way from the
     # start (otherwise the first full collection walks all of it: 400-600 ms on ~100k orders).

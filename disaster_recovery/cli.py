@@ -191,6 +191,46 @@ def backup_list(to: str, all_segments: bool, as_json: bool) -> None:
         )
 
 
+@backup.command("log")
+@click.argument("to")
+@click.option(
+    "--to-index",
+    type=click.IntRange(1),
+    default=None,
+    help="Up to this log index, which must be archived (default: everything archived).",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Write the JSON lines to this file (default: standard output).",
+)
+def backup_log(to: str, to_index: int | None, out: str | None) -> None:
+    """Every command of TARGET's archived log, from the first, as the exchange applied it
+    (with its ts): one JSON line {"cmd_index", "command"} each. Exits 1 if the archive does
+    not hold the log from its first entry (or up to --to-index).
+
+    Example: quorumbook backup log /srv/qb-backups --out /tmp/commands.jsonl
+    """
+    from pathlib import Path
+
+    from .export import LogError, committed_commands, write_log
+    from .segments import SegmentError
+    from .target import TargetError
+
+    target = _target(to)
+    try:
+        commands = committed_commands(target, to_index)
+    except (LogError, SegmentError, TargetError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if out is not None:
+        write_log(Path(out), commands)
+        _say(f"{len(commands)} commands to {out}")
+    else:
+        for line in commands:
+            click.echo(json.dumps(line, separators=(",", ":")))
+
+
 @click.command()
 @click.option(
     "--from", "source", required=True, help="The target: a directory or s3://bucket/prefix."

@@ -30,6 +30,9 @@ class ApiError(Exception):
     `after_retry` is true when an earlier attempt of the same call had an unknown outcome:
     then `unknown_order` (cancel), `no_change` (amend) and `no_open_orders` (cancel_all) mean
     that the first attempt most likely took effect (docs/reference/sdk.md).
+
+    `seq` is the `rejected` event's seq when the exchange rejected the command in the log (it
+    took a `cmd_index`, changing nothing else); None when it was refused before the log.
     """
 
     def __init__(
@@ -40,6 +43,7 @@ class ApiError(Exception):
         order_id: int | None = None,
         *,
         after_retry: bool = False,
+        seq: int | None = None,
     ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
@@ -47,3 +51,4 @@ class ApiError(Exception):
         self.message = message
         self.order_id = order_id
         self.after_retry = after_retry
+        self.seq = seq

@@ -81,12 +81,14 @@ def _error_of(body: Any) -> dict:
 
 def _api_error(reply: _Reply) -> ApiError:
     err = _error_of(reply.body)
+    seq = reply.body.get("seq") if isinstance(reply.body, dict) else None
     return ApiError(
         reply.status,
         err.get("code", "http_error"),
         err.get("message", ""),
         err.get("order_id"),
         after_retry=reply.unknown_before,
+        seq=seq if type(seq) is int else None,
     )
 
 

@@ -246,6 +246,7 @@ def test_api_defaults_are_the_components() -> None:
         "ready_max_lag_entries": READY_MAX_LAG_ENTRIES,
         "tls_cert_file": None,
         "tls_key_file": None,
+        "unsafe_local_reads": False,
     }
 
 

@@ -16,6 +16,7 @@ from api.sdk import AdminClient, Client
 from cluster.launcher import LocalCluster
 from disaster_recovery import backup, segments
 from disaster_recovery.target import open_target
+from statemachine import Exchange
 from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.slow
@@ -327,3 +328,13 @@ def test_the_archive_survives_its_node_and_its_target_failing(clusters, tmp_path
         source.kill(node_id)
     restored = restore_cli(str(to), tmp_path / "restored")
     assert {k: restored[k] for k in last} == last
+
+    # The archived log, command by command, replays to the final state.
+    exported = qb("backup", "log", str(to))
+    assert exported.returncode == 0, exported.stderr
+    lines = [json.loads(line) for line in exported.stdout.splitlines()]
+    assert [line["cmd_index"] for line in lines] == list(range(1, last["cmd_index"] + 1))
+    exchange = Exchange()
+    for line in lines:
+        exchange.apply(line["command"])
+    assert exchange.state_hash() == last["state_hash"]
