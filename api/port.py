@@ -77,6 +77,9 @@ class Subscription(Protocol):
 
 class NodePort(Protocol):
     node_id: str
+    # The planted bug of the Jepsen harness ([api] unsafe_local_reads): linearizable reads
+    # answered from this node's state, leader or not, without the read barrier.
+    unsafe_local_reads: bool = False
 
     def is_leader(self) -> bool: ...
     def leader_url(self) -> str | None: ...

@@ -89,9 +89,10 @@ class Api(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults
     ready_max_lag_entries: NotNegative = READY_MAX_LAG_ENTRIES
     tls_cert_file: Path | None = None  # HTTPS and wss with both files, plain HTTP with neither
     tls_key_file: Path | None = None
-    # A planted bug for the Jepsen harness (`jepsen run --unsafe-local-reads`): linearizable
-    # reads answered from the leader's applied state without the read barrier, so a deposed
-    # leader that has not noticed yet answers stale reads. Never in production.
+    # A planted bug for the Jepsen harness (`jepsen run --unsafe-local-reads`): every node
+    # answers linearizable reads from its own applied state, without redirecting to the
+    # leader or the read barrier, so a partitioned node answers stale reads. Never in
+    # production.
     unsafe_local_reads: bool = False
 
     def __post_init__(self) -> None:

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,14 +75,21 @@ class LocalCluster:
         # gone, even killed without its cleanup running. `cluster up` leaves it off: its
         # nodes may be adopted by the next launcher (cluster.json).
         self.exit_with_launcher = False
+        # The Jepsen harness sets this: (node_id, argv) -> the argv that runs the node inside
+        # its network namespace (jepsen/net.py, Net.wrap). None: the node's argv as is.
+        self.wrap: Callable[[str, list[str]], list[str]] | None = None
 
     # ------------------------------------------------------------------ creation
 
     @classmethod
-    def create(cls, root: Path, n: int = 3, **settings: object) -> LocalCluster:
+    def create(
+        cls, root: Path, n: int = 3, *, hosts: Mapping[str, str] | None = None, **settings: object
+    ) -> LocalCluster:
         """Write configs and secrets for a new cluster of `n` nodes under `root`; `settings`
         are config keys named without their table (`compaction_min_entries=20`, see
-        `cluster.config.make`), the same on every node."""
+        `cluster.config.make`), the same on every node. `hosts` (node id -> IPv4 address,
+        the Jepsen harness's namespaces) replaces 127.0.0.1 in each node's Raft and API
+        addresses and in its peers' entries."""
         root = Path(root).resolve()
         root.mkdir(parents=True, exist_ok=True)
         password_file = root / "raft.password"
@@ -98,21 +106,22 @@ class LocalCluster:
         if not admin_key.exists():
             write_credentials(admin_key, new_credentials("admin"))
         ids = [f"n{i}" for i in range(1, n + 1)]
-        addrs = {i: (f"127.0.0.1:{free_port()}", free_port()) for i in ids}
+        host = dict(hosts) if hosts is not None else dict.fromkeys(ids, "127.0.0.1")
+        addrs = {i: (f"{host[i]}:{free_port()}", free_port()) for i in ids}
         settings = {"cluster_id": f"qb-{secrets.token_hex(6)}", **settings}
         scheme = "https" if settings.get("tls_cert_file") else "http"
         nodes = {}
         for node_id in ids:
             raft_addr, api_port = addrs[node_id]
             peers = tuple(
-                Peer(other, addrs[other][0], f"{scheme}://127.0.0.1:{addrs[other][1]}")
+                Peer(other, addrs[other][0], f"{scheme}://{host[other]}:{addrs[other][1]}")
                 for other in ids
                 if other != node_id
             )
             config = make(
                 node_id=node_id,
                 addr=raft_addr,  # [raft] addr
-                host="127.0.0.1",  # [api] host and port
+                host=host[node_id],  # [api] host and port
                 port=api_port,
                 data_dir=root / node_id / "data",
                 peers=peers,
@@ -314,19 +323,22 @@ class LocalCluster:
             env = dict(os.environ)
             if self.exit_with_launcher:
                 env[EXIT_WITH_PARENT_ENV] = str(os.getpid())
+            # -P: the working directory does not shadow PYTHONPATH (a mypyc build of the
+            # state machine there is what the node runs; docs/adr/0003).
+            argv = [
+                sys.executable,
+                "-P",
+                "-m",
+                "cluster",
+                "node",
+                "run",
+                "--config",
+                str(node.config_path),
+            ]
+            if self.wrap is not None:
+                argv = self.wrap(nid, argv)
             node.process = subprocess.Popen(
-                # -P: the working directory does not shadow PYTHONPATH (a mypyc build of the
-                # state machine there is what the node runs; docs/adr/0003).
-                [
-                    sys.executable,
-                    "-P",
-                    "-m",
-                    "cluster",
-                    "node",
-                    "run",
-                    "--config",
-                    str(node.config_path),
-                ],
+                argv,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -249,9 +249,11 @@ class Node:
             except RequestRefused as exc:
                 raise AuthError(exc.code, str(exc)) from None
 
+    @property
+    def unsafe_local_reads(self) -> bool:
+        return self.config.api.unsafe_local_reads
+
     async def read_barrier(self) -> None:
-        if self.config.api.unsafe_local_reads:
-            return  # the planted bug (config.py): no barrier, a deposed leader answers
         with self._outcomes():
             try:
                 await self.replica.read_barrier()
@@ -440,7 +442,8 @@ class Node:
 async def _serve(config: NodeConfig) -> None:
     if config.api.unsafe_local_reads:
         log.warning(
-            "UNSAFE: [api] unsafe_local_reads is set: linearizable reads skip the read barrier "
+            "UNSAFE: [api] unsafe_local_reads is set: every node answers linearizable reads "
+            "from its own state, without the leader's read barrier "
             "(a planted bug for the Jepsen harness; never in production)"
         )
     password = config.read_password()
