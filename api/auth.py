@@ -91,8 +91,12 @@ class Verifier:
         window_ms: int = WINDOW_MS,
         lookup: KeyLookup | None = None,
         applied: AppliedLookup | None = None,
+        clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         self._keys = {k.key_id: k for k in keys}
+        # The node's wall clock (cluster/clock.py: with an injected offset, if any), the one
+        # its leader stamps batches with: a skewed host skews both.
+        self.clock_ns = clock_ns
         self._lookup = lookup
         self._applied = applied
         self.window_ms = window_ms
@@ -124,7 +128,7 @@ class Verifier:
         if not (ts_text.isascii() and ts_text.isdigit()) or len(ts_text) > 16:
             raise AuthError("unauthenticated", "bad timestamp")
         ts = int(ts_text)
-        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        now = self.clock_ns() // 1_000_000 if now_ms is None else now_ms
         if abs(now - ts) > self.window_ms:
             raise AuthError("expired", "timestamp outside the allowed window")
         expected = sign(creds.secret, ts, method, path, body)

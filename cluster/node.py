@@ -39,6 +39,7 @@ from statemachine import exchange as _exchange_module
 from statemachine.precheck import ShapeCheck
 from statemachine.snapshot import stated_hash
 
+from .clock import WallClock
 from .config import EXIT_WITH_PARENT_ENV, NodeConfig, Peer
 from .machine import ExchangeMachine, exchange_blob_of
 from .raft import EXIT_STARTUP_REFUSED, RaftReplica, RaftStartupError
@@ -453,12 +454,17 @@ async def _serve(config: NodeConfig) -> None:
     # The state restored from the dump is long-lived: out of the collector's way from the
     # start (otherwise the first full collection walks all of it: 400-600 ms on ~100k orders).
     gc.freeze()
+    # Every protocol read of wall time (the leader's batch ts, signed requests' window) goes
+    # through one clock: the system's, plus DATA_DIR/clock-offset-ns if a fault injector
+    # wrote one (cluster/clock.py).
+    clock = WallClock.of_data_dir(config.data_dir)
     replica = Replica(
         raft,
         batch_window_s=config.batch.batch_window_s,
         batch_max=config.batch.batch_max,
         max_in_flight=config.batch.batch_max_in_flight,
         submit_timeout_s=config.batch.submit_timeout_s,
+        clock_ns=clock.time_ns,
     )
     node = Node(config, machine, raft, replica)
     admin_key = config.read_admin_key()
@@ -473,7 +479,9 @@ async def _serve(config: NodeConfig) -> None:
     )
     # Replays: this node's own memory first, then the replicated window of applied requests
     # (which also refuses them when the log is applied, on every node).
-    verifier = Verifier(keys, lookup=node.lookup_key, applied=machine.has_request)
+    verifier = Verifier(
+        keys, lookup=node.lookup_key, applied=machine.has_request, clock_ns=clock.time_ns
+    )
     app = create_app(
         node,
         verifier,

@@ -1,11 +1,12 @@
 """The trio side of a node: batching, submission and the bridge from pysyncobj's thread.
 
 Callers `await replica.submit(command)`. A batcher task proposes what is queued as one
-replicated call (up to `batch_max` entries, stamped with one wall-clock `ts`) as soon as the
-pipeline has room: at most `max_in_flight` batches are proposed and not yet resolved. An idle
-node proposes a lone command at once (no waiting window on the latency path); under load the
-commands that arrive while the pipeline is full go out together, so batches grow with the
-load and the per-batch costs (Raft messages, journal writes, hand-overs) do not.
+replicated call (up to `batch_max` entries, stamped with one wall-clock `ts`, from `clock_ns`:
+in a node, its `WallClock`, cluster/clock.py) as soon as the pipeline has room: at most
+`max_in_flight` batches are proposed and not yet resolved. An idle node proposes a lone
+command at once (no waiting window on the latency path); under load the commands that
+arrive while the pipeline is full go out together, so batches grow with the load and the
+per-batch costs (Raft messages, journal writes, hand-overs) do not.
 `batch_window_s` > 0 adds a fixed wait for more commands before each proposal. pysyncobj reports the outcome on its own thread; the callback
 only hands it to trio with `TrioToken.run_sync_soon`, so no trio code ever blocks on
 pysyncobj. A caller gets events only once its command is committed and applied.
@@ -22,6 +23,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -179,10 +181,14 @@ class Replica:
         max_in_flight: int = 2,
         submit_timeout_s: float = 5.0,
         queue_max: int = 100_000,
+        clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
         self.raft = raft
+        # The wall clock the leader stamps batches with (a node's may carry an injected
+        # offset). It may jump either way: the state machine never lets ts go back.
+        self.clock_ns = clock_ns
         self.batch_window_s = batch_window_s
         self.batch_max = batch_max
         self.max_in_flight = max_in_flight
@@ -252,7 +258,7 @@ class Replica:
                 slot.error = error
                 slot.done.set()
             return
-        ts = time.time_ns()
+        ts = self.clock_ns()
         try:
             payload = encode_batch(ts, [entry for slot in batch for entry in slot.entries])
         except (OverflowError, TypeError, ValueError):

@@ -39,7 +39,7 @@ from .history import HistoryWriter
 from .nemesis import Context
 from .report import write_report
 
-NEMESES = ("kill", "pause", "partition", "restart-all")
+NEMESES = ("kill", "pause", "partition", "restart-all", "clock")
 ACCOUNTS = 4
 SETTLE_TIMEOUT_S = 60.0
 STATUS_TIMEOUT_S = 0.5
@@ -70,13 +70,17 @@ class Options:
             raise ValueError("--nodes must be 1, 3 or 5")
 
 
-def _nemesis(name: str, net):
+def _nemesis(name: str, net, cluster: LocalCluster):
     from .nemesis.process import Kill, Pause, RestartAll
 
     if name == "partition":
         from .nemesis.partition import Partition
 
         return Partition(net)
+    if name == "clock":
+        from .nemesis.clock import Clock
+
+        return Clock(lambda node_id: cluster.nodes[node_id].config.data_dir)
     return {"kill": Kill, "pause": Pause, "restart-all": RestartAll}[name]()
 
 
@@ -188,7 +192,7 @@ def run(opts: Options, progress: Progress | None = None) -> dict:
         cluster.exit_with_launcher = True
         stack.callback(cluster.stop_all)
         control = _Cluster(cluster)
-        nemeses = [_nemesis(name, net) for name in opts.nemeses]
+        nemeses = [_nemesis(name, net, cluster) for name in opts.nemeses]
         for nemesis in nemeses:  # last in, first out: healed before the cluster stops
             stack.callback(nemesis.heal_all)
         cluster.start()

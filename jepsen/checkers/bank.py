@@ -8,6 +8,10 @@
   the log or among the ok answers;
 - `crossed_book`: best bid < best ask after every command that changed a book, and in every
   ok `read_book` answer;
+- `clock_backwards`: the exchange's clock never goes back along the log: each command's `ts`
+  (as the state machine applied it) is at least the one before, and each event's at least
+  the one of the event before it in `seq` (a leader's clock may jump back: the clock
+  nemesis; the state machine gives every command `max(stamp, last ts)`);
 - `final_not_converged`, `final_hash_mismatch`, `log_incomplete`: after healing, every node
   reports the same cmd_index and state hash (`read_final` ops: {node, state_hash, cmd_index,
   balances?}), each equal to the replay's hash at that cmd_index, which the log must reach.
@@ -75,10 +79,13 @@ def check(
     if 0 in wanted:
         hashes[0] = exchange.state_hash()
         supply_at[0] = {}
+    clock = _Clock()
     for step, exchange in replay(entries, exchange_factory):
         position = step.position
         index.add(step)
         command = step.command
+        for message in clock.step(position, command, step.events):
+            at_command.append(("clock_backwards", position, message))
         if step.effective and command.get("op") in ("deposit", "withdraw"):
             amount = command["amount"] if command["op"] == "deposit" else -command["amount"]
             supply[command["asset"]] = supply.get(command["asset"], 0) + amount
@@ -207,6 +214,42 @@ def check(
                         f"{expected.get(asset, 0)}",
                     )
     return found.result(stats)
+
+
+class _Clock:
+    """The exchange's clock along the log: each command's `ts` against the latest before it,
+    and its events' against the latest event's (in `seq` order); one message for each."""
+
+    def __init__(self) -> None:
+        self.command: tuple[int, int] | None = None  # (cmd_index, ts): the latest ts so far
+        self.event: tuple[int, int] | None = None  # (seq, ts): the latest event ts so far
+
+    def step(self, position: int, command: dict, events: list[dict]) -> list[str]:
+        out = []
+        ts = command.get("ts")
+        if type(ts) is int:
+            if self.command is not None and ts < self.command[1]:
+                out.append(
+                    f"cmd_index {position} has ts {ts}, {self.command[1] - ts} ns before "
+                    f"cmd_index {self.command[0]}'s"
+                )
+            else:
+                self.command = (position, ts)
+        went_back = None
+        for e in events:
+            seq, ts = e.get("seq"), e.get("ts")
+            if type(seq) is not int or type(ts) is not int:
+                continue
+            if self.event is not None and ts < self.event[1]:
+                went_back = went_back or (
+                    f"event seq {seq} (cmd_index {position}) has ts {ts}, "
+                    f"{self.event[1] - ts} ns before seq {self.event[0]}'s"
+                )
+            else:
+                self.event = (seq, ts)
+        if went_back:
+            out.append(went_back)
+        return out
 
 
 def _final(done: Op) -> dict:
