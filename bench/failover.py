@@ -5,9 +5,10 @@
 A local 3-node cluster (`LocalCluster` in a temp dir, real node processes, default settings:
 election timeout 0.15-0.30 s, heartbeat 0.04 s). One client thread submits small requests
 (`--per-request` deposits, default 5) continuously; deposit i credits its own account `k{i}`
-with i + 1 USD under the unique ref `r{i}` (as tests/integration/test_cluster.py does). It
-records every acknowledged deposit, the time of each acknowledgement and the node that sent
-it. A `duplicate_ref` rejection counts as acknowledged: it proves the first copy applied.
+with i + 1 USD under the unique ref `r{i}` (`cluster.workload.DepositLoad`, the tests' load
+too). It records every acknowledged deposit, the time of each acknowledgement and the node
+that sent it. A `duplicate_ref` rejection counts as acknowledged: it proves the first copy
+applied; a `not_leader` result is definite (not applied), anything else may have applied.
 
 `--kills` times: let the load run `--interval` seconds, SIGKILL the leader
 (`LocalCluster.kill`), and measure the time from the kill to the first acknowledgement that
@@ -30,8 +31,6 @@ deposit that was never sent. Targets: median failover <= 0.5 s, max <= 1.0 s, lo
 from __future__ import annotations
 
 import argparse
-import bisect
-import itertools
 import json
 import os
 import shutil
@@ -45,88 +44,10 @@ from pathlib import Path
 
 from api.sdk import AdminClient, ApiError, ClusterUnavailable
 from cluster.launcher import LocalCluster
+from cluster.workload import DepositLoad, check_deposits, wait_caught_up
 
 MEDIAN_TARGET_S = 0.5
 MAX_TARGET_S = 1.0
-
-
-def deposit(i: int) -> dict:
-    return {"op": "deposit", "account": f"k{i}", "asset": "USD", "amount": i + 1, "ref": f"r{i}"}
-
-
-@dataclass
-class Ack:
-    t: float  # perf_counter when the reply arrived
-    url: str  # the node that replied
-
-
-class DepositLoad:
-    """One thread of continuous deposit requests; records every acknowledgement."""
-
-    def __init__(self, urls: list[str], creds, per_request: int) -> None:
-        self.client = AdminClient(
-            urls, creds, timeout_s=10.0, deadline_s=10.0, backoff_s=0.005, backoff_max_s=0.005
-        )
-        self.per_request = per_request
-        self.acked: dict[int, int] = {}  # i -> amount
-        self.unknown: set[int] = set()
-        self.resent = 0  # acknowledged as duplicate_ref
-        self.acks: list[Ack] = []  # one per request with at least one acknowledgement
-        self.ack_times: list[float] = []
-        self.errors: list[str] = []
-        self.counter = itertools.count()
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._run, name="deposit-load", daemon=True)
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            batch = [next(self.counter) for _ in range(self.per_request)]
-            try:
-                reply = self.client.submit_reply([deposit(i) for i in batch])
-            except (ApiError, ClusterUnavailable) as exc:
-                with self.lock:
-                    self.unknown.update(batch)
-                    self.errors.append(f"{type(exc).__name__}: {exc}")
-                continue
-            t = time.perf_counter()
-            url = self.client.leader or ""
-            any_ack = False
-            with self.lock:
-                for i, result in zip(batch, reply["results"], strict=True):
-                    events = result.get("events")
-                    if events and events[0]["type"] == "balance":
-                        self.acked[i] = i + 1
-                        any_ack = True
-                    elif events and events[0].get("reason") == "duplicate_ref":
-                        self.acked[i] = i + 1
-                        self.resent += 1
-                        any_ack = True
-                    else:
-                        # outcome_unknown or not_leader: may or may not be in the log.
-                        self.unknown.add(i)
-                if any_ack:
-                    self.acks.append(Ack(t, url))
-                    self.ack_times.append(t)
-
-    def first_ack_after(self, t_kill: float, not_from: str) -> Ack | None:
-        with self.lock:
-            # One thread appends, so the list is in time order.
-            start = bisect.bisect_right(self.ack_times, t_kill)
-            return next((a for a in self.acks[start:] if a.url != not_from), None)
-
-    def acks_since(self, t: float) -> int:
-        with self.lock:
-            return sum(1 for a in self.acks[-200:] if a.t > t)
-
-    def __enter__(self) -> DepositLoad:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(30)
-        self.client.close()
 
 
 @dataclass
@@ -190,58 +111,6 @@ def _node_of(cluster: LocalCluster, url: str) -> str | None:
     return next((nid for nid, n in cluster.nodes.items() if n.config.api_url == url), None)
 
 
-def wait_caught_up(cluster: LocalCluster, node_id: str, timeout_s: float) -> float:
-    """Seconds until `node_id` answers and has applied the leader's cmd_index (sampled once
-    it answers). Under steady load the nodes never report the same index at one instant, so
-    `LocalCluster.wait_converged` is used only once the load has stopped."""
-    t0 = time.perf_counter()
-    deadline = t0 + timeout_s
-    target = None
-    while time.perf_counter() < deadline:
-        if target is None:
-            if cluster.status(node_id, 1.0) is None:
-                time.sleep(0.05)
-                continue
-            leader = next(
-                (nid for nid, s in cluster.statuses().items() if s and s["role"] == "leader"), None
-            )
-            if leader is None:
-                time.sleep(0.05)
-                continue
-            target = cluster.status(leader)["cmd_index"]  # type: ignore[index]
-        status = cluster.status(node_id, 1.0)
-        if status is not None and status["cmd_index"] >= target:
-            return time.perf_counter() - t0
-        time.sleep(0.05)
-    raise TimeoutError(f"{node_id} did not catch up within {timeout_s} s")
-
-
-def verify(cluster: LocalCluster, load: DepositLoad) -> dict:
-    """Every node holds every acknowledged deposit, exactly, and nothing never sent."""
-    out: dict = {"nodes": {}, "lost": 0, "extra": 0}
-    lost_any: set[int] = set()
-    with AdminClient(cluster.api_urls(), cluster.admin_credentials(), timeout_s=30) as client:
-        for node_id, proc in cluster.nodes.items():
-            rows = client.balances(proc.config.api_url)["balances"]
-            have = {
-                int(r["account"][1:]): r["available"]
-                for r in rows
-                if r["account"].startswith("k") and r["account"][1:].isdigit()
-            }
-            missing = [i for i, amount in load.acked.items() if have.get(i) != amount]
-            extra = [i for i in have if i not in load.acked and i not in load.unknown]
-            lost_any.update(missing)
-            out["nodes"][node_id] = {
-                "deposits": len(have),
-                "missing": missing[:20],
-                "extra": extra[:20],
-                "extra_count": len(extra),
-            }
-            out["extra"] = max(out["extra"], len(extra))
-    out["lost"] = len(lost_any)
-    return out
-
-
 def run(root: Path, *, kills: int, interval_s: float, per_request: int) -> dict:
     cluster = LocalCluster.create(root / "cluster", 3)
     cluster.exit_with_launcher = True
@@ -251,7 +120,8 @@ def run(root: Path, *, kills: int, interval_s: float, per_request: int) -> dict:
         cluster.wait_for_leader(30)
         creds = cluster.admin_credentials()
         t_run = time.perf_counter()
-        with DepositLoad(cluster.api_urls(), creds, per_request) as load:
+        load = DepositLoad.on(cluster, per_request, backoff_s=0.005, backoff_max_s=0.005)
+        with load:
             for n in range(1, kills + 1):
                 # Steady state first: acknowledgements flowing for `interval_s`.
                 t_settle = time.perf_counter()
@@ -268,13 +138,11 @@ def run(root: Path, *, kills: int, interval_s: float, per_request: int) -> dict:
                 t_kill = time.perf_counter()
                 cluster.kill(leader)
                 watch = ElectionWatch(cluster, survivors, t_kill)
-                deadline = t_kill + 30
-                ack = None
                 try:
-                    while ack is None and time.perf_counter() < deadline:
-                        ack = load.first_ack_after(t_kill, killed_url)
-                        if ack is None:
-                            time.sleep(0.002)
+                    try:
+                        ack = load.wait_first_ack(t_kill, killed_url, timeout_s=30)
+                    except TimeoutError:
+                        ack = None
                     time.sleep(0.1)  # let the watcher see the new leader's settled status
                 finally:
                     watch.close()
@@ -299,7 +167,7 @@ def run(root: Path, *, kills: int, interval_s: float, per_request: int) -> dict:
             client.barrier()
         statuses = cluster.wait_converged(60)
         hashes = {s["state_hash"] for s in statuses.values()}
-        check = verify(cluster, load)
+        check = check_deposits(cluster, load.acked, load.unknown)
         applied = next(iter(statuses.values()))["cmd_index"]
     times = [k.failover_s for k in results if k.failover_s is not None]
     median = statistics.median(times) if times else float("inf")

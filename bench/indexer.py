@@ -6,9 +6,9 @@ real cluster.
 One run, on this machine, against the embedded PostgreSQL and broker it starts itself
 (indexer/services.py; stopped by pid on every path):
 
-0. A recorded event stream: bench/flow.py's seeded order flow (a warm-up book, then `--orders`
-   orders and cancels) applied to an `Exchange` in log entries of `ENTRY_COMMANDS` commands,
-   with each entry's events: what a replica hands the streamer.
+0. A recorded event stream: `cluster.workload.book_flow`, the seeded order flow (a warm-up
+   book, then `--orders` orders and cancels), applied to an `Exchange` in log entries of
+   `ENTRY_COMMANDS` commands, with each entry's events: what a replica hands the streamer.
 1. PostgreSQL: `PgSink.write`, the streamer's own write path (the events, trades, orders and
    balances rows and the checkpoint in one transaction per batch, fenced by the lease,
    `synchronous_commit` on), batches of ~`batch_max_events` (the config's default). Peer,
@@ -51,8 +51,8 @@ from pathlib import Path
 import asyncpg
 import orjson
 
-from bench import flow as bench_flow
 from bench.replication import _percentile
+from cluster import workload
 from cluster.config import Indexer
 from indexer.events import Entry
 from indexer.services import Services
@@ -67,10 +67,10 @@ PERIOD_S = 0.02  # one submitted batch per period, at the target rate
 
 
 def commands(orders: int, seed: int) -> list[dict]:
-    flow = bench_flow.generate(orders, seed=seed, warmup=orders // 5, accounts=300)
+    flow = workload.book_flow(orders, seed=seed, warmup=orders // 5, accounts=300)
     return [
-        *bench_flow.setup_commands(flow.accounts),
-        *bench_flow.exchange_commands(flow.warmup + flow.ops, ts_start=10),
+        *workload.book_setup(flow.accounts),
+        *workload.book_commands(flow.warmup + flow.ops, ts_start=10),
     ]
 
 

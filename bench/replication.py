@@ -53,6 +53,7 @@ from pathlib import Path
 
 from api.sdk import AdminClient, ApiError, ClusterUnavailable
 from cluster.launcher import LocalCluster, free_port
+from cluster.workload import funding_commands
 from statemachine import Exchange
 
 RAW_RATIO_TARGET = 3.0
@@ -93,38 +94,10 @@ class OrderMix:
         self.deposits = 0
 
     def setup(self) -> list[dict]:
-        cmds: list[dict] = [
-            {
-                "op": "create_market",
-                "market": self.market,
-                "base": self.base,
-                "quote": self.quote,
-                "lot_size": 1,
-                "tick_size": 1,
-                "maker_fee_bps": 1,
-                "taker_fee_bps": 2,
-            }
-        ]
-        for acct in self.accounts:
-            cmds.append(
-                {
-                    "op": "deposit",
-                    "account": acct,
-                    "asset": self.base,
-                    "amount": self.FUND_BASE,
-                    "ref": f"fund:{acct}:base",
-                }
-            )
-            cmds.append(
-                {
-                    "op": "deposit",
-                    "account": acct,
-                    "asset": self.quote,
-                    "amount": self.FUND_QUOTE,
-                    "ref": f"fund:{acct}:quote",
-                }
-            )
-        return cmds
+        market = {"market": self.market, "base": self.base, "quote": self.quote, "lot_size": 1,
+                  "tick_size": 1, "maker_fee_bps": 1, "taker_fee_bps": 2}  # fmt: skip
+        funds = {self.base: self.FUND_BASE, self.quote: self.FUND_QUOTE}
+        return funding_commands([market], self.accounts, funds, "fund:{account}:{asset}")
 
     def _add(self, order_id: int, account: str) -> None:
         if order_id not in self.pos:

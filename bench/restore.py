@@ -9,10 +9,11 @@ this machine; every process it starts is stopped by pid on every path (`LocalClu
 1. A state of `--orders` resting orders (default 1,000,000), built in this process by
    `ExchangeMachine.apply` on log entries of `ENTRY_COMMANDS` commands, encoded as the leader
    encodes them: `MARKETS` markets, `--accounts` funded accounts (5 assets each), GTC limits
-   that never cross (buys below a fixed mid, sells above it) at offsets shaped like
-   bench/flow.py's deep book (30% near the mid, the rest a mean 250 ticks out: thousands of
-   levels per side), each with a client order id (`--coid`: "ts" a millisecond stamp and a
-   counter, as trading clients write them; "uuid" 36 characters; "none"). Timed, not judged.
+   that never cross (buys below a fixed mid, sells above it) at offsets shaped like the deep
+   book of `cluster.workload.book_flow` (30% near the mid, the rest a mean 250 ticks out:
+   thousands of levels per side), each with a client order id (`--coid`: "ts" a millisecond
+   stamp and a counter, as trading clients write them; "uuid" 36 characters; "none"). Timed,
+   not judged.
 2. Backup: `ExchangeMachine.snapshot()` and `backup.write` to a directory target (the state
    file fsynced, then the manifest); its size per resting order (target <= 100 B), and how
    much of it the client order ids are (each is written twice: in its order, and in its
@@ -63,8 +64,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from api.sdk import AdminClient, ApiError, ClusterUnavailable
-from bench import flow as bench_flow
 from bench.replication import OrderMix, _engine_build
+from cluster import workload
 from cluster.batch import KIND_COMMAND, encode_batch
 from cluster.launcher import LocalCluster
 from cluster.machine import ExchangeMachine, exchange_blob_of
@@ -90,7 +91,7 @@ MARKETS = (
 QUOTE = "USD"
 DEPOSIT_BASE = 10**9  # per account: sells reserve their quantity of the base
 DEPOSIT_QUOTE = 10**13  # buys reserve price x qty; x 20,000 accounts stays under 2**62
-BOOK = bench_flow.PROFILES["deep"]  # offsets from the mid shaped like the deep book
+BOOK = workload.PROFILES["deep"]  # offsets from the mid shaped like the deep book
 
 
 def _verdict(ok: bool) -> str:
@@ -117,16 +118,13 @@ def _coid_maker(style: str, rng: random.Random) -> Callable[[int, int], str | No
 
 
 def setup_commands(accounts: list[str]) -> list[dict]:
-    cmds: list[dict] = [
-        {"op": "create_market", "market": market, "base": base, "quote": QUOTE, "lot_size": 1,
-         "tick_size": 1, "maker_fee_bps": 1, "taker_fee_bps": 2}
+    markets = [
+        {"market": market, "base": base, "quote": QUOTE, "lot_size": 1, "tick_size": 1,
+         "maker_fee_bps": 1, "taker_fee_bps": 2}
         for market, base, _mid in MARKETS
     ]  # fmt: skip
-    for acct in accounts:
-        for asset, amount in [(b, DEPOSIT_BASE) for _, b, _ in MARKETS] + [(QUOTE, DEPOSIT_QUOTE)]:
-            cmds.append({"op": "deposit", "account": acct, "asset": asset, "amount": amount,
-                         "ref": f"dep:{acct}:{asset}"})  # fmt: skip
-    return cmds
+    funds = {**{base: DEPOSIT_BASE for _, base, _ in MARKETS}, QUOTE: DEPOSIT_QUOTE}
+    return workload.funding_commands(markets, accounts, funds, "dep:{account}:{asset}")
 
 
 def resting_orders(n: int, accounts: list[str], coid_style: str, seed: int) -> Iterator[dict]:
@@ -164,7 +162,7 @@ class Built:
 
 def build(n: int, accounts_n: int, coid_style: str, seed: int) -> Built:
     """The state, through the same apply as a node's: `ENTRY_COMMANDS` commands per entry."""
-    accounts = bench_flow.account_names(accounts_n)
+    accounts = workload.book_accounts(accounts_n)
     machine = ExchangeMachine()
     started = time.perf_counter()
     index = 0

@@ -2,9 +2,9 @@
 
     .venv/bin/python -m bench.statemachine [--orders N] [--seed S] [--json]
 
-1. Throughput, on two shapes of book. One seeded flow per shape (bench/flow.py: one market,
-   many funded accounts, passive GTC limits around a moving mid, ~30% cancels of live orders,
-   aggressive limits that trade) runs through `statemachine.Exchange.apply` (validation,
+1. Throughput, on two shapes of book. One seeded flow per shape (`cluster.workload.book_flow`:
+   one market, many funded accounts, passive GTC limits around a moving mid, ~30% cancels of
+   live orders, aggressive limits that trade) runs through `statemachine.Exchange.apply` (validation,
    risk, events, as is) and through `lightmatchingengine.LightMatchingEngine` (the same limit
    orders, the same cancels). A warm-up stretch of the flow builds the book untimed in both
    engines first; the report prints the book's shape before and after the timed commands.
@@ -51,24 +51,25 @@ import time
 
 from lightmatchingengine.lightmatchingengine import LightMatchingEngine
 
-from bench import flow as fl
+from cluster import workload as wl
 from statemachine import Exchange
 
 RATIO_TARGET = 3.0
 BYTES_PER_ORDER_TARGET = 100
 RESTORE_TARGET_S = 5.0
 LME_BUY, LME_SELL = 1, 2
+BOOK = wl.BOOK_MARKET["market"]
 
 
 # ---------------------------------------------------------------- throughput
 
 
-def _ours_prepare(flow: fl.Flow) -> tuple[Exchange, list[dict]]:
+def _ours_prepare(flow: wl.BookFlow) -> tuple[Exchange, list[dict]]:
     """A funded exchange that has run the warm-up, and the timed commands."""
     ex = Exchange()
-    setup = fl.setup_commands(flow.accounts)
-    warm = fl.exchange_commands(flow.warmup, ts_start=10)
-    cmds = fl.exchange_commands(flow.ops, ts_start=warm[-1]["ts"] if warm else 10)
+    setup = wl.book_setup(flow.accounts)
+    warm = wl.book_commands(flow.warmup, ts_start=10)
+    cmds = wl.book_commands(flow.ops, ts_start=warm[-1]["ts"] if warm else 10)
     for cmd in setup + warm:
         events = ex.apply(cmd)
         if events[0]["type"] == "rejected":
@@ -88,17 +89,17 @@ def _lme_calls(ops: list[tuple]) -> list[tuple]:
     return out
 
 
-def _lme_prepare(flow: fl.Flow) -> tuple[LightMatchingEngine, list[tuple]]:
+def _lme_prepare(flow: wl.BookFlow) -> tuple[LightMatchingEngine, list[tuple]]:
     lme = LightMatchingEngine()
     for kind, a, b, c in _lme_calls(flow.warmup):
         if kind:
-            lme.add_order(fl.MARKET, a, b, c)
+            lme.add_order(BOOK, a, b, c)
         else:
-            lme.cancel_order(a, fl.MARKET)
+            lme.cancel_order(a, BOOK)
     return lme, _lme_calls(flow.ops)
 
 
-def time_ours(flow: fl.Flow) -> float:
+def time_ours(flow: wl.BookFlow) -> float:
     ex, cmds = _ours_prepare(flow)
     apply = ex.apply
     t0 = time.perf_counter()
@@ -107,11 +108,11 @@ def time_ours(flow: fl.Flow) -> float:
     return time.perf_counter() - t0
 
 
-def time_lme(flow: fl.Flow) -> float:
+def time_lme(flow: wl.BookFlow) -> float:
     lme, calls = _lme_prepare(flow)
     add = lme.add_order
     cancel = lme.cancel_order
-    instmt = fl.MARKET
+    instmt = BOOK
     t0 = time.perf_counter()
     for kind, a, b, c in calls:
         if kind:
@@ -121,7 +122,7 @@ def time_lme(flow: fl.Flow) -> float:
     return time.perf_counter() - t0
 
 
-def check_ours(flow: fl.Flow) -> dict:
+def check_ours(flow: wl.BookFlow) -> dict:
     """Untimed pass: tally what our exchange did on the measured ops."""
     ex, cmds = _ours_prepare(flow)
     tally = {"trades": 0, "traded_qty": 0, "rejected": 0, "stp": 0, "cancels_ok": 0}
@@ -143,14 +144,14 @@ def check_ours(flow: fl.Flow) -> dict:
     return {**tally, "resting": resting}
 
 
-def check_lme(flow: fl.Flow) -> dict:
+def check_lme(flow: wl.BookFlow) -> dict:
     """Untimed pass: tally lightmatchingengine's work, tracking its live orders from its trades.
 
     It reports one record for the taker per price level swept plus one per maker fill; it
     keeps filled orders in its id map, so liveness is tracked here from the trades it returns.
     """
     lme, calls = _lme_prepare(flow)
-    book = lme.order_books[fl.MARKET]
+    book = lme.order_books[BOOK]
     # Orders live after the warm-up: those still in a depth level.
     live: dict[int, object] = {}
     for levels in (book.bids, book.asks):
@@ -160,7 +161,7 @@ def check_lme(flow: fl.Flow) -> dict:
     tally = {"trades": 0, "traded_qty": 0, "taker_records": 0, "cancels_ok": 0, "dead_cancels": 0}
     for kind, a, b, c in calls:
         if kind:
-            order, trades = lme.add_order(fl.MARKET, a, b, c)
+            order, trades = lme.add_order(BOOK, a, b, c)
             for tr in trades:
                 if tr.order_id == order.order_id:
                     tally["taker_records"] += 1
@@ -176,7 +177,7 @@ def check_lme(flow: fl.Flow) -> dict:
             if a not in live:
                 tally["dead_cancels"] += 1
                 continue
-            if lme.cancel_order(a, fl.MARKET) is None:
+            if lme.cancel_order(a, BOOK) is None:
                 raise SystemExit(f"lightmatchingengine refused to cancel live order {a}")
             del live[a]
             tally["cancels_ok"] += 1
@@ -184,7 +185,7 @@ def check_lme(flow: fl.Flow) -> dict:
     return {**tally, "resting": resting}
 
 
-def throughput(flow: fl.Flow, profile: fl.Profile, *, judged: bool, repeat: int = 3) -> dict:
+def throughput(flow: wl.BookFlow, profile: wl.Profile, *, judged: bool, repeat: int = 3) -> dict:
     """Time both engines on `flow` (best of `repeat` alternating rounds each)."""
     n = len(flow.ops)
     ours = check_ours(flow)
@@ -261,12 +262,12 @@ def throughput(flow: fl.Flow, profile: fl.Profile, *, judged: bool, repeat: int 
 def build_resting(n: int, *, client_order_ids: bool, accounts: int = 1000, levels: int = 5000):
     """An exchange with `n` resting orders: buys below the mid, sells above, none crossing."""
     ex = Exchange()
-    names = fl.account_names(accounts)
+    names = wl.book_accounts(accounts)
     ts = 1
-    for cmd in fl.setup_commands(names):
+    for cmd in wl.book_setup(names):
         ex.apply(cmd)
     apply = ex.apply
-    mid = fl.START_MID
+    mid = wl.START_MID
     t0 = time.perf_counter()
     for i in range(n):
         ts += 1
@@ -276,7 +277,7 @@ def build_resting(n: int, *, client_order_ids: bool, accounts: int = 1000, level
             "op": "place",
             "ts": ts,
             "account": names[(i * 31) % accounts],
-            "market": fl.MARKET,
+            "market": BOOK,
             "side": "buy" if buy else "sell",
             "type": "limit",
             "price": mid - 1 - step if buy else mid + 1 + step,
@@ -479,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--books",
         default="deep,shallow",
-        help="book profiles to run, from bench/flow.py PROFILES (default deep,shallow; "
+        help="book profiles to run, from cluster.workload.PROFILES (default deep,shallow; "
         "the deep one is judged)",
     )
     ap.add_argument("--snapshot-orders", type=int, default=1_000_000)
@@ -490,8 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     tps = []
     for name in args.books.split(","):
-        profile = fl.PROFILES[name]
-        flow = fl.generate_profile(args.orders, profile, seed=args.seed)
+        profile = wl.PROFILES[name]
+        flow = wl.book_flow(args.orders, profile, seed=args.seed)
         tps.append(throughput(flow, profile, judged=name == "deep", repeat=max(1, args.repeat)))
         del flow
         gc.collect()

@@ -10,110 +10,45 @@ messages there, prints what happened and stops everything.
 from __future__ import annotations
 
 import contextlib
-import random
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 
-MARKET = "BTC-USD"
+from .workload import Mix, command_of, funding_commands, plan, wait_for
+
+MARKET = {
+    "market": "BTC-USD",
+    "base": "BTC",
+    "quote": "USD",
+    "lot_size": 1_000_000,  # 0.01 BTC in satoshi
+    "tick_size": 50,  # $0.50 per lot in cents
+    "maker_fee_bps": 2,
+    "taker_fee_bps": 5,
+}
+ACCOUNTS = 20
+FUNDS = {"USD": 50_000_000, "BTC": 500_000_000}  # per trader: $500,000 and 5 BTC
+# The session's orders: loadgen's kind of flow, with more cancels, bigger market orders, FOKs
+# and prices that cross further, around $60,000 per BTC (1,200 ticks of a lot).
+SESSION = Mix(
+    cancel_share=0.15,
+    market_share=0.10,
+    market_qty=(1, 5),
+    offset_ticks=(-8, 12),
+    tifs=("gtc", "gtc", "gtc", "ioc", "post_only", "fok"),
+    mid_ticks=1200,
+)
 
 
-@dataclass
-class Session:
-    """A seeded flow of commands; `ts` advances by a fixed step so replays are identical."""
-
-    seed: int
-    accounts: int = 20
-    ts: int = 1_700_000_000_000_000_000
-    rng: random.Random = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.rng = random.Random(self.seed)
-
-    def _stamp(self, command: dict) -> dict:
-        self.ts += 1_000_000
-        command["ts"] = self.ts
-        return command
-
-    def setup(self) -> list[dict]:
-        cmds = [
-            {
-                "op": "create_market",
-                "market": MARKET,
-                "base": "BTC",
-                "quote": "USD",
-                "lot_size": 1_000_000,  # 0.01 BTC in satoshi
-                "tick_size": 50,  # $0.50 per lot in cents
-                "maker_fee_bps": 2,
-                "taker_fee_bps": 5,
-            }
-        ]
-        for i in range(self.accounts):
-            acct = f"trader{i:02d}"
-            cmds.append(
-                {
-                    "op": "deposit",
-                    "account": acct,
-                    "asset": "USD",
-                    "amount": 50_000_000,
-                    "ref": f"usd-{i}",
-                }
-            )
-            cmds.append(
-                {
-                    "op": "deposit",
-                    "account": acct,
-                    "asset": "BTC",
-                    "amount": 500_000_000,
-                    "ref": f"btc-{i}",
-                }
-            )
-        return [self._stamp(c) for c in cmds]
-
-    def orders(self, count: int) -> list[dict]:
-        rng = self.rng
-        mid = 60_000
-        cmds = []
-        for n in range(count):
-            acct = f"trader{rng.randrange(self.accounts):02d}"
-            roll = rng.random()
-            side = rng.choice(("buy", "sell"))
-            if roll < 0.15:
-                cmds.append({"op": "cancel_all", "account": acct, "market": MARKET})
-            elif roll < 0.25:
-                cmds.append(
-                    {
-                        "op": "place",
-                        "account": acct,
-                        "market": MARKET,
-                        "side": side,
-                        "type": "market",
-                        "qty": rng.randint(1, 5),
-                        "client_order_id": f"m{n}",
-                    }
-                )
-            else:
-                offset = rng.randint(-8, 12) * 50
-                price = mid - offset if side == "buy" else mid + offset
-                tif = rng.choice(("gtc", "gtc", "gtc", "ioc", "post_only", "fok"))
-                cmds.append(
-                    {
-                        "op": "place",
-                        "account": acct,
-                        "market": MARKET,
-                        "side": side,
-                        "type": "limit",
-                        "price": price,
-                        "qty": rng.randint(1, 10),
-                        "tif": tif,
-                        "client_order_id": f"o{n}",
-                    }
-                )
-        return [self._stamp(c) for c in cmds]
+def session(seed: int, orders: int) -> tuple[list[dict], list[dict]]:
+    """The seeded session as raw commands: the set-up, then `orders` operations."""
+    accounts = [f"trader{i:02d}" for i in range(ACCOUNTS)]
+    setup = funding_commands([MARKET], accounts, FUNDS, "{asset}-{i}")
+    ops = plan(seed, 1.0, orders, ACCOUNTS, MARKET, SESSION)  # sent in order, not at offsets
+    flow = [command_of(op, accounts[op.account], lambda i: f"o{i}") for op in ops]
+    return setup, flow
 
 
 def _tally(results: list[dict], counts: Counter, reasons: Counter, trades: list) -> int:
@@ -139,9 +74,7 @@ def run_cluster(seed: int, orders: int, data_dir: Path | None, services: bool = 
 
     from .launcher import LocalCluster
 
-    session = Session(seed)
-    setup = session.setup()
-    flow = session.orders(orders)
+    setup, flow = session(seed, orders)
     with contextlib.ExitStack() as stack:
         root = data_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qb-demo-")))
         running = None
@@ -225,15 +158,21 @@ def _report_indexer(cluster, services) -> None:
     """Wait until the indexer wrote every event, then count what PostgreSQL and Kafka hold."""
     import asyncio
 
-    deadline = time.monotonic() + 60
-    while True:
+    indexers: dict[str, dict] = {}
+
+    def caught_up() -> set | None:
+        nonlocal indexers
         indexers = {n: (s or {}).get("indexer", {}) for n, s in cluster.statuses().items()}
         seqs = {ix.get("checkpoint_seq") for ix in indexers.values()}
-        if all(ix.get("lag_events") == 0 for ix in indexers.values()) and len(seqs) == 1:
-            break
-        if time.monotonic() > deadline:
-            raise click.ClickException(f"the indexer did not catch up within 60 s: {indexers}")
-        time.sleep(0.2)
+        done = all(ix.get("lag_events") == 0 for ix in indexers.values()) and len(seqs) == 1
+        return seqs if done else None
+
+    try:
+        seqs = wait_for(caught_up, 60, "the indexer", interval_s=0.2)
+    except TimeoutError:
+        raise click.ClickException(
+            f"the indexer did not catch up within 60 s: {indexers}"
+        ) from None
     streaming = [n for n, ix in indexers.items() if ix.get("active")]
     click.echo(
         f"  indexer: {', '.join(streaming) or 'nobody'} streaming; every event written "

@@ -23,11 +23,11 @@ import datetime as dt
 import shutil
 import signal
 import tempfile
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from cluster.workload import Mix, OrderLoad, endless, set_up, wait_for
 
 from . import backup, restore, segments
 from .target import open_target
@@ -36,74 +36,23 @@ MARKET = {"market": "DR-USD", "base": "DR", "quote": "USD", "lot_size": 1, "tick
           "maker_fee_bps": 0, "taker_fee_bps": 0}  # fmt: skip
 MID = 100_000
 ACCOUNTS = 4
+SEED = 7
+DEADLINE_S = 2.0  # one call with its retries: the load stops soon after the disaster
+# GTC limit orders of one lot that all rest, 100-149 ticks from the mid: every acknowledged
+# order is in the book, and in the restored one if the restored point holds it.
+RESTING = Mix(
+    cancel_share=0.0,
+    market_share=0.0,
+    offset_ticks=(100, 149),
+    limit_qty=(1, 1),
+    tifs=("gtc",),
+    mid_ticks=MID,
+)
 
 
-@dataclass
-class Load:
-    """Resting orders from one thread per account; every acknowledgement with its time."""
-
-    urls: list[str]
-    keys: list
-    rate: float
-    # client order id -> (ack time, the `seq` of the order's last event, from the response)
-    acked: dict[str, tuple[float, int]] = field(default_factory=dict)
-    unknown: set[str] = field(default_factory=set)
-    stop: threading.Event = field(default_factory=threading.Event)
-    threads: list[threading.Thread] = field(default_factory=list)
-
-    def start(self) -> None:
-        for a, key in enumerate(self.keys):
-            thread = threading.Thread(target=self._run, args=(a, key), daemon=True)
-            thread.start()
-            self.threads.append(thread)
-
-    def _run(self, a: int, key) -> None:
-        from api.sdk import ApiError, Client, ClusterUnavailable
-
-        period = len(self.keys) / self.rate
-        with Client(self.urls, key, deadline_s=2.0) as client:
-            n = 0
-            while not self.stop.is_set():
-                n += 1
-                coid = f"dr{a}-{n}"
-                side = "buy" if n % 2 else "sell"
-                price = MID - 100 - n % 50 if side == "buy" else MID + 100 + n % 50
-                try:
-                    placed = client.place(market=MARKET["market"], side=side, type="limit",
-                                          price=price, qty=1, tif="gtc",
-                                          client_order_id=coid)  # fmt: skip
-                    self.acked[coid] = (time.time(), placed["seq"])
-                except (ApiError, ClusterUnavailable):
-                    self.unknown.add(coid)  # refused or unknown: never counted as acked
-                self.stop.wait(period)
-
-    def halt(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(10)
-
-
-def _wait(predicate: Callable[[], object], timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
-def _set_up(cluster) -> list:
-    from api.sdk import AdminClient
-
-    with AdminClient(cluster.api_urls(), cluster.admin_credentials()) as admin:
-        commands = [{"op": "create_market", **MARKET}]
-        for a in range(ACCOUNTS):
-            for asset in ("DR", "USD"):
-                commands.append({"op": "deposit", "account": f"dr{a}", "asset": asset,
-                                 "amount": 10**12, "ref": f"dr-{a}-{asset}"})  # fmt: skip
-        admin.submit(commands)
-        return [admin.create_key(f"dr{a}") for a in range(ACCOUNTS)]
+def _set_up(cluster) -> tuple[dict, list]:
+    funds = {MARKET["base"]: 10**12, MARKET["quote"]: 10**12}
+    return set_up(cluster, MARKET, [f"dr{a}" for a in range(ACCOUNTS)], funds, "dr-{i}-{asset}")
 
 
 def run(
@@ -134,10 +83,18 @@ def run(
         pids += [p.pid for p in source.nodes.values() if p.pid]
         say(f"source cluster {source.nodes[next(iter(source.nodes))].config.cluster_id} up; "
             f"archiving to {target_url}")  # fmt: skip
-        keys = _set_up(source)
-        load = Load(source.api_urls(), keys, rate)
+        market, keys = _set_up(source)
+        load = OrderLoad(
+            source.api_urls(),
+            keys,
+            endless(SEED, rate, ACCOUNTS, market, RESTING),
+            deadline_s=DEADLINE_S,
+            prefix="dr",
+            workers=ACCOUNTS,
+            verify=source.verify,
+        )
         load.start()
-        stack.callback(load.halt)
+        stack.callback(load.stop)
         time.sleep(seconds / 2)  # the load's own pace: half of it before the backup
         target = open_target(target_url)
         made = backup.take(str(source.manifest_path), target, verify=False)
@@ -145,13 +102,15 @@ def run(
         time.sleep(seconds / 2)
 
         # The disaster: every node killed under load, every data directory gone.
-        disaster = time.time()
+        disaster, disaster_t = time.time(), time.perf_counter()
         for node_id in source.nodes:
             source.signal(node_id, signal.SIGKILL)
-        load.halt()
+        load.stop()
         for node in source.nodes.values():
             shutil.rmtree(node.config.data_dir, ignore_errors=True)
-        say(f"every node killed and its data deleted; {len(load.acked)} orders were acknowledged")
+        places = [o for o in load.snapshot() if o.op == "place"]
+        acked = [o for o in places if o.result == "acked"]
+        say(f"every node killed and its data deleted; {len(acked)} orders were acknowledged")
 
         started = time.perf_counter()
         restored = restore.restore(
@@ -177,9 +136,9 @@ def run(
         pids += [p.pid for p in cluster.nodes.values() if p.pid]
         leader = cluster.wait_for_leader(30)
         # Every node at the restored state, as the replay computed it, before any new order.
-        at_start = _wait(
+        at_start = wait_for(
             lambda: (s := cluster.statuses()) and all(s.values()) and s,
-            30, "every restored node to answer",
+            30, "every restored node to answer", interval_s=0.1,
         )  # fmt: skip
         hashes_at_start = {nid: s["state_hash"] for nid, s in at_start.items()}
         with Client(cluster.api_urls(), keys[0], deadline_s=10.0) as client:
@@ -187,10 +146,10 @@ def run(
                                  price=MID - 5_000, qty=1, tif="gtc",
                                  client_order_id="dr-after-restore")  # fmt: skip
         rto_s = time.time() - disaster
-        statuses = _wait(
+        statuses = wait_for(
             lambda: (s := cluster.statuses()) and all(s.values())
             and len({x["cmd_index"] for x in s.values()}) == 1 and s,
-            30, "every restored node to apply the same log",
+            30, "every restored node to apply the same log", interval_s=0.1,
         )  # fmt: skip
         hashes = {nid: s["state_hash"] for nid, s in statuses.items()}
         resting: dict[str, int] = {}
@@ -201,8 +160,10 @@ def run(
                     if coid:
                         resting[coid] = resting.get(coid, 0) + 1
         point = restored["seq"]
-        archived = {c: t for c, (t, seq) in load.acked.items() if seq <= point}
-        after = {c: t for c, (t, seq) in load.acked.items() if seq > point}
+        # (An order settled by look-up after a resend carries no seq: it cannot be placed
+        # against the restored point, so it counts on neither side.)
+        archived = {o.coid: o.done_t for o in acked if o.seq is not None and o.seq <= point}
+        after = {o.coid: o.done_t for o in acked if o.seq is not None and o.seq > point}
         lost = sorted(c for c in archived if c not in resting)
         beyond = sorted(c for c in after if c in resting)  # cannot be: the state is at `point`
         duplicated = sorted(c for c, n in resting.items() if n > 1)
@@ -221,9 +182,9 @@ def run(
             "rto_s": round(rto_s, 3),
             "restore_s": round(restore_s, 3),
             "rpo_orders": len(after),
-            "rpo_s": round(disaster - min(after.values()), 3) if after else 0.0,
-            "acked_orders": len(load.acked),
-            "unknown_orders": len(load.unknown),
+            "rpo_s": round(disaster_t - min(after.values()), 3) if after else 0.0,
+            "acked_orders": len(acked),
+            "unknown_orders": len(places) - len(acked),  # refused or unknown: never acked
             "lost_orders": len(lost),
             "orders_past_the_restore_point": len(beyond),
             "duplicated_orders": len(duplicated),

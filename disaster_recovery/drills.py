@@ -5,12 +5,13 @@ Each drill runs one scenario end to end against a local cluster under a steady o
 returns a `DrillResult`: a verdict (`ok`), the reasons for a failure, warnings, and figures.
 No click here: `disaster_recovery/cli_drills.py` is the command line.
 
-The load is `quorumbook loadgen`'s seeded flow (`cluster.loadgen.plan`, its set-up of the
-market, funded accounts and trader keys): limit orders that rest, some that cross and trade,
-IOC/post-only/market orders and cancels, each place with its own client_order_id, sent through
-the SDK (`AsyncClient`, its one retry policy). Unlike `loadgen.run`, `OrderLoad` keeps every
-operation's outcome (when it was sent and answered, by which node, with which order id), runs
-until the drill stops it, and so tells which acknowledgement came after a kill and from whom.
+The load is `quorumbook loadgen`'s seeded flow and set-up of the market, funded accounts and
+trader keys (`cluster.workload`: `endless`, `set_up`): limit orders that rest, some that cross
+and trade, IOC/post-only/market orders and cancels, each place with its own client_order_id,
+sent through the SDK (`AsyncClient`, its one retry policy) by `workload.OrderLoad`, which
+keeps every operation's outcome (when it was sent and answered, by which node, with which
+order id). Here it runs until the drill stops it, and so tells which acknowledgement came
+after a kill and from whom.
 
 After the scenario the drill stops the load, commits a barrier, waits until every member
 reports the same `cmd_index` and state hash, takes every member's snapshot (decoding it checks
@@ -37,10 +38,8 @@ launchers restarting one node would run two processes on one data directory.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import os
-import secrets
 import shutil
 import signal
 import statistics
@@ -48,25 +47,30 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import trio
-
 from api.sdk import (
     AdminClient,
     ApiError,
-    AsyncClient,
     Client,
     ClusterUnavailable,
-    Credentials,
-    OutcomeUnknown,
 )
 from cluster.launcher import LocalCluster
-from cluster.loadgen import EXCHANGE_STATUSES, Operation, percentile, plan, setup
 from cluster.machine import exchange_blob_of
+from cluster.workload import (
+    Ack,
+    OrderLoad,
+    Outcome,
+    endless,
+    market_spec,
+    percentile,
+    set_up,
+    trader,
+    wait_caught_up,
+)
 from statemachine.snapshot import decode, stated_hash
 
 RTO_MEDIAN_TARGET_S = 0.5  # docs/operating/cluster.md: a new leader 0.2-0.5 s after a death
@@ -76,241 +80,10 @@ ACK_GAP_MAX_S = 3.0  # ...and one this long means writes stopped: the verdict fa
 MARKET = "DRILL-USD"
 ACCOUNTS = 8
 WORKERS = 8
-FLOW_BLOCK = 1000  # operations planned at a time: the flow has no end, its memory one
 STEADY_S = 1.0  # load acknowledged for this long before each fault, and after the last one
 SUPERVISOR_WAIT_S = 45.0  # `cluster up` restarts a dead node after 1 s, doubling up to 30 s
 
 Progress = Callable[[str], None]
-
-
-# ---------------------------------------------------------------------- the order load
-
-
-@dataclass
-class Outcome:
-    """One operation of the load and what came back."""
-
-    index: int
-    op: str  # "place" or "cancel"
-    account: str
-    coid: str  # place: its client_order_id; cancel: the client_order_id of the order cancelled
-    sent_t: float  # perf_counter when the call started (all its retries included)
-    done_t: float  # ... and when it ended
-    # acked: applied (a place: accepted, with its order id; a 409 duplicate_client_order_id
-    # proves the first copy applied); rejected: applied and refused by the exchange's rules
-    # (404/409/422); refused: definitely not applied (no leader before the deadline, another
-    # 4xx); unknown: maybe applied (the SDK's OutcomeUnknown, or cut by the drill's stop)
-    result: str
-    order_id: int | None = None
-    url: str | None = None  # the node that acknowledged it
-    code: str | None = None  # the error code of a rejection or refusal
-    recovered: bool = False  # a resend found the first copy applied (duplicate_client_order_id)
-    trades: int = 0
-
-
-def flow(seed: int, rate: float, accounts: int, market: dict) -> Iterator[Operation]:
-    """loadgen's seeded flow without an end: `plan()` a block at a time (block k seeded
-    `seed + k`, so the first block is `plan(seed, ...)`'s start), renumbered to follow on. A
-    drill does not know its length up front, and one plan of an hour would hold
-    `rate * 3600` operations in memory."""
-    base = 0
-    for block in itertools.count():
-        ops = plan(seed + block, rate, FLOW_BLOCK / rate, accounts, market)
-        for op in ops:
-            yield dataclasses.replace(
-                op,
-                index=base + op.index,
-                at_s=(base + op.index) / rate,
-                target=None if op.target is None else base + op.target,
-            )
-        base += len(ops)
-
-
-class OrderLoad:
-    """The seeded flow sent from a thread of its own (trio, `WORKERS` tasks), until `stop()`.
-
-    Every outcome is kept, in the order the answers came (one thread appends), so the drill
-    can ask for the first acknowledgement after a moment, and from which node it came.
-    """
-
-    def __init__(
-        self,
-        urls: list[str],
-        keys: list[Credentials],
-        ops: Iterable[Operation],
-        *,
-        verify: object,
-        timeout_s: float,
-        deadline_s: float,
-        backoff_s: float,
-        backoff_max_s: float,
-    ) -> None:
-        self.urls = urls
-        self.keys = keys
-        self.ops = ops
-        self.run_id = secrets.token_hex(4)
-        self.deadline_s = deadline_s
-        self._client_args = {
-            "verify": verify,
-            "timeout_s": timeout_s,
-            "deadline_s": deadline_s,
-            "backoff_s": backoff_s,
-            "backoff_max_s": backoff_max_s,
-        }
-        self.outcomes: list[Outcome] = []
-        self.error: BaseException | None = None
-        self._lock = threading.Lock()
-        self._ready = threading.Event()
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._schedule_scope = trio.CancelScope()
-        self._all_scope: trio.CancelScope | None = None
-        self._thread = threading.Thread(target=self._thread_main, name="drill-load", daemon=True)
-
-    def coid(self, index: int) -> str:
-        return f"drill-{self.run_id}-{index}"
-
-    # ------------------------------------------------------------------ control (drill thread)
-
-    def start(self) -> None:
-        self._thread.start()
-        if not self._ready.wait(30):
-            raise RuntimeError("the order load did not start")
-        if self.error is not None:
-            raise RuntimeError(f"the order load failed: {self.error!r}")
-
-    def _call(self, fn: Callable[[], object]) -> None:
-        if self._token is None:
-            return
-        with contextlib.suppress(trio.RunFinishedError):
-            trio.from_thread.run_sync(fn, trio_token=self._token)
-
-    def stop(self, *, cut: bool = False) -> None:
-        """Send nothing more; wait for the calls in flight to end (each within the SDK's
-        deadline), then cut what is left (counted unknown). `cut`: at once (interrupted)."""
-        if not self._thread.is_alive():
-            return
-        self._call(self._schedule_scope.cancel)
-        if not cut:
-            self._thread.join(self.deadline_s + 10)
-        if self._thread.is_alive() and self._all_scope is not None:
-            self._call(self._all_scope.cancel)
-            self._thread.join(10)
-
-    def __enter__(self) -> OrderLoad:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        self.stop(cut=exc_type is not None)
-
-    # ------------------------------------------------------------------ questions (any thread)
-
-    def snapshot(self) -> list[Outcome]:
-        with self._lock:
-            return list(self.outcomes)
-
-    def acks_since(self, t: float) -> int:
-        with self._lock:
-            count = 0
-            for o in reversed(self.outcomes):
-                if o.done_t <= t:
-                    break
-                count += o.result == "acked"
-            return count
-
-    def first_ack_after(self, t: float, not_from: str | None = None) -> Outcome | None:
-        """The first acknowledgement answered after `t` by a node other than `not_from` (an
-        answer the dead leader wrote before it died may arrive after its death)."""
-        with self._lock:
-            for o in self.outcomes:
-                if o.done_t > t and o.result == "acked" and o.url and o.url != not_from:
-                    return o
-        return None
-
-    def counts(self) -> Counter:
-        with self._lock:
-            return Counter(o.result for o in self.outcomes)
-
-    # ------------------------------------------------------------------ the trio side
-
-    def _thread_main(self) -> None:
-        try:
-            trio.run(self._main)
-        except BaseException as exc:  # reported to the drill (start(), wait_steady()), never lost
-            self.error = exc
-        finally:
-            self._ready.set()
-
-    async def _main(self) -> None:
-        clients = [AsyncClient(self.urls, key, **self._client_args) for key in self.keys]
-        try:
-            async with trio.open_nursery() as nursery:
-                self._all_scope = nursery.cancel_scope
-                send, receive = trio.open_memory_channel[Operation](0)
-                nursery.start_soon(self._schedule, send)
-                async with receive:
-                    for _ in range(WORKERS):
-                        nursery.start_soon(self._work, clients, receive.clone())
-                self._token = trio.lowlevel.current_trio_token()
-                self._ready.set()
-        finally:
-            with trio.CancelScope(shield=True):
-                for client in clients:
-                    await client.aclose()
-
-    async def _schedule(self, send: trio.MemorySendChannel[Operation]) -> None:
-        start = trio.current_time()
-        async with send:
-            with self._schedule_scope:
-                for op in self.ops:
-                    await trio.sleep_until(start + op.at_s)
-                    await send.send(op)  # waits while every worker is busy: the flow falls behind
-
-    async def _work(
-        self, clients: list[AsyncClient], ops: trio.MemoryReceiveChannel[Operation]
-    ) -> None:
-        async with ops:
-            async for op in ops:
-                await self._execute(clients[op.account], op)
-
-    async def _execute(self, client: AsyncClient, op: Operation) -> None:
-        place = op.op == "place"
-        coid = self.coid(op.index if place else op.target)  # type: ignore[arg-type]
-        account = self.keys[op.account].account
-        out = Outcome(op.index, op.op, account, coid, time.perf_counter(), 0.0, "unknown")
-        try:
-            if place:
-                reply = await client.place(**op.fields, client_order_id=coid)
-                out.url = client.leader  # no checkpoint since the flow set it: this answer's node
-                out.order_id = reply.get("order_id")
-                out.recovered = bool(reply.get("recovered"))
-                out.trades = len(reply.get("trades", ()))
-            else:
-                await client.cancel(op.fields["market"], client_order_id=coid)
-                out.url = client.leader
-            out.result = "acked"
-        except ApiError as exc:
-            out.code = exc.code
-            if place and exc.code == "duplicate_client_order_id":
-                # This id was applied before (a first copy): acknowledged, exactly once.
-                out.result, out.order_id, out.recovered = "acked", exc.order_id, True
-            elif not place and exc.after_retry:
-                out.result = "unknown"  # a cancel resent after an unknown attempt (sdk.md)
-            elif exc.status in EXCHANGE_STATUSES:
-                out.result = "rejected"
-            else:
-                out.result = "refused"
-        except OutcomeUnknown:
-            out.result = "unknown"
-        except ClusterUnavailable:
-            out.result, out.code = "refused", "cluster_unavailable"
-        except trio.Cancelled:
-            out.result, out.code = "unknown", "cut_by_drill"
-            raise
-        finally:
-            out.done_t = time.perf_counter()
-            with self._lock:
-                self.outcomes.append(out)
 
 
 # ---------------------------------------------------------------------- the check (pure)
@@ -653,27 +426,12 @@ class Target:
             **kwargs,
         )
 
-    def leader_status(self) -> dict | None:
-        for status in self.cluster.statuses().values():
-            if status and status["role"] == "leader":
-                return status
-        return None
-
     def wait_caught_up(self, node_id: str, timeout_s: float = 60.0) -> float:
-        """Seconds until `node_id` answers and has applied the leader's cmd_index, sampled once
-        it answers (under load the members never report one index at the same instant)."""
-        t0 = time.perf_counter()
-        deadline = t0 + timeout_s
-        target = None
-        while time.perf_counter() < deadline:
-            status = self.cluster.status(node_id, 1.0)
-            if status is not None and target is None:
-                leader = self.leader_status()
-                target = leader["cmd_index"] if leader else None
-            if status is not None and target is not None and status["cmd_index"] >= target:
-                return time.perf_counter() - t0
-            time.sleep(0.05)
-        raise DrillAborted(f"{node_id} did not catch up within {timeout_s:.0f} s")
+        """Seconds until `node_id` has applied the leader's cmd_index (`workload.wait_caught_up`)."""
+        try:
+            return wait_caught_up(self.cluster, node_id, timeout_s)
+        except TimeoutError as exc:
+            raise DrillAborted(str(exc)) from None
 
     # ------------------------------------------------------------------ the load
 
@@ -689,16 +447,20 @@ class Target:
     ) -> OrderLoad:
         """The order load (not started). A short back-off: the SDK's default (20 ms doubling
         to 250 ms) would quantize a ~0.3 s RTO."""
-        urls, market, keys, verify = setup(self.cluster.manifest_path, ACCOUNTS, MARKET)
+        market, keys = set_up(
+            self.cluster, market_spec(MARKET), [trader(a) for a in range(ACCOUNTS)]
+        )
         with self.admin() as admin:  # where the load's order ids start: the leader's state
             leader = admin.barrier()["node_id"]
             taken = admin.snapshot(self.url(leader), timeout_s=60)
         self.first_order_id = decode(exchange_blob_of(taken.blob)).next_order_id
         load = OrderLoad(
-            urls,
+            self.cluster.api_urls(),
             keys,
-            flow(seed, rate, ACCOUNTS, market),
-            verify=verify,
+            endless(seed, rate, ACCOUNTS, market),
+            prefix="drill",
+            workers=WORKERS,
+            verify=self.cluster.verify,
             timeout_s=timeout_s,
             deadline_s=deadline_s,
             backoff_s=backoff_s,
@@ -816,16 +578,13 @@ def _run(
     return result
 
 
-def _wait_first_ack(load: OrderLoad, after: float, not_from: str | None, what: str) -> Outcome:
-    deadline = after + 30
-    while time.perf_counter() < deadline:
-        ack = load.first_ack_after(after, not_from=not_from)
-        if ack is not None:
-            return ack
-        if load.error is not None:
-            raise DrillAborted(f"the order load failed: {load.error!r}")
-        time.sleep(0.002)
-    raise DrillAborted(f"no order acknowledged within 30 s of {what}")
+def _wait_first_ack(load: OrderLoad, after: float, not_from: str | None, what: str) -> Ack:
+    try:
+        return load.wait_first_ack(after, not_from, timeout_s=30.0)
+    except RuntimeError:
+        raise DrillAborted(f"the order load failed: {load.error!r}") from None
+    except TimeoutError:
+        raise DrillAborted(f"no order acknowledged within 30 s of {what}") from None
 
 
 # ---------------------------------------------------------------------- the drills
@@ -865,7 +624,7 @@ def failover(
                 t_kill = time.perf_counter()
                 target.kill(leader)
                 ack = _wait_first_ack(load, t_kill, killed_url, f"killing {leader}")
-                rto = ack.done_t - t_kill
+                rto = ack.t - t_kill
                 new_leader = target.node_of(ack.url)
                 rto_rounds.append(rto)
                 log(
@@ -1036,7 +795,7 @@ def quorum_loss(
             new_leader = cluster.wait_for_leader(30)
             elected_s = time.perf_counter() - t_restart
             ack = _wait_first_ack(load, t_restart, None, "the majority's restart")
-            result.rto_s = ack.done_t - t_restart
+            result.rto_s = ack.t - t_restart
             log(
                 f"leader {new_leader} after {elected_s:.2f} s; writes acknowledged again "
                 f"{result.rto_s:.2f} s after the restart"

@@ -16,9 +16,10 @@ ALLOWED = {
     "indexer": {"statemachine"},
     "cluster": {"statemachine", "api", "indexer"},
     "disaster_recovery": {"statemachine", "cluster", "api"},
-    # jepsen acts like a user: api.sdk only, and cluster.launcher (it starts local clusters as
-    # `cluster up` does, in network namespaces of its own); the log it replays comes through
-    # the CLI (`backup log`), not from the cluster's internals.
+    # jepsen acts like a user: api.sdk only, cluster.launcher (it starts local clusters as
+    # `cluster up` does, in network namespaces of its own) and cluster.workload (the shared
+    # workloads, which themselves use only those two); the log it replays comes through the
+    # CLI (`backup log`), not from the cluster's internals.
     "jepsen": {"statemachine", "api", "cluster"},
 }
 # What the SDK (api/sdk/) may import besides itself and the standard library: its own
@@ -76,14 +77,30 @@ def test_imports_flow_one_way() -> None:
     assert not wrong, "imports against the layering of DESIGN.md:\n" + "\n".join(wrong)
 
 
-def test_jepsen_uses_only_the_client_of_api_and_the_launcher() -> None:
-    wrong = [
+# What a user of the cluster has: the SDK, the local launcher, and the workloads built on them.
+USER_SIDE = {"cluster.launcher", "cluster.workload"}
+
+
+def _user_side_only(paths: list[Path]) -> list[str]:
+    return [
         f"{path.relative_to(ROOT)}:{line} imports {module}"
-        for path in _sources("jepsen")
-        for module, line in _imports(path)
+        for path in paths
+        for module, line in _imports_resolved(path)
         if (module.startswith("api") and not module.startswith("api.sdk"))
-        or (module.startswith("cluster") and module != "cluster.launcher")
+        or (module.startswith("cluster") and module not in USER_SIDE)
+        or module.split(".")[0] in ("indexer", "disaster_recovery")
     ]
+
+
+def test_jepsen_uses_only_the_client_of_api_and_the_launcher() -> None:
+    wrong = _user_side_only(_sources("jepsen"))
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_workloads_use_only_what_a_user_has() -> None:
+    """cluster/workload.py (loadgen's, the drills', the benchmarks', the harness's) talks to a
+    cluster as a user does: the SDK and the launcher, nothing of the node."""
+    wrong = _user_side_only([ROOT / "cluster" / "workload.py"])
     assert not wrong, "\n".join(wrong)
 
 

@@ -37,6 +37,7 @@ from cluster.raft import (
 )
 from cluster.raft.storage import RaftStorageError
 from cluster.raft.transport import BoundedTcpConnection
+from cluster.workload import wait_for
 
 from .conftest import KINDS, SimNet, free_port, sim_conf
 
@@ -564,6 +565,7 @@ def test_cut_off_leader_steps_down_within_a_second(sim: SimNet, kind, tmp_path):
 # The adapter end to end: RaftReplica on loopback, real TCP, password, fsync
 # ---------------------------------------------------------------------------------------------
 
+POLL_S = 0.005  # how often wait_for looks: in-process replicas answer at once
 DEADLINE_S = 20.0
 
 
@@ -586,16 +588,6 @@ class CountingMachine:
     def restore(self, blob: bytes) -> None:
         self.state = list(msgpack.unpackb(blob))
         self.restores += 1
-
-
-def wait_for(condition, what: str, timeout_s: float = DEADLINE_S):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def submit_and_wait(replica: RaftReplica, payload: bytes):
@@ -628,7 +620,10 @@ def test_three_replicas_commit_compact_restart_and_step_down(tmp_path):
     replicas = {addr: RaftReplica(settings(addr), machines[addr]) for addr in addrs}
     try:
         leader_addr = wait_for(
-            lambda: next((a for a, r in replicas.items() if r.is_leader()), None), "a leader"
+            lambda: next((a for a, r in replicas.items() if r.is_leader()), None),
+            DEADLINE_S,
+            "a leader",
+            interval_s=POLL_S,
         )
         leader = replicas[leader_addr]
 
@@ -656,7 +651,9 @@ def test_three_replicas_commit_compact_restart_and_step_down(tmp_path):
         # Log: index 1 is pysyncobj's initial entry, 2 the leader's no-op, 3..1002 ours.
         wait_for(
             lambda: all(r.status()["applied_index"] >= 1002 for r in replicas.values()),
+            DEADLINE_S,
             "every replica to apply everything",
+            interval_s=POLL_S,
         )
         for machine in machines.values():
             assert machine.state == payloads
@@ -672,7 +669,12 @@ def test_three_replicas_commit_compact_restart_and_step_down(tmp_path):
         # Compaction writes a msgpack dump (never pickle) and trims the journal.
         follower = replicas[follower_addr]
         follower.force_compaction()
-        wait_for(lambda: follower.status()["log_first_index"] > 1, "the follower to compact")
+        wait_for(
+            lambda: follower.status()["log_first_index"] > 1,
+            DEADLINE_S,
+            "the follower to compact",
+            interval_s=POLL_S,
+        )
         dump = (tmp_path / follower_addr.split(":")[1] / "raft.dump").read_bytes()
         assert dump[:1] != b"\x80" and dump[:2] != b"\x1f\x8b"  # no pickle, no gzip'd pickle
         outer = msgpack.unpackb(dump)
@@ -694,7 +696,9 @@ def test_three_replicas_commit_compact_restart_and_step_down(tmp_path):
         expected = payloads + [b"after-%d" % i for i in range(10)]
         wait_for(
             lambda: replicas[follower_addr].status()["applied_index"] >= 1002 + 10,
+            DEADLINE_S,
             "the restarted follower to catch up",
+            interval_s=POLL_S,
         )
         assert restarted_machine.state == machines[leader_addr].state == expected
         assert restarted_machine.executions == expected[snapshot_index - 2 :]  # no re-execution
@@ -704,7 +708,7 @@ def test_three_replicas_commit_compact_restart_and_step_down(tmp_path):
         for addr in (follower_addr, other_addr):
             replicas[addr].destroy()
         cut_at = time.monotonic()
-        wait_for(lambda: not leader.is_leader(), "the leader to step down", timeout_s=5)
+        wait_for(lambda: not leader.is_leader(), 5, "the leader to step down", interval_s=POLL_S)
         assert time.monotonic() - cut_at < 1.5
     finally:
         for replica in replicas.values():
@@ -724,7 +728,7 @@ def test_a_raising_callback_does_not_reapply_the_entry(tmp_path):
         machine,
     )
     try:
-        wait_for(replica.is_leader, "leadership")
+        wait_for(replica.is_leader, DEADLINE_S, "leadership", interval_s=POLL_S)
 
         def bad_callback(result, error):
             raise RuntimeError("a buggy caller")
@@ -873,7 +877,10 @@ def test_transfer_leadership_and_membership_changes(tmp_path):
     }
     try:
         leader_addr = wait_for(
-            lambda: next((a for a, r in replicas.items() if r.is_leader()), None), "a leader"
+            lambda: next((a for a, r in replicas.items() if r.is_leader()), None),
+            DEADLINE_S,
+            "a leader",
+            interval_s=POLL_S,
         )
         target = next(a for a in members if a != leader_addr)
         wait_for(
@@ -881,11 +888,15 @@ def test_transfer_leadership_and_membership_changes(tmp_path):
                 p["match_index"] == replicas[leader_addr].status()["commit_index"]
                 for p in replicas[leader_addr].status()["peers"]
             ),
+            DEADLINE_S,
             "peers in sync",
+            interval_s=POLL_S,
         )
         _r, error = call_until_accepted(replicas[leader_addr].transfer_leadership, target)
         assert error is None
-        wait_for(lambda: replicas[target].is_leader(), "the transfer")
+        wait_for(
+            lambda: replicas[target].is_leader(), DEADLINE_S, "the transfer", interval_s=POLL_S
+        )
         leader = replicas[target]
 
         _r, error = call_until_accepted(leader.add_node, newcomer)
@@ -893,12 +904,22 @@ def test_transfer_leadership_and_membership_changes(tmp_path):
         replicas[newcomer] = RaftReplica(settings(newcomer, members), machines[newcomer])
         _r, error, _t = submit_and_wait(leader, b"with-four")
         assert error is None
-        wait_for(lambda: machines[newcomer].state == [b"with-four"], "the newcomer to apply")
+        wait_for(
+            lambda: machines[newcomer].state == [b"with-four"],
+            DEADLINE_S,
+            "the newcomer to apply",
+            interval_s=POLL_S,
+        )
 
         removed = next(a for a in members if a != target)
         _r, error = call_until_accepted(leader.remove_node, removed)
         assert error is None
-        wait_for(lambda: removed not in {p["id"] for p in leader.status()["peers"]}, "the removal")
+        wait_for(
+            lambda: removed not in {p["id"] for p in leader.status()["peers"]},
+            DEADLINE_S,
+            "the removal",
+            interval_s=POLL_S,
+        )
         _r, error, _t = submit_and_wait(leader, b"without-removed")
         assert error is None
     finally:

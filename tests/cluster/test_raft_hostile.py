@@ -39,9 +39,10 @@ from cluster.raft.transport import (
     HardenedTCPTransport,
     _BacklogTcpServer,
 )
+from cluster.workload import wait_for
 
 from .conftest import free_port
-from .test_raft_security import DEADLINE_S, start, submit_and_wait, wait_for
+from .test_raft_security import DEADLINE_S, POLL_S, start, submit_and_wait
 
 PASSWORD = "cluster-secret"
 MAX_FRAME_BYTES = 16 * 1024 * 1024  # RaftSettings.max_frame_bytes
@@ -610,7 +611,10 @@ def test_a_flood_on_the_raft_port_costs_no_election_and_a_restarted_member_rejoi
         for addr in addrs:
             replicas[addr] = start_replica(addr)
         leader_addr = wait_for(
-            lambda: next((a for a, r in replicas.items() if r.is_leader()), None), "a leader"
+            lambda: next((a for a, r in replicas.items() if r.is_leader()), None),
+            DEADLINE_S,
+            "a leader",
+            interval_s=POLL_S,
         )
         leader = replicas[leader_addr]
         for i in range(5):
@@ -628,7 +632,9 @@ def test_a_flood_on_the_raft_port_costs_no_election_and_a_restarted_member_rejoi
             kinds = ("silent", "partial", "junk", "huge-length", "16MiB-junk")
             wait_for(
                 lambda: all(flood.closed(a, k) for a in addrs for k in kinds) or flood.errors,
+                DEADLINE_S,
                 "the node to close connections of every kind",
+                interval_s=POLL_S,
             )
             for replica in replicas.values():  # what the node status shows an SRE
                 wait_for(
@@ -636,7 +642,9 @@ def test_a_flood_on_the_raft_port_costs_no_election_and_a_restarted_member_rejoi
                         r.status()["transport"]["handshakes_displaced"] > 0
                         and r.status()["transport"]["frames_rejected"] > 0
                     ),
+                    DEADLINE_S,
                     "the refusals to show in the status",
+                    interval_s=POLL_S,
                 )
 
             follower_addr = next(a for a in addrs if a != leader_addr)
@@ -652,21 +660,26 @@ def test_a_flood_on_the_raft_port_costs_no_election_and_a_restarted_member_rejoi
                     follower.leader() == leader_addr
                     and follower.status()["applied_index"] >= target
                 ),
+                REJOIN_S,
                 "the restarted follower to rejoin",
-                timeout_s=REJOIN_S,
+                interval_s=POLL_S,
             )
             rejoin_s = time.monotonic() - restarted_at
             # Go on until the flood has hit the restarted node as well, and a write commits
             # on all three meanwhile.
             wait_for(
                 lambda: flood.closed(follower_addr) - closed_before >= 100,
+                DEADLINE_S,
                 "the flood to reach the restarted node",
+                interval_s=POLL_S,
             )
             write(b"after")
             target = leader.status()["commit_index"]
             wait_for(
                 lambda: all(r.status()["applied_index"] >= target for r in replicas.values()),
+                DEADLINE_S,
                 "every replica to apply the last write",
+                interval_s=POLL_S,
             )
             assert flood.errors == []
         assert {a: r.term() for a, r in replicas.items()} == dict.fromkeys(addrs, term)

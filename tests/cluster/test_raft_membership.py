@@ -17,15 +17,16 @@ from pysyncobj.config import FAIL_REASON
 
 from cluster.raft import RaftReplica, RaftSettings, SubmitErrorReason
 from cluster.raft.storage import read_dump
+from cluster.workload import wait_for
 
 from .conftest import KINDS, SimNet, free_port, sim_conf
 from .test_raft_fixes import (
     DEADLINE_S,
+    POLL_S,
     CountingMachine,
     call_and_wait,
     call_until_accepted,
     submit_and_wait,
-    wait_for,
 )
 
 # Plain pysyncobj's MetaStorer.getMeta leaks the meta file's handle (journal.py 361).
@@ -235,10 +236,18 @@ def test_real_replicas_serialise_changes_and_answer_retries(tmp_path):
     replicas.update({a: replica(a, addrs) for a in newcomers})
     try:
         leader_addr = wait_for(
-            lambda: next((a for a in members if replicas[a].is_leader()), None), "a leader"
+            lambda: next((a for a in members if replicas[a].is_leader()), None),
+            DEADLINE_S,
+            "a leader",
+            interval_s=POLL_S,
         )
         leader = replicas[leader_addr]
-        wait_for(lambda: leader.status()["membership_busy"] is None, "the leader's no-op")
+        wait_for(
+            lambda: leader.status()["membership_busy"] is None,
+            DEADLINE_S,
+            "the leader's no-op",
+            interval_s=POLL_S,
+        )
 
         outcomes, done = {}, threading.Event()
 

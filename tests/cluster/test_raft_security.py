@@ -25,9 +25,11 @@ from pysyncobj.utility import TcpUtility, UtilityException
 
 from cluster.raft import RaftReplica, RaftSettings, SubmitErrorReason
 from cluster.raft.transport import BoundedTcpConnection, HardenedTCPTransport
+from cluster.workload import wait_for
 
 from .conftest import free_port
 
+POLL_S = 0.01  # how often wait_for looks: in-process replicas answer at once
 DEADLINE_S = 10.0
 
 
@@ -44,16 +46,6 @@ class CountingMachine:
 
     def restore(self, blob: bytes) -> None:
         self.state = list(msgpack.unpackb(blob))
-
-
-def wait_for(condition, what: str, timeout_s: float = DEADLINE_S):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def submit_and_wait(replica: RaftReplica, payload: bytes):
@@ -137,7 +129,9 @@ def test_peer_with_the_wrong_password_gets_nothing(tmp_path, intruder_password):
         candidates = members_only if intruder_password == "wrong" else replicas
         leader = wait_for(
             lambda: next((r for r in candidates if r.is_leader()), None),
+            DEADLINE_S,
             "a leader among the members" if intruder_password == "wrong" else "a leader",
+            interval_s=POLL_S,
         )
         term = leader.status()["term"]
         for i in range(20):
@@ -145,7 +139,9 @@ def test_peer_with_the_wrong_password_gets_nothing(tmp_path, intruder_password):
             assert error is None, error
         wait_for(
             lambda: all(r.status()["applied_index"] >= 22 for r in members_only),
+            DEADLINE_S,
             "members applied everything",
+            interval_s=POLL_S,
         )
         expected = [b"cmd-%d" % i for i in range(20)]
 
@@ -154,7 +150,9 @@ def test_peer_with_the_wrong_password_gets_nothing(tmp_path, intruder_password):
             # (D redials every connection_retry_s).
             wait_for(
                 lambda: BoundedTcpConnection.rejected_frames - rejected_before >= 6,
+                DEADLINE_S,
                 "the members to reject D's handshakes",
+                interval_s=POLL_S,
             )
             status = intruder.status()
             assert status["applied_index"] == 1 and status["term"] == 0
@@ -165,7 +163,12 @@ def test_peer_with_the_wrong_password_gets_nothing(tmp_path, intruder_password):
             assert all(r.status()["term"] == term for r in members_only)
             assert all(r._obj._machine.state == expected for r in members_only)
         else:
-            wait_for(lambda: intruder.status()["applied_index"] >= 22, "D catching up")
+            wait_for(
+                lambda: intruder.status()["applied_index"] >= 22,
+                DEADLINE_S,
+                "D catching up",
+                interval_s=POLL_S,
+            )
             assert intruder._obj._machine.state == expected
     finally:
         for replica in replicas:
@@ -215,7 +218,7 @@ def test_junk_on_the_raft_port_runs_nothing_and_the_node_keeps_working(tmp_path,
     replica = start(addr, [], "cluster-secret", tmp_path / "n")
     marker = tmp_path / "owned"
     try:
-        wait_for(replica.is_leader, "the single node to lead")
+        wait_for(replica.is_leader, DEADLINE_S, "the single node to lead", interval_s=POLL_S)
         if attack == "random":
             data = frame(os.urandom(4096))
         elif attack == "pickle":
@@ -263,7 +266,9 @@ def test_no_message_leaves_before_the_password_handshake(kind):
         to_server = client._SyncObj__transport._connections[TCPNode(server_addr)]
         wait_for(
             lambda: client.doTick(0.001) or to_server.state == CONNECTION_STATE.CONNECTED,
+            DEADLINE_S,
             "the client's TCP connection",
+            interval_s=POLL_S,
         )
         assert to_server.sendRandKey is None  # our key sent, theirs not yet received
         client._SyncObj__transport.send(

@@ -15,13 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from cluster.loadgen import DEFAULT_MARKET, plan
+from cluster.workload import DEFAULT_MARKET, Outcome
 from disaster_recovery.drills import (
     DrillResult,
     Holdings,
-    Outcome,
     check_orders,
-    flow,
     format_report,
     longest_gap,
     order_failures,
@@ -175,17 +173,6 @@ def test_longest_gap() -> None:
     assert longest_gap([9.0, 10.5, 14.0], 10.0, 13.0) == 2.5  # only the acks inside count
     assert longest_gap([10.0, 13.0], 10.0, 13.0) == 3.0  # ... strictly inside
     assert longest_gap([10.2, 10.4, 10.6], 10.0, 13.0) == pytest.approx(2.4)
-
-
-def test_flow_starts_as_loadgens_plan_and_goes_on() -> None:
-    ops = [op for _, op in zip(range(2500), flow(7, 50.0, 8, DEFAULT_MARKET), strict=False)]
-    assert ops[:1000] == plan(7, 50.0, 1000 / 50.0, 8, DEFAULT_MARKET)
-    assert [op.index for op in ops] == list(range(2500))
-    assert all(op.at_s == pytest.approx(op.index / 50.0) for op in ops)
-    places = {op.index for op in ops if op.op == "place"}
-    cancels = [op for op in ops if op.op == "cancel"]
-    assert all(op.target in places and op.target < op.index for op in cancels)
-    assert any(op.index >= 2000 for op in cancels)
 
 
 def test_json_starts_with_the_design_contract() -> None:

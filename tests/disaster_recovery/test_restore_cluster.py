@@ -14,10 +14,10 @@ import pytest
 
 from api.sdk import AdminClient, Client
 from cluster.launcher import LocalCluster
+from cluster.workload import wait_for
 from disaster_recovery import backup, segments
 from disaster_recovery.target import open_target
 from statemachine import Exchange
-from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 
 from api.sdk import AdminClient
 from cluster.launcher import LocalCluster
+from cluster.workload import check_deposits
 
 
 @pytest.fixture
@@ -35,13 +35,12 @@ def admin(cluster: LocalCluster) -> AdminClient:
     return AdminClient(cluster.api_urls(), cluster.admin_credentials())
 
 
-def wait_for(predicate, timeout_s: float, what: str):
-    """Poll `predicate` until it returns something true (returned), or fail after
-    `timeout_s` naming `what`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+def assert_acked_present(cluster: LocalCluster, acked: dict[int, int], unknown: set[int]) -> None:
+    """Every acknowledged `deposit` is in every live node's state, exactly as acknowledged,
+    and none that was neither acknowledged nor of unknown outcome (`check_deposits`)."""
+    found = check_deposits(cluster, acked, unknown)
+    for node_id, held in found["nodes"].items():
+        assert not held["missing"], f"{node_id} lost acknowledged deposits {held['missing'][:10]}"
+        assert not held["extra_count"], (
+            f"{node_id} holds deposits never submitted: {held['extra'][:10]}"
+        )

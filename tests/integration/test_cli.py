@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from .conftest import wait_for
+from cluster.workload import wait_for
 
 QB = [sys.executable, "-m", "cluster"]
 

@@ -15,9 +15,9 @@ import pytest
 
 from api.sdk import ClusterUnavailable
 from cluster.config import load
+from cluster.workload import DepositLoad, deposit
 
-from .conftest import admin
-from .workload import DepositLoad, assert_acked_present, deposit
+from .conftest import admin, assert_acked_present
 
 MARKET = {
     "op": "create_market",
@@ -59,7 +59,7 @@ def test_follower_redirects_writes_to_the_leader(make_cluster) -> None:
 
 def test_leader_sigkill_under_load_loses_nothing_acknowledged(make_cluster) -> None:
     cluster = make_cluster(3)
-    with DepositLoad(cluster) as load:
+    with DepositLoad.on(cluster) as load:
         load.wait_acked(200)
         old_leader = cluster.wait_for_leader()
         cluster.kill(old_leader)

@@ -16,15 +16,14 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.flow import exchange_commands, generate, setup_commands
 from cluster.launcher import LocalCluster
 from cluster.machine import ExchangeMachine
 from cluster.raft import JournalReader, payload_of_entry, read_dump
+from cluster.workload import DepositLoad, book_commands, book_flow, book_setup, wait_for
 from indexer.consume import EventReader
 from indexer.services import Services
 
-from .conftest import admin, wait_for
-from .workload import DepositLoad
+from .conftest import admin
 
 QB = [sys.executable, "-m", "cluster"]
 
@@ -69,7 +68,7 @@ def caught_up(cluster: LocalCluster, pg_url: str, timeout_s: float = 60) -> int:
 
     try:
         return wait_for(done, timeout_s, "the indexer to catch up")
-    except AssertionError as exc:
+    except TimeoutError as exc:
         checkpoint = fetch(pg_url, "SELECT * FROM indexer_checkpoint")
         raise AssertionError(
             f"{exc}: checkpoint {checkpoint}, indexers {indexed(cluster)}"
@@ -159,8 +158,8 @@ def indexed_cluster(make_cluster, services: Services, pg_url: str, topic_prefix:
 
 
 def submit_session(cluster: LocalCluster, orders: int, seed: int = 3) -> None:
-    flow = generate(orders, seed=seed, warmup=orders, accounts=40)
-    commands = setup_commands(flow.accounts) + exchange_commands(flow.warmup + flow.ops, 10)
+    flow = book_flow(orders, seed=seed, warmup=orders, accounts=40)
+    commands = book_setup(flow.accounts) + book_commands(flow.warmup + flow.ops, 10)
     for command in commands:
         command.pop("ts", None)
     with admin(cluster) as client:
@@ -209,7 +208,7 @@ def test_a_killed_streamer_is_replaced_and_nothing_is_written_twice(
     indexed_cluster, services, pg_url, topic_prefix
 ) -> None:
     cluster = indexed_cluster()
-    with DepositLoad(cluster, per_request=20) as load:
+    with DepositLoad.on(cluster, per_request=20) as load:
         load.wait_acked(200)
         active = wait_for(lambda: streamer(cluster), 30, "a streamer")
         indexer_pid = indexed(cluster)[active]["pid"]
@@ -240,7 +239,7 @@ def test_a_killed_streamer_is_replaced_and_nothing_is_written_twice(
 
 def test_a_streamer_paused_past_its_lease_never_writes_again(indexed_cluster, pg_url) -> None:
     cluster = indexed_cluster()
-    with DepositLoad(cluster, per_request=10) as load:
+    with DepositLoad.on(cluster, per_request=10) as load:
         load.wait_acked(100)
         paused = wait_for(lambda: streamer(cluster), 30, "a streamer")
         pid = indexed(cluster)[paused]["pid"]
@@ -279,7 +278,7 @@ def test_postgres_down_for_a_while_then_the_indexer_catches_up(
     indexed_cluster, services, pg_url
 ) -> None:
     cluster = indexed_cluster()
-    with DepositLoad(cluster, per_request=10) as load:
+    with DepositLoad.on(cluster, per_request=10) as load:
         load.wait_acked(100)
         wait_for(lambda: streamer(cluster), 30, "a streamer")
         services.postgres.stop()
@@ -304,11 +303,11 @@ def test_a_leader_change_while_streaming_keeps_exactly_once(indexed_cluster, pg_
     fully caught up, so the load pauses for it): it stops streaming, and the other follower
     goes on from the checkpoint."""
     cluster = indexed_cluster()
-    with DepositLoad(cluster, per_request=10) as load:
+    with DepositLoad.on(cluster, per_request=10) as load:
         load.wait_acked(300)
     active = wait_for(lambda: streamer(cluster), 30, "a streamer")
     cluster.transfer_leadership(active)
-    with DepositLoad(cluster, per_request=10) as load:
+    with DepositLoad.on(cluster, per_request=10) as load:
         load.counter = iter(range(10_000, 20_000))  # new refs: not duplicates of the first load
         wait_for(
             lambda: streamer(cluster, other_than=active), 30, "the other follower to take over"
@@ -345,7 +344,7 @@ def test_events_compacted_away_raise_the_alarm_and_resync_rebuilds_the_tables(
     # No alarm, nobody serves a resync: the command gives up and withdraws its request.
     refused = resync_command(cluster, "--wait-s", "1")
     assert refused.returncode == 1 and "withdrawn" in refused.stderr, refused
-    with DepositLoad(cluster, per_request=5) as load:
+    with DepositLoad.on(cluster, per_request=5) as load:
         load.wait_acked(50)
         services.postgres.stop()
         try:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import re
 
-from .conftest import admin
-from .workload import DepositLoad, assert_acked_present
+from cluster.workload import DepositLoad
+
+from .conftest import admin, assert_acked_present
 
 KILLS = int(os.environ.get("QB_KILLS", "40"))
 
@@ -20,7 +21,7 @@ def test_forty_leader_kills_lose_nothing_diverge_nowhere_apply_nothing_twice(mak
     # Small compaction thresholds so snapshots are taken and installed during the loop.
     cluster = make_cluster(3, compaction_min_entries=50, compaction_min_time_s=0.5)
     leaders = []
-    with DepositLoad(cluster, per_request=10) as load:
+    with DepositLoad.on(cluster, per_request=10) as load:
         for _ in range(KILLS):
             load.wait_acked(len(load.acked) + 50, timeout_s=30)
             leader = cluster.wait_for_leader(20)

@@ -12,9 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.sdk import AdminClient, Client, tls_context
+from cluster.workload import wait_for
 from tests.certs import self_signed
-
-from .conftest import wait_for
 
 
 def samples(text: str) -> dict[tuple, float]:

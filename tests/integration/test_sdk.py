@@ -8,14 +8,13 @@ import json
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
 import trio
 
 from api.sdk import ApiError, AsyncClient, Client, ClusterUnavailable, Credentials, OutcomeUnknown
-from cluster.loadgen import DEFAULT_MARKET, plan
+from cluster.workload import DEFAULT_MARKET, plan, wait_for
 
 from .conftest import admin
 
@@ -360,11 +359,8 @@ def test_sdk_keeps_trading_through_a_leader_sigkill(make_cluster) -> None:
                 recovered.append(coid)
             i += 1
 
-    def wait_acked(n: int, timeout_s: float = 30) -> None:
-        deadline = time.monotonic() + timeout_s
-        while len(acked) < n and not errors:
-            assert time.monotonic() < deadline, f"only {len(acked)} acknowledged"
-            time.sleep(0.01)
+    def wait_acked(n: int) -> None:
+        wait_for(lambda: len(acked) >= n or errors, 30, f"{n} acknowledged", interval_s=0.01)
 
     thread = threading.Thread(target=trade, daemon=True)
     thread.start()
