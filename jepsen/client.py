@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from api.sdk import ApiError, Client, ClusterUnavailable, Credentials, OutcomeUnknown
+from cluster.workload import funding_commands
 
 MARKET = {"market": "JP-USD", "base": "JP", "quote": "USD", "lot_size": 1, "tick_size": 1,
           "maker_fee_bps": 1, "taker_fee_bps": 2}  # fmt: skip
@@ -37,12 +38,7 @@ MIX = (("place", 50), ("cancel", 15), ("read_order", 15), ("read_book", 10), ("r
 
 def setup_commands(accounts: list[str]) -> list[dict]:
     """The market and every account's funds (admin commands, before the run's clock starts)."""
-    commands: list[dict] = [{"op": "create_market", **MARKET}]
-    for account in accounts:
-        for asset, amount in FUNDS.items():
-            commands.append({"op": "deposit", "account": account, "asset": asset,
-                             "amount": amount, "ref": f"setup-{account}-{asset}"})  # fmt: skip
-    return commands
+    return funding_commands([MARKET], accounts, FUNDS, "setup-{account}-{asset}")
 
 
 @dataclass

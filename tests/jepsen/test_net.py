@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 
 from api.sdk import AdminClient, ClusterUnavailable, OutcomeUnknown
 from cluster.launcher import LocalCluster
+from cluster.workload import wait_for
 from jepsen import net as netmod
 from jepsen.nemesis import Context
 from jepsen.nemesis.partition import (
@@ -41,16 +41,6 @@ needs_net = pytest.mark.skipif(
 
 def deposit(i: int) -> dict:
     return {"op": "deposit", "account": f"k{i}", "asset": "USD", "amount": i + 1, "ref": f"r{i}"}
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # ---------------------------------------------------------------------- shapes (pure)
