@@ -207,32 +207,58 @@ class LocalCluster:
                 Peer(o, c.raft_addr, c.api_url) for o, c in members.items() if o != node_id
             )
             node.config = node.config.replace(peers=peers)
-            node.config_path.write_text(dump(node.config))
+            # Whole or not at all: a newcomer started a moment ago may be reading its file
+            # (a truncated one read mid-write: "node_id is missing", and the new member dies).
+            tmp = node.config_path.with_suffix(".toml.tmp")
+            tmp.write_text(dump(node.config))
+            os.replace(tmp, node.config_path)
 
-    def add_node(self) -> str:
-        """Start one more node and add it to the cluster through the leader."""
+    def rewrite_configs(self) -> None:
+        """Every node's config and cluster.json list the launcher's nodes: after membership
+        changes sent by someone else (the Jepsen membership nemesis), once committed."""
+        self._rewrite_configs()
+        self.write_manifest()
+
+    def next_node_id(self) -> str:
+        """An id never used under this cluster's root. A removed node's directory (its data,
+        its log) stays, and its id and data must not be reused (docs/operating/
+        replace-a-node.md): one past the highest of the members' and the directories'."""
+        used = set(self.nodes) | {p.name for p in self.root.iterdir() if p.is_dir()}
+        numbers = [int(name[1:]) for name in used if name[:1] == "n" and name[1:].isdigit()]
+        return f"n{max(numbers, default=0) + 1}"
+
+    def new_node(self, host: str = "127.0.0.1", node_id: str | None = None) -> str:
+        """Write the config of one more node and start it, not yet a member (`add_node` adds
+        it). `host`: its Raft and API address (a harness namespace's, as `create(hosts=)`);
+        `node_id`: one from `next_node_id` (a namespace may need it before the start)."""
+        node_id = node_id or self.next_node_id()
+        if node_id in self.nodes or (self.root / node_id).exists():
+            raise ValueError(f"node id {node_id} is taken (a member, or a removed node's)")
         template = next(iter(self.nodes.values())).config
-        node_id = f"n{max(int(nid[1:]) for nid in self.nodes) + 1}"
-        config = template.replace(
-            node_id=node_id,
-            addr=f"127.0.0.1:{free_port()}",  # [raft] addr
-            port=free_port(),  # [api] port
-            data_dir=self.root / node_id / "data",
-        )
-        path = self.root / node_id / "node.toml"
-        path.parent.mkdir(parents=True, exist_ok=True)
         members = [n.config for n in self.nodes.values()]
-        urls = self.api_urls()
         # The newcomer knows every member; the members' own files change only once the change
         # has committed (a node's configuration is its log's; its node.toml peers are the
         # members it starts with, and must never name one the log does not).
-        config = config.replace(
-            peers=tuple(Peer(c.node_id, c.raft_addr, c.api_url) for c in members)
+        config = template.replace(
+            node_id=node_id,
+            addr=f"{host}:{free_port()}",  # [raft] addr
+            host=host,  # [api] host
+            port=free_port(),  # [api] port
+            data_dir=self.root / node_id / "data",
+            peers=tuple(Peer(c.node_id, c.raft_addr, c.api_url) for c in members),
         )
-        node = NodeProcess(path, config)
+        path = self.root / node_id / "node.toml"
+        path.parent.mkdir(parents=True)
         path.write_text(dump(config))
-        self.nodes[node_id] = node
-        self.start(node_id)
+        self.nodes[node_id] = NodeProcess(path, config)
+        self.start(node_id)  # through `self.wrap`, as every start
+        return node_id
+
+    def add_node(self, host: str = "127.0.0.1", node_id: str | None = None) -> str:
+        """Start one more node and add it to the cluster through the leader."""
+        urls = self.api_urls()
+        node_id = self.new_node(host, node_id)
+        config = self.nodes[node_id].config
         try:
             with AdminClient(urls, self.admin_credentials(), verify=self.verify) as client:
                 client.change_membership("add", node_id, config.raft_addr, config.api_url)
@@ -291,6 +317,11 @@ class LocalCluster:
             self.transfer_leadership(away_from=node_id)
         with AdminClient(others, self.admin_credentials(), verify=self.verify) as client:
             client.change_membership("remove", node_id, config.raft_addr, config.api_url)
+        self.forget_node(node_id)
+
+    def forget_node(self, node_id: str) -> None:
+        """Stop a node that is not a member (removed, or never added) and drop it from the
+        configs and cluster.json; its directory stays."""
         self.stop(node_id)
         del self.nodes[node_id]
         self._rewrite_configs()

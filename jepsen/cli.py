@@ -39,7 +39,8 @@ def _exit(results: dict) -> None:
 @click.option("--rate", type=click.FloatRange(min=1), default=200.0, show_default=True,
               help="Operations per second, all clients together.")  # fmt: skip
 @click.option("--nemesis", "nemeses", default="kill,pause,partition", show_default=True,
-              help="Comma-separated: kill, pause, partition, restart-all, clock; 'none' for no faults.")  # fmt: skip
+              help="Comma-separated: kill, pause, partition, restart-all, clock, membership, data; "
+              "'none' for no faults.")  # fmt: skip
 @click.option("--workload", type=click.Choice(["orders"]), default="orders", show_default=True)
 @click.option("--seed", type=int, default=1, show_default=True,
               help="Seeds the clients' operations and the fault schedule.")  # fmt: skip

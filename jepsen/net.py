@@ -224,6 +224,35 @@ class Net:
                 ],
             )
 
+    def add_node(self, node_id: str) -> str:
+        """A namespace on the run's bridge for a node that joins an open run (the membership
+        nemesis's newcomers); its address. `close` removes it with the others."""
+        if node_id in self.nodes:
+            return self.address(node_id)
+        if not NODE_ID.fullmatch(node_id) or len(self.nodes) + 1 >= CLIENT_HOST - 1:
+            raise ValueError(f"node id {node_id!r}: letters, digits, '_' and '.'; 252 at most")
+        prefix = self._subnet().prefixlen
+        with _state_lock():
+            self.nodes = (*self.nodes, node_id)  # listed first: `close` removes what is made
+            port = f"p{len(self.nodes)}"
+            _run([_ip(), "netns", "add", self.namespace(node_id)])
+            _ip_batch(
+                self.hub,
+                [
+                    f"link add {port} type veth peer name eth0 netns {self.namespace(node_id)}",
+                    f"link set {port} master br0 up",
+                ],
+            )
+            _ip_batch(
+                self.namespace(node_id),
+                [
+                    "link set lo up",
+                    f"addr add {self.address(node_id)}/{prefix} dev eth0",
+                    "link set eth0 up",
+                ],
+            )
+        return self.address(node_id)
+
     def close(self) -> None:
         """Remove the namespaces, the bridge and every veth of this run (idempotent).
 
