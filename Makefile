@@ -53,7 +53,7 @@ iptables:
 		|| { apt-get update -qq >/dev/null && apt-get install -y -qq iptables >/dev/null; }
 
 # The Jepsen harness's long runs (docs/jepsen.md): every nemesis on 3 and 5 nodes and the
-# planted bug, 60 s of faults each (about 15 minutes), reports in store/; `make test` runs the
+# planted bug, 60 s of faults each (about 25 minutes), reports in store/; `make test` runs the
 # short ones. JEPSEN_ARGS="--time 20" for a quicker matrix.
 jepsen: $(STAMP) $(NATIVE_STAMP) iptables
 	$(NATIVE_ENV) $(BIN)/python -P -m jepsen.matrix --out store $(JEPSEN_ARGS)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from .run import Options, run
 
-NEMESES = ("kill", "pause", "partition", "restart-all", "kill,pause,partition")
+NEMESES = ("kill", "pause", "partition", "restart-all", "clock", "membership", "data",
+           "kill,pause,partition")  # fmt: skip
 # (nodes, nemeses, planted bug): the planted bug must be found, the rest must be valid.
 MATRIX = [(n, nem, False) for n in (3, 5) for nem in NEMESES] + [(3, "partition", True)]
 
