@@ -26,7 +26,8 @@ ALLOWED = {
 # dependencies, none of the server's (quart, hypercorn, pysyncobj, ...).
 SDK_DEPENDENCIES = {"httpx", "anyio", "wsproto", "orjson"}
 # What the node's side of api/ may take from the SDK: the wire format, never a client.
-WIRE_FORMAT = {"api.sdk.codec", "api.sdk.signing"}
+# The wire format: the codec, the signing, and the shape of a command's answer (answers.py).
+WIRE_FORMAT = {"api.sdk.codec", "api.sdk.signing", "api.sdk.answers"}
 
 
 def _imports(path: Path) -> list[tuple[str, int]]:
@@ -125,7 +126,7 @@ def test_the_sdk_imports_only_itself_and_its_dependencies() -> None:
 
 
 def test_the_node_takes_only_the_wire_format_from_the_sdk() -> None:
-    """The server side of api/ imports the SDK's codec and signing, not its clients."""
+    """The server side of api/ imports the SDK's codec, signing and answers, not its clients."""
     wrong = [
         f"{path.relative_to(ROOT)}:{line} imports {module}"
         for path in _sources("api")

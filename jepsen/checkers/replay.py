@@ -7,8 +7,8 @@ client's resend of an applied command is rejected as a duplicate, so one op has 
 effective command. `claim` gives each ok write its command (and each info write one that
 nobody else accounts for) and says what is left over.
 
-`private_view` and `summarize` repeat api/trading.py's (jepsen may import only the SDK of
-api/): a test holds the two copies equal.
+The answers the API gave are rebuilt with the SDK's `private_view` and `summarize`
+(api/sdk/answers.py), the functions the node builds them with.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from api.sdk.answers import private_view, summarize
 from statemachine import Exchange
 
 from ..history import FAIL, INFO, OK, LogEntry, Op, pairs, read_history, read_log
@@ -70,55 +71,6 @@ def account_of(op: str, fields: Any) -> str | None:
     if op in TRADER_FS and isinstance(fields, dict):
         return fields.get("account")
     return None
-
-
-def private_view(events: list[dict], account: str | None) -> list[dict]:
-    """api/trading.py `private_view`: what `account` may see of a command's events."""
-    if account is None:
-        return events
-    out = []
-    for e in events:
-        if e["type"] == "trade":
-            mine = {
-                k: v
-                for k, v in e.items()
-                if k not in ("maker_account", "taker_account", "maker_fee", "taker_fee")
-            }
-            if e["taker_account"] == account:
-                mine["taker_fee"] = e["taker_fee"]
-            if e["maker_account"] == account:
-                mine["maker_fee"] = e["maker_fee"]
-            out.append(mine)
-        elif e.get("account", account) == account:
-            out.append(e)
-    return out
-
-
-def summarize(events: list[dict], account: str | None) -> dict:
-    """api/trading.py `summarize`: the body of an accepted command's answer."""
-    first = events[0]
-    out: dict[str, Any] = {"seq": events[-1]["seq"], "events": private_view(events, account)}
-    if first["type"] in ("accepted", "amended"):
-        order_id = first["order_id"]
-        trades = [
-            e
-            for e in out["events"]
-            if e["type"] == "trade" and order_id in (e["taker_order_id"], e["maker_order_id"])
-        ]
-        status = "resting"
-        for e in events:
-            if e["type"] == "filled" and e["order_id"] == order_id:
-                status = "filled"
-            elif e["type"] == "cancelled" and e["order_id"] == order_id:
-                status = "cancelled"
-        out.update(
-            order_id=order_id,
-            client_order_id=first.get("client_order_id"),
-            status=status,
-            filled_qty=sum(t["qty"] for t in trades),
-            trades=trades,
-        )
-    return out
 
 
 def reported_cmd_index(value: Any) -> int | None:
