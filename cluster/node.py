@@ -417,6 +417,8 @@ class Node:
                 }
                 for p in raft.get("peers", [])
             ],
+            # Peers an uncommitted membership entry removed: not counted, still linked.
+            "lingering_peers": [self._peer_id(a) for a in raft.get("lingering_peers", [])],
             "batches_proposed": self.replica.batches_proposed,
             "raft": {
                 k: raft[k]
@@ -431,6 +433,7 @@ class Node:
                     "pre_votes_refused",
                     "membership_changes_refused",
                     "stale_replies_dropped",
+                    "non_member_answers_dropped",
                     "transport",
                 )
                 if k in raft

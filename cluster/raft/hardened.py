@@ -41,6 +41,7 @@ from pathlib import Path
 from pysyncobj import pickle as _pickle
 from pysyncobj import syncobj as _upstream
 from pysyncobj.config import FAIL_REASON, SERIALIZER_STATE, SyncObjConf
+from pysyncobj.node import Node as _Node
 from pysyncobj.serializer import Serializer
 from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE, SyncObj, replicated
 
@@ -65,6 +66,8 @@ EXIT_RESTORE_FAILED = 72  # an accepted snapshot could not be restored into the 
 
 _NO_OP = bytes([_COMMAND_TYPE.NO_OP])
 _MEMBERSHIP = bytes([_COMMAND_TYPE.MEMBERSHIP])
+# Answers that count toward a majority of ours: only members' count (fix 17).
+_MEMBER_ANSWERS = frozenset({"next_node_idx", "response_vote", "pre_vote_response"})
 _ROLES = {
     _RAFT_STATE.FOLLOWER: "follower",
     _RAFT_STATE.CANDIDATE: "candidate",
@@ -265,6 +268,11 @@ class HardenedSyncObj(SyncObj):
         self.step_downs_averted = 0  # answers read just before the leader would step down
         self.membership_changes_refused = 0  # a change asked for while another was uncommitted
         self.stale_replies_dropped = 0  # AppendEntries answers sent in another term (fix 11)
+        # Fix 17. Peers a membership entry not yet committed removed: out of the configuration
+        # (they count toward no majority, get no entries from us as leader), but the transport
+        # keeps their links until the removal commits, since one of them may win instead.
+        self._lingering: set = set()
+        self.non_member_answers_dropped = 0  # votes and acknowledgements from outside it
         # Fix 5. Whoever runs pysyncobj code holds the tick lock: the tick thread, except while
         # it is inside machine.apply(), when the heartbeat helper (run_heartbeat_helper) may
         # take it to send the leader's AppendEntries. pysyncobj is not thread-safe; this lock
@@ -566,6 +574,7 @@ class HardenedSyncObj(SyncObj):
             if request is not None:
                 self._SyncObj__doChangeCluster(request)
                 adopted += 1
+        self._settle_links()
         if adopted:
             logger.info(
                 "configuration from the log: %d membership entries past index %d; members %s",
@@ -573,6 +582,89 @@ class HardenedSyncObj(SyncObj):
                 applied,
                 sorted(self.configuration()),
             )
+
+    def _SyncObj__doChangeCluster(self, request, reverse=False):
+        """Upstream 1374-1412 (take a membership entry into the configuration, or undo it when
+        the entry is truncated), except for the transport (fix 17).
+
+        Upstream drops a removed peer's links at once: its transport then refuses the peer's
+        connections (transport.py 353-358) and never dials it. But a removal that is not
+        committed may never be: if the removed peer wins an election under the configuration
+        that held before, it is the leader, and its AppendEntries are the only thing that can
+        replace the removal in our log (Raft thesis 4.1: a server accepts AppendEntries from a
+        leader outside its latest configuration). Dropped, we never hear it, never truncate,
+        and stay cut off from the cluster for good, across restarts (the removal is in our log).
+        So the peer leaves the configuration now (Raft, section 6) and its links stay until
+        the removal commits (``_settle_links``).
+        """
+        kind = request[0]
+        if kind not in ("add", "rem"):
+            return False
+        node = request[2] if len(request) >= 3 else request[1]
+        if not isinstance(node, _Node):
+            node = self._SyncObj__nodeClass(node)
+        others = self._SyncObj__otherNodes
+        if node == self._SyncObj__selfNode:
+            return False  # upstream never removes or re-adds the node itself (1394, 1405)
+        if (kind == "add") != reverse:
+            if node in others:
+                return False
+            others.add(node)
+            self._SyncObj__raftNextIndex[node] = self._SyncObj__getCurrentLogIndex() + 1
+            self._SyncObj__raftMatchIndex[node] = 0
+            if self._isLeader():
+                self._SyncObj__lastResponseTime[node] = _now()
+            if node in self._lingering:
+                self._lingering.discard(node)  # its links are up already
+            else:
+                self._SyncObj__transport.addNode(node)
+            return True
+        if node not in others:
+            return False
+        others.discard(node)
+        self._SyncObj__raftNextIndex.pop(node, None)
+        self._SyncObj__raftMatchIndex.pop(node, None)
+        self._lingering.add(node)
+        if reverse:
+            # An "add" being truncated (it is still in the journal, past the commit index):
+            # never committed, so its links go now. A removal being appended is not in the
+            # journal yet: it is settled when it commits.
+            self._settle_links()
+        return True
+
+    def _SyncObj__updateClusterConfiguration(self, newNodes):
+        # Upstream 1513-1526 (a dump's configuration, at start-up or on a snapshot install: a
+        # committed one), with the lingering links of fix 17 settled against it.
+        new = {n if isinstance(n, _Node) else self._SyncObj__nodeClass(n) for n in newNodes}
+        transport = self._SyncObj__transport
+        lingering, self._lingering = self._lingering, set()
+        for node in self._SyncObj__otherNodes - new:
+            self._SyncObj__raftNextIndex.pop(node, None)
+            self._SyncObj__raftMatchIndex.pop(node, None)
+            transport.dropNode(node)
+        for node in lingering - new:
+            transport.dropNode(node)
+        added = new - self._SyncObj__otherNodes
+        self._SyncObj__otherNodes = new
+        for node in added:
+            if node not in lingering:
+                transport.addNode(node)
+            self._SyncObj__raftNextIndex[node] = self._SyncObj__getCurrentLogIndex() + 1
+            self._SyncObj__raftMatchIndex[node] = 0
+
+    def _settle_links(self) -> None:
+        """Drop the links of lingering peers whose removal has committed (fix 17)."""
+        if not self._lingering:
+            return
+        committed = self._configuration_at(self._SyncObj__raftCommitIndex)
+        for node in [n for n in self._lingering if n.id not in committed]:
+            self._lingering.discard(node)
+            self._SyncObj__transport.dropNode(node)
+            logger.info("the removal of %s is committed: closing its links", node.id)
+
+    def lingering_peers(self) -> list[str]:
+        """Peers removed by an entry not yet committed, whose links stay up (fix 17)."""
+        return sorted(n.id for n in self._lingering)
 
     def configuration(self) -> set[str]:
         """The members' addresses this node counts (this node included): the log's latest
@@ -600,7 +692,9 @@ class HardenedSyncObj(SyncObj):
         if command[:1] == _MEMBERSHIP:
             # Already taken when appended (or at start-up, from the log). Upstream takes it
             # again here, which is harmless only without later changes: a restarted node
-            # replaying "add D" then "remove D" would count D between the two.
+            # replaying "add D" then "remove D" would count D between the two. Committed now:
+            # a removed peer's links can go (fix 17).
+            self._settle_links()
             return None
         try:
             return super()._SyncObj__doApplyCommand(command)
@@ -633,6 +727,12 @@ class HardenedSyncObj(SyncObj):
             logger.error("ignoring a malformed raft message from %s", node)
             return
         kind = message["type"]
+        if kind in _MEMBER_ANSWERS and node not in self._SyncObj__otherNodes:
+            # Fix 17: a lingering peer's links are up, but it is not in our configuration: its
+            # vote counts toward no majority of ours, and upstream's acknowledgement handling
+            # (1078-1083) indexes per-member tables it is not in.
+            self.non_member_answers_dropped += 1
+            return
         if kind == "append_entries":
             self._on_append_entries(node, message)
             return
@@ -1244,6 +1344,8 @@ class HardenedSyncObj(SyncObj):
             "log_first_index": self._journal.first_index(),
             "log_last_index": self._journal.last_index(),
             "peers": peers,
+            # Removed by an entry not yet committed: out of the majority, links kept (fix 17).
+            "lingering_peers": self.lingering_peers(),
             "refused_truncations": self.refused_truncations,
             "snapshots_ignored": self.snapshots_ignored,
             "snapshots_installed": self.snapshots_installed,
@@ -1253,6 +1355,7 @@ class HardenedSyncObj(SyncObj):
             "pre_votes_refused": self.pre_votes_refused,
             "membership_changes_refused": self.membership_changes_refused,
             "stale_replies_dropped": self.stale_replies_dropped,
+            "non_member_answers_dropped": self.non_member_answers_dropped,
             "transport": self._transport_counters(),
         }
 

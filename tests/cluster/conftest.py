@@ -105,21 +105,38 @@ class PlainNode(SyncObj):
 
 
 class SimTransport(Transport):
-    def __init__(self, net: SimNet, addr: str):
+    """Links as pysyncobj's TCP transport makes them: a node sends only to the peers it
+    knows (``addNode``/``dropNode``, and the peers it started with), and refuses a connection
+    from an address it does not know (transport.py 353-358), so what such a peer sends it is
+    lost."""
+
+    def __init__(self, net: SimNet, addr: str, peers: list[str]):
         super().__init__(None, None, None)
         self.net = net
         self.addr = addr
+        self.known: set[str] = set(peers)
 
     def send(self, node, message):
+        if node.id not in self.known:
+            return False  # no connection object for it (transport.py 556-575)
         return self.net.post(self.addr, node.id, message)
 
     def addNode(self, node):
         # A membership change reached this node: its link to the new member comes up at once
         # (a TCP transport would connect within connectionRetryTime).
+        self.known.add(node.id)
         self._onNodeConnected(node)
 
     def dropNode(self, node):
+        self.known.discard(node.id)
         self._onNodeDisconnected(node)
+
+    def receive(self, src: str, message) -> bool:
+        """Hand a message from ``src`` to the node, unless the node refuses ``src``."""
+        if src not in self.known:
+            return False
+        self._onMessageReceived(TCPNode(src), message)
+        return True
 
 
 def sim_conf(**overrides) -> SyncObjConf:
@@ -156,7 +173,7 @@ class SimNode:
         self.addr = addr
         self.peers = list(peers)
         self.data_dir = data_dir
-        self.transport = SimTransport(net, addr)
+        self.transport = SimTransport(net, addr, peers)
         self.outcomes: dict[bytes, tuple] = {}
         self.applied_history: list[int] = []
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -183,7 +200,7 @@ class SimNode:
     def _poll_socket(self, timeout) -> None:
         while self.socket and self.alive:
             src, message = self.socket.popleft()
-            self.transport._onMessageReceived(TCPNode(src), message)
+            self.transport.receive(src, message)
         self._poll(timeout)
 
     # views on the node
@@ -340,8 +357,7 @@ class SimNet:
         delivered = 0
         while queue and (count is None or delivered < count):
             message = queue.popleft()
-            if target.alive:
-                target.transport._onMessageReceived(TCPNode(src), message)
+            if target.alive and target.transport.receive(src, message):
                 target._record()
             delivered += 1
         return delivered

@@ -285,3 +285,130 @@ def test_real_replicas_serialise_changes_and_answer_retries(tmp_path):
     finally:
         for r in replicas.values():
             r.destroy()
+
+
+def three_members(sim: SimNet, kind: str):
+    return [
+        sim.add(kind, a, [p for p in (A, B, C) if p != a], conf=conf_for(sim, kind, a))
+        for a in (A, B, C)
+    ]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_deposed_leader_with_an_uncommitted_removal_follows_the_new_leader(sim: SimNet, kind):
+    """A leads {A, B, C}; C is cut off; A appends "remove B", which cannot commit without C,
+    and stops sending to B (it is not in A's latest configuration). A stalls (a long pause);
+    B wins term 2 with C, which never saw the removal, and commits W2. A resumes.
+
+    Raft (thesis 4.1): a server accepts AppendEntries from a leader that is not in its latest
+    configuration; B's entries replace the uncommitted removal and A's configuration goes back
+    to {A, B, C}. Plain pysyncobj's transport refuses connections from addresses outside the
+    latest configuration (transport.py 353-358) and never connects to them: A never hears B,
+    never truncates the removal, and is cut off from the cluster for good (across restarts: the
+    removal is in its log)."""
+    a, b, c = three_members(sim, kind)
+    sim.elect(a)
+    a.propose(b"W1")
+    sim.settle()
+    assert c.state == [b"W1"]
+
+    sim.isolate(C)
+    outcomes = Outcomes()
+    a.sync.removeNodeFromCluster(B, outcomes.callback("remove B"))
+    sim.settle()
+    removal = a.log()[-1]
+    assert members(a) == {A, C} and removal not in b.log()
+    assert a.commit_index() < removal[0]
+
+    stalled = (a,)
+    sim.held |= {(B, A), (C, A)}
+    sim.heal(C)
+    b.force_election_timeout()
+    b.tick()
+    sim.step(stalled=stalled)
+    assert b.is_leader() and b.term() == 2
+    b.propose(b"W2")
+    for _ in range(6):
+        sim.step(stalled=stalled)
+    assert b.acknowledged() == [b"W2"] and c.state == [b"W1", b"W2"]
+
+    sim.held.clear()  # A resumes
+    sim.settle(20)
+    if kind == "plain":
+        assert a.log()[-1] == removal  # never replaced
+        assert a.state == [b"W1"] and members(a) == {A, C}
+    else:
+        assert a.log() == b.log()
+        assert a.state == [b"W1", b"W2"]
+        assert members(a) == members(b) == {A, B, C}
+        assert outcomes == {"remove B": FAIL_REASON.DISCARDED}  # replaced: a definite failure
+
+
+def test_a_removed_peer_keeps_its_links_until_the_removal_commits(sim: SimNet):
+    """Fix 17's other half: once the removal commits, the removed node is refused and not
+    dialled (upstream's behaviour, now at commit instead of at append)."""
+    a, _b, c = three_members(sim, "hardened")
+    sim.elect(a)
+    sim.settle()
+    sim.held |= {(C, A)}  # C's acknowledgements wait: the removal cannot commit yet
+    a.sync.removeNodeFromCluster(B, None)
+    sim.settle()
+    assert members(a) == {A, C}
+    assert a.sync.lingering_peers() == [B] and B in a.transport.known
+    assert a.sync.raft_status()["lingering_peers"] == [B]
+    sim.held.clear()
+    sim.settle()
+    assert a.commit_index() == a.log()[-1][0]
+    assert a.sync.lingering_peers() == [] and B not in a.transport.known
+    assert c.sync.lingering_peers() == [] and B not in c.transport.known
+
+
+def test_a_deposed_leader_restarted_with_the_removal_in_its_log_follows_the_new_leader(
+    sim: SimNet,
+):
+    """The same as the test above, with A restarted (its `node.toml` still lists B: the
+    launcher rewrites peers only once a change commits) before it hears the new leader. Its
+    configuration comes from its log ({A, C}), and B's link from the removal not committed."""
+    a, b, _c = three_members(sim, "hardened")
+    sim.elect(a)
+    a.propose(b"W1")
+    sim.settle()
+    sim.isolate(C)
+    a.sync.removeNodeFromCluster(B, None)
+    sim.settle()
+    sim.crash(a)
+    sim.heal(C)
+    sim.elect(b)
+    b.propose(b"W2")
+    sim.settle()
+    assert b.acknowledged() == [b"W2"]
+
+    restarted = sim.add(
+        "hardened", A, [B, C], conf=conf_for(sim, "hardened", A), data_dir=a.data_dir
+    )
+    assert members(restarted) == {A, C} and restarted.sync.lingering_peers() == [B]
+    sim.settle()
+    assert restarted.log() == b.log()
+    assert restarted.state == [b"W1", b"W2"]
+    assert members(restarted) == {A, B, C} and restarted.sync.lingering_peers() == []
+
+
+def test_a_vote_from_a_lingering_peer_counts_toward_no_majority(sim: SimNet):
+    """A crafted vote: B is linked (its removal is not committed) but out of A's
+    configuration {A, C}; A, a candidate, needs C's vote and B's must not stand in for it."""
+    a, b, c = three_members(sim, "hardened")
+    sim.elect(a)
+    sim.settle()
+    sim.isolate(C)
+    a.sync.removeNodeFromCluster(B, None)
+    sim.settle()
+    sim.step(1001.0, stalled=(b, c))  # A hears no member for leaderFallbackTimeout: steps down
+    assert a.role() == "follower"
+    a.force_election_timeout()
+    a.tick()
+    assert a.role() == "candidate"
+    dropped = a.sync.non_member_answers_dropped
+    a.transport.receive(B, {"type": "response_vote", "term": a.term()})
+    a.tick()
+    assert a.role() == "candidate"
+    assert a.sync.non_member_answers_dropped == dropped + 1
