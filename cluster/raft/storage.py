@@ -158,9 +158,17 @@ _V1_SIZE = struct.Struct("<I")
 _V1_IDS = struct.Struct("<QQ")
 
 _META_FORMAT = "quorumbook-raft-meta"
-_META_VERSION = 1
+# Version 2 carries a crc32 of its fields (fix 18: a flipped bit in the commit index hint made
+# a node apply an entry that was never committed). Version 1 (no crc) is still read, and is
+# rewritten as version 2 with the next term, vote or commit change.
+_META_VERSION = 2
+_META_VERSIONS = (1, 2)
 
 Entry = tuple[bytes, int, int]  # (command, index, term), as pysyncobj stores them
+
+
+def _meta_crc(term: int, voted_for: str | None, commit: int) -> int:
+    return zlib.crc32(msgpack.packb([_META_FORMAT, term, voted_for, commit]))
 
 
 def _slot_bytes(seq: int, synced_end: int) -> bytes:
@@ -467,8 +475,9 @@ class DurableJournal(Journal):
             meta = msgpack.unpackb(raw, raw=False)
             if not isinstance(meta, dict) or meta.get("format") != _META_FORMAT:
                 raise ValueError("not a quorumbook raft meta document")
-            if meta.get("version") != _META_VERSION:
-                raise ValueError(f"unsupported meta version {meta.get('version')!r}")
+            version = meta.get("version")
+            if version not in _META_VERSIONS:
+                raise ValueError(f"unsupported meta version {version!r}")
             term, voted_for, commit = meta["term"], meta["voted_for"], meta["commit"]
             if not (
                 isinstance(term, int)
@@ -478,6 +487,8 @@ class DurableJournal(Journal):
                 and (voted_for is None or isinstance(voted_for, str))
             ):
                 raise ValueError("bad field types")
+            if version >= 2 and meta.get("crc") != _meta_crc(term, voted_for, commit):
+                raise ValueError("checksum mismatch")
         except Exception as exc:
             raise RaftStorageError(
                 f"{self._meta_path} is corrupt or empty ({len(raw)} bytes: {exc}); refusing to "
@@ -536,6 +547,7 @@ class DurableJournal(Journal):
             "term": self._meta["term"],
             "voted_for": self._meta["voted_for"],
             "commit": self._meta["commit"],
+            "crc": _meta_crc(self._meta["term"], self._meta["voted_for"], self._meta["commit"]),
         }
         try:
             if self._fsync:

@@ -11,7 +11,7 @@ docs/operating/raft-storage.md), starts it, and records what it did:
 | `torn-tail` | append a partial record (random bytes) past the journal's end: a write a crash cut | start, with `WARNING ... dropping a torn tail` |
 | `dump` | invert bytes in the middle of `raft.dump` (or `flip` when the node has no dump yet) | refuse (exit 73, `unreadable raft dump`) |
 | `meta` | cut `raft.journal.meta` to 0 bytes | refuse (exit 73, `raft.journal.meta is corrupt or empty`) |
-| `meta-flip` | set one bit of the commit index hint in `raft.journal.meta` | refuse (the runbook: a corrupt meta file is refused). It does not: the file has no checksum (see tests/jepsen/test_membership_data.py) |
+| `meta-flip` | set one bit of the commit index hint in `raft.journal.meta` | refuse (exit 73, `raft.journal.meta is corrupt or empty (... checksum mismatch)`; before ADR 0002 fix 18 the node applied an entry never committed) |
 
 The record has the damage (file, offset, bytes, the journal's synced end), `expect` (what
 the runbook says the node does), and what it did: `outcome` `refused` (with `exit_code` and

@@ -13,6 +13,7 @@ import importlib
 import itertools
 import logging
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -35,9 +36,11 @@ from cluster.raft import (
     RaftStartupError,
     SubmitErrorReason,
 )
-from cluster.raft.storage import RaftStorageError
+from cluster.raft.storage import DurableJournal, RaftStorageError
 from cluster.raft.transport import BoundedTcpConnection
 from cluster.workload import wait_for
+from jepsen.nemesis import Context
+from jepsen.nemesis.data import _raise_commit_hint
 
 from .conftest import KINDS, SimNet, free_port, sim_conf
 
@@ -424,6 +427,51 @@ def test_empty_meta_file_is_refused_not_read_as_blank(sim: SimNet, kind, tmp_pat
     node = start_solo(sim, kind, data_dir, peers=[voter_1, voter_2])
     node.transport._onMessageReceived(TCPNode(voter_2), dict(vote_request))
     assert [m["type"] for m in sim.queued(node.addr, voter_2)] == ["response_vote"]  # 2nd vote
+
+
+def test_a_flipped_bit_in_the_commit_hint_is_refused_not_applied(sim: SimNet):
+    """Fix 18. A leader appended U and could not commit it; while it was down one bit of the
+    commit index hint in its meta file flipped (a bad sector, a stray write). The adapter
+    before the fix started, took the hint as committed (clamped to its last index) and applied
+    U, which the cluster never committed: a state no other replica ever has. The meta file
+    carries a crc32 of its fields now: the node refuses to start, changing nothing."""
+    a, b, c = sim.cluster("hardened")
+    sim.elect(a)
+    a.propose(b"W1")
+    sim.settle()
+    sim.held |= {(a.addr, b.addr), (a.addr, c.addr)}
+    a.propose(b"U")
+    a.tick()
+    committed = a.commit_index()
+    assert a.log()[-1][0] == committed + 1  # U appended, not committed
+    sim.crash(a)
+    meta = a.data_dir / "raft.journal.meta"
+    _raise_commit_hint(meta, Context(nodes=[a.addr], rng=random.Random(7)))
+    assert msgpack.unpackb(meta.read_bytes())["commit"] > committed
+    damaged = meta.read_bytes()
+
+    with pytest.raises(RaftStorageError, match="checksum mismatch"):
+        sim.add("hardened", a.addr, [b.addr, c.addr], data_dir=a.data_dir)
+    assert meta.read_bytes() == damaged
+
+
+def test_a_meta_file_of_format_version_1_is_read_and_rewritten_with_its_checksum(tmp_path):
+    """Meta files without a crc (version 1, earlier builds) still load; the next store writes
+    version 2."""
+    journal = DurableJournal(tmp_path / "raft.journal", app_version="0.3.17", fsync=False)
+    journal.setCurrentTerm(4, "10.0.0.2:4321")
+    journal.close()
+    meta = tmp_path / "raft.journal.meta"
+    doc = msgpack.unpackb(meta.read_bytes())
+    assert doc["version"] == 2 and "crc" in doc
+    del doc["crc"]
+    doc["version"] = 1
+    meta.write_bytes(msgpack.packb(doc))
+    journal = DurableJournal(tmp_path / "raft.journal", app_version="0.3.17", fsync=False)
+    assert (journal.getCurrentTerm(), journal.getVotedForNodeId()) == (4, "10.0.0.2:4321")
+    journal.setCurrentTerm(5, None)
+    journal.close()
+    assert msgpack.unpackb(meta.read_bytes())["version"] == 2
 
 
 @pytest.mark.parametrize("kind", KINDS)
