@@ -24,7 +24,10 @@ request, the list of its commands' events, or the refusal (`REFUSED_REPLAYED` /
 proposing node reads it, in its own process: it is handed over as Python objects, never
 encoded.
 
-Versions: 2 added `KIND_REQUEST`. Version 1 carried a request as a third element of a command
+Versions: 3 moves the replay window's clock with the requests' own (verified) timestamps
+instead of the batch `ts` (cluster/machine.py; the entries are as in version 2): a leader
+whose clock jumps ahead no longer drags the replicated window ahead with it. 2 added
+`KIND_REQUEST`. Version 1 carried a request as a third element of a command
 entry (`[KIND_COMMAND, command, [signature_hex, ts_ms]]`, on the first command of a batch
 request), which only taught each node's own replay memory; it is still decoded, so a journal
 written by a version-1 build replays after the upgrade, and that third element is ignored
@@ -40,8 +43,8 @@ from typing import Any
 
 import msgpack
 
-VERSION = 2
-DECODABLE_VERSIONS = (1, 2)
+VERSION = 3
+DECODABLE_VERSIONS = (1, 2, 3)
 KIND_COMMAND = 0
 KIND_BARRIER = 1
 KIND_MEMBER = 2
@@ -56,11 +59,17 @@ class BatchError(ValueError):
     """A payload that is not a batch this build understands."""
 
 
-def encode_batch(ts: int, entries: list[list[Any]]) -> bytes:
-    return msgpack.packb([VERSION, ts, entries], use_bin_type=True)
+def encode_batch(ts: int, entries: list[list[Any]], version: int = VERSION) -> bytes:
+    """`version`: tests write the older formats a journal may still hold."""
+    return msgpack.packb([version, ts, entries], use_bin_type=True)
 
 
 def decode_batch(payload: bytes) -> tuple[int, list[list[Any]]]:
+    _version, ts, entries = decode_versioned_batch(payload)
+    return ts, entries
+
+
+def decode_versioned_batch(payload: bytes) -> tuple[int, int, list[list[Any]]]:
     try:
         version, ts, entries = msgpack.unpackb(payload, raw=False, strict_map_key=False)
     except Exception as exc:  # any malformed payload is one clear error
@@ -69,4 +78,4 @@ def decode_batch(payload: bytes) -> tuple[int, list[list[Any]]]:
         raise BatchError(f"unsupported batch version {version!r}")
     if type(ts) is not int or type(entries) is not list:
         raise BatchError("malformed batch")
-    return ts, entries
+    return version, ts, entries

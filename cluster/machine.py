@@ -34,7 +34,7 @@ from .batch import (
     REFUSED_EXPIRED,
     REFUSED_REPLAYED,
     BatchError,
-    decode_batch,
+    decode_versioned_batch,
 )
 
 log = logging.getLogger(__name__)
@@ -47,15 +47,15 @@ SNAPSHOT_VERSION = 2
 RESTORABLE_VERSIONS = (1, 2)
 
 # How long past its own timestamp a request's signature stays in the replay window, by the
-# window's clock (the latest batch `ts` the leaders stamped). Safety does not depend on it: a
-# request older than the window is refused as expired, so one whose signature was pruned can
-# never apply again. It only decides when an honest request is refused so: a node verifies a
-# request against its own clock (within WINDOW_MS), but the window's clock is whatever the
-# latest leader's clock said, so the margin absorbs the clock difference between nodes (and
-# the time a request waits for its batch): 4x the signing window leaves 15 s of it. Beyond
-# that, a leader whose clock ran ahead leaves the window's clock ahead (it never goes back)
-# and honest requests are refused as expired until real time catches up: availability, never
-# safety, is what a clock off by more than that costs.
+# window's clock. Safety does not depend on it: a request older than the window is refused as
+# expired, so one whose signature was pruned can never apply again. It only decides when an
+# honest request is refused so. The window's clock (batch format 3) is the highest timestamp
+# of the requests applied: each was verified within WINDOW_MS of the clock of the leader that
+# proposed it, so it runs ahead of real time only by a leader's skew that clients share, and
+# the margin absorbs the difference between clients' clocks and the time a request waits for
+# its batch. (Batches of format 2 moved it with the leader's batch `ts`, so a leader whose
+# clock jumped ahead dragged it along, and every replica refused honest requests as expired
+# until real time caught up: kept for the journals that hold such batches.)
 REPLAY_RETENTION_MS = 4 * WINDOW_MS
 
 
@@ -116,7 +116,7 @@ class ExchangeMachine:
         refusal, or None (cluster/batch.py). Only the proposer reads it, in this process: the
         events are shared with the listeners, so nobody mutates them."""
         try:
-            ts, entries = decode_batch(payload)
+            version, ts, entries = decode_versioned_batch(payload)
         except BatchError as exc:
             # Every replica sees the same bytes, so every replica skips it alike.
             log.error("skipping an undecodable batch: %s", exc)
@@ -140,8 +140,11 @@ class ExchangeMachine:
                     results.append(events)
                     applied.append(events)
                 elif type(entry) is list and len(entry) == 4 and entry[0] == KIND_REQUEST:
-                    if horizon_ms is None:
-                        horizon_ms = self._advance_window(ts)
+                    if version >= 3:  # the request's own timestamp (skipped if malformed)
+                        stamp = entry[2] if type(entry[2]) is int else self.window_clock_ms
+                        horizon_ms = self._advance_window(stamp)
+                    elif horizon_ms is None:
+                        horizon_ms = self._advance_window(ts // 1_000_000)
                     results.append(self._apply_request(ex, ts, entry, horizon_ms, applied))
                 elif type(entry) is list and entry == [KIND_BARRIER]:
                     results.append(None)
@@ -162,14 +165,15 @@ class ExchangeMachine:
             listener(applied, ex)
         return results
 
-    def _advance_window(self, ts: int) -> int:
-        """Move the window's clock to this batch's ts (it never goes back), forget what is
-        past the horizon, and return the horizon (ms). Called once per batch that holds a
-        request, so it depends only on the log: the same on every replica.
+    def _advance_window(self, clock_ms: int) -> int:
+        """Move the window's clock to `clock_ms` (it never goes back), forget what is past the
+        horizon, and return the horizon (ms). Called with each request's own timestamp
+        before it is applied (batch format 3), or once per batch that holds a request with
+        the batch's ts (format 2): it depends only on the log, the same on every replica.
 
         Pruned from the oldest-applied end while the oldest is past the horizon: a request
         applied after one stamped later may stay a little longer, never shorter."""
-        clock = self.window_clock_ms = max(self.window_clock_ms, ts // 1_000_000)
+        clock = self.window_clock_ms = max(self.window_clock_ms, clock_ms)
         horizon_ms = clock - REPLAY_RETENTION_MS
         order, requests = self._request_order, self._requests
         while order and order[0][0] < horizon_ms:

@@ -137,14 +137,55 @@ def test_a_key_created_by_a_signed_request_is_created_once() -> None:
     assert machine.key("trade-2") is None
 
 
-def test_the_window_is_pruned_by_the_batch_clock_and_a_pruned_request_never_applies() -> None:
-    """The window's clock is the leader-stamped batch ts, never a local clock, and never goes
-    back; what falls behind its horizon is forgotten, and a request that old is refused as
-    expired, so forgetting it can never let it apply again."""
+def test_the_window_is_pruned_by_the_requests_clock_and_a_pruned_request_never_applies() -> None:
+    """Batch format 3: the window's clock is the highest timestamp of the requests applied
+    (each verified by its leader), never a local clock nor the leader's batch stamp, and never
+    goes back; what falls behind its horizon is forgotten, and a request that old is refused
+    as expired, so forgetting it can never let it apply again."""
     machine, _ = feed([setup()])
     for n in range(10):  # one request every second
         machine.apply(
             encode_batch(ns(T0_MS + 1_000 * n), [request(n, T0_MS + 1_000 * n, deposit(f"d{n}"))])
+        )
+    assert machine.window_size() == 10 and machine.window_clock_ms == T0_MS + 9_000
+    # A leader whose clock jumped an hour ahead stamps the next batch: honest requests in it
+    # apply, and the window's clock follows them, not the stamp.
+    ahead = machine.apply(
+        encode_batch(ns(T0_MS + 3_600_000), [request(10, T0_MS + 10_000, deposit("d10"))])
+    )
+    assert ahead[0] != REFUSED_EXPIRED and machine.window_clock_ms == T0_MS + 10_000
+    # A request stamped REPLAY_RETENTION_MS past request 3 moves the horizon: 0..2 are
+    # forgotten, and refused as expired if they come again; 3 is still held (replayed).
+    now = T0_MS + 3_000 + REPLAY_RETENTION_MS
+    late = machine.apply(
+        encode_batch(
+            ns(T0_MS + 11_000),
+            [
+                request(11, now, deposit("d11")),
+                request(2, T0_MS + 2_000, deposit("d2")),
+                request(3, T0_MS + 3_000, deposit("d3")),
+            ],
+        )
+    )
+    assert late[1:] == [REFUSED_EXPIRED, REFUSED_REPLAYED]
+    assert machine.window_clock_ms == now and machine.window_size() == 12 - 3
+    assert not machine.has_request(signature(2).hex())
+    # An older request later does not move the clock back.
+    machine.apply(encode_batch(ns(T0_MS), [request(12, now - 1_000, deposit("d12"))]))
+    assert machine.window_clock_ms == now
+
+
+def test_format_2_batches_keep_their_rule_the_batch_stamp_moves_the_window() -> None:
+    """A journal written before format 3 replays as it was applied: the window's clock is
+    the leader-stamped batch ts, never a local clock, and never goes back."""
+    machine, _ = feed([setup()])
+    for n in range(10):  # one request every second
+        machine.apply(
+            encode_batch(
+                ns(T0_MS + 1_000 * n),
+                [request(n, T0_MS + 1_000 * n, deposit(f"d{n}"))],
+                version=2,
+            )
         )
     assert machine.window_size() == 10
     # The clock moves to REPLAY_RETENTION_MS past request 3: 0..2 are forgotten (< horizon).
@@ -153,6 +194,7 @@ def test_the_window_is_pruned_by_the_batch_clock_and_a_pruned_request_never_appl
         encode_batch(
             ns(now),
             [request(2, T0_MS + 2_000, deposit("d2")), request(3, T0_MS + 3_000, deposit("d3"))],
+            version=2,
         )
     )
     assert late == [REFUSED_EXPIRED, REFUSED_REPLAYED]
@@ -164,6 +206,7 @@ def test_the_window_is_pruned_by_the_batch_clock_and_a_pruned_request_never_appl
         encode_batch(
             ns(T0_MS),
             [request(2, T0_MS + 2_000, deposit("d2")), request(99, T0_MS, deposit("d99"))],
+            version=2,
         )
     )
     assert behind == [REFUSED_EXPIRED, REFUSED_EXPIRED]
@@ -210,7 +253,7 @@ def test_the_snapshot_carries_the_window_and_restores_it() -> None:
     installed = ExchangeMachine()  # a node that catches up by installing the snapshot
     installed.restore(blob)
     assert installed.snapshot() == blob
-    assert installed.window_clock_ms == T0_MS + 20
+    assert installed.window_clock_ms == T0_MS + 19  # the latest request's own timestamp
     replay = encode_batch(
         ns(T0_MS + 30), [request(1, T0_MS + 9, order(1)), request(3, T0_MS + 29, order(3))]
     )
@@ -256,8 +299,8 @@ def test_version_1_payloads_and_snapshots_still_load() -> None:
 
 
 def test_foreign_versions_are_refused_clearly() -> None:
-    with pytest.raises(BatchError, match="unsupported batch version 3"):
-        decode_batch(msgpack.packb([3, 1, []]))
+    with pytest.raises(BatchError, match="unsupported batch version 4"):
+        decode_batch(msgpack.packb([4, 1, []]))
     with pytest.raises(MachineSnapshotError, match="unsupported node snapshot version 9"):
         ExchangeMachine().restore(msgpack.packb([9, b"", [], [], [0, []]]))
     with pytest.raises(MachineSnapshotError, match="malformed"):
