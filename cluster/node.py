@@ -434,6 +434,7 @@ class Node:
                     "membership_changes_refused",
                     "stale_replies_dropped",
                     "non_member_answers_dropped",
+                    "step_down_unknowns",
                     "transport",
                 )
                 if k in raft

@@ -341,6 +341,7 @@ class RaftReplica:
         self._closed = False
         self._stopping = False
         self._in_flight: collections.deque[_Pending] = collections.deque()
+        self.step_down_unknowns = 0  # proposals answered UNKNOWN when this node stepped down
         self._thread: threading.Thread | None = None
         _check_bindable(settings.bind_addr or settings.self_addr)
         transport_class = HardenedTCPTransport.factory(max_frame_bytes=settings.max_frame_bytes)
@@ -477,6 +478,7 @@ class RaftReplica:
 
     def _run(self) -> None:
         obj = self._obj
+        leading = False
         try:
             while not self._stopping:
                 self._drain_inbox()
@@ -485,10 +487,43 @@ class RaftReplica:
                 except Exception:
                     # Upstream's autoTick loop logs and carries on (syncobj.py 592-597).
                     logger.exception("raft tick failed")
+                if leading and not obj._isLeader():
+                    self._fail_in_flight_at_step_down()
+                leading = obj._isLeader()
                 self._expire()
-                self._status = obj.raft_status()
+                status = obj.raft_status()
+                status["step_down_unknowns"] = self.step_down_unknowns
+                self._status = status
         finally:
             self._shutdown()
+
+    def _fail_in_flight_at_step_down(self) -> None:
+        """This node stopped leading: what it proposed and has not seen commit is answered
+        UNKNOWN now. Upstream keeps the callbacks until the entries are applied or replaced,
+        which a deposed leader cut off from the rest learns only when it hears the next
+        leader (or at proposal_timeout_s): its callers, and the clients behind them, would
+        wait that long before resending to the new leader. They may still commit (the next
+        leader may hold them), hence unknown, never definite: a resend with the same
+        idempotency key (client order id, deposit ref) settles it. Upstream's own answer, if
+        it comes later, is ignored (a pending fires once)."""
+        failed = 0
+        for pending in self._in_flight:
+            if not pending.fired:
+                failed += 1
+                pending.fire(
+                    None,
+                    SubmitError(
+                        SubmitErrorReason.LEADER_CHANGED,
+                        definite=False,
+                        detail="this node stopped leading before the outcome was known",
+                    ),
+                )
+        self._in_flight.clear()
+        self.step_down_unknowns += failed
+        if failed:
+            logger.warning(
+                "stepped down with %d proposals in flight: answered as outcome unknown", failed
+            )
 
     def _drain_inbox(self) -> None:
         while self._inbox:

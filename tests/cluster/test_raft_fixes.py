@@ -1062,3 +1062,49 @@ def test_granting_a_pre_vote_defers_our_own_candidacy(sim: SimNet):
         c.tick()
     assert b.is_leader() and c.role() == "follower"
     assert _terms(b, c) == [2, 2]  # one election, no split vote
+
+
+def test_a_leader_that_steps_down_answers_its_proposals_unknown_at_once(tmp_path):
+    """A leader cut off from the majority steps down within ~1 s (fix 5); what it proposed
+    and has not seen commit is answered UNKNOWN then (not definite: the next leader may hold
+    it), not after proposal_timeout_s: the clients resend to the new leader that much sooner.
+    Upstream keeps the callbacks until it hears the next leader."""
+    addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+
+    def settings(addr):
+        return RaftSettings(
+            self_addr=addr,
+            peers=tuple(a for a in addrs if a != addr),
+            password="pw",
+            data_dir=tmp_path / addr.split(":")[1],
+            fsync=False,
+            proposal_timeout_s=30.0,
+        )
+
+    replicas = {addr: RaftReplica(settings(addr), CountingMachine()) for addr in addrs}
+    try:
+        leader_addr = wait_for(
+            lambda: next((a for a, r in replicas.items() if r.is_leader()), None),
+            DEADLINE_S,
+            "a leader",
+            interval_s=POLL_S,
+        )
+        leader = replicas[leader_addr]
+        assert submit_and_wait(leader, b"before")[1] is None
+        for addr in addrs:
+            if addr != leader_addr:
+                replicas[addr].destroy()
+        started = time.monotonic()
+        _result, error, _thread = submit_and_wait(leader, b"cut-off")
+        took = time.monotonic() - started
+        assert error.reason is SubmitErrorReason.LEADER_CHANGED and not error.definite
+        assert took < 5.0, took  # step-down ~0.75-1.5 s; the proposal timeout is 30 s
+        wait_for(  # the status is published at the end of the tick that answered it
+            lambda: leader.status()["step_down_unknowns"] == 1 and not leader.is_leader(),
+            DEADLINE_S,
+            "the step-down in the status",
+            interval_s=POLL_S,
+        )
+    finally:
+        for replica in replicas.values():
+            replica.destroy()
