@@ -638,6 +638,26 @@ class CountingMachine:
         self.restores += 1
 
 
+def wait_for_leader(replicas: dict[str, RaftReplica]) -> str:
+    """The address of the replica that leads, once one does."""
+    return wait_for(
+        lambda: next((a for a, r in replicas.items() if r.is_leader()), None),
+        DEADLINE_S,
+        "a leader",
+        interval_s=POLL_S,
+    )
+
+
+def loopback_settings(tmp_path, addrs: list[str], addr: str, **overrides) -> RaftSettings:
+    return RaftSettings(
+        self_addr=addr,
+        peers=tuple(a for a in addrs if a != addr),
+        password="cluster-secret",
+        data_dir=tmp_path / addr.split(":")[1],
+        **overrides,
+    )
+
+
 def submit_and_wait(replica: RaftReplica, payload: bytes):
     done = threading.Event()
     outcome = []
@@ -656,23 +676,13 @@ def test_three_replicas_commit_compact_restart_and_step_down(tmp_path):
     addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
 
     def settings(addr):
-        return RaftSettings(
-            self_addr=addr,
-            peers=tuple(a for a in addrs if a != addr),
-            password="cluster-secret",
-            data_dir=tmp_path / addr.split(":")[1],
-        )
+        return loopback_settings(tmp_path, addrs, addr)
 
     machines = {addr: CountingMachine() for addr in addrs}
     rejected_before = BoundedTcpConnection.rejected_frames
     replicas = {addr: RaftReplica(settings(addr), machines[addr]) for addr in addrs}
     try:
-        leader_addr = wait_for(
-            lambda: next((a for a, r in replicas.items() if r.is_leader()), None),
-            DEADLINE_S,
-            "a leader",
-            interval_s=POLL_S,
-        )
+        leader_addr = wait_for_leader(replicas)
         leader = replicas[leader_addr]
 
         # 1000 pipelined submissions, each answered exactly once on the replica's thread.
@@ -924,12 +934,7 @@ def test_transfer_leadership_and_membership_changes(tmp_path):
         a: RaftReplica(settings(a, [p for p in members if p != a]), machines[a]) for a in members
     }
     try:
-        leader_addr = wait_for(
-            lambda: next((a for a, r in replicas.items() if r.is_leader()), None),
-            DEADLINE_S,
-            "a leader",
-            interval_s=POLL_S,
-        )
+        leader_addr = wait_for_leader(replicas)
         target = next(a for a in members if a != leader_addr)
         wait_for(
             lambda: all(
@@ -1070,25 +1075,15 @@ def test_a_leader_that_steps_down_answers_its_proposals_unknown_at_once(tmp_path
     it), not after proposal_timeout_s: the clients resend to the new leader that much sooner.
     Upstream keeps the callbacks until it hears the next leader."""
     addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
-
-    def settings(addr):
-        return RaftSettings(
-            self_addr=addr,
-            peers=tuple(a for a in addrs if a != addr),
-            password="pw",
-            data_dir=tmp_path / addr.split(":")[1],
-            fsync=False,
-            proposal_timeout_s=30.0,
+    replicas = {
+        addr: RaftReplica(
+            loopback_settings(tmp_path, addrs, addr, fsync=False, proposal_timeout_s=30.0),
+            CountingMachine(),
         )
-
-    replicas = {addr: RaftReplica(settings(addr), CountingMachine()) for addr in addrs}
+        for addr in addrs
+    }
     try:
-        leader_addr = wait_for(
-            lambda: next((a for a, r in replicas.items() if r.is_leader()), None),
-            DEADLINE_S,
-            "a leader",
-            interval_s=POLL_S,
-        )
+        leader_addr = wait_for_leader(replicas)
         leader = replicas[leader_addr]
         assert submit_and_wait(leader, b"before")[1] is None
         for addr in addrs:
