@@ -451,6 +451,12 @@ async def _serve(config: NodeConfig) -> None:
             "from its own state, without the leader's read barrier "
             "(a planted bug for the Jepsen harness; never in production)"
         )
+    if config.raft.unsafe_raft_fixes_off:
+        log.warning(
+            "UNSAFE: [raft] unsafe_raft_fixes_off is set: the Raft safety fixes are off, as in "
+            "plain pysyncobj; acknowledged writes can be lost (for the Jepsen harness; never "
+            "in production)"
+        )
     password = config.read_password()
     config.data_dir.mkdir(parents=True, exist_ok=True)
     machine = ExchangeMachine(freeze_restored=True)

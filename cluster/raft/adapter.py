@@ -105,6 +105,9 @@ class RaftSettings:
     commands_queue_size: int = 100_000
     bind_retries: int = 20  # x 0.1 s, then RaftStartupError
     fsync: bool = True  # False only for throwaway test clusters
+    # Test-only: the safety fixes of ADR 0002 (1-3, 10, 11) switched off, for the Jepsen
+    # harness to show what plain pysyncobj loses (`jepsen run --unsafe-raft-fixes-off`).
+    unsafe_raft_fixes_off: bool = False
 
     def __post_init__(self):
         if not self.password or not isinstance(self.password, str):
@@ -355,6 +358,7 @@ class RaftReplica:
                 transport_class=transport_class,
                 fsync=settings.fsync,
                 pre_vote=True,
+                raft_fixes=not settings.unsafe_raft_fixes_off,
             )
         except RaftStorageError as exc:
             raise RaftStartupError(str(exc)) from exc

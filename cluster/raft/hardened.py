@@ -239,8 +239,15 @@ class HardenedSyncObj(SyncObj):
         transport_class=None,
         fsync: bool = True,
         pre_vote: bool = False,
+        raft_fixes: bool = True,
     ):
         data_dir = Path(data_dir)
+        # False only for the Jepsen harness's proof that it bites (`[raft]
+        # unsafe_raft_fixes_off`): pysyncobj's own AppendEntries handling (fixes 1 and 2 off),
+        # every completed snapshot installed (fix 3), answers of any term counted (fix 11), any
+        # number of membership changes at once (fix 10). Storage, transport and timing fixes
+        # stay: they are not what loses acknowledged writes in the safety bugs.
+        self._raft_fixes = raft_fixes
         # Pre-vote (Raft thesis 9.6), on for real nodes, off by default so the scripted-timing
         # tests of the fixes keep upstream's election messages.
         self._pre_vote = pre_vote
@@ -528,6 +535,8 @@ class HardenedSyncObj(SyncObj):
         previous one is committed (Ongaro's thesis, 4.1). Upstream checks a field that nothing
         ever sets (syncobj.py 1361-1367) and appends any number of changes back to back.
         """
+        if not self._raft_fixes:
+            return None  # upstream's check looks at a field nothing sets (1361-1367)
         noop = self._SyncObj__noopIDx
         if noop is None or self._SyncObj__raftLastApplied < noop:
             # Upstream's own rule (1357): until an entry of its term commits, a new leader may
@@ -757,6 +766,8 @@ class HardenedSyncObj(SyncObj):
         commits entries that only a minority holds. Raft (Figure 2): a reply of another term
         is dropped, and a higher term makes us a follower of that term.
         """
+        if not self._raft_fixes:
+            return True  # upstream (1070-1083): counted whatever its term
         term = message.get("term")
         current = self._SyncObj__raftCurrentTerm
         if type(term) is int and term > current:
@@ -912,6 +923,9 @@ class HardenedSyncObj(SyncObj):
         leader_commit = message["commit_index"]
         self._SyncObj__leaderCommitIndex = leader_commit
 
+        if not self._raft_fixes:
+            self._upstream_append_entries(node, message, leader_commit)
+            return
         if "prevLogIdx" in message:
             self._on_log_entries(node, message, leader_commit)
         elif message.get("serialized") is not None:
@@ -919,6 +933,54 @@ class HardenedSyncObj(SyncObj):
         # Upstream 1027-1035 then set commitIndex = min(leaderCommit, last log index) for every
         # kind of AppendEntries, snapshot chunks included (fix 2). Ours moves it only in
         # _on_log_entries, over entries it has just verified.
+
+    def _upstream_append_entries(self, node, message, leader_commit: int) -> None:
+        """Upstream 981-1035 as shipped, against our journal: the unsafe mode
+        (``raft_fixes=False``). Truncates from ``prevLogIdx + 1`` whenever any later entry is
+        held, whatever its term (fix 1 off); every kind of AppendEntries, snapshot chunks
+        included, then sets commitIndex = min(leaderCommit, last log index) (fix 2 off)."""
+        journal = self._journal
+        if "prevLogIdx" in message:
+            prev_idx, prev_term = message["prevLogIdx"], message["prevLogTerm"]
+            entries = message.get("entries", [])
+            held = self._SyncObj__getEntries(prev_idx)
+            if not held:
+                self._SyncObj__sendNextNodeIdx(node, success=False, reset=True)
+                return
+            if held[0][2] != prev_term:
+                self._SyncObj__sendNextNodeIdx(
+                    node, nextNodeIdx=prev_idx, success=False, reset=True
+                )
+                return
+            if len(held) > 1:
+                for entry in reversed(held[1:]):
+                    request = self._SyncObj__parseChangeClusterRequest(entry[0])
+                    if request is not None:
+                        self._SyncObj__doChangeCluster(request, reverse=True)
+                if prev_idx + 1 <= self._SyncObj__raftLastApplied:
+                    logger.critical(
+                        "truncating already-applied log entries from index %d (last applied: "
+                        "%d) - state machine may have diverged (unsafe_raft_fixes_off)",
+                        prev_idx + 1,
+                        self._SyncObj__raftLastApplied,
+                    )
+                self._SyncObj__deleteEntriesFrom(prev_idx + 1)
+            for entry in entries:
+                journal.add(*entry)
+            for entry in entries:
+                request = self._SyncObj__parseChangeClusterRequest(entry[0])
+                if request is not None:
+                    self._SyncObj__doChangeCluster(request)
+            next_idx = entries[-1][1] + 1 if entries else prev_idx + 1
+            self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=next_idx, success=True)
+        elif message.get("serialized") is not None:
+            self._on_snapshot_chunk(node, message["serialized"])
+        last = journal.last_index()
+        commit = min(self._SyncObj__raftCommitIndex, last)
+        if leader_commit > commit:
+            commit = min(leader_commit, last)
+        self._SyncObj__raftCommitIndex = commit
+        journal.setRaftCommitIndex(commit)
 
     def _on_log_entries(self, node, message, leader_commit: int) -> None:
         entries = message.get("entries", [])
@@ -1082,6 +1144,9 @@ class HardenedSyncObj(SyncObj):
             self._discard_incoming()
             return
         applied = self._SyncObj__raftLastApplied
+        if not self._raft_fixes:
+            self._install_snapshot(node, header, blob)  # always, as upstream (fix 3 off)
+            return
         if header.index <= applied:
             # Upstream installs it anyway (1497): lastApplied moves back and the entries after
             # it are applied a second time.
@@ -1335,6 +1400,7 @@ class HardenedSyncObj(SyncObj):
             "leader": leader.id if leader is not None else None,
             # Only the leader decides membership changes (and its uncommitted tail is short;
             # a follower catching up may hold a long one).
+            "raft_fixes": self._raft_fixes,
             "membership_busy": (
                 self.membership_change_busy() if state == _RAFT_STATE.LEADER else None
             ),

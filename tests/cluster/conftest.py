@@ -33,6 +33,10 @@ from pysyncobj.transport import Transport
 from cluster.raft.hardened import HardenedSyncObj
 
 KINDS = ("plain", "hardened")
+# With "unsafe" (our adapter with its Raft safety fixes switched off, `raft_fixes=False`: the
+# Jepsen harness's `--unsafe-raft-fixes-off`) a scenario must lose what plain pysyncobj loses.
+KINDS_AND_UNSAFE = ("plain", "hardened", "unsafe")
+LOSSY = ("plain", "unsafe")
 
 
 def free_port() -> int:
@@ -180,10 +184,17 @@ class SimNode:
         if kind == "plain":
             self.machine = None
             self.sync = PlainNode(addr, peers, conf, self.transport)
-        elif kind == "hardened":
+        elif kind in ("hardened", "unsafe"):
             self.machine = RecordingMachine()
             self.sync = HardenedSyncObj(
-                addr, peers, conf, self.machine, data_dir, transport=self.transport, fsync=fsync
+                addr,
+                peers,
+                conf,
+                self.machine,
+                data_dir,
+                transport=self.transport,
+                fsync=fsync,
+                raft_fixes=kind == "hardened",
             )
         else:
             raise ValueError(kind)
@@ -263,7 +274,7 @@ class SimNode:
             return
         self.alive = False
         self.sync._doDestroy()
-        if self.kind == "hardened":
+        if self.kind != "plain":
             self.sync.close_storage()
 
 

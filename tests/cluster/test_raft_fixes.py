@@ -42,7 +42,7 @@ from cluster.workload import wait_for
 from jepsen.nemesis import Context
 from jepsen.nemesis.data import _raise_commit_hint
 
-from .conftest import KINDS, SimNet, free_port, sim_conf
+from .conftest import KINDS, KINDS_AND_UNSAFE, LOSSY, SimNet, free_port, sim_conf
 
 X = [b"X%d" % i for i in range(1, 5)]
 
@@ -77,7 +77,7 @@ def assert_applied_never_decreased(*nodes) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS_AND_UNSAFE)
 def test_overlapping_resend_loses_acknowledged_writes_only_on_plain(sim: SimNet, kind):
     """A rewound leader resends a batch a follower already holds, then crashes.
 
@@ -119,7 +119,7 @@ def test_overlapping_resend_loses_acknowledged_writes_only_on_plain(sim: SimNet,
 
     for survivor in (b, c):
         missing = [p for p in a.acknowledged() if p not in survivor.state]
-        if kind == "plain":
+        if kind in LOSSY:
             assert missing == [b"X3", b"X4"], (survivor.addr, missing)
         else:
             assert missing == [], (survivor.addr, missing)
@@ -219,7 +219,7 @@ def test_commit_never_passes_the_verified_prefix(sim: SimNet):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS_AND_UNSAFE)
 def test_deposed_leader_never_commits_its_own_entries_from_a_snapshot_chunk(sim: SimNet, kind):
     """A deposed leader holding uncommitted entries receives the new leader's snapshot.
 
@@ -258,7 +258,7 @@ def test_deposed_leader_never_commits_its_own_entries_from_a_snapshot_chunk(sim:
     sim.deliver(c.addr, a.addr, count=1)  # the first chunk only
     a.tick()  # A's apply step
 
-    if kind == "plain":
+    if kind in LOSSY:
         assert a.commit_index() == 5
         assert a.executions == X[:3]  # its own uncommitted commands applied
         assert a.acknowledged() == X[:3]  # ... and reported as SUCCESS
@@ -282,7 +282,7 @@ def test_deposed_leader_never_commits_its_own_entries_from_a_snapshot_chunk(sim:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS_AND_UNSAFE)
 def test_stale_snapshot_is_not_reinstalled(sim: SimNet, kind):
     """B's first ack reaches the leader only after the leader compacted and B had applied past
     the compaction point: the leader rewinds nextIndex below its log (1077-1078) and sends its
@@ -311,7 +311,7 @@ def test_stale_snapshot_is_not_reinstalled(sim: SimNet, kind):
     sim.settle()
 
     assert b.state == a.state
-    if kind == "plain":
+    if kind in LOSSY:
         assert b.executions.count(b"Y1") == 2 and b.executions.count(b"Y2") == 2
         assert min(b.applied_history[b.applied_history.index(8) :]) == 6
     else:

@@ -19,7 +19,7 @@ from cluster.raft import RaftReplica, RaftSettings, SubmitErrorReason
 from cluster.raft.storage import read_dump
 from cluster.workload import wait_for
 
-from .conftest import KINDS, SimNet, free_port, sim_conf
+from .conftest import KINDS, KINDS_AND_UNSAFE, LOSSY, SimNet, free_port, sim_conf
 from .test_raft_fixes import (
     DEADLINE_S,
     POLL_S,
@@ -47,7 +47,7 @@ def members(node) -> set[str]:
 def conf_for(sim: SimNet, kind: str, addr: str):
     """Plain pysyncobj keeps its log in memory unless given files; give it the journal and
     dump a durable node has (ours always has them)."""
-    if kind == "hardened":
+    if kind != "plain":
         return sim_conf(dynamicMembershipChange=True)
     data_dir = sim.tmp_path / addr.replace(":", "_")
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -80,7 +80,7 @@ class Outcomes(dict):
         return done
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS_AND_UNSAFE)
 def test_two_changes_in_one_tick_lose_an_acknowledged_write_only_on_plain(sim: SimNet, kind):
     """A leads {A,B,C}; it accepts "add D" and "add E" in one tick while B and C are slow to
     hear from it. Plain: its majority is now 3 of 5, so A, D and E commit both changes and a
@@ -101,7 +101,7 @@ def test_two_changes_in_one_tick_lose_an_acknowledged_write_only_on_plain(sim: S
     a.propose(b"W")
     sim.settle()
 
-    if kind == "plain":
+    if kind in LOSSY:
         assert outcomes == {"add D": FAIL_REASON.SUCCESS, "add E": FAIL_REASON.SUCCESS}
         assert a.acknowledged() == [b"W"]
     else:
@@ -116,7 +116,7 @@ def test_two_changes_in_one_tick_lose_an_acknowledged_write_only_on_plain(sim: S
     sim.settle()
 
     lost = [w for w in a.acknowledged() if w not in b.state or w not in c.state]
-    if kind == "plain":
+    if kind in LOSSY:
         assert lost == [b"W"]
         # Index 3 is committed on D (A's "add D", term 1) and on B (B's no-op, term 2).
         assert d.commit_index() >= 3 and b.commit_index() >= 3
