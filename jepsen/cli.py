@@ -54,6 +54,14 @@ def _exit(results: dict) -> None:
               help="PLANTED BUG: the nodes answer linearizable reads from their own state "
               "without the read barrier, so a deposed leader serves stale reads. A run with "
               "partitions must report it invalid.")  # fmt: skip
+@click.option("--unsafe-raft-fixes-off", is_flag=True,
+              help="PLANTED REGRESSION: the nodes run with the Raft adapter's safety fixes "
+              "off (pysyncobj's own AppendEntries, snapshot and membership handling), which "
+              "loses acknowledged writes under leader changes. A run with kill, partition or "
+              "membership faults should report it invalid.")  # fmt: skip
+@click.option("--compaction-min-entries", type=click.IntRange(min=1), default=None,
+              help="The nodes' [raft] compaction_min_entries: small values make the nodes "
+              "install snapshots from the leader during the run [default: the node's].")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 def run_command(nodes: str, nemeses: str, as_json: bool, **kwargs) -> None:
     """Start a fresh cluster, run the workload under faults, heal, check, report.

@@ -520,6 +520,12 @@ class _Page:
                 f"<td><code>{_e(_json(stats)) if stats else ''}</code></td></tr>"
             )
         out.append("</table>")
+        problem = (self.results or {}).get("log_unavailable")
+        if problem:
+            out.append(
+                "<p><b>No committed log</b> (the checkers that replay it say unknown): "
+                f"<code>{_e(problem)}</code></p>"
+            )
         return "\n".join(out)
 
     def anomalies_by_kind(self) -> dict[str, list[tuple[str, dict[str, Any]]]]:

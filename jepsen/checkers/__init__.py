@@ -9,6 +9,8 @@ and returns a `Result`.
                                      book, converged final state hashes
     linearizable.check(history, model=register() | counter())
                                      Wing & Gong / Porcupine search for simple workloads
+    final.check(history, snapshots)  every acknowledged write in every node's final state
+                                     (store_dir/final/<node>.snapshot): needs no log
     check_all(store_dir)             all of them on store_dir/history.jsonl + log.jsonl
 """
 
@@ -18,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from ..history import read_history, read_log
-from . import bank, linearizable, reads, sequencer
+from . import bank, final, linearizable, reads, sequencer
 from .result import MAX_ANOMALIES, UNKNOWN, Result, combine
 
 HISTORY_FILE = "history.jsonl"
 LOG_FILE = "log.jsonl"
+FINAL_DIR = "final"
 
 
 def check_all(
@@ -42,6 +45,9 @@ def check_all(
         reads.check(history, log, max_anomalies=max_anomalies),
         bank.check(history, log, max_anomalies=max_anomalies),
     ]
+    if (store / FINAL_DIR).is_dir():  # runs stored before the final states were saved: none
+        snapshots = final.read_snapshots(store / FINAL_DIR)
+        results.append(final.check(history, snapshots, max_anomalies=max_anomalies))
     fs = {op.f for op in history}
     for model, marks in (
         (linearizable.register(), {"write", "cas"}),
