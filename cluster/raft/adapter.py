@@ -106,7 +106,9 @@ class RaftSettings:
     bind_retries: int = 20  # x 0.1 s, then RaftStartupError
     fsync: bool = True  # False only for throwaway test clusters
     # Test-only: the safety fixes of ADR 0002 (1-3, 10, 11) switched off, for the Jepsen
-    # harness to show what plain pysyncobj loses (`jepsen run --unsafe-raft-fixes-off`).
+    # harness to show what plain pysyncobj loses (`jepsen run --unsafe-raft-fixes-off`); and
+    # fix 20, which would answer a deposed leader's callers before plain pysyncobj
+    # acknowledges the entries fix 2 is about.
     unsafe_raft_fixes_off: bool = False
 
     def __post_init__(self):
@@ -491,7 +493,7 @@ class RaftReplica:
                 except Exception:
                     # Upstream's autoTick loop logs and carries on (syncobj.py 592-597).
                     logger.exception("raft tick failed")
-                if leading and not obj._isLeader():
+                if leading and not obj._isLeader() and not self._settings.unsafe_raft_fixes_off:
                     self._fail_in_flight_at_step_down()
                 leading = obj._isLeader()
                 self._expire()

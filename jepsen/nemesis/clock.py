@@ -71,8 +71,7 @@ class Clock:
         self.skewed: dict[str, Path] = {}  # node -> its offset file, while we may have set one
 
     def start(self, ctx: Context) -> dict:
-        node = _target(ctx)
-        was_leader = node == ctx.leader()
+        node, was_leader = _target(ctx)
         size, offset = offset_ns(ctx.rng, self.sizes)
         self._reset([n for n in self.skewed if n != node])  # one fault at a time: replace it
         path = Path(self._data_dir(node)) / OFFSET_FILE

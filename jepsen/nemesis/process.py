@@ -13,11 +13,13 @@ import signal
 from . import Context
 
 
-def _target(ctx: Context, leader_share: float = 0.5) -> str:
+def _target(ctx: Context, leader_share: float = 0.5) -> tuple[str, bool]:
+    """(the node, whether it led when chosen): asked before the fault, which changes it."""
     leader = ctx.leader()
     if leader is not None and ctx.rng.random() < leader_share:
-        return leader
-    return ctx.rng.choice(sorted(ctx.nodes))
+        return leader, True
+    node = ctx.rng.choice(sorted(ctx.nodes))
+    return node, node == leader
 
 
 class Kill:
@@ -32,11 +34,11 @@ class Kill:
     def start(self, ctx: Context) -> dict:
         assert ctx.control is not None
         self._control = ctx.control
-        node = _target(ctx)
+        node, was_leader = _target(ctx)
         ctx.control.kill(node)
         if node not in self.killed:
             self.killed.append(node)
-        return {"node": node, "was_leader": node == ctx.leader()}
+        return {"node": node, "was_leader": was_leader}
 
     def stop(self, ctx: Context) -> dict:
         assert ctx.control is not None
@@ -66,8 +68,7 @@ class Pause:
     def start(self, ctx: Context) -> dict:
         assert ctx.control is not None
         self._control = ctx.control
-        node = _target(ctx)
-        was_leader = node == ctx.leader()
+        node, was_leader = _target(ctx)
         ctx.control.signal(node, signal.SIGSTOP)
         if node not in self.paused:
             self.paused.append(node)
