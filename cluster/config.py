@@ -74,6 +74,7 @@ class Raft(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_default
     leader_fallback_timeout_s: Seconds = RaftSettings.leader_fallback_timeout_s
     compaction_min_entries: AtLeastOne = RaftSettings.compaction_min_entries
     compaction_min_time_s: Seconds = RaftSettings.compaction_min_time_s
+    snapshot_chunk_bytes: AtLeastOne = RaftSettings.snapshot_chunk_bytes
     # A planted regression for the Jepsen harness (`jepsen run --unsafe-raft-fixes-off`): the
     # adapter's Raft safety fixes off, as plain pysyncobj. Loses acknowledged writes.
     unsafe_raft_fixes_off: bool = RaftSettings.unsafe_raft_fixes_off

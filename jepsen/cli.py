@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tomllib
 from pathlib import Path
 
 import click
@@ -59,9 +60,11 @@ def _exit(results: dict) -> None:
               "off (pysyncobj's own AppendEntries, snapshot and membership handling), which "
               "loses acknowledged writes under leader changes. A run with kill, partition or "
               "membership faults should report it invalid.")  # fmt: skip
-@click.option("--compaction-min-entries", type=click.IntRange(min=1), default=None,
-              help="The nodes' [raft] compaction_min_entries: small values make the nodes "
-              "install snapshots from the leader during the run [default: the node's].")  # fmt: skip
+@click.option("--raft", "raft_settings", multiple=True, metavar="KEY=VALUE",
+              help="A [raft] key of the nodes' config (docs/reference/config.md), repeatable: "
+              "compaction_min_entries=100 makes the nodes compact and install snapshots from "
+              "the leader during the run, snapshot_chunk_bytes=4096 sends them in many "
+              "chunks.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 def run_command(nodes: str, nemeses: str, as_json: bool, **kwargs) -> None:
     """Start a fresh cluster, run the workload under faults, heal, check, report.
@@ -71,6 +74,7 @@ def run_command(nodes: str, nemeses: str, as_json: bool, **kwargs) -> None:
     from .run import Options, run
 
     names = () if nemeses.strip() in ("", "none") else tuple(n.strip() for n in nemeses.split(","))
+    kwargs["raft_settings"] = _raft_settings(kwargs["raft_settings"])
     opts = Options(nodes=int(nodes), nemeses=names, **kwargs)
     try:
         opts.check()
@@ -111,3 +115,17 @@ def check_command(run_dir: Path, as_json: bool) -> None:
 
 
 __all__ = ["jepsen"]
+
+
+def _raft_settings(pairs: tuple[str, ...]) -> dict:
+    """`KEY=VALUE` options, each value read as TOML reads it (100, 0.5, true)."""
+    out: dict = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.UsageError(f"--raft {pair!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError as exc:
+            raise click.UsageError(f"--raft {pair!r}: {exc}") from exc
+    return out

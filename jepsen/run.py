@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from api.sdk import AdminClient, ApiError, ClusterUnavailable
+from cluster.config import TABLES
 from cluster.launcher import LocalCluster
 
 from .checkers import FINAL_DIR, check_all
@@ -61,7 +62,7 @@ class Options:
     interval_s: float = 4.0  # a fault lasts, and the quiet between two lasts, up to this
     unsafe_local_reads: bool = False
     unsafe_raft_fixes_off: bool = False
-    compaction_min_entries: int | None = None
+    raft_settings: dict = field(default_factory=dict)  # [raft] keys of the nodes' config
 
     def check(self) -> None:
         unknown = sorted(set(self.nemeses) - set(NEMESES))
@@ -71,6 +72,9 @@ class Options:
             raise ValueError(f"unknown workload {self.workload!r} (known: orders)")
         if self.nodes not in (1, 3, 5):
             raise ValueError("--nodes must be 1, 3 or 5")
+        for key in self.raft_settings:
+            if key not in TABLES["raft"].__struct_fields__ or key == "addr":
+                raise ValueError(f"--raft {key}: not a [raft] key of the node's config")
 
 
 def _nemesis(name: str, net, cluster: LocalCluster):
@@ -198,8 +202,7 @@ def run(opts: Options, progress: Progress | None = None) -> dict:
             settings["unsafe_local_reads"] = True
         if opts.unsafe_raft_fixes_off:
             settings["unsafe_raft_fixes_off"] = True
-        if opts.compaction_min_entries is not None:
-            settings["compaction_min_entries"] = opts.compaction_min_entries
+        settings.update(opts.raft_settings)
         cluster = LocalCluster.create(
             run_dir / "cluster", opts.nodes, hosts=net.hosts() if net else None, **settings
         )
