@@ -4,6 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
+# Tools from npm, pinned in package.json with its lock file: the anvil Ethereum node for the
+# chain watcher's tests (indexer/chain/anvil.py). The package ships its binary; no install
+# script is needed.
+NODE_STAMP := node_modules/.installed
+
 # The state machine compiled with mypyc (docs/adr/0003-compiled-state-machine.md), built
 # outside the source tree: build/native/statemachine holds the .so files next to copies of
 # the sources, so the checkout itself stays pure Python and an edit is never shadowed.
@@ -27,15 +32,19 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 # The demo's nodes run the compiled engine (build/native first on their PYTHONPATH), as an
 # installed wheel's do.
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --ignore-scripts --no-audit --no-fund
+	touch $(NODE_STAMP)
+
 demo: $(STAMP) $(NATIVE_STAMP)
 	$(NATIVE_ENV) $(BIN)/python -P -m cluster demo
 
-test: $(STAMP) $(NATIVE_STAMP) lint iptables
+test: $(STAMP) $(NATIVE_STAMP) lint iptables $(NODE_STAMP)
 	$(BIN)/python -m pytest -q
 	$(NATIVE_PYTEST) tests/statemachine tests/test_golden.py
 
 # The edit-test loop: lint and every test but those that start process clusters (`slow`).
-test-fast: $(STAMP) lint
+test-fast: $(STAMP) lint $(NODE_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 native: $(NATIVE_STAMP)
@@ -90,4 +99,4 @@ bench-restore: $(STAMP) $(NATIVE_STAMP)
 	$(NATIVE_ENV) $(BIN)/python -P -m bench.restore
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info node_modules

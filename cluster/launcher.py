@@ -34,7 +34,10 @@ from api.sdk import (
     write_credentials,
 )
 
-from .config import EXIT_WITH_PARENT_ENV, NodeConfig, Peer, dump, load, make
+from .config import EXIT_WITH_PARENT_ENV, TABLES, NodeConfig, Peer, dump, load, make
+
+# The keys of a node's `[raft]` table (docs/reference/config.md) a launcher may set, by name.
+RAFT_KEYS = frozenset(TABLES["raft"].__struct_fields__) - {"addr"}
 
 
 def free_port() -> int:

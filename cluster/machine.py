@@ -23,6 +23,7 @@ from collections.abc import Callable
 import msgpack
 
 from api.auth import WINDOW_MS
+from api.sdk.snapshot import exchange_snapshot_of
 from statemachine import Exchange
 
 from .batch import (
@@ -64,15 +65,12 @@ class MachineSnapshotError(ValueError):
 
 
 def exchange_blob_of(blob: bytes) -> bytes:
-    """The exchange's snapshot inside a node snapshot (`ExchangeMachine.snapshot`)."""
+    """The exchange's snapshot inside a node snapshot (`ExchangeMachine.snapshot`; the
+    format is the admin API's, so the SDK reads it)."""
     try:
-        fields = msgpack.unpackb(blob, raw=False)
-        exchange_blob = fields[1]
-    except Exception as exc:
-        raise MachineSnapshotError(f"undecodable node snapshot: {exc}") from exc
-    if not isinstance(exchange_blob, bytes):
-        raise MachineSnapshotError("malformed node snapshot: no exchange snapshot in it")
-    return exchange_blob
+        return exchange_snapshot_of(blob)
+    except ValueError as exc:
+        raise MachineSnapshotError(str(exc)) from exc
 
 
 def without_directory(blob: bytes) -> bytes:

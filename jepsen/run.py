@@ -31,8 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from api.sdk import AdminClient, ApiError, ClusterUnavailable
-from cluster.config import TABLES
-from cluster.launcher import LocalCluster
+from cluster.launcher import RAFT_KEYS, LocalCluster
 
 from .checkers import FINAL_DIR, check_all
 from .checkers.final import SUFFIX as SNAPSHOT_SUFFIX
@@ -73,7 +72,7 @@ class Options:
         if self.nodes not in (1, 3, 5):
             raise ValueError("--nodes must be 1, 3 or 5")
         for key in self.raft_settings:
-            if key not in TABLES["raft"].__struct_fields__ or key == "addr":
+            if key not in RAFT_KEYS:
                 raise ValueError(f"--raft {key}: not a [raft] key of the node's config")
 
 

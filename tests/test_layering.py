@@ -24,10 +24,11 @@ ALLOWED = {
 }
 # What the SDK (api/sdk/) may import besides itself and the standard library: its own
 # dependencies, none of the server's (quart, hypercorn, pysyncobj, ...).
-SDK_DEPENDENCIES = {"httpx", "anyio", "wsproto", "orjson"}
+# msgpack: the node snapshot of `GET /v1/admin/snapshot` (api/sdk/snapshot.py).
+SDK_DEPENDENCIES = {"httpx", "anyio", "wsproto", "orjson", "msgpack"}
 # What the node's side of api/ may take from the SDK: the wire format, never a client.
 # The wire format: the codec, the signing, and the shape of a command's answer (answers.py).
-WIRE_FORMAT = {"api.sdk.codec", "api.sdk.signing", "api.sdk.answers"}
+WIRE_FORMAT = {"api.sdk.codec", "api.sdk.signing", "api.sdk.answers", "api.sdk.snapshot"}
 
 
 def _imports(path: Path) -> list[tuple[str, int]]:

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cluster.machine import exchange_blob_of
+from api.sdk.snapshot import exchange_snapshot_of
 from statemachine import Exchange
 
 from ..history import OK
@@ -58,7 +58,7 @@ def check(
         found.undecided("no final node states saved")
         return found.result(stats)
     for node, blob in sorted(snapshots.items()):
-        state = Exchange.restore(exchange_blob_of(blob)).state
+        state = Exchange.restore(exchange_snapshot_of(blob)).state
         for invoke, done in acked:
             value = invoke.value if isinstance(invoke.value, dict) else {}
             account, coid = value.get("account"), value.get("client_order_id")
