@@ -13,7 +13,14 @@ from werkzeug.exceptions import HTTPException
 
 from . import bodies, openapi, outcomes, trading, ws
 from .auth import AuthError, Credentials, Verifier, new_key_id
-from .bodies import CommandsRequest, EmptyRequest, KeyRequest, MembersRequest, TransferRequest
+from .bodies import (
+    CommandsRequest,
+    DepositAddressRequest,
+    EmptyRequest,
+    KeyRequest,
+    MembersRequest,
+    TransferRequest,
+)
 from .common import Http, answer_response, error, json_response
 from .metrics import CONTENT_TYPE, Metrics
 from .port import NodeError, NodePort
@@ -199,6 +206,31 @@ def create_app(
         key_id = new_key_id(body.role)
         secret = await node.create_key(key_id, body.account, body.role, http.signed_request())
         return {"key_id": key_id, "secret": secret, "account": body.account, "role": body.role}
+
+    @app.post("/v1/admin/deposit-addresses")
+    @http.authed("admin", leader=True)
+    @http.body(DepositAddressRequest)
+    async def admin_assign_deposit_address(_: Credentials, body: DepositAddressRequest) -> dict:
+        """Assign an EVM chain's deposit address to an account (replicated): {"change":
+        "assigned" | "unchanged", ...}; 409 address_taken if another account has it."""
+        change = await node.assign_deposit_address(
+            body.chain_id, body.address, body.account, http.signed_request()
+        )
+        return {"change": change, "chain_id": body.chain_id, "address": body.address.lower(),
+                "account": body.account}  # fmt: skip
+
+    @app.get("/v1/admin/deposit-addresses")
+    @http.authed("admin")
+    async def admin_deposit_addresses(_: Credentials) -> Response | dict:
+        """This node's applied deposit addresses (a stale read), `?chain_id=` to filter."""
+        text = request.args.get("chain_id")
+        if text is not None and not (text.isascii() and text.isdigit() and len(text) <= 16):
+            return error(400, "bad_chain_id", "chain_id must be a positive integer")
+        rows = node.deposit_addresses(int(text) if text is not None else None)
+        return {
+            "node_id": node.node_id,
+            "addresses": [{"chain_id": c, "address": a, "account": acc} for c, a, acc in rows],
+        }
 
     trading.register(app, node, http)
     ws.register(app, node, verifier, settings=ws_settings, limiter=limiter)

@@ -196,6 +196,25 @@ class KeyRequest(Body):
     field_codes: ClassVar[dict[str, str]] = {"$.account": "bad_account"}
 
 
+class DepositAddressRequest(Body):
+    """`POST /v1/admin/deposit-addresses`: an EVM chain's address assigned to an account."""
+
+    account: AccountId
+    chain_id: Annotated[int, Meta(ge=1, le=2**53 - 1, examples=[1])]
+    address: Annotated[
+        str,
+        Meta(
+            pattern=r"^0x[0-9a-fA-F]{40}$", examples=["0x70997970c51812dc3a010c7d01b50e0d17dc79c8"]
+        ),
+    ]
+
+    field_codes: ClassVar[dict[str, str]] = {
+        "$.account": "bad_account",
+        "$.chain_id": "bad_chain_id",
+        "$.address": "bad_address",
+    }
+
+
 class EmptyRequest(Body):
     """A route that takes no fields (an empty body, or `{}`)."""
 
@@ -212,6 +231,7 @@ REQUEST_BODIES: tuple[type[Body], ...] = (
     MembersRequest,
     TransferRequest,
     KeyRequest,
+    DepositAddressRequest,
     EmptyRequest,
 )
 

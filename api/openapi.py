@@ -657,6 +657,65 @@ PATHS: dict[str, dict[str, Schema]] = {
             ),
         )
     },
+    "/v1/admin/deposit-addresses": {
+        "post": operation(
+            "Assign a deposit address",
+            "admin",
+            role="admin",
+            traits=(LEADER,),
+            example={
+                "account": "alice",
+                "chain_id": 1,
+                "address": "0x70997970c51812dc3a010c7d01b50e0d17dc79c8",
+            },
+            body=ref("DepositAddressRequest"),
+            errors={
+                400: ("bad_account", "bad_chain_id", "bad_address"),
+                409: ("address_taken",),
+                503: ("outcome_unknown",),
+            },
+            description="Replicated: every node credits what the chain watcher sees sent to "
+            "the address to the account. An address is one account's for good: assigning it "
+            "again to the same account answers `unchanged` (a retry is safe), to another is "
+            "`409 address_taken` and changes nothing. Addresses are stored in lower case.",
+            ok=(
+                200,
+                "the assignment",
+                obj(
+                    {
+                        "change": enum("assigned", "unchanged"),
+                        "chain_id": integer(1),
+                        "address": string(),
+                        "account": string(),
+                    },
+                    ("change", "chain_id", "address", "account"),
+                ),
+            ),
+        ),
+        "get": operation(
+            "Deposit addresses",
+            "admin",
+            role="admin",
+            params=(query("chain_id", integer(1), "only this chain"),),
+            errors={400: ("bad_chain_id",)},
+            ok=(
+                200,
+                "this node's applied deposit addresses (a stale read)",
+                obj(
+                    {
+                        "node_id": string(),
+                        "addresses": array(
+                            obj(
+                                {"chain_id": integer(1), "address": string(), "account": string()},
+                                ("chain_id", "address", "account"),
+                            )
+                        ),
+                    },
+                    ("node_id", "addresses"),
+                ),
+            ),
+        ),
+    },
     # ----------------------------------------------------------- orders
     "/v1/orders": {
         "post": operation(

@@ -132,6 +132,16 @@ class NodePort(Protocol):
         """Register an API key through the log; return its secret. With the signed `request`
         (signature, ts_ms), a replay of it is refused (AuthError replayed) like a command's."""
 
+    async def assign_deposit_address(
+        self, chain_id: int, address: str, account: str, request: tuple[str, int] | None = None
+    ) -> str:
+        """Assign an EVM chain's deposit address to an account through the log: "assigned",
+        or "unchanged" if it was that account's already (a retry is safe). RefusedError
+        `address_taken` (409) if another account has it; nothing changes."""
+
+    def deposit_addresses(self, chain_id: int | None = None) -> list[tuple[int, str, str]]:
+        """The deposit addresses applied on this node: (chain_id, address, account), sorted."""
+
     async def snapshot(self) -> dict:
         """This node's state at its applied index, for a backup: `{"blob": bytes (the node
         snapshot), "applied_index", "cmd_index", "seq", "state_hash", "role", "cluster_id"}`."""

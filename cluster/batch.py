@@ -15,6 +15,10 @@
 - `[KIND_KEY, "add" | "revoke", key_id, account, role]` (the API key registry; it holds no
   secret: a key's secret is derived from the cluster's API master secret and the key id, see
   `api/auth.py`).
+- `[KIND_ADDRESS, chain_id, address, account]`: a deposit address of an EVM chain assigned
+  to an account (issue 13: the chain watcher credits what is sent there to that account). An
+  address is one account's for good: assigning it again to the same account changes nothing,
+  to another is refused (`["taken", account]`, nothing applied), alike on every replica.
 The leader stamps one wall-clock `ts` (ns) per batch; the apply side gives every command
 `max(ts, exchange.last_ts)`, which is the same on every replica, so a new leader whose clock
 is behind can never make commands fail for going back in time.
@@ -50,6 +54,7 @@ KIND_BARRIER = 1
 KIND_MEMBER = 2
 KIND_KEY = 3
 KIND_REQUEST = 4
+KIND_ADDRESS = 5
 # The result of a request entry that was not applied.
 REFUSED_REPLAYED = "replayed"
 REFUSED_EXPIRED = "expired"

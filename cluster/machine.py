@@ -27,6 +27,7 @@ from api.sdk.snapshot import exchange_snapshot_of
 from statemachine import Exchange
 
 from .batch import (
+    KIND_ADDRESS,
     KIND_BARRIER,
     KIND_COMMAND,
     KIND_KEY,
@@ -44,8 +45,9 @@ log = logging.getLogger(__name__)
 AppliedListener = Callable[[list[list[dict]], Exchange], None]
 
 # Version 2 added the replay window; a version-1 snapshot restores with an empty one.
-SNAPSHOT_VERSION = 2
-RESTORABLE_VERSIONS = (1, 2)
+# Version 3 added the deposit addresses (older ones restore with none).
+SNAPSHOT_VERSION = 3
+RESTORABLE_VERSIONS = (1, 2, 3)
 
 # How long past its own timestamp a request's signature stays in the replay window, by the
 # window's clock. Safety does not depend on it: a request older than the window is refused as
@@ -96,6 +98,8 @@ class ExchangeMachine:
         self.directory: dict[str, tuple[str, str]] = {}
         # key_id -> (account, role): API keys, replicated so every node accepts them
         self.keys: dict[str, tuple[str, str]] = {}
+        # (chain_id, address) -> account: the chains' deposit addresses (KIND_ADDRESS)
+        self.deposit_addresses: dict[tuple[int, str], str] = {}
         self.batches_applied = 0
         # The replay window: the signatures of the signed requests applied (a set, for the
         # look-up) and the same (ts_ms, signature) in the order applied (to prune from the
@@ -156,6 +160,8 @@ class ExchangeMachine:
                 elif type(entry) is list and len(entry) == 5 and entry[0] == KIND_KEY:
                     self._apply_key(entry)
                     results.append(None)
+                elif type(entry) is list and len(entry) == 4 and entry[0] == KIND_ADDRESS:
+                    results.append(self._apply_address(entry))
                 else:
                     results.append(None)
             self.batches_applied += 1
@@ -200,6 +206,9 @@ class ExchangeMachine:
                 self._apply_key(command)
                 out.append(None)
                 continue
+            if type(command) is list and len(command) == 4 and command[0] == KIND_ADDRESS:
+                out.append(self._apply_address(command))
+                continue
             if type(command) is dict:
                 command["ts"] = max(ts, ex.last_ts)
             events = ex.apply(command)
@@ -214,6 +223,27 @@ class ExchangeMachine:
         elif action == "revoke":
             self.keys.pop(str(key_id), None)
 
+    def _apply_address(self, entry: list) -> list | None:
+        """None when the address is the account's (now, or already); `["taken", account]`
+        when another account has it (nothing changes)."""
+        _, chain_id, address, account = entry
+        if type(chain_id) is not int or type(address) is not str or type(account) is not str:
+            return ["malformed", ""]  # not an entry we encode; refused alike everywhere
+        key = (chain_id, address.lower())
+        holder = self.deposit_addresses.get(key)
+        if holder is not None and holder != account:
+            return ["taken", holder]
+        self.deposit_addresses[key] = account
+        return None
+
+    def addresses(self, chain_id: int | None = None) -> list[tuple[int, str, str]]:
+        """The deposit addresses applied here: (chain_id, address, account), sorted."""
+        return sorted(
+            (c, a, account)
+            for (c, a), account in list(self.deposit_addresses.items())
+            if chain_id is None or c == chain_id
+        )
+
     def snapshot(self) -> bytes:
         """The node's state as bytes. Call it on the thread that applies (pysyncobj's): that
         thread is the only writer, so the state cannot change underneath, and readers on
@@ -224,8 +254,10 @@ class ExchangeMachine:
         directory = sorted([k, *v] for k, v in self.directory.items())
         keys = sorted([k, *v] for k, v in self.keys.items())
         window = [self.window_clock_ms, [[t, s] for t, s in self._request_order]]
+        addresses = [list(row) for row in self.addresses()]
         return msgpack.packb(
-            [SNAPSHOT_VERSION, self.exchange.snapshot(), directory, keys, window], use_bin_type=True
+            [SNAPSHOT_VERSION, self.exchange.snapshot(), directory, keys, window, addresses],
+            use_bin_type=True,
         )
 
     def restore(self, blob: bytes) -> None:
@@ -237,11 +269,15 @@ class ExchangeMachine:
         if type(version) is not int or version not in RESTORABLE_VERSIONS:
             raise MachineSnapshotError(f"unsupported node snapshot version {version!r}")
         try:
+            addresses: list = []  # before version 3: none
             if version == 1:  # before the replay window: it starts empty (cluster/batch.py)
                 _, exchange_blob, directory, keys = fields
                 clock, window = 0, []
-            else:
+            elif version == 2:
                 _, exchange_blob, directory, keys, (clock, window) = fields
+            else:
+                _, exchange_blob, directory, keys, (clock, window), addresses = fields
+            deposit_addresses = {(int(c), str(a)): str(acc) for c, a, acc in addresses}
             directory = {k: (a, u) for k, a, u in directory}
             keys = {k: (a, r) for k, a, r in keys}
             order = collections.deque((t, s) for t, s in window)
@@ -258,6 +294,7 @@ class ExchangeMachine:
             self.exchange = exchange
             self.directory = directory
             self.keys = keys
+            self.deposit_addresses = deposit_addresses
             self.window_clock_ms = clock
             self._request_order = order
             self._requests = {s for _, s in order}

@@ -181,6 +181,28 @@ class Node:
                 raise AuthError(exc.code, str(exc)) from None
         return derive_secret(self.api_master, key_id)
 
+    async def assign_deposit_address(
+        self, chain_id: int, address: str, account: str, request: tuple[str, int] | None = None
+    ) -> str:
+        address = address.lower()
+        before = self.machine.deposit_addresses.get((chain_id, address))
+        with self._outcomes():
+            try:
+                outcome = await self.replica.record_address(
+                    chain_id, address, account, request=request
+                )
+            except RequestRefused as exc:  # a replayed assignment
+                raise AuthError(exc.code, str(exc)) from None
+        if isinstance(outcome, list) and outcome[:1] == ["taken"]:
+            raise RefusedError(
+                "address_taken",
+                f"chain {chain_id} address {address} is account {outcome[1]}'s deposit address",
+            )
+        return "unchanged" if before == account else "assigned"
+
+    def deposit_addresses(self, chain_id: int | None = None) -> list[tuple[int, str, str]]:
+        return self.machine.addresses(chain_id)
+
     def _members(self) -> dict[str, Peer]:
         """raft_addr -> member: the static config, overlaid by the replicated directory."""
         members = {p.raft_addr: p for p in self.config.peers}

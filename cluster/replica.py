@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import trio
 
 from .batch import (
+    KIND_ADDRESS,
     KIND_BARRIER,
     KIND_COMMAND,
     KIND_KEY,
@@ -420,6 +421,18 @@ class Replica:
             await self._submit_entry(entry, None)
         else:
             await self._submit_request([entry], request, None)
+
+    async def record_address(
+        self, chain_id: int, address: str, account: str, *, request: tuple[str, int] | None
+    ) -> list | None:
+        """Replicate a deposit address assignment (KIND_ADDRESS) through the log, inside the
+        signed `request`'s entry when there is one; the state machine's answer: None
+        (assigned, or already that account's) or `["taken", account]`."""
+        entry = [KIND_ADDRESS, chain_id, address, account]
+        if request is None:
+            return await self._submit_entry(entry, None)
+        [outcome] = await self._submit_request([entry], request, None)
+        return outcome
 
     async def raft_admin(self, op: str, addr: str | None, *, timeout_s: float = 10.0) -> Any:
         """Membership change or leader transfer through pysyncobj, awaited without blocking.

@@ -235,6 +235,24 @@ class AdminClient:
             self._core.command("/v1/admin/transfer-leader", body, deadline_s=deadline_s)
         )
 
+    def assign_deposit_address(
+        self, account: str, chain_id: int, address: str, *, deadline_s: float | None = None
+    ) -> str:
+        """Assign an EVM chain's deposit address to `account` (replicated); "assigned", or
+        "unchanged" if it was that account's already (so a resend after a lost answer is
+        safe). `ApiError(409, "address_taken")` if another account has it."""
+        body = {"account": account, "chain_id": chain_id, "address": address}
+        raw = self._run(
+            self._core.command("/v1/admin/deposit-addresses", body, deadline_s=deadline_s)
+        )
+        return raw["change"]
+
+    def deposit_addresses(self, url: str, chain_id: int | None = None) -> list[dict]:
+        """That node's applied deposit addresses, `[{chain_id, address, account}]` (a stale
+        read, signed admin route; one attempt)."""
+        path = "/v1/admin/deposit-addresses" + _query(chain_id=chain_id)
+        return self._run(self._core.probe(url, path, signed=True))["addresses"]
+
     def barrier(self, *, deadline_s: float | None = None) -> dict:
         """Linearizable point: returns the leader's status after a committed no-op. It changes
         nothing, so a lost answer is simply resent (never `OutcomeUnknown`)."""

@@ -14,6 +14,7 @@ import msgpack
 import pytest
 
 from cluster.batch import (
+    KIND_ADDRESS,
     KIND_BARRIER,
     KIND_COMMAND,
     KIND_KEY,
@@ -313,3 +314,34 @@ def test_without_directory_is_the_snapshot_of_the_state_without_members() -> Non
     blob = machine.snapshot()
     machine.directory = {}
     assert without_directory(blob) == machine.snapshot() != blob
+
+
+def test_deposit_addresses_are_one_accounts_and_travel_in_the_snapshot() -> None:
+    """KIND_ADDRESS (issue 13): assigned once, a repeat changes nothing, another account is
+    refused with the holder named; alike on every replica, and in the node snapshot (version
+    3; a version-2 snapshot restores with none)."""
+    addr = "0x" + "ab" * 20
+    payloads = [
+        setup(),
+        encode_batch(ns(T0_MS + 1), [[KIND_ADDRESS, 1, addr.upper().replace("0X", "0x"), "alice"]]),
+        encode_batch(
+            ns(T0_MS + 2), [[KIND_ADDRESS, 1, addr, "alice"], [KIND_ADDRESS, 1, addr, "bob"]]
+        ),
+        encode_batch(
+            ns(T0_MS + 3), [[KIND_ADDRESS, 5, addr, "bob"], [KIND_ADDRESS, "1", addr, "x"]]
+        ),
+    ]
+    one, results = feed(payloads)
+    two, again = feed(payloads)
+    assert results == again
+    assert results[1:] == [[None], [None, ["taken", "alice"]], [None, ["malformed", ""]]]
+    assert one.addresses() == [(1, addr, "alice"), (5, addr, "bob")]
+    assert one.addresses(5) == [(5, addr, "bob")]
+    assert one.snapshot() == two.snapshot()
+    restored = ExchangeMachine()
+    restored.restore(one.snapshot())
+    assert restored.addresses() == one.addresses()
+    fields = msgpack.unpackb(one.snapshot(), raw=False)
+    older = ExchangeMachine()
+    older.restore(msgpack.packb([2, *fields[1:5]], use_bin_type=True))
+    assert older.addresses() == [] and older.exchange.state_hash() == one.exchange.state_hash()

@@ -6,8 +6,18 @@ import json
 import time
 
 import httpx
+import pytest
 
-from api.sdk import KEY_HEADER, SIG_HEADER, TS_HEADER, Client, Credentials, sign, signed_headers
+from api.sdk import (
+    KEY_HEADER,
+    SIG_HEADER,
+    TS_HEADER,
+    ApiError,
+    Client,
+    Credentials,
+    sign,
+    signed_headers,
+)
 
 from .conftest import admin
 
@@ -435,3 +445,44 @@ def test_a_request_replayed_to_a_restarted_node_become_leader_is_refused(make_cl
     assert replay.json()["error"]["code"] == "replayed"
     with Client([cluster.nodes[restarted].config.api_url], key) as trader:
         assert len(trader.open_orders("BTC-USD")) == 1
+
+
+def test_deposit_addresses_are_replicated_and_an_address_is_one_accounts(make_cluster) -> None:
+    """Issue 13: the chain watcher credits what is sent to an address to the account every node
+    has for it. Assigned through the leader; a repeat answers unchanged (a retry is safe);
+    another account asking for it is refused, changing nothing; every node lists it, after a
+    restart from its snapshot too."""
+    cluster = make_cluster(3, compaction_min_entries=5, compaction_min_time_s=0.2)
+    address = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
+    with admin(cluster) as client:
+        assert client.assign_deposit_address("alice", 31337, address) == "assigned"
+        assert client.assign_deposit_address("alice", 31337, address.lower()) == "unchanged"
+        with pytest.raises(ApiError) as taken:
+            client.assign_deposit_address("bob", 31337, address)
+        assert (taken.value.status, taken.value.code) == (409, "address_taken")
+        assert client.assign_deposit_address("bob", 1, address) == "assigned"  # another chain
+        for bad, code in [({"chain_id": 0}, "bad_chain_id"), ({"address": "0x12"}, "bad_address")]:
+            body = {"account": "carol", "chain_id": 5, "address": address, **bad}
+            with pytest.raises(ApiError) as refused:
+                client._run(client._core.command("/v1/admin/deposit-addresses", body))
+            assert (refused.value.status, refused.value.code) == (400, code)
+        expected = [
+            {"chain_id": 1, "address": address.lower(), "account": "bob"},
+            {"chain_id": 31337, "address": address.lower(), "account": "alice"},
+        ]
+        cluster.wait_converged(20)
+        for node in cluster.nodes.values():
+            assert client.deposit_addresses(node.config.api_url) == expected
+            assert client.deposit_addresses(node.config.api_url, 1) == expected[:1]
+        for i in range(10):  # past the compaction threshold: the addresses are in the dumps
+            client.submit([{"op": "deposit", "account": "x", "asset": "USD", "amount": 1,
+                            "ref": f"fill-{i}"}])  # fmt: skip
+        restarted = next(n for n in cluster.nodes if n != cluster.wait_for_leader())
+        deadline = time.monotonic() + 20
+        while cluster.status(restarted)["raft"]["log_first_index"] <= 4:  # compacted past them
+            assert time.monotonic() < deadline, "the node never compacted past the addresses"
+            time.sleep(0.05)
+        cluster.stop(restarted)
+        cluster.start(restarted)
+        cluster.wait_converged(20)
+        assert client.deposit_addresses(cluster.nodes[restarted].config.api_url) == expected
