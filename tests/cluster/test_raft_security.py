@@ -255,6 +255,9 @@ def test_no_message_leaves_before_the_password_handshake(kind):
         raftMinTimeout=10.0,
         raftMaxTimeout=20.0,
         connectionTimeout=30.0,
+        # No reconnect within the test: on a loaded machine the first connection can take
+        # longer than the default 5 s, and plain's dropped link then came back at once.
+        connectionRetryTime=1000.0,
     )
     server = SyncObj(
         server_addr, [client_addr], SyncObjConf(**conf), transportClass=transport_class
