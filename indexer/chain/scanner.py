@@ -27,6 +27,7 @@ a < d is required for tokens with fewer decimals than the exchange's asset (then
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -34,6 +35,14 @@ from .rpc import BadChainData, Block, EthRpc, address, quantity
 
 REORG_MARGIN = 16  # blocks kept beyond the confirmation depth to find a fork point
 SEEN, CONFIRMED, ORPHANED = "seen", "confirmed", "orphaned"
+
+
+def credit_ref(chain_id: int, tx_hash: str, log_index: int | None) -> str:
+    """The credit's idempotency key: `chain_id:tx:log`, the transaction hash in base64url
+    (43 characters: the exchange's refs are at most 64), the log index, or `n` for a native
+    transfer. Unique per deposit, the same on every watcher."""
+    tx = base64.urlsafe_b64encode(bytes.fromhex(tx_hash[2:])).decode().rstrip("=")
+    return f"{chain_id}:{tx}:{'n' if log_index is None else log_index}"
 
 
 class DeepReorg(Exception):
@@ -66,7 +75,7 @@ class Asset:
 
 @dataclass(frozen=True)
 class Deposit:
-    ref: str  # the idempotency key of its credit: chain id, tx hash, log index ("native")
+    ref: str  # the idempotency key of its credit (`credit_ref`)
     chain_id: int
     block_number: int
     block_hash: str
@@ -117,6 +126,11 @@ class Scanner:
         self.window: dict[int, str] = dict(window or {})
         self.start = start
         self.pending: dict[str, Deposit] = {d.ref: d for d in pending}
+
+    def set_addresses(self, addresses: Mapping[str, str]) -> None:
+        """The deposit addresses from now on (the watcher reads them from the cluster before
+        each poll). Blocks already indexed are not read again for a new address."""
+        self.addresses = {address(a, "deposit address"): acc for a, acc in addresses.items()}
 
     @property
     def tip(self) -> int:
@@ -205,9 +219,8 @@ class Scanner:
         self, block: Block, tx_hash: str, log_index: int | None, to: str, asset: Asset, raw: int
     ) -> Deposit:
         amount, dust = asset.convert(raw)
-        where = "native" if log_index is None else str(log_index)
         return Deposit(
-            ref=f"{self.chain_id}:{tx_hash}:{where}",
+            ref=credit_ref(self.chain_id, tx_hash, log_index),
             chain_id=self.chain_id,
             block_number=block.number,
             block_hash=block.hash,

@@ -11,7 +11,15 @@ import pytest
 
 from indexer.chain.anvil import Anvil, AnvilUnavailable
 from indexer.chain.rpc import BadChainData
-from indexer.chain.scanner import CONFIRMED, ORPHANED, SEEN, Asset, DeepReorg, Scanner
+from indexer.chain.scanner import (
+    CONFIRMED,
+    ORPHANED,
+    SEEN,
+    Asset,
+    DeepReorg,
+    Scanner,
+    credit_ref,
+)
 
 ETH = Asset("ETH", decimals=18, asset_decimals=9)  # exchange units: gwei
 DEPOSITOR = 9  # anvil's account index that sends the deposits
@@ -55,7 +63,8 @@ def test_a_deposit_is_seen_then_confirmed_n_blocks_deep_once(chain: Anvil) -> No
     [seen] = first.seen
     assert (seen.status, seen.account, seen.asset) == (SEEN, "alice", "ETH")
     assert (seen.amount, seen.dust, seen.raw) == (2 * 10**9, 5, 2 * 10**18 + 5)
-    assert seen.ref == f"{chain.chain_id}:{tx}:native" and seen.tx_hash == tx
+    assert seen.ref == credit_ref(chain.chain_id, tx, None) and seen.tx_hash == tx
+    assert len(seen.ref) <= 64 and seen.ref.endswith(":n")  # the exchange's refs: 1-64 chars
     assert first.confirmed == []
     chain.mine()
     assert s.poll().confirmed == []  # 2 deep
@@ -85,9 +94,8 @@ def test_erc20_transfers_to_deposit_addresses_only(chain: Anvil) -> None:
         123,  # the exchange keeps 2 decimals: 1.23 QTD
         4567,  # 0.004567 QTD below that: recorded, never credited
     )
-    assert by_asset["QTD"].log_index is not None and by_asset["QTD"].ref.endswith(
-        f":{by_asset['QTD'].log_index}"
-    )
+    qtd_deposit = by_asset["QTD"]
+    assert qtd_deposit.ref == credit_ref(chain.chain_id, qtd_deposit.tx_hash, qtd_deposit.log_index)
     assert (by_asset["ETH"].account, by_asset["ETH"].amount) == ("alice", 1)
     assert {d.ref for d in result.confirmed} == {d.ref for d in result.seen}
 
