@@ -2,7 +2,8 @@
 record what was found in PostgreSQL, credit what is confirmed through the cluster.
 
     watcher = Watcher(rpc, store, admin, node_url, chain)   # resumes from the store
-    await watcher.step()                                    # one poll and its credits
+    await watcher.step(lease)                               # one poll and its credits
+    await watcher.run(holder, stop)                         # under the chain's lease, until stop
 
 A credit is an admin `deposit` command whose `ref` is the deposit's (`chain:tx:log`). The
 exchange refuses a repeated ref (`duplicate_ref`), so a credit resent after a lost answer, a
@@ -11,21 +12,29 @@ applies once; the refusal is taken as the credit. An answer that stays unknown l
 deposit `confirmed`: the next step resends the same ref, which settles it. A deposit below
 the asset's exchange precision (amount 0) is recorded as `dust` and never sent.
 
-Not here yet (issue 13 continues): the process around it (a sidecar with a lease, so that
-one watcher runs per chain), the Kafka topic, metrics, backoff.
+One watcher per chain: `run` steps only while it holds the chain's lease in PostgreSQL
+(every write is fenced by it, `store.Fenced`); another takes over from the checkpoint once the
+holder's lease expires. A chain node that does not answer, or answers nonsense
+(`rpc.ChainError`), is retried with backoff; a `DeepReorg` stops the watcher (an operator's
+case). Not here yet (issue 13 continues): the sidecar process around `run`, the Kafka topic,
+metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from api.sdk import AdminClient
+from api.sdk import AdminClient, ApiError, ClusterUnavailable
 
-from .rpc import EthRpc
-from .scanner import Asset, Deposit, PollResult, Scanner
-from .store import ChainStore
+from .rpc import ChainError, EthRpc
+from .scanner import Asset, DeepReorg, Deposit, PollResult, Scanner
+from .store import ChainLease, ChainStore, Fenced
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,22 +79,75 @@ class Watcher:
             await asyncio.to_thread(self.scanner.check_chain)
         return self.scanner
 
-    async def step(self) -> StepResult:
+    async def step(self, lease: ChainLease) -> StepResult:
         scanner = await self._scanner()
         rows = await asyncio.to_thread(
             self.admin.deposit_addresses, self.node_url, self.chain.chain_id
         )
         scanner.set_addresses({row["address"]: row["account"] for row in rows})
         poll = await asyncio.to_thread(scanner.poll)
-        await self.store.record(self.chain.chain_id, poll, scanner.window)
-        credited, unsettled = await self._credit(await self.store.to_credit(self.chain.chain_id))
+        await self.store.record(lease, poll, scanner.window)
+        deposits = await self.store.to_credit(self.chain.chain_id)
+        credited, unsettled = await self._credit(lease, deposits)
         return StepResult(poll, credited, unsettled)
 
-    async def _credit(self, deposits: Iterable[Deposit]) -> tuple[list[Deposit], list[Deposit]]:
+    async def run(
+        self,
+        holder: str,
+        stop: asyncio.Event,
+        *,
+        poll_s: float = 1.0,
+        lease_ttl_s: float = 3.0,
+        backoff_max_s: float = 10.0,
+    ) -> None:
+        """Step every `poll_s` while holding the chain's lease, until `stop` is set."""
+        lease: ChainLease | None = None
+        backoff = poll_s
+        try:
+            while not stop.is_set():
+                if lease is None:
+                    lease = await self.store.try_acquire(self.chain.chain_id, holder, lease_ttl_s)
+                    if lease is None:
+                        await _wait(stop, lease_ttl_s / 3)
+                        continue
+                    self.scanner = None  # resume from what the previous holder wrote
+                    log.info("chain %s: %s holds the lease (epoch %d)",
+                             self.chain.chain_id, holder, lease.epoch)  # fmt: skip
+                try:
+                    await self.step(lease)
+                    backoff = poll_s
+                except Fenced:
+                    log.warning("chain %s: %s lost the lease", self.chain.chain_id, holder)
+                    lease = None
+                    continue
+                except DeepReorg:
+                    raise
+                except (ChainError, ApiError, ClusterUnavailable) as exc:
+                    # The chain node or the cluster: retried with backoff, from what was
+                    # recorded (a poll cut short may have moved the scanner past it).
+                    self.scanner = None
+                    log.warning("chain %s: %s; retrying in %.1f s",
+                                self.chain.chain_id, exc, backoff)  # fmt: skip
+                    await _wait(stop, backoff)
+                    backoff = min(backoff * 2, backoff_max_s)
+                    if not await self.store.renew(lease, lease_ttl_s):
+                        lease = None
+                    continue
+                if not await self.store.renew(lease, lease_ttl_s):
+                    lease = None
+                    continue
+                await _wait(stop, poll_s)
+        finally:
+            if lease is not None:
+                await self.store.release(lease)
+
+    async def _credit(
+        self, lease: ChainLease, deposits: Iterable[Deposit]
+    ) -> tuple[list[Deposit], list[Deposit]]:
         credited, unsettled = [], []
         for deposit in deposits:
             if deposit.amount == 0:
-                await self.store.dust_only(deposit.ref)
+                await self.store.dust_only(lease, deposit.ref)
                 continue
             command = {"op": "deposit", "account": deposit.account, "asset": deposit.asset,
                        "amount": deposit.amount, "ref": deposit.ref}  # fmt: skip
@@ -105,6 +167,12 @@ class Watcher:
                 unsettled.append(deposit)
                 continue
             seq = first.get("seq") if first.get("type") != "rejected" else None
-            await self.store.credited(deposit.ref, seq)
+            await self.store.credited(lease, deposit.ref, seq)
             credited.append(deposit)
         return credited, unsettled
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep `seconds`, or less if `stop` is set meanwhile."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)

@@ -42,3 +42,16 @@ CREATE TABLE chain_deposits (
 CREATE INDEX chain_deposits_to_credit ON chain_deposits (chain_id, block_number)
     WHERE status = 'confirmed';
 CREATE INDEX chain_deposits_account ON chain_deposits (account);
+
+-- One watcher per chain: the lease, as the indexer's (indexer_lease): held by `holder` (a node
+-- id) in `epoch` (raised at every takeover) until `expires_at` on the database's clock. Every
+-- write of a watcher checks it in its transaction (FOR SHARE), so a watcher that lost it
+-- (paused, partitioned) writes nothing more.
+CREATE TABLE chain_leases (
+    chain_id    bigint      PRIMARY KEY,
+    holder      text        NOT NULL,
+    epoch       bigint      NOT NULL,
+    expires_at  timestamptz NOT NULL,
+    acquired_at timestamptz NOT NULL,
+    renewed_at  timestamptz NOT NULL
+);

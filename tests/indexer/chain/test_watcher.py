@@ -15,7 +15,7 @@ from api.sdk import AdminClient
 from cluster.launcher import LocalCluster
 from indexer.chain.anvil import Anvil
 from indexer.chain.scanner import Asset
-from indexer.chain.store import ChainStore
+from indexer.chain.store import ChainLease, ChainStore, Fenced
 from indexer.chain.watcher import Chain, Watcher
 
 pytestmark = pytest.mark.slow
@@ -66,27 +66,29 @@ def test_credited_once_n_blocks_deep_across_a_restart_and_a_reorg(world, pg_url)
             admin.assign_deposit_address("alice", anvil.chain_id, alice)
             admin.assign_deposit_address("bob", anvil.chain_id, bob)
             store = await connect()
+            lease = await store.try_acquire(anvil.chain_id, "n1", 60)
+            assert lease is not None
             watcher = Watcher(anvil.rpc, store, admin, url, chain)
             sender = anvil.accounts[9]
 
             anvil.send(sender, alice, value=5 * 10**18 + 7)
             anvil.mine()
-            step = await watcher.step()
+            step = await watcher.step(lease)
             assert [d.account for d in step.poll.seen] == ["alice"] and step.credited == []
             anvil.mine()
-            assert (await watcher.step()).credited == []
+            assert (await watcher.step(lease)).credited == []
             assert balance(admin, url, "alice") == 0
 
             # A new watcher from the same database (a restart) credits it at depth 3, once.
             store = await connect()  # the first one's connection is closed at the end
             watcher = Watcher(anvil.rpc, store, admin, url, chain)
             anvil.mine()
-            [credited] = (await watcher.step()).credited
+            [credited] = (await watcher.step(lease)).credited
             assert (credited.account, credited.amount) == ("alice", 5 * 10**9)
             assert balance(admin, url, "alice") == 5 * 10**9
             # The same credit sent again (a lost answer, a second watcher): applied once.
             await store.conn.execute("UPDATE chain_deposits SET status = 'confirmed'")
-            [again] = (await watcher.step()).credited
+            [again] = (await watcher.step(lease)).credited
             assert again.ref == credited.ref
             assert balance(admin, url, "alice") == 5 * 10**9
 
@@ -94,11 +96,11 @@ def test_credited_once_n_blocks_deep_across_a_restart_and_a_reorg(world, pg_url)
             fork_point = anvil.snapshot()
             old = anvil.send(sender, bob, value=10**18)
             anvil.mine()
-            assert [d.tx_hash for d in (await watcher.step()).poll.seen] == [old]
+            assert [d.tx_hash for d in (await watcher.step(lease)).poll.seen] == [old]
             anvil.revert(fork_point)
             new = anvil.send(sender, bob, value=2 * 10**18)
             anvil.mine(3)
-            step = await watcher.step()
+            step = await watcher.step(lease)
             assert [d.tx_hash for d in step.poll.orphaned] == [old]
             assert [d.tx_hash for d in step.credited] == [new]
             assert balance(admin, url, "bob") == 2 * 10**9
@@ -107,5 +109,68 @@ def test_credited_once_n_blocks_deep_across_a_restart_and_a_reorg(world, pg_url)
             assert rows[old]["status"] == "orphaned"
             assert rows[new]["status"] == rows[credited.tx_hash]["status"] == "credited"
             assert rows[credited.tx_hash]["dust"] == 7
+
+    asyncio.run(run())
+
+
+def test_one_watcher_per_chain_and_a_takeover_from_the_checkpoint(world, pg_url) -> None:
+    """Two watchers run: only the lease holder writes and credits; when it stops (its lease
+    given up, as a process that exits) the other takes over from the checkpoint, and every
+    deposit is credited exactly once. A watcher whose lease was taken over is fenced."""
+    anvil, cluster = world
+    url = cluster.api_urls()[0]
+    chain = Chain(anvil.chain_id, confirmations=2, assets=(ETH,),
+                  start_block=anvil.rpc.block_number() + 1)  # fmt: skip
+
+    async def scenario(stores: list[ChainStore]) -> None:
+        with AdminClient([url], cluster.admin_credentials()) as admin:
+            admin.assign_deposit_address("alice", anvil.chain_id, anvil.accounts[1])
+            for _ in range(3):  # two watchers' and the test's own
+                stores.append(await ChainStore.connect(pg_url))
+            watchers = [Watcher(anvil.rpc, st, admin, url, chain) for st in stores[:2]]
+            observer = stores[2]
+            stops = [asyncio.Event(), asyncio.Event()]
+            tasks = [
+                asyncio.create_task(w.run(f"n{i}", stop, poll_s=0.05, lease_ttl_s=1.0))
+                for i, (w, stop) in enumerate(zip(watchers, stops, strict=True))
+            ]
+
+            async def credited(n: int) -> None:
+                for _ in range(400):
+                    rows = await observer.deposits(anvil.chain_id)
+                    if sum(r["status"] == "credited" for r in rows) >= n:
+                        return
+                    anvil.mine()
+                    await asyncio.sleep(0.05)
+                raise AssertionError(f"not {n} credits: {rows}")
+
+            anvil.send(anvil.accounts[9], anvil.accounts[1], value=10**18)
+            anvil.mine()
+            await credited(1)
+            holder = await observer.conn.fetchrow("SELECT holder, epoch FROM chain_leases")
+            first = int(holder["holder"][1:])
+            stops[first].set()  # the holder exits; its lease is given up
+            await tasks[first]
+            anvil.send(anvil.accounts[9], anvil.accounts[1], value=2 * 10**18)
+            anvil.mine()
+            await credited(2)
+            after = await observer.conn.fetchrow("SELECT holder, epoch FROM chain_leases")
+            assert after["holder"] == f"n{1 - first}" and after["epoch"] > holder["epoch"]
+            stops[1 - first].set()
+            await tasks[1 - first]
+            assert balance(admin, url, "alice") == 3 * 10**9
+
+            # A writer holding an old epoch writes nothing.
+            stale = ChainLease(anvil.chain_id, f"n{first}", holder["epoch"])
+            with pytest.raises(Fenced):
+                await stores[first].credited(stale, "x", None)
+
+    async def run() -> None:
+        stores: list[ChainStore] = []
+        try:
+            await scenario(stores)
+        finally:
+            for store in stores:
+                await store.close()
 
     asyncio.run(run())
