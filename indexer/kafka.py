@@ -110,24 +110,9 @@ class KafkaSink:
             replication_factor,
             timeout_s,
         )
-        producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap,
-            acks="all",
-            # The broker refuses InitProducerId (issue 10): at least once, deduped by seq.
-            enable_idempotence=False,
-            compression_type=compression,
-            max_batch_size=BATCH_BYTES_MAX,
-            # A batch not acked within this is failed (the sender retries until then).
-            request_timeout_ms=int(timeout_s * 1000),
+        producer = await start_producer(
+            bootstrap, timeout_s, compression_type=compression, max_batch_size=BATCH_BYTES_MAX
         )
-        try:
-            async with asyncio.timeout(timeout_s):
-                await producer.start()
-        except (KafkaError, OSError, TimeoutError) as error:
-            await producer.stop()
-            raise KafkaUnavailable(
-                f"Kafka at {bootstrap}: {_describe(error, timeout_s)}"
-            ) from error
         return cls(
             producer,
             bootstrap=bootstrap,
@@ -231,6 +216,26 @@ class KafkaSink:
 
 def _append(builder, key: bytes, value: bytes, headers: list, now_ms: int) -> object:
     return builder.append(key=key, value=value, timestamp=now_ms, headers=headers)
+
+
+async def start_producer(bootstrap: str, timeout_s: float, **options) -> AIOKafkaProducer:
+    """A started producer with acks=all: KafkaUnavailable if the broker cannot be reached."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        # The broker refuses InitProducerId (issue 10): at least once, deduped by the consumer.
+        enable_idempotence=False,
+        # A batch not acked within this is failed (the sender retries until then).
+        request_timeout_ms=int(timeout_s * 1000),
+        **options,
+    )
+    try:
+        async with asyncio.timeout(timeout_s):
+            await producer.start()
+    except (KafkaError, OSError, TimeoutError) as error:
+        await producer.stop()
+        raise KafkaUnavailable(f"Kafka at {bootstrap}: {_describe(error, timeout_s)}") from error
+    return producer
 
 
 async def _create_topics(

@@ -16,8 +16,9 @@ One watcher per chain: `run` steps only while it holds the chain's lease in Post
 (every write is fenced by it, `store.Fenced`); another takes over from the checkpoint once the
 holder's lease expires. A chain node that does not answer, or answers nonsense
 (`rpc.ChainError`), is retried with backoff; a `DeepReorg` stops the watcher (an operator's
-case). Not here yet (issue 13 continues): the sidecar process around `run`, the Kafka topic,
-metrics.
+case). With a `DepositTopic`, every status a deposit reaches is published to Kafka before it
+is recorded (at least once). Not here yet (issue 13 continues): the sidecar process around
+`run`, metrics.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ from dataclasses import dataclass
 
 from api.sdk import AdminClient, ApiError, ClusterUnavailable
 
+from ..kafka import KafkaUnavailable
+from .publish import DepositTopic
 from .rpc import ChainError, EthRpc
 from .scanner import Asset, DeepReorg, Deposit, PollResult, Scanner
-from .store import ChainLease, ChainStore, Fenced
+from .store import CREDITED, DUST, ChainLease, ChainStore, Fenced
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +57,15 @@ class StepResult:
 
 class Watcher:
     def __init__(
-        self, rpc: EthRpc, store: ChainStore, admin: AdminClient, node_url: str, chain: Chain
+        self,
+        rpc: EthRpc,
+        store: ChainStore,
+        admin: AdminClient,
+        node_url: str,
+        chain: Chain,
+        topic: DepositTopic | None = None,
     ) -> None:
+        self.topic = topic  # None: no Kafka (PostgreSQL only)
         self.rpc = rpc
         self.store = store
         self.admin = admin
@@ -86,10 +96,15 @@ class Watcher:
         )
         scanner.set_addresses({row["address"]: row["account"] for row in rows})
         poll = await asyncio.to_thread(scanner.poll)
+        await self._publish([*poll.orphaned, *poll.seen, *poll.confirmed])
         await self.store.record(lease, poll, scanner.window)
         deposits = await self.store.to_credit(self.chain.chain_id)
         credited, unsettled = await self._credit(lease, deposits)
         return StepResult(poll, credited, unsettled)
+
+    async def _publish(self, deposits: list[Deposit], status: str | None = None) -> None:
+        if self.topic is not None and deposits:
+            await self.topic.publish(deposits, status)
 
     async def run(
         self,
@@ -122,9 +137,9 @@ class Watcher:
                     continue
                 except DeepReorg:
                     raise
-                except (ChainError, ApiError, ClusterUnavailable) as exc:
-                    # The chain node or the cluster: retried with backoff, from what was
-                    # recorded (a poll cut short may have moved the scanner past it).
+                except (ChainError, ApiError, ClusterUnavailable, KafkaUnavailable) as exc:
+                    # The chain node, the cluster or Kafka: retried with backoff, from what
+                    # was recorded (a poll cut short may have moved the scanner past it).
                     self.scanner = None
                     log.warning("chain %s: %s; retrying in %.1f s",
                                 self.chain.chain_id, exc, backoff)  # fmt: skip
@@ -147,6 +162,7 @@ class Watcher:
         credited, unsettled = [], []
         for deposit in deposits:
             if deposit.amount == 0:
+                await self._publish([deposit], DUST)
                 await self.store.dust_only(lease, deposit.ref)
                 continue
             command = {"op": "deposit", "account": deposit.account, "asset": deposit.asset,
@@ -167,6 +183,7 @@ class Watcher:
                 unsettled.append(deposit)
                 continue
             seq = first.get("seq") if first.get("type") != "rejected" else None
+            await self._publish([deposit], CREDITED)
             await self.store.credited(lease, deposit.ref, seq)
             credited.append(deposit)
         return credited, unsettled

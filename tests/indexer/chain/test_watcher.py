@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
+import orjson
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from api.sdk import AdminClient
 from cluster.launcher import LocalCluster
 from indexer.chain.anvil import Anvil
+from indexer.chain.publish import DepositTopic
 from indexer.chain.scanner import Asset
 from indexer.chain.store import ChainLease, ChainStore, Fenced
 from indexer.chain.watcher import Chain, Watcher
@@ -41,7 +44,27 @@ def balance(admin: AdminClient, url: str, account: str) -> int:
     return sum(r["available"] for r in rows if r["asset"] == "ETH")
 
 
-def test_credited_once_n_blocks_deep_across_a_restart_and_a_reorg(world, pg_url) -> None:
+async def read_topic(bootstrap: str, topic: str) -> list[dict]:
+    """Every record of the topic, in order, copies included."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        records = []
+        while fetched := await consumer.getmany(timeout_ms=1000):
+            for batch in fetched.values():
+                records += [orjson.loads(r.value) | {"key": r.key.decode()} for r in batch]
+        return records
+    finally:
+        await consumer.stop()
+
+
+def test_credited_once_n_blocks_deep_across_a_restart_and_a_reorg(
+    world, pg_url, kafka_bootstrap, topic_prefix
+) -> None:
     anvil, cluster = world
     url = cluster.api_urls()[0]
     alice, bob = anvil.accounts[1], anvil.accounts[2]
@@ -54,12 +77,17 @@ def test_credited_once_n_blocks_deep_across_a_restart_and_a_reorg(world, pg_url)
         opened.append(await ChainStore.connect(pg_url))
         return opened[-1]
 
+    topics: list[DepositTopic] = []
+
     async def run() -> None:
         try:
+            topics.append(await DepositTopic.connect(kafka_bootstrap, prefix=topic_prefix))
             await scenario()
         finally:
             for store in opened:
                 await store.close()
+            for topic in topics:
+                await topic.close()
 
     async def scenario() -> None:
         with AdminClient([url], cluster.admin_credentials()) as admin:
@@ -68,7 +96,7 @@ def test_credited_once_n_blocks_deep_across_a_restart_and_a_reorg(world, pg_url)
             store = await connect()
             lease = await store.try_acquire(anvil.chain_id, "n1", 60)
             assert lease is not None
-            watcher = Watcher(anvil.rpc, store, admin, url, chain)
+            watcher = Watcher(anvil.rpc, store, admin, url, chain, topics[0])
             sender = anvil.accounts[9]
 
             anvil.send(sender, alice, value=5 * 10**18 + 7)
@@ -81,7 +109,7 @@ def test_credited_once_n_blocks_deep_across_a_restart_and_a_reorg(world, pg_url)
 
             # A new watcher from the same database (a restart) credits it at depth 3, once.
             store = await connect()  # the first one's connection is closed at the end
-            watcher = Watcher(anvil.rpc, store, admin, url, chain)
+            watcher = Watcher(anvil.rpc, store, admin, url, chain, topics[0])
             anvil.mine()
             [credited] = (await watcher.step(lease)).credited
             assert (credited.account, credited.amount) == ("alice", 5 * 10**9)
@@ -109,6 +137,16 @@ def test_credited_once_n_blocks_deep_across_a_restart_and_a_reorg(world, pg_url)
             assert rows[old]["status"] == "orphaned"
             assert rows[new]["status"] == rows[credited.tx_hash]["status"] == "credited"
             assert rows[credited.tx_hash]["dust"] == 7
+
+            # Kafka has every observed deposit; the last status of each is the table's.
+            records = await read_topic(kafka_bootstrap, topics[0].topic)
+            last = {r["key"]: r for r in records}
+            assert {r["ref"]: r["status"] for r in last.values()} == {
+                r["ref"]: r["status"] for r in rows.values()
+            }
+            assert last[rows[credited.tx_hash]["ref"]]["raw"] == str(5 * 10**18 + 7)
+            statuses = [r["status"] for r in records if r["tx_hash"] == new]
+            assert statuses[0] == "seen" and statuses[-1] == "credited"
 
     asyncio.run(run())
 
