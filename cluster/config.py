@@ -146,6 +146,30 @@ class Archive(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defa
     keep_backups: AtLeastOne = 7  # older backups, and the segments only they need, are deleted
 
 
+class ChainAsset(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """`[[chain.assets]]`: what a chain amount becomes in the exchange (docs/reference/chain.md):
+    the native coin without `token`, else the ERC-20 contract at `token`."""
+
+    asset: Name  # the exchange's asset it is credited as
+    decimals: NotNegative  # on the chain (18 for ETH)
+    asset_decimals: NotNegative  # the exchange's integer units of `asset`
+    token: Annotated[str, msgspec.Meta(pattern=r"^0x[0-9a-fA-F]{40}$")] | None = None
+
+
+class Chain(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """`[chain]`: watch an EVM chain for deposits and credit them (issue 13; one watcher per
+    chain among the nodes, under a lease in `[indexer] postgres_url`'s database, deposits to
+    Kafka when `[indexer] kafka_bootstrap` is set). Without `rpc_url`, no watcher runs."""
+
+    rpc_url: str | None = None  # the chain node's JSON-RPC over HTTP
+    chain_id: AtLeastOne = 1
+    confirmations: AtLeastOne = 12  # a deposit is credited this many blocks deep
+    start_block: NotNegative = 0  # where a new watcher starts (the deposit addresses' first use)
+    poll_interval_s: Seconds = 2.0
+    watcher_lease_ttl_s: Seconds = 6.0  # a watcher that stops renewing is replaced after this
+    assets: list[ChainAsset] = msgspec.field(default_factory=list)
+
+
 class NodeConfig(
     msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True, kw_only=True
 ):
@@ -165,6 +189,7 @@ class NodeConfig(
     ws: WsSettings = msgspec.field(default_factory=WsSettings)
     indexer: Indexer = msgspec.field(default_factory=Indexer)
     archive: Archive = msgspec.field(default_factory=Archive)
+    chain: Chain = msgspec.field(default_factory=Chain)
     peers: tuple[Peer, ...] = ()
 
     @property
@@ -261,6 +286,13 @@ class NodeConfig(
         self.read_admin_key()
         if self.api.tls_key_file is not None:
             _read_secret(self.api.tls_key_file, "[api] tls_key_file")
+        if self.chain.rpc_url and not self.indexer.postgres_url:
+            raise ConfigError(
+                "[chain] rpc_url needs [indexer] postgres_url: the watcher keeps its lease, "
+                "checkpoint and deposits there"
+            )
+        if self.chain.rpc_url and self.admin_key_file is None:
+            raise ConfigError("[chain] rpc_url needs admin_key_file: the watcher credits with it")
         if self.archive.target and not self.cluster_id:
             raise ConfigError(
                 "[archive] target needs a cluster_id (the same on every node): the archived "
@@ -276,6 +308,7 @@ TABLES: dict[str, type[msgspec.Struct]] = {
     "ws": WsSettings,
     "indexer": Indexer,
     "archive": Archive,
+    "chain": Chain,
 }
 # key -> its table ("" for the top level); `make` names keys this way
 _TABLE_OF: dict[str, str] = {

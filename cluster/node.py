@@ -53,7 +53,7 @@ from .replica import (
     RequestRefused,
     Unencodable,
 )
-from .sidecar import Sidecar, archive_sidecar, indexer_sidecar
+from .sidecar import Sidecar, archive_sidecar, chain_sidecar, indexer_sidecar
 
 # Which build of the state machine this process runs (docs/adr/0003-compiled-state-machine.md).
 ENGINE = "compiled" if (_exchange_module.__file__ or "").endswith(".so") else "pure"
@@ -105,6 +105,7 @@ class Node:
         self._membership_lock = trio.Lock()
         self.indexer: Sidecar | None = None  # set by _serve when [indexer] is configured
         self.archive: Sidecar | None = None  # set by _serve when [archive] is configured
+        self.chain: Sidecar | None = None  # set by _serve when [chain] is configured
         self.api_master = config.read_api_master()
         self._trades: dict[str, collections.deque] = {}
         self._trades_lock = threading.Lock()
@@ -348,6 +349,7 @@ class Node:
             **self._summary(self.raft.status(), self.machine.exchange.cmd_index),
             "indexer": self.indexer_status(),
             "archive": self.archive_status(),
+            "chain": self.chain_status(),
         }
 
     async def snapshot(self) -> dict:
@@ -384,6 +386,12 @@ class Node:
         if self.archive is None:
             return {"configured": False, "active": False}
         return self.archive.status
+
+    def chain_status(self) -> dict:
+        """The `chain` object of the status: what this node's chain watcher last said."""
+        if self.chain is None:
+            return {"configured": False, "active": False}
+        return self.chain.status
 
     def sidecar_view(self) -> dict:
         """What the helper processes need to know of this node (cluster/sidecar.py): figures
@@ -463,6 +471,7 @@ class Node:
             },
             "indexer": self.indexer_status(),
             "archive": self.archive_status(),
+            "chain": self.chain_status(),
         }
 
 
@@ -545,6 +554,9 @@ async def _serve(config: NodeConfig) -> None:
             if config.archive.target:
                 node.archive = archive_sidecar(config, node.sidecar_view)
                 await nursery.start(node.archive.run)
+            if config.chain.rpc_url:
+                node.chain = chain_sidecar(config, node.sidecar_view)
+                await nursery.start(node.chain.run)
             stop = trio.Event()
 
             async def watch_signals() -> None:

@@ -1,5 +1,5 @@
-"""A node's helper processes (ADR 0007): the indexer (`cluster/indexer_process.py`) and the
-log archiver (`disaster_recovery/archiver.py`, found through the `quorumbook.sidecars` entry
+"""A node's helper processes (ADR 0007): the indexer (`cluster/indexer_process.py`), the chain
+watcher (`indexer/chain/process.py`) and the log archiver (`disaster_recovery/archiver.py`, found through the `quorumbook.sidecars` entry
 point: cluster/ runs it, never imports it).
 
 A trio task in the node's nursery starts the process, tells it what it needs to know of the
@@ -21,6 +21,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+import msgspec
 import trio
 
 from .config import Indexer, NodeConfig
@@ -158,6 +159,24 @@ def indexer_sidecar(
     return Sidecar("indexer", argv, view, env=env)
 
 
+def chain_sidecar(config: NodeConfig, view: Callable[[], dict]) -> Sidecar:
+    """The chain watcher (indexer/chain/process.py) for a `[chain]` table."""
+    chain = config.chain
+    argv = [
+        sys.executable, "-P", "-m", "indexer.chain.process",
+        "--node-id", config.node_id, "--api-url", config.api_url,
+        "--admin-key-file", str(config.admin_key_file),
+        "--chain", json.dumps(msgspec.to_builtins(chain)),
+        "--topic-prefix", config.indexer.topic_prefix,
+    ]  # fmt: skip
+    if config.indexer.kafka_bootstrap:
+        argv += ["--kafka-bootstrap", config.indexer.kafka_bootstrap]
+    # The chain node's URL may carry an API key, and the database's a password: not in argv.
+    env = {POSTGRES_URL_ENV: str(config.indexer.postgres_url), RPC_URL_ENV: str(chain.rpc_url)}
+    return Sidecar("chain", argv, view, env=env)
+
+
+RPC_URL_ENV = "QB_CHAIN_RPC_URL"
 ARCHIVER_ENTRY_POINT = ("quorumbook.sidecars", "archive")
 
 

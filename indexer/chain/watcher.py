@@ -66,6 +66,10 @@ class Watcher:
         topic: DepositTopic | None = None,
     ) -> None:
         self.topic = topic  # None: no Kafka (PostgreSQL only)
+        # What the node status shows (the `chain` object; docs/reference/chain.md).
+        self.status: dict = {"configured": True, "active": False, "state": "starting",
+                             "chain_id": chain.chain_id, "credited": 0, "orphaned": 0,
+                             "reorgs": 0}  # fmt: skip
         self.rpc = rpc
         self.store = store
         self.admin = admin
@@ -100,6 +104,12 @@ class Watcher:
         await self.store.record(lease, poll, scanner.window)
         deposits = await self.store.to_credit(self.chain.chain_id)
         credited, unsettled = await self._credit(lease, deposits)
+        st = self.status
+        st.update(head=poll.head, indexed_to=poll.indexed_to, waiting=len(scanner.pending),
+                  to_credit=len(unsettled), last_error=None)  # fmt: skip
+        st["credited"] += len(credited)
+        st["orphaned"] += len(poll.orphaned)
+        st["reorgs"] += 1 if poll.reorg_depth else 0
         return StepResult(poll, credited, unsettled)
 
     async def _publish(self, deposits: list[Deposit], status: str | None = None) -> None:
@@ -121,26 +131,31 @@ class Watcher:
         try:
             while not stop.is_set():
                 if lease is None:
+                    self.status.update(active=False, state="standby")
                     lease = await self.store.try_acquire(self.chain.chain_id, holder, lease_ttl_s)
                     if lease is None:
                         await _wait(stop, lease_ttl_s / 3)
                         continue
+                    self.status.update(active=True, state="active", epoch=lease.epoch)
                     self.scanner = None  # resume from what the previous holder wrote
                     log.info("chain %s: %s holds the lease (epoch %d)",
                              self.chain.chain_id, holder, lease.epoch)  # fmt: skip
                 try:
                     await self.step(lease)
+                    self.status.update(active=True, state="active")
                     backoff = poll_s
                 except Fenced:
                     log.warning("chain %s: %s lost the lease", self.chain.chain_id, holder)
                     lease = None
                     continue
-                except DeepReorg:
+                except DeepReorg as exc:
+                    self.status.update(active=False, state="alarm", alarm=str(exc))
                     raise
                 except (ChainError, ApiError, ClusterUnavailable, KafkaUnavailable) as exc:
                     # The chain node, the cluster or Kafka: retried with backoff, from what
                     # was recorded (a poll cut short may have moved the scanner past it).
                     self.scanner = None
+                    self.status.update(state="retrying", last_error=f"{type(exc).__name__}: {exc}")
                     log.warning("chain %s: %s; retrying in %.1f s",
                                 self.chain.chain_id, exc, backoff)  # fmt: skip
                     await _wait(stop, backoff)

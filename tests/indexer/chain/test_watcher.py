@@ -7,6 +7,7 @@ final status."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import orjson
@@ -212,3 +213,45 @@ def test_one_watcher_per_chain_and_a_takeover_from_the_checkpoint(world, pg_url)
                 await store.close()
 
     asyncio.run(run())
+
+
+def test_a_cluster_with_chain_configured_credits_deposits_through_its_watcher(
+    tmp_path, pg_url, kafka_bootstrap, topic_prefix
+) -> None:
+    """End to end, as an operator runs it: `[chain]` in every node's config, one watcher
+    active among the three (the others standby), a deposit to an assigned address credited
+    once it is deep enough, the node status showing it."""
+    with Anvil() as anvil:
+        cluster = LocalCluster.create(
+            tmp_path / "cluster", 3,
+            postgres_url=pg_url, kafka_bootstrap=kafka_bootstrap, topic_prefix=topic_prefix,
+            rpc_url=anvil.url, chain_id=anvil.chain_id, confirmations=2, poll_interval_s=0.1,
+            watcher_lease_ttl_s=6.0, start_block=anvil.rpc.block_number() + 1,
+            assets=[{"asset": "ETH", "decimals": 18, "asset_decimals": 9}],
+        )  # fmt: skip
+        cluster.exit_with_launcher = True
+        try:
+            cluster.start()
+            cluster.wait_all_following(30)
+            with AdminClient(cluster.api_urls(), cluster.admin_credentials()) as admin:
+                admin.assign_deposit_address("alice", anvil.chain_id, anvil.accounts[1])
+                anvil.send(anvil.accounts[9], anvil.accounts[1], value=3 * 10**18)
+                anvil.mine()
+                deadline = time.monotonic() + 30
+                while balance(admin, cluster.api_urls()[0], "alice") == 0:
+                    assert time.monotonic() < deadline, cluster.statuses()
+                    anvil.mine()
+                    time.sleep(0.2)
+                assert balance(admin, cluster.api_urls()[0], "alice") == 3 * 10**9
+                # One watcher active, the others standby (statuses come every 0.5 s).
+                while True:
+                    chains = [s["chain"] for s in cluster.statuses().values() if s]
+                    states = sorted(c["state"] for c in chains)
+                    if states == ["active", "standby", "standby"]:
+                        break
+                    assert time.monotonic() < deadline, chains
+                    time.sleep(0.1)
+                assert {c["chain_id"] for c in chains} == {anvil.chain_id}
+                assert sum(c.get("credited", 0) for c in chains) == 1  # once, by whichever led
+        finally:
+            cluster.stop_all()
