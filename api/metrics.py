@@ -119,6 +119,9 @@ class _NodeCollector(Collector):
         archive = health.get("archive") or {}
         if archive.get("configured"):
             yield from _archive_metrics(archive)
+        chain = health.get("chain") or {}
+        if chain.get("configured"):
+            yield from _chain_metrics(chain)
         for name, doc in (
             (
                 "qb_commit_latency_seconds",
@@ -153,6 +156,29 @@ def _archive_metrics(archive: dict) -> Iterator[Metric]:
         ("qb_archive_gaps", "gaps", "times the log moved past the archive (a loud gap)"),
     ):
         yield CounterMetricFamily(name, doc, value=float(archive.get(key) or 0))
+
+
+def _chain_metrics(chain: dict) -> Iterator[Metric]:
+    """The chain watcher's (indexer/chain/; docs/reference/chain.md)."""
+    for name, key, doc in (
+        ("qb_chain_active", "active", "1 while this node's watcher holds the chain's lease"),
+        ("qb_chain_head", "head", "the chain's head block, as the watcher last saw it"),
+        ("qb_chain_indexed_height", "indexed_to", "the highest block the watcher indexed"),
+        ("qb_chain_waiting_deposits", "waiting", "deposits seen, not yet deep enough"),
+        ("qb_chain_uncredited_deposits", "to_credit", "confirmed deposits whose credit is not settled"),
+        ("qb_chain_failing", "last_error", "1 while the chain node, the cluster or Kafka fails"),
+        ("qb_chain_alarm", "alarm", "1 after a deep reorganization stopped the watcher"),
+    ):  # fmt: skip
+        value = chain.get(key)
+        if key in ("last_error", "alarm"):
+            value = 1.0 if value else 0.0
+        yield GaugeMetricFamily(name, doc, value=float(value or 0))
+    for name, key, doc in (
+        ("qb_chain_deposits_credited", "credited", "deposits this node's watcher credited"),
+        ("qb_chain_deposits_orphaned", "orphaned", "deposits a reorganization orphaned"),
+        ("qb_chain_reorgs", "reorgs", "reorganizations the watcher followed"),
+    ):
+        yield CounterMetricFamily(name, doc, value=float(chain.get(key) or 0))
 
 
 def _le(bound: float) -> str:

@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import Iterator
 
+import httpx
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -253,5 +254,8 @@ def test_a_cluster_with_chain_configured_credits_deposits_through_its_watcher(
                     time.sleep(0.1)
                 assert {c["chain_id"] for c in chains} == {anvil.chain_id}
                 assert sum(c.get("credited", 0) for c in chains) == 1  # once, by whichever led
+                metrics = [httpx.get(u + "/metrics", timeout=5).text for u in cluster.api_urls()]
+                assert sum("qb_chain_active 1.0" in m for m in metrics) == 1
+                assert sum("qb_chain_deposits_credited_total 1.0" in m for m in metrics) == 1
         finally:
             cluster.stop_all()
