@@ -173,13 +173,17 @@ class Scanner:
             self._index(block, result)
             height += 1
         for ref, deposit in sorted(self.pending.items(), key=lambda kv: kv[1].block_number):
-            if (
-                head - deposit.block_number + 1 >= self.confirmations
-                and deposit.block_number <= self.tip
-            ):
-                confirmed = replace(deposit, status=CONFIRMED)
-                result.confirmed.append(confirmed)
-                del self.pending[ref]
+            deep = head - deposit.block_number + 1 >= self.confirmations
+            if not deep or deposit.block_number > self.tip:
+                continue
+            del self.pending[ref]
+            if self.window.get(deposit.block_number) != deposit.block_hash:
+                # Its block is not one this scanner indexed (a checkpoint reset by an operator,
+                # a deposit of an older fork read back from the database): never confirmed
+                # unverified. If its transaction is on the chain, indexing finds it again.
+                result.orphaned.append(replace(deposit, status=ORPHANED))
+                continue
+            result.confirmed.append(replace(deposit, status=CONFIRMED))
         keep = self.confirmations + REORG_MARGIN
         for h in [h for h in self.window if h <= self.tip - keep]:
             del self.window[h]

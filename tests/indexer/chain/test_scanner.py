@@ -5,6 +5,7 @@ confirmation depth stops it loudly; a transfer that reverted is no deposit; ERC-
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -166,3 +167,19 @@ def test_a_node_of_another_chain_is_refused(chain: Anvil) -> None:
     s = Scanner(chain.rpc, chain_id=1, confirmations=1, addresses={}, assets=(ETH,), start=0)
     with pytest.raises(BadChainData, match=f"serves chain {chain.chain_id}, not 1"):
         s.check_chain()
+
+
+def test_a_pending_deposit_whose_block_is_not_indexed_is_never_confirmed(chain: Anvil) -> None:
+    """A deposit read back as pending (from the database) whose block hash is not the one the
+    scanner indexed at that height (an older fork's, or a checkpoint an operator reset) is
+    orphaned, not confirmed; if its transaction is on the chain, indexing finds it again."""
+    s = scanner(chain, confirmations=2)
+    tx = chain.send(chain.accounts[DEPOSITOR], chain.accounts[1], value=10**18)
+    chain.mine()
+    [seen] = s.poll().seen
+    stale = dataclasses.replace(seen, ref="stale-ref", block_hash="0x" + "ee" * 32)
+    s.pending[stale.ref] = stale
+    chain.mine()
+    result = s.poll()
+    assert [d.ref for d in result.orphaned] == ["stale-ref"]
+    assert [d.tx_hash for d in result.confirmed] == [tx]  # the real one, verified
