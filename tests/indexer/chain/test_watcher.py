@@ -7,6 +7,8 @@ final status."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Iterator
 
@@ -19,6 +21,7 @@ from api.sdk import AdminClient
 from cluster.launcher import LocalCluster
 from indexer.chain.anvil import Anvil
 from indexer.chain.publish import DepositTopic
+from indexer.chain.rpc import EthRpc
 from indexer.chain.scanner import Asset
 from indexer.chain.store import ChainLease, ChainStore, Fenced
 from indexer.chain.watcher import Chain, Watcher
@@ -259,3 +262,52 @@ def test_a_cluster_with_chain_configured_credits_deposits_through_its_watcher(
                 assert sum("qb_chain_deposits_credited_total 1.0" in m for m in metrics) == 1
         finally:
             cluster.stop_all()
+
+
+def test_the_chain_node_away_and_back_loses_nothing(world, pg_url) -> None:
+    """The chain node stops answering (SIGSTOP: every call times out): the watcher says so
+    (`retrying`, the error) and backs off; when it answers again, the deposits of the blocks
+    mined meanwhile are credited, once."""
+    anvil, cluster = world
+    url = cluster.api_urls()[0]
+    chain = Chain(anvil.chain_id, confirmations=2, assets=(ETH,),
+                  start_block=anvil.rpc.block_number() + 1)  # fmt: skip
+
+    async def scenario(store: ChainStore) -> None:
+        with AdminClient([url], cluster.admin_credentials()) as admin, \
+                EthRpc(anvil.url, timeout_s=0.3) as rpc:  # fmt: skip
+            admin.assign_deposit_address("alice", anvil.chain_id, anvil.accounts[1])
+            watcher = Watcher(rpc, store, admin, url, chain)
+            stop = asyncio.Event()
+            task = asyncio.create_task(
+                watcher.run("n1", stop, poll_s=0.05, lease_ttl_s=5.0, backoff_max_s=0.5)
+            )
+            anvil.send(anvil.accounts[9], anvil.accounts[1], value=10**18)
+            os.kill(anvil.process.pid, signal.SIGSTOP)
+            try:
+                for _ in range(100):
+                    if watcher.status["state"] == "retrying":
+                        break
+                    await asyncio.sleep(0.05)
+                assert watcher.status["state"] == "retrying", watcher.status
+                assert "ChainUnavailable" in watcher.status["last_error"]
+            finally:
+                os.kill(anvil.process.pid, signal.SIGCONT)
+            anvil.mine(2)
+            for _ in range(200):
+                if watcher.status.get("credited") == 1:
+                    break
+                await asyncio.sleep(0.05)
+            stop.set()
+            await task
+            assert watcher.status["credited"] == 1 and watcher.status["last_error"] is None
+            assert balance(admin, url, "alice") == 10**9
+
+    async def run() -> None:
+        store = await ChainStore.connect(pg_url)
+        try:
+            await scenario(store)
+        finally:
+            await store.close()
+
+    asyncio.run(run())
