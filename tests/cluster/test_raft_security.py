@@ -29,6 +29,9 @@ from cluster.workload import wait_for
 
 from .conftest import free_port
 
+# Plain nodes on TCP here: their failed binds must not leak a socket (conftest.py).
+pytestmark = pytest.mark.usefixtures("plain_tcp_server_closes_a_failed_bind")
+
 POLL_S = 0.01  # how often wait_for looks: in-process replicas answer at once
 DEADLINE_S = 10.0
 

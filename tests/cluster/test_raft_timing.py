@@ -31,6 +31,9 @@ from cluster.raft.transport import BoundedTcpConnection, HardenedTCPTransport
 
 from .conftest import KINDS, RecordingMachine, SimNet, free_port
 
+# Plain nodes on TCP here: their failed binds must not leak a socket (conftest.py).
+pytestmark = pytest.mark.usefixtures("plain_tcp_server_closes_a_failed_bind")
+
 # ---------------------------------------------------------------------------------------------
 # 1. An idle follower-to-follower link loses the first vote request after the leader dies
 # ---------------------------------------------------------------------------------------------
