@@ -118,10 +118,10 @@ class _NodeCollector(Collector):
             yield alarm
         archive = health.get("archive") or {}
         if archive.get("configured"):
-            yield from _archive_metrics(archive)
+            yield from _sidecar_metrics(archive, ARCHIVE_METRICS)
         chain = health.get("chain") or {}
         if chain.get("configured"):
-            yield from _chain_metrics(chain)
+            yield from _sidecar_metrics(chain, CHAIN_METRICS)
         for name, doc in (
             (
                 "qb_commit_latency_seconds",
@@ -135,50 +135,52 @@ class _NodeCollector(Collector):
             yield HistogramMetricFamily(name, doc, buckets=buckets, sum_value=figures["sum"])
 
 
-def _archive_metrics(archive: dict) -> Iterator[Metric]:
-    """The log archiver's (disaster_recovery/archiver.py; docs/operating/backup-restore.md)."""
-    for name, key, doc in (
+# A sidecar's status (cluster/sidecar.py) as metrics: (name, status key, help) for gauges and
+# for counters (they start over when the process restarts; rate() copes). A text-valued key
+# (an error, an alarm) is a 0/1 gauge: 1 while it is set.
+_FLAGS = ("last_error", "alarm")
+ARCHIVE_METRICS = (
+    (
         ("qb_archive_active", "active", "1 while this node archives the log (one follower does)"),
         ("qb_archive_index", "archived_index", "last log index in the archive"),
         ("qb_archive_cmd_index", "archived_cmd_index", "cmd_index at the archive's end"),
         ("qb_archive_lag_entries", "lag_entries", "log entries applied here, not yet archived"),
         ("qb_archive_lag_seconds", "lag_s", "how long the archive has been behind, while it is"),
         ("qb_archive_failing", "last_error", "1 while the archiver's last round failed"),
-    ):  # fmt: skip
-        value = archive.get(key)
-        if key == "last_error":
-            value = 1.0 if value else 0.0
-        yield GaugeMetricFamily(name, doc, value=float(value or 0))
-    # Counters of the archiver process: they start over when it restarts (rate() copes).
-    for name, key, doc in (
+    ),
+    (
         ("qb_archive_segments_written", "segments_written", "segments this node shipped"),
         ("qb_archive_backups_written", "backups_written", "scheduled backups this node took"),
         ("qb_archive_gaps", "gaps", "times the log moved past the archive (a loud gap)"),
-    ):
-        yield CounterMetricFamily(name, doc, value=float(archive.get(key) or 0))
-
-
-def _chain_metrics(chain: dict) -> Iterator[Metric]:
-    """The chain watcher's (indexer/chain/; docs/reference/chain.md)."""
-    for name, key, doc in (
+    ),
+)  # the log archiver's (disaster_recovery/archiver.py; docs/operating/backup-restore.md)
+CHAIN_METRICS = (
+    (
         ("qb_chain_active", "active", "1 while this node's watcher holds the chain's lease"),
         ("qb_chain_head", "head", "the chain's head block, as the watcher last saw it"),
         ("qb_chain_indexed_height", "indexed_to", "the highest block the watcher indexed"),
         ("qb_chain_waiting_deposits", "waiting", "deposits seen, not yet deep enough"),
-        ("qb_chain_uncredited_deposits", "to_credit", "confirmed deposits whose credit is not settled"),
+        ("qb_chain_uncredited_deposits", "to_credit", "confirmed deposits, credit not settled"),
         ("qb_chain_failing", "last_error", "1 while the chain node, the cluster or Kafka fails"),
         ("qb_chain_alarm", "alarm", "1 after a deep reorganization stopped the watcher"),
-    ):  # fmt: skip
-        value = chain.get(key)
-        if key in ("last_error", "alarm"):
-            value = 1.0 if value else 0.0
-        yield GaugeMetricFamily(name, doc, value=float(value or 0))
-    for name, key, doc in (
+    ),
+    (
         ("qb_chain_deposits_credited", "credited", "deposits this node's watcher credited"),
         ("qb_chain_deposits_orphaned", "orphaned", "deposits a reorganization orphaned"),
         ("qb_chain_reorgs", "reorgs", "reorganizations the watcher followed"),
-    ):
-        yield CounterMetricFamily(name, doc, value=float(chain.get(key) or 0))
+    ),
+)  # the chain watcher's (indexer/chain/; docs/reference/chain.md)
+
+
+def _sidecar_metrics(status: dict, table: tuple) -> Iterator[Metric]:
+    gauges, counters = table
+    for name, key, doc in gauges:
+        value = status.get(key)
+        if key in _FLAGS:
+            value = 1.0 if value else 0.0
+        yield GaugeMetricFamily(name, doc, value=float(value or 0))
+    for name, key, doc in counters:
+        yield CounterMetricFamily(name, doc, value=float(status.get(key) or 0))
 
 
 def _le(bound: float) -> str:

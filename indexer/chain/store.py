@@ -80,7 +80,6 @@ class Resume:
 
     blocks: dict[int, str]
     pending: list[Deposit]
-    indexed_to: int | None
 
 
 class ChainStore:
@@ -98,7 +97,7 @@ class ChainStore:
 
     async def resume(self, chain_id: int) -> Resume:
         row = await self.conn.fetchrow(
-            "SELECT blocks, indexed_to FROM chain_checkpoints WHERE chain_id = $1", chain_id
+            "SELECT blocks FROM chain_checkpoints WHERE chain_id = $1", chain_id
         )
         pending = [
             _deposit(r)
@@ -110,9 +109,9 @@ class ChainStore:
             )
         ]
         if row is None:
-            return Resume({}, pending, None)
+            return Resume({}, pending)
         blocks = {int(h): str(v) for h, v in orjson.loads(row["blocks"]).items()}
-        return Resume(blocks, pending, row["indexed_to"])
+        return Resume(blocks, pending)
 
     # -- the lease ------------------------------------------------------------------------
 
