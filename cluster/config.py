@@ -144,6 +144,9 @@ class Archive(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defa
     segment_max_entries: AtLeastOne = 2000  # ... or when it holds this many log entries
     backup_interval_s: SecondsOrZero = 3600.0  # a backup of the latest dump this often; 0: never
     keep_backups: AtLeastOne = 7  # older backups, and the segments only they need, are deleted
+    # Compaction keeps the log after the archive's end, on every node with [archive], so that
+    # whichever archives next finds no gap; at most this many MB of journal (ADR 0008). 0: off.
+    compaction_hold_mb: NotNegative = 256
 
 
 class ChainAsset(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -245,6 +248,9 @@ class NodeConfig(
                 peers=tuple(peer.raft_addr for peer in self.peers),
                 password=password,
                 data_dir=self.data_dir,
+                compaction_hold_max_bytes=(
+                    self.archive.compaction_hold_mb * 1_000_000 if self.archive.target else 0
+                ),
                 **tuning,
             )
         except ValueError as exc:

@@ -455,6 +455,10 @@ class Node:
                 for k in (
                     "log_first_index",
                     "log_last_index",
+                    "dump_index",
+                    "compaction_hold",
+                    "held_dump_index",
+                    "compaction_holds_released",
                     "refused_truncations",
                     "snapshots_ignored",
                     "snapshots_installed",
@@ -552,7 +556,9 @@ async def _serve(config: NodeConfig) -> None:
                 )
                 await nursery.start(node.indexer.run)
             if config.archive.target:
-                node.archive = archive_sidecar(config, node.sidecar_view)
+                node.archive = archive_sidecar(
+                    config, node.sidecar_view, node.raft.set_compaction_hold
+                )
                 await nursery.start(node.archive.run)
             if config.chain.rpc_url:
                 node.chain = chain_sidecar(config, node.sidecar_view)

@@ -46,11 +46,13 @@ class Sidecar:
         view: Callable[[], dict],
         *,
         env: dict[str, str] | None = None,
+        on_status: Callable[[dict], None] | None = None,
     ) -> None:
         self.name = name
         self._argv = argv
         self._env = env or {}
         self._view = view
+        self._on_status = on_status
         self.status: dict = {"configured": True, "active": False, "state": "starting"}
         self.restarts = 0
 
@@ -120,6 +122,8 @@ class Sidecar:
                     continue
                 if isinstance(status, dict):
                     self.status = {**status, "restarts": self.restarts}
+                    if self._on_status is not None:
+                        self._on_status(status)
 
     async def _stop(self, process: trio.Process) -> None:
         if process.returncode is not None:
@@ -180,9 +184,13 @@ RPC_URL_ENV = "QB_CHAIN_RPC_URL"
 ARCHIVER_ENTRY_POINT = ("quorumbook.sidecars", "archive")
 
 
-def archive_sidecar(config: NodeConfig, view: Callable[[], dict]) -> Sidecar:
+def archive_sidecar(
+    config: NodeConfig, view: Callable[[], dict], hold: Callable[[int], None]
+) -> Sidecar:
     """The log archiver for an `[archive]` table: the module the `quorumbook.sidecars` entry
-    point `archive` names (disaster_recovery/archiver.py), run with `-m`."""
+    point `archive` names (disaster_recovery/archiver.py), run with `-m`. `hold(index)` is
+    called with the archive's end whenever the archiver reports it (archiving or standing
+    by): the node's compaction keeps the log after it (ADR 0008)."""
     from importlib.metadata import entry_points
 
     group, name = ARCHIVER_ENTRY_POINT
@@ -202,9 +210,15 @@ def archive_sidecar(config: NodeConfig, view: Callable[[], dict]) -> Sidecar:
         "--backup-interval-s", str(s.backup_interval_s),
         "--keep-backups", str(s.keep_backups),
     ]  # fmt: skip
+
     # A target URL may hold no secret (S3 credentials come from AWS_* variables), but keep it
     # beside them all the same.
-    return Sidecar("archive", argv, view, env={TARGET_ENV: str(s.target)})
+    def on_status(status: dict) -> None:
+        end = status.get("archived_index")
+        if type(end) is int:
+            hold(end)
+
+    return Sidecar("archive", argv, view, env={TARGET_ENV: str(s.target)}, on_status=on_status)
 
 
 TARGET_ENV = "QB_ARCHIVE_TARGET"

@@ -15,9 +15,16 @@ overlap and a restore takes either.
 
 Where it reads: like the indexer (ADR 0007), its own replica of the state machine, fed from
 the node's dump and journal up to the applied index (every entry's `cmd_index` is recorded,
-so a point-in-time restore knows where to stop). When the journal no longer holds the entry
-after the archive's end (the node compacted while no archiver ran), the archive has a gap:
-it is said loudly, and a backup of the node's dump starts a new chain after it.
+so a point-in-time restore knows where to stop). The replica starts from the newest state
+the node keeps at or before the archive's end: its dump, the dump its compaction hold kept
+(raft.dump.held), or the empty state while its journal starts at index 1.
+
+The compaction hold (ADR 0008): every archiver, standing by too, reports where the archive
+ends (`archived_index`; a standing-by one reads it from the target every few seconds), and
+its node's compaction keeps the log after that point, so whichever node archives next finds
+no gap. When the journal no longer holds the entry after the archive's end all the same (the
+hold's bound was passed, or the node installed a snapshot), the archive has a gap: it is said
+loudly, and a backup of the node's dump starts a new chain after it.
 
 It talks to the node in JSON lines like the indexer: the node's view on stdin, its status
 (the node status's `archive` object) on stdout.
@@ -37,7 +44,14 @@ import time
 from pathlib import Path
 
 from cluster.machine import ExchangeMachine, exchange_blob_of
-from cluster.raft import JournalGap, JournalReader, RaftStorageError, payload_of_entry, read_dump
+from cluster.raft import (
+    HELD_DUMP,
+    JournalGap,
+    JournalReader,
+    RaftStorageError,
+    payload_of_entry,
+    read_dump,
+)
 from statemachine.snapshot import stated_hash
 
 from . import backup, segments
@@ -47,6 +61,7 @@ log = logging.getLogger("quorumbook.archive")
 
 TARGET_ENV = "QB_ARCHIVE_TARGET"
 STATUS_PERIOD_S = 0.5
+STANDBY_READ_S = 5.0  # how often a standing-by archiver reads where the archive ends
 IDLE_S = 0.05
 READ_MAX = 256  # log entries read and applied per step
 PENDING_MAX = 50_000  # entries held while the target is down; beyond, start over from the end
@@ -68,21 +83,33 @@ class Replica:
 
     @classmethod
     def at(cls, data_dir: Path, index: int, applied: int) -> Replica:
-        """A replica at `index` (from the node's dump, then its journal). Gap when the dump is
-        past `index` or the journal no longer holds what lies between."""
+        """A replica at `index`: from the newest state the node keeps at or before it (its
+        dump, its held dump, or the empty state), then its journal. Gap when the journal no
+        longer holds what lies between."""
         replica = cls(data_dir)
-        dump = data_dir / "raft.dump"
-        if dump.exists():
-            header, blob = read_dump(dump)
-            if header.index > index:
-                replica.close()
-                raise Gap(f"the node's snapshot is at log index {header.index}, past {index}")
-            replica.machine.restore(blob)
-            replica.index = header.index
-        replica.reader.open()
-        while replica.index < index:
-            if not replica.read(min(index, applied), READ_MAX):
-                break
+        try:
+            past = None
+            for name in ("raft.dump", HELD_DUMP):
+                if not (data_dir / name).exists():
+                    continue
+                header, blob = read_dump(data_dir / name)
+                if header.index <= index:
+                    replica.machine.restore(blob)
+                    replica.index = header.index
+                    break
+                past = header.index if past is None else past
+            replica.reader.open()
+            while replica.index < index:
+                if not replica.read(min(index, applied), READ_MAX):
+                    break
+        except Gap as exc:
+            replica.close()
+            if past is not None and replica.index == 0:
+                raise Gap(f"the node's snapshot is at log index {past}, past {index}") from exc
+            raise
+        except BaseException:
+            replica.close()
+            raise
         if replica.index != index:
             replica.close()
             raise Gap(f"the node has applied {applied}, not yet {index}")
@@ -153,6 +180,7 @@ class Archiver:
         self.last_backup_at: dt.datetime | None = None
         self.last_backup_index = -1
         self.next_backup_check = 0.0
+        self.next_standby_read = 0.0
         self.status: dict = {
             "configured": True, "active": False, "state": "starting", "target": target.url,
             "archived_index": None, "archived_cmd_index": None, "lag_entries": None,
@@ -194,19 +222,20 @@ class Archiver:
         self.end = None  # another may have archived meanwhile: read it again when active
         self.behind_since = None
         self.status.update(active=False, state="standby", lag_entries=None, lag_s=0.0)
+        if time.monotonic() >= self.next_standby_read:
+            # Where the archive ends, for this node's compaction hold (read only: a standing-by
+            # archiver never writes the target).
+            self.next_standby_read = time.monotonic() + STANDBY_READ_S
+            try:
+                owner = backup.target_cluster(self.target)
+                if owner in (None, self.opts.cluster_id):
+                    self.status["archived_index"] = reach(self.target)[0]
+            except (TargetError, OSError, backup.BackupError, segments.SegmentError) as exc:
+                log.debug("archive (standby): reading the archive's end failed: %s", exc)
 
     def _open_archive(self) -> None:
         backup.bind(self.target, self.opts.cluster_id)
-        anchors = [(0, 0)] + [
-            (m.applied_index, m.cmd_index) for m in backup.complete_backups(self.target)
-        ]
-        spans = segments.listed(self.target)
-        reach = {}
-        for index, cmd_index in anchors:
-            chain = segments.chain(spans, index)
-            reach[index] = (chain[-1][1] if chain else index, cmd_index, chain)
-        start = max(reach, key=lambda i: (reach[i][0], i))
-        self.end, self.end_cmd_index, chain = reach[start]
+        self.end, self.end_cmd_index, chain = reach(self.target)
         if chain:
             last = segments.read(self.target, chain[-1][2], cluster_id=self.opts.cluster_id)
             self.end_cmd_index = last.last_cmd_index
@@ -346,6 +375,18 @@ class Archiver:
             if self.replica is not None:
                 self.replica.close()
                 self.replica = None
+
+
+def reach(target: Target) -> tuple[int, int, list[tuple[int, int, str]]]:
+    """Where the archive ends: the end of the longest chain of segments from an anchor (a
+    complete backup, or the log's start), the anchor's cmd_index, and the chain."""
+    anchors = [(0, 0)] + [(m.applied_index, m.cmd_index) for m in backup.complete_backups(target)]
+    spans = segments.listed(target)
+    chains = {}
+    for index, cmd_index in anchors:
+        chain = segments.chain(spans, index)
+        chains[index] = (chain[-1][1] if chain else index, cmd_index, chain)
+    return chains[max(chains, key=lambda i: (chains[i][0], i))]
 
 
 def _now_iso() -> str:

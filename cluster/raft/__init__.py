@@ -4,7 +4,7 @@ Its one public surface is what this module exports; the modules inside are priva
 ``adapter`` (``RaftReplica``, ``RaftSettings``, the outcomes), ``hardened`` (``HardenedSyncObj``:
 pysyncobj's ``SyncObj`` with its safety bugs fixed), ``storage`` (the journal and the dump),
 ``transport`` (the TCP transport), ``pin`` (refuses any other pysyncobj). ``JournalReader``,
-``read_dump`` and ``payload_of_entry`` let another process (the indexer, the log archiver)
+``read_dump``, ``payload_of_entry`` and ``HELD_DUMP`` let another process (the indexer, the log archiver)
 follow what a node applies, from its data directory; ``seed_data_dir`` starts a new cluster's
 log at a restored state. Why each piece exists:
 docs/adr/0002-pysyncobj-hardening.md.
@@ -25,7 +25,7 @@ from .adapter import (
     SubmitError,
     SubmitErrorReason,
 )
-from .hardened import payload_of_entry, seed_data_dir
+from .hardened import HELD_DUMP, payload_of_entry, seed_data_dir
 from .storage import JournalGap, JournalReader, RaftStorageError, read_dump
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "EXIT_RESTORE_FAILED",
     "EXIT_STARTUP_REFUSED",
     "EXIT_STORAGE_FAILED",
+    "HELD_DUMP",
     "PYSYNCOBJ_VERSION",
     "JournalGap",
     "JournalReader",

@@ -105,6 +105,9 @@ class RaftSettings:
     commands_queue_size: int = 100_000
     bind_retries: int = 20  # x 0.1 s, then RaftStartupError
     fsync: bool = True  # False only for throwaway test clusters
+    # The compaction hold for a node with a log archiver (ADR 0008, set_compaction_hold): at
+    # most this many bytes of journal kept past a compaction for the archive; 0: no hold.
+    compaction_hold_max_bytes: int = 0
     # Test-only: the safety fixes of ADR 0002 (1-3, 10, 11) switched off, for the Jepsen
     # harness to show what plain pysyncobj loses (`jepsen run --unsafe-raft-fixes-off`); and
     # fix 20, which would answer a deposed leader's callers before plain pysyncobj
@@ -361,6 +364,7 @@ class RaftReplica:
                 fsync=settings.fsync,
                 pre_vote=True,
                 raft_fixes=not settings.unsafe_raft_fixes_off,
+                compaction_hold_max_bytes=settings.compaction_hold_max_bytes,
             )
         except RaftStorageError as exc:
             raise RaftStartupError(str(exc)) from exc
@@ -418,6 +422,13 @@ class RaftReplica:
 
     def force_compaction(self) -> None:
         self._enqueue(("compact", None), None)
+
+    def set_compaction_hold(self, archived_index: int) -> None:
+        """The log archive ends at ``archived_index``: compaction keeps what an archiver on
+        this node needs to go on from there (with ``compaction_hold_max_bytes`` set; ADR 0008).
+        Thread-safe: one attribute the tick thread reads when it compacts."""
+        if self._settings.compaction_hold_max_bytes and self._obj is not None:
+            self._obj.compaction_hold = int(archived_index)
 
     def read_between_ticks(self, query: Callable[[], object], callback: Callback) -> None:
         """Run ``query()`` on the tick thread between ticks; ``callback(result, None)`` (or

@@ -54,6 +54,7 @@ from .storage import (
     encode_dump,
     fatal_storage_failure,
     fsync_dir,
+    read_dump,
     write_file_atomically,
 )
 
@@ -64,6 +65,8 @@ EXIT_APPLY_FAILED = 70  # the state machine's apply() raised or broke its contra
 EXIT_ENTRY_UNREADABLE = 71  # a committed log entry this build cannot decode or dispatch
 EXIT_RESTORE_FAILED = 72  # an accepted snapshot could not be restored into the state machine
 
+# A dump this node keeps for its log archiver while compaction is held (ADR 0008).
+HELD_DUMP = "raft.dump.held"
 _NO_OP = bytes([_COMMAND_TYPE.NO_OP])
 _MEMBERSHIP = bytes([_COMMAND_TYPE.MEMBERSHIP])
 # Answers that count toward a majority of ours: only members' count (fix 17).
@@ -240,6 +243,7 @@ class HardenedSyncObj(SyncObj):
         fsync: bool = True,
         pre_vote: bool = False,
         raft_fixes: bool = True,
+        compaction_hold_max_bytes: int = 0,
     ):
         data_dir = Path(data_dir)
         # False only for the Jepsen harness's proof that it bites (`[raft]
@@ -262,6 +266,19 @@ class HardenedSyncObj(SyncObj):
         self._dump_path = data_dir / "raft.dump"
         self._incoming_path = data_dir / "raft.dump.incoming"
         self._fsync = fsync
+        # The compaction hold (ADR 0008): while the log archive ends at `compaction_hold`
+        # (set by the owner from what the archiver reports), compaction keeps the journal from
+        # a state at or before it (the dump it replaces, kept as raft.dump.held, or the empty
+        # state when the journal still starts at index 1), so an archiver on this node can
+        # carry the archive on without a gap. Bounded: past `compaction_hold_max_bytes` of
+        # journal kept, the hold is released (and said). 0: no hold (no [archive]).
+        self._held_path = data_dir / HELD_DUMP
+        self._hold_max_bytes = compaction_hold_max_bytes
+        self._dump_index = 0  # the index of raft.dump (0: none yet)
+        self._held_index: int | None = None  # the index of raft.dump.held, if there is one
+        self._hold_floor: int | None = None  # where the compaction under way keeps the journal from
+        self.compaction_hold: int | None = None
+        self.compaction_holds_released = 0
         self._decoded_dump: tuple[Path, DumpHeader, bytes] | None = None
         self._last_refusal_log = 0.0
         # Counters for status and tests.
@@ -329,6 +346,7 @@ class HardenedSyncObj(SyncObj):
             if self._incoming_path.exists():
                 self._incoming_path.unlink()  # a transfer a crash interrupted; never accepted
             self._load_dump_at_start()
+            self._load_held_at_start()
             # syncobj.py 624-627 would load the dump lazily on the first tick, swallowing any
             # error (1510-1511); it is loaded above instead, and errors stop the start.
             self._SyncObj__needLoadDumpFile = False
@@ -420,6 +438,7 @@ class HardenedSyncObj(SyncObj):
             prev=tuple(prev),
             cluster=tuple(sorted(self._configuration_at(last[1]))),
         )
+        self._hold_floor = self._plan_hold(header.index)
         started = time.perf_counter()
         try:
             # Encoding a large book takes hundreds of ms (60k resting orders: ~0.4 s) and the
@@ -502,6 +521,7 @@ class HardenedSyncObj(SyncObj):
                 "the rest of the cluster holds a majority)."
             )
         self._decoded_dump = (self._dump_path, header, blob)
+        self._dump_index = header.index
         try:
             data = self._SyncObj__serializer.deserialize()
         except Exception as exc:
@@ -1200,6 +1220,8 @@ class HardenedSyncObj(SyncObj):
             logging.shutdown()
             os._exit(EXIT_RESTORE_FAILED)
         self._journal.reset([header.prev, header.last])
+        self._dump_index = header.index
+        self._drop_held()  # the journal no longer reaches back to it
         self._after_dump_loaded(data[1][1], data[3])
         self._journal.setRaftCommitIndex(self._SyncObj__raftCommitIndex)
         # Commands proposed here and waiting for an index the snapshot covers will never see
@@ -1370,11 +1392,92 @@ class HardenedSyncObj(SyncObj):
             self._apply_cond.notify_all()
 
     def _SyncObj__deleteEntriesTo(self, toIDx):
-        # Upstream 1208-1213, called once a new dump is written (1425-1428). The dump's rename
-        # must be durable before the journal forgets the entries the dump replaces.
+        # Upstream 1208-1213, called once a new dump is written (1425-1428) at index toIDx + 1.
+        # The dump's rename must be durable before the journal forgets the entries the dump
+        # replaces. The compaction hold keeps the journal from an earlier index.
         if self._fsync:
             fsync_dir(self._dump_path.parent)
-        super()._SyncObj__deleteEntriesTo(toIDx)
+        self._dump_index = toIDx + 1
+        if self._hold_floor is not None:
+            toIDx = min(toIDx, max(self._hold_floor, 1))
+        if toIDx > self._journal.first_index():
+            super()._SyncObj__deleteEntriesTo(toIDx)
+
+    # -- the compaction hold (ADR 0008) ---------------------------------------------------------
+
+    def _load_held_at_start(self) -> None:
+        journal = self._journal
+        if self._held_path.exists():
+            try:
+                held = read_dump(self._held_path)[0].index if self._hold_max_bytes else None
+            except RaftStorageError as exc:
+                logger.warning("dropping %s: %s", self._held_path, exc)
+                held = None
+            if held is not None and journal.first_index() <= held + 1 and held <= self._dump_index:
+                self._held_index = held
+            else:
+                self._drop_held()
+        if self._hold_max_bytes:
+            # Until the archiver says where the archive ends: keep what this node has.
+            self.compaction_hold = (
+                self._held_index if self._held_index is not None else self._dump_index
+            )
+
+    def _plan_hold(self, new_index: int) -> int | None:
+        """Called as a dump at `new_index` is about to replace the current one: the log index
+        from which the journal is kept (the index of a state the node keeps), or None."""
+        hold = self.compaction_hold
+        if not self._hold_max_bytes or hold is None or hold >= new_index:
+            self._drop_held()
+            return None
+        journal = self._journal
+        current = self._dump_index if 0 < self._dump_index <= hold else None
+        held = (
+            self._held_index if self._held_index is not None and self._held_index <= hold else None
+        )
+        empty = 0 if journal.first_index() <= 1 else None
+        floor = max((i for i in (current, held, empty) if i is not None), default=None)
+        if floor is None:
+            self._drop_held()
+            return None  # the node compacted past the hold before: nothing to keep
+        kept = journal.bytes_from(floor)
+        if kept > self._hold_max_bytes:
+            self.compaction_holds_released += 1
+            logger.warning(
+                "compaction hold released: keeping the log after index %d for the archive "
+                "(which ends at %d) would keep %.1f MB of journal, over the %.1f MB bound; an "
+                "archiver on this node will find a gap (docs/operating/backup-restore.md)",
+                floor,
+                hold,
+                kept / 1e6,
+                self._hold_max_bytes / 1e6,
+            )
+            self._drop_held()
+            return None
+        if floor == current:
+            # The current dump is about to be renamed over: keep its inode as the held state.
+            tmp = self._held_path.with_name(HELD_DUMP + ".tmp")
+            try:
+                tmp.unlink(missing_ok=True)
+                os.link(self._dump_path, tmp)
+                os.replace(tmp, self._held_path)
+                if self._fsync:
+                    fsync_dir(self._held_path.parent)
+            except OSError as exc:
+                logger.warning("compaction hold: keeping %s failed (%s)", self._held_path, exc)
+                self._drop_held()
+                return None
+            self._held_index = floor
+        elif floor == empty:
+            self._drop_held()
+        return floor
+
+    def _drop_held(self) -> None:
+        self._held_index = None
+        try:
+            self._held_path.unlink(missing_ok=True)
+        except OSError as exc:
+            logger.warning("cannot remove %s: %s", self._held_path, exc)
 
     # -- introspection for the adapter and tests -----------------------------------------------
 
@@ -1408,6 +1511,10 @@ class HardenedSyncObj(SyncObj):
             "commit_index": self._SyncObj__raftCommitIndex,
             "applied_index": self._SyncObj__raftLastApplied,
             "log_first_index": self._journal.first_index(),
+            "dump_index": self._dump_index,
+            "compaction_hold": self.compaction_hold,
+            "held_dump_index": self._held_index,
+            "compaction_holds_released": self.compaction_holds_released,
             "log_last_index": self._journal.last_index(),
             "peers": peers,
             # Removed by an entry not yet committed: out of the majority, links kept (fix 17).

@@ -724,6 +724,11 @@ class DurableJournal(Journal):
     def last_index(self) -> int:
         return self._entries[-1][1]
 
+    def bytes_from(self, idx: int) -> int:
+        """Bytes the journal file holds from the entry at log index ``idx`` to its end."""
+        pos = min(max(idx - self._entries[0][1], 0), len(self._entries))
+        return self._end - (self._offsets[pos] if pos < len(self._offsets) else self._end)
+
     def term_at(self, idx: int) -> int | None:
         """Term of the entry at log index ``idx``, or None if the log does not hold it."""
         if not self._entries:

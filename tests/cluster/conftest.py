@@ -171,6 +171,7 @@ class SimNode:
         data_dir: Path,
         conf: SyncObjConf,
         fsync: bool,
+        hold_bytes: int = 0,
     ):
         self.net = net
         self.kind = kind
@@ -195,6 +196,7 @@ class SimNode:
                 transport=self.transport,
                 fsync=fsync,
                 raft_fixes=kind == "hardened",
+                compaction_hold_max_bytes=hold_bytes,
             )
         else:
             raise ValueError(kind)
@@ -299,6 +301,7 @@ class SimNet:
         conf: SyncObjConf | None = None,
         fsync: bool = False,
         data_dir: Path | None = None,
+        hold_bytes: int = 0,
     ) -> SimNode:
         node = SimNode(
             self,
@@ -308,6 +311,7 @@ class SimNet:
             data_dir or self.tmp_path / addr.replace(":", "_"),
             conf or sim_conf(),
             fsync,
+            hold_bytes,
         )
         self.nodes[addr] = node
         return node
