@@ -98,7 +98,9 @@ class PollResult:
     confirmed: list[Deposit] = field(default_factory=list)
     orphaned: list[Deposit] = field(default_factory=list)
     reorg_depth: int = 0  # blocks dropped by a reorg this poll (0: none)
-    node_behind: bool = False  # the node's head is below what was indexed
+    node_behind: bool = (
+        False  # the node has no block where one was indexed, or says its head is below
+    )
 
 
 class Scanner:
@@ -155,9 +157,14 @@ class Scanner:
         if self.window:
             tip = self.tip
             ours = self.rpc.block(tip)
-            if ours is None or ours.hash != self.window[tip]:
-                if ours is None and head < tip:
-                    result.node_behind = True  # no block there yet: a lagging node, or a reorg
+            if ours is None:
+                # The node has no block where one was indexed: it is behind (a lagging node
+                # behind a load balancer, a node that lies about its height). Nothing is
+                # indexed, confirmed or orphaned on its word; a chain that really became
+                # shorter shows another block at this height once it grows again.
+                result.node_behind = True
+                return result
+            if ours.hash != self.window[tip]:
                 self._reorg(tip, result)
         if head < self.tip:
             result.node_behind = True
@@ -172,8 +179,11 @@ class Scanner:
                 break  # index the new fork from the fork point on the next poll
             self._index(block, result)
             height += 1
+        # Depth counts blocks this scanner has read and linked by parent hash up to its tip,
+        # never the head the node claims: a node that says its head is higher than it is
+        # would otherwise confirm deposits early.
         for ref, deposit in sorted(self.pending.items(), key=lambda kv: kv[1].block_number):
-            deep = head - deposit.block_number + 1 >= self.confirmations
+            deep = self.tip - deposit.block_number + 1 >= self.confirmations
             if not deep or deposit.block_number > self.tip:
                 continue
             del self.pending[ref]

@@ -106,7 +106,8 @@ class Watcher:
         credited, unsettled = await self._credit(lease, deposits)
         st = self.status
         st.update(head=poll.head, indexed_to=poll.indexed_to, waiting=len(scanner.pending),
-                  to_credit=len(unsettled), last_error=None)  # fmt: skip
+                  to_credit=len(unsettled), node_behind=poll.node_behind,
+                  last_error=None)  # fmt: skip
         st["credited"] += len(credited)
         st["orphaned"] += len(poll.orphaned)
         st["reorgs"] += 1 if poll.reorg_depth else 0

@@ -6,11 +6,10 @@ confirmation depth stops it loudly; a transfer that reverted is no deposit; ERC-
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import pytest
 
-from indexer.chain.anvil import Anvil, AnvilUnavailable
+from indexer.chain.anvil import Anvil
 from indexer.chain.rpc import BadChainData
 from indexer.chain.scanner import (
     CONFIRMED,
@@ -24,24 +23,6 @@ from indexer.chain.scanner import (
 
 ETH = Asset("ETH", decimals=18, asset_decimals=9)  # exchange units: gwei
 DEPOSITOR = 9  # anvil's account index that sends the deposits
-
-
-@pytest.fixture(scope="module")
-def anvil() -> Iterator[Anvil]:
-    try:
-        node = Anvil()
-    except AnvilUnavailable as exc:
-        pytest.fail(str(exc))  # make test installs it: missing is a failure, not a skip
-    with node:
-        yield node
-
-
-@pytest.fixture
-def chain(anvil: Anvil) -> Iterator[Anvil]:
-    """Each test on the chain as the module found it (evm_revert after it)."""
-    snapshot = anvil.snapshot()
-    yield anvil
-    anvil.revert(snapshot)
 
 
 def scanner(chain: Anvil, *, confirmations: int = 3, assets=(ETH,), start: int | None = None):
