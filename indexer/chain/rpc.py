@@ -160,6 +160,36 @@ class EthRpc:
             raise BadChainData(f"asked for block {number}, the node sent block {block.number}")
         return block
 
+    def receipt_statuses(self, block: str) -> dict[str, int] | None:
+        """{transaction hash: receipt status} of every transaction in the block with hash
+        `block`, in one `eth_getBlockReceipts`; None if the node does not have that method
+        (the caller asks per transaction)."""
+        try:
+            raw = self.call("eth_getBlockReceipts", block)
+        except RpcError as exc:
+            if exc.code in (-32601, -32602):  # method not found / params not understood
+                return None
+            raise
+        if raw is None:  # it just served the block: reorganized meanwhile, or lying
+            raise BadChainData(f"eth_getBlockReceipts: no receipts for block {block}")
+        if not isinstance(raw, list):
+            raise BadChainData(f"eth_getBlockReceipts: not a list: {raw!r:.200}")
+        statuses = {}
+        for receipt in raw:
+            if not isinstance(receipt, dict):
+                raise BadChainData("eth_getBlockReceipts: a receipt that is not an object")
+            try:
+                if block_hash(receipt["blockHash"], "receipt blockHash") != block:
+                    raise BadChainData(
+                        f"eth_getBlockReceipts for block {block} sent a receipt of "
+                        f"{receipt['blockHash']}"
+                    )
+                tx = block_hash(receipt["transactionHash"], "receipt transactionHash")
+                statuses[tx] = quantity(receipt["status"], "receipt status")
+            except KeyError as exc:
+                raise BadChainData(f"a receipt without {exc.args[0]!r}") from exc
+        return statuses
+
     def transfer_logs(self, block: str, tokens: list[str]) -> list[TransferLog]:
         """The Transfer logs of `tokens` in the block with hash `block` (by hash: a reorg
         between the block and its logs cannot mix two forks)."""

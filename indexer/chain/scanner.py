@@ -31,7 +31,7 @@ import base64
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from .rpc import BadChainData, Block, EthRpc, address, quantity
+from .rpc import BadChainData, Block, EthRpc, Transaction, address, quantity
 
 REORG_MARGIN = 16  # blocks kept beyond the confirmation depth to find a fork point
 SEEN, CONFIRMED, ORPHANED = "seen", "confirmed", "orphaned"
@@ -128,6 +128,7 @@ class Scanner:
         self.window: dict[int, str] = dict(window or {})
         self.start = start
         self.pending: dict[str, Deposit] = {d.ref: d for d in pending}
+        self._block_receipts = True  # until the node says it has no eth_getBlockReceipts
 
     def set_addresses(self, addresses: Mapping[str, str]) -> None:
         """The deposit addresses from now on (the watcher reads them from the cluster before
@@ -205,8 +206,10 @@ class Scanner:
     def _index(self, block: Block, result: PollResult) -> None:
         found: list[Deposit] = []
         if self.native is not None:
-            for tx in block.transactions:
-                if tx.to in self.addresses and tx.value > 0 and self._succeeded(tx.hash):
+            candidates = [t for t in block.transactions if t.to in self.addresses and t.value > 0]
+            succeeded = self._succeeded(block, candidates) if candidates else set()
+            for tx in candidates:
+                if tx.hash in succeeded:
                     found.append(self._deposit(block, tx.hash, None, tx.to, self.native, tx.value))
         if self.tokens:
             for log in self.rpc.transfer_logs(block.hash, sorted(self.tokens)):
@@ -223,11 +226,23 @@ class Scanner:
             self.pending[deposit.ref] = deposit
             result.seen.append(deposit)
 
-    def _succeeded(self, tx_hash: str) -> bool:
-        receipt = self.rpc.call("eth_getTransactionReceipt", tx_hash)
-        if not isinstance(receipt, dict) or "status" not in receipt:
-            raise BadChainData(f"no receipt with a status for {tx_hash}")
-        return quantity(receipt["status"], "receipt status") == 1
+    def _succeeded(self, block: Block, candidates: list[Transaction]) -> set[str]:
+        """The hashes of `candidates` whose receipt says they succeeded (a reverted transfer
+        moved nothing): the block's receipts in one call, or one call each on a node
+        without `eth_getBlockReceipts`."""
+        statuses = self.rpc.receipt_statuses(block.hash) if self._block_receipts else None
+        if statuses is None:
+            self._block_receipts = False
+            statuses = {}
+            for tx in candidates:
+                receipt = self.rpc.call("eth_getTransactionReceipt", tx.hash)
+                if not isinstance(receipt, dict) or "status" not in receipt:
+                    raise BadChainData(f"no receipt with a status for {tx.hash}")
+                statuses[tx.hash] = quantity(receipt["status"], "receipt status")
+        missing = [tx.hash for tx in candidates if tx.hash not in statuses]
+        if missing:
+            raise BadChainData(f"block {block.number}: no receipt for {missing[0]}")
+        return {tx.hash for tx in candidates if statuses[tx.hash] == 1}
 
     def _deposit(
         self, block: Block, tx_hash: str, log_index: int | None, to: str, asset: Asset, raw: int

@@ -27,10 +27,12 @@ Lie = Callable[[str, list, Any], Any]  # (method, params, honest result) -> what
 
 
 class Refuse(Exception):
-    """Raised by a lie: answer HTTP 500 (or, with `garbage`, bytes that are not JSON)."""
+    """Raised by a lie: answer HTTP 500, or bytes that are not JSON (`garbage`), or a JSON-RPC
+    error object (`error`: code, message)."""
 
-    def __init__(self, garbage: bool = False) -> None:
+    def __init__(self, garbage: bool = False, error: tuple[int, str] | None = None) -> None:
         self.garbage = garbage
+        self.error = error
 
 
 class LyingNode:
@@ -40,6 +42,7 @@ class LyingNode:
         self.upstream = upstream
         self.lie: Lie | None = None
         self.calls = 0
+        self.methods: list[str] = []
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -49,12 +52,19 @@ class LyingNode:
                 status, body = 200, b""
                 try:
                     proxy.calls += 1
+                    proxy.methods.append(request["method"])
                     if proxy.lie is not None and "result" in reply:
                         reply["result"] = proxy.lie(request["method"], request["params"],
                                                     reply["result"])  # fmt: skip
                     body = json.dumps(reply).encode()
                 except Refuse as refusal:
                     status, body = (200, b"{not json") if refusal.garbage else (500, b"")
+                    if refusal.error is not None:
+                        code, message = refusal.error
+                        error = {"code": code, "message": message}
+                        reply = {"jsonrpc": "2.0", "id": request["id"], "error": error}
+                        body = json.dumps(reply).encode()
+                        status = 200
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -226,3 +236,44 @@ def test_a_node_inventing_a_deep_fork_stops_the_scanner_loudly(chain: Anvil, lia
     )
     with pytest.raises(DeepReorg):
         s.poll()
+
+
+def test_a_node_without_block_receipts_is_asked_per_transaction(chain: Anvil, liar: LyingNode):
+    """Whether a native transfer succeeded comes from the block's receipts in one call
+    (`eth_getBlockReceipts`); a node without that method is asked per transaction, with the
+    same outcome: a transfer that reverted is no deposit."""
+
+    def no_block_receipts(method: str, _params: list, result: Any) -> Any:
+        if method == "eth_getBlockReceipts":
+            raise Refuse(error=(-32601, "the method eth_getBlockReceipts does not exist"))
+        return result
+
+    token = chain.deploy_token()
+    for lie in (None, no_block_receipts):
+        liar.lie, liar.methods[:] = lie, []
+        s = Scanner(liar.rpc, chain_id=chain.chain_id, confirmations=1,
+                    addresses={token: "contract", chain.accounts[1]: "alice"}, assets=[ETH],
+                    start=chain.rpc.block_number() + 1)  # fmt: skip
+        # The token has no payable default function: value sent to it reverts, in a block.
+        reverted = chain.send(chain.accounts[DEPOSITOR], token, value=10**18, gas=100_000)
+        ok = deposit(chain)
+        chain.mine()
+        assert chain.receipt(reverted)["status"] == "0x0"
+        assert [d.tx_hash for d in s.poll().seen] == [ok]
+        per_tx = liar.methods.count("eth_getTransactionReceipt")
+        assert per_tx == (0 if lie is None else 2)
+
+
+def test_receipts_of_another_block_are_refused(chain: Anvil, liar: LyingNode):
+    liar.lie = lambda method, _p, result: (
+        [{**r, "blockHash": "0x" + "cd" * 32} for r in result]
+        if method == "eth_getBlockReceipts"
+        else result
+    )
+    s = scanner(chain, liar, confirmations=1)
+    deposit(chain)
+    chain.mine()
+    with pytest.raises(BadChainData, match="sent a receipt of"):
+        s.poll()
+    liar.lie = None
+    assert len(s.poll().confirmed) == 1
