@@ -99,6 +99,10 @@ class Replica:
                     break
                 past = header.index if past is None else past
             replica.reader.open()
+            try:
+                replica.reader.check_starts_by(replica.index + 1)
+            except JournalGap as exc:
+                raise Gap(str(exc)) from exc
             while replica.index < index:
                 if not replica.read(min(index, applied), READ_MAX):
                     break

@@ -831,6 +831,12 @@ class JournalReader:
             self._peek_first(want)
         return out
 
+    def check_starts_by(self, index: int) -> None:
+        """JournalGap if the journal `open` opened starts after log index `index`: entries
+        from there on cannot all be read (nothing to check if there was no journal yet)."""
+        if self._fd >= 0:
+            self._peek_first(index)
+
     def _peek_first(self, want: int) -> None:
         """In a file just opened: the first record's index must not be past `want`."""
         head = os.pread(self._fd, _RECORD_HEAD.size, _HEADER_SIZE)

@@ -4,8 +4,12 @@ leader), and which segments a restore reads."""
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pysyncobj.syncobj import _COMMAND_TYPE
 
-from disaster_recovery.archiver import designated
+from cluster.machine import ExchangeMachine
+from cluster.raft import PYSYNCOBJ_VERSION, seed_data_dir
+from cluster.raft.storage import DurableJournal
+from disaster_recovery.archiver import Gap, Replica, designated
 from disaster_recovery.segments import chain, name_of
 
 
@@ -51,3 +55,40 @@ def chain_by_definition(spans, after):
 def test_chain_is_the_furthest_reaching_cover(pairs, after):
     spans = sorted((first, last, name_of(first, last)) for first, last in pairs)
     assert chain(spans, after) == chain_by_definition(spans, after)
+
+
+NO_OP = bytes([_COMMAND_TYPE.NO_OP])  # pysyncobj's no-op entry: nothing for the machine
+
+
+def data_dir_at(path, dump_index: int, journal_first: int, last: int):
+    """A node's data directory: a dump of an empty exchange at `dump_index`, a journal of
+    no-op entries `journal_first`..`last`."""
+    seed_data_dir(path, ExchangeMachine().snapshot(), dump_index, ["127.0.0.1:1"])
+    journal = DurableJournal(path / "raft.journal", app_version=PYSYNCOBJ_VERSION, fsync=False)
+    journal.reset([(NO_OP, i, 1) for i in range(journal_first, last + 1)])
+    journal.close()
+    return path
+
+
+@pytest.mark.parametrize("end", [0, 10])
+def test_a_replica_where_the_journal_no_longer_reaches_is_a_gap(tmp_path, end):
+    """The archive ends before the node's dump and its journal starts after the archive's
+    end (an empty archive, end 0, included): a gap, found when the replica is made (the
+    archiver then starts a new chain from a backup of the dump)."""
+    data_dir = data_dir_at(tmp_path / "node", 50, 49, 60)
+    with pytest.raises(Gap, match="snapshot is at log index 50, past"):
+        Replica.at(data_dir, end, applied=60)
+    replica = Replica.at(data_dir, 55, applied=60)  # past the dump: the journal has it
+    assert replica.index == 55
+    replica.close()
+
+
+@pytest.mark.parametrize("end", [0, 10])
+def test_a_journal_kept_from_the_start_carries_an_archive_behind_the_dump(tmp_path, end):
+    """The compaction hold kept the journal from index 1 (the empty state): a replica at the
+    archive's end is rebuilt from it, though the dump is past that end."""
+    data_dir = data_dir_at(tmp_path / "node", 50, 1, 60)
+    replica = Replica.at(data_dir, end, applied=60)
+    assert replica.index == end
+    assert [idx for _c, idx, _t, _ci in replica.read(60, 100)] == list(range(end + 1, 61))
+    replica.close()
