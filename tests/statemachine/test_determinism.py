@@ -364,6 +364,48 @@ def test_rewritten_body_is_refused_or_consistent(busy_blob: bytes, data: st.Data
     assert ex.snapshot() == blob, "a restored snapshot re-encodes to the same bytes"
 
 
+def _get(node: object, path: tuple) -> object:
+    for step in path:
+        node = node[step[1]] if isinstance(step, tuple) else node[step]  # type: ignore[index]
+    return node
+
+
+@settings(SETTINGS, max_examples=300)
+@given(st.data())
+def test_a_nudged_number_is_refused_or_consistent(busy_blob: bytes, data: st.DataObject) -> None:
+    """`decode` checks the invariants as it builds the state, not by a walk of
+    `invariants.check` afterwards (snapshot.py): whatever it accepts must pass that walk.
+    One integer of the body (a price, a quantity, an order id, a balance, a counter) moved
+    by a little, or one integer of the body put in the place of another, re-sealed."""
+    body = decode_body(busy_blob)
+    ints = [p for p in _paths(body) if p and type(_get(body, p)) is int]
+    path = data.draw(st.sampled_from(ints), label="path")
+    if data.draw(st.booleans(), label="swap"):
+        value = _get(body, data.draw(st.sampled_from(ints), label="from"))
+    else:
+        value = _get(body, path) + data.draw(st.sampled_from([-2, -1, 1, 2]), label="by")
+    blob = seal(msgpack.packb(_replace(body, path, value)))
+    try:
+        ex = Exchange.restore(blob)
+    except SnapshotError:
+        return
+    ex.check_invariants()
+    assert ex.snapshot() == blob
+
+
+def test_a_crossed_book_is_refused(busy_blob: bytes) -> None:
+    """A sell reserves its quantity whatever its price: its best ask moved down to the best
+    bid leaves every balance right and the levels in order, and only the crossed-book rule
+    refuses it."""
+    body = decode_body(busy_blob)
+    assert isinstance(body, list)
+    books = body[-1]
+    name, bids, asks = next(book for book in books if book[1] and book[2])
+    asks[0][0] = bids[0][0]
+    with pytest.raises(SnapshotError, match=f"{name}: crossed book"):
+        Exchange.restore(seal(msgpack.packb(body)))
+
+
 # ---------------------------------------------------------------- packed in pieces
 
 
