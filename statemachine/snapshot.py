@@ -300,6 +300,8 @@ def _build(fields: list) -> tuple[ExchangeState, dict[tuple[str, str], int]]:
     coids_of = state.coids
     tifs, stps = _TIFS, _STPS
     reserved: dict[tuple[str, str], int] = {}
+    # Per account with resting orders: its string, its orders by id, its client order ids.
+    accounts: dict[str, tuple[str, dict[int, Order], dict[str, int]]] = {}
     placed = 0  # order entries read: more than the index holds if an id came twice
     if [entry[0] for entry in books] != sorted(state.markets):
         raise SnapshotError("snapshot books do not match its markets")
@@ -339,7 +341,14 @@ def _build(fields: list) -> tuple[ExchangeState, dict[tuple[str, str], int]]:
                         or not 0 < remaining <= original
                     ):
                         raise SnapshotError("snapshot order is malformed")
-                    if coid is not None and coids_of.get(acct, _NO_COIDS).get(coid) != oid:
+                    # One lookup by the unpacked string (a new object for every order: its
+                    # hash computed, its bytes compared), then the account's own string,
+                    # whose hash is cached and which compares by identity, for the rest.
+                    seen = accounts.get(acct)
+                    if seen is None:
+                        seen = accounts[acct] = (acct, {}, coids_of.get(acct, _NO_COIDS))
+                    acct, mine, recorded = seen
+                    if coid is not None and recorded.get(coid) != oid:
                         raise SnapshotError(f"order {oid}: client_order_id not recorded")
                     if buy:
                         notional = price * remaining
@@ -354,9 +363,6 @@ def _build(fields: list) -> tuple[ExchangeState, dict[tuple[str, str], int]]:
                     append(order)
                     qty += remaining
                     orders[oid] = order
-                    mine = account_orders.get(acct)
-                    if mine is None:
-                        mine = account_orders[acct] = {}
                     mine[oid] = order
                 level.qty = qty
                 level.count = len(entries)
@@ -368,6 +374,8 @@ def _build(fields: list) -> tuple[ExchangeState, dict[tuple[str, str], int]]:
         best_bid, best_ask = book.best(BUY), book.best(SELL)
         if best_bid is not None and best_ask is not None and best_bid >= best_ask:
             raise SnapshotError(f"{name}: crossed book at rest (bid {best_bid} >= ask {best_ask})")
+    for acct, mine, _recorded in accounts.values():
+        account_orders[acct] = mine
     if len(orders) != placed or sum(len(m) for m in account_orders.values()) != placed:
         raise SnapshotError("snapshot books hold an order id twice")
     if FEE_ACCOUNT in account_orders:
