@@ -20,7 +20,7 @@ NATIVE_MODULES := $(shell $(PYTHON) -c "import tomllib; print(' '.join(tomllib.l
 NATIVE_ENV := QB_NATIVE=1 PYTHONPATH=$(CURDIR)/$(NATIVE):$(CURDIR)
 NATIVE_PYTEST := $(NATIVE_ENV) $(BIN)/python -P -m pytest -q -p no:cacheprovider --import-mode=append
 
-.PHONY: demo test test-fast native lint iptables jepsen bench bench-statemachine bench-replication bench-failover bench-api bench-indexer bench-restore bench-chain clean
+.PHONY: demo test test-fast native lint iptables jepsen bench bench-statemachine bench-replication bench-failover bench-api bench-indexer bench-restore bench-chain bench-latency clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -78,7 +78,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: bench-statemachine bench-replication bench-failover bench-api bench-indexer bench-restore bench-chain
+bench: bench-statemachine bench-replication bench-failover bench-api bench-indexer bench-restore bench-chain bench-latency
 
 bench-statemachine: $(STAMP) $(NATIVE_STAMP)
 	$(NATIVE_ENV) $(BIN)/python -P -m bench.statemachine
@@ -100,6 +100,9 @@ bench-restore: $(STAMP) $(NATIVE_STAMP)
 
 bench-chain: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -P -m bench.chain
+
+bench-latency: $(STAMP) $(NATIVE_STAMP)
+	$(NATIVE_ENV) $(BIN)/python -P -m bench.latency
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info node_modules

@@ -122,14 +122,29 @@ class _NodeCollector(Collector):
         chain = health.get("chain") or {}
         if chain.get("configured"):
             yield from _sidecar_metrics(chain, CHAIN_METRICS)
+        histograms = self.node.histograms()
         for name, doc in (
             (
                 "qb_commit_latency_seconds",
                 "time from proposing a batch to its commit and apply on the leader",
             ),
             ("qb_batch_size_entries", "log entries (commands) per proposed batch"),
+            # The steps of qb_commit_latency_seconds (docs/reference/metrics.md).
+            ("qb_raft_queue_seconds", "a proposal waiting for the Raft thread to take it"),
+            (
+                "qb_raft_commit_seconds",
+                "a proposal taken by the Raft thread until committed, applied and answered",
+            ),
+            ("qb_raft_apply_seconds", "the state machine applying one log entry (every node)"),
+            ("qb_raft_sync_seconds", "one fdatasync of the Raft journal (every node)"),
+            (
+                "qb_commit_handoff_seconds",
+                "a committed batch's answer, from the Raft thread to the API's thread",
+            ),
         ):
-            figures = self.node.histograms()[name]
+            figures = histograms.get(name)
+            if figures is None:
+                continue
             buckets = [(_le(bound), float(count)) for bound, count in figures["buckets"]]
             buckets.append(("+Inf", float(figures["count"])))
             yield HistogramMetricFamily(name, doc, buckets=buckets, sum_value=figures["sum"])

@@ -94,8 +94,10 @@ class NodePort(Protocol):
         commit_index, applied_index (Raft log) and cmd_index (state machine)."""
 
     def histograms(self) -> dict:
-        """{"qb_commit_latency_seconds", "qb_batch_size_entries"}: each {"buckets": [[upper
-        bound, cumulative count], ...], "sum", "count"}."""
+        """{"qb_commit_latency_seconds", "qb_batch_size_entries", and the steps of a commit:
+        "qb_raft_queue_seconds", "qb_raft_commit_seconds", "qb_raft_apply_seconds",
+        "qb_raft_sync_seconds", "qb_commit_handoff_seconds"}: each {"buckets": [[upper bound,
+        cumulative count], ...], "sum", "count"}. Metrics show the ones given."""
 
     async def submit(self, command: dict, request: tuple[str, int] | None = None) -> list[dict]:
         """Replicate one command; its events once committed and applied. `request`: the

@@ -426,9 +426,15 @@ class Node:
         }
 
     def histograms(self) -> dict:
+        stages = self.raft.stage_histograms()
         return {
             "qb_commit_latency_seconds": self.replica.commit_latency_s.figures(),
             "qb_batch_size_entries": self.replica.batch_sizes.figures(),
+            "qb_raft_queue_seconds": stages["queue"].figures(),
+            "qb_raft_commit_seconds": stages["commit"].figures(),
+            "qb_raft_apply_seconds": stages["apply"].figures(),
+            "qb_raft_sync_seconds": stages["sync"].figures(),
+            "qb_commit_handoff_seconds": self.replica.handoff_s.figures(),
         }
 
     async def status(self) -> dict:

@@ -40,6 +40,7 @@ from .batch import (
     REFUSED_REPLAYED,
     encode_batch,
 )
+from .raft import STAGE_BUCKETS_S, Histogram
 
 log = logging.getLogger(__name__)
 
@@ -136,32 +137,6 @@ COMMIT_LATENCY_BUCKETS_S = (
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
-class Histogram:
-    """Cumulative buckets, a sum and a count (what Prometheus exposes), trio thread only."""
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * len(bounds)  # observations <= bound, per bound (not cumulative)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.sum += value
-        self.count += 1
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[i] += 1
-                return
-
-    def figures(self) -> dict:
-        """{"buckets": [[bound, cumulative count], ...], "sum", "count"} (+Inf is "count")."""
-        running, buckets = 0, []
-        for bound, n in zip(self.bounds, self.counts, strict=True):
-            running += n
-            buckets.append([bound, running])
-        return {"buckets": buckets, "sum": self.sum, "count": self.count}
-
-
 @dataclass(eq=False)
 class _Slot:
     """One caller's entries (one, or a whole request's worth); they commit together."""
@@ -204,6 +179,8 @@ class Replica:
         self.batch_sizes = Histogram(BATCH_SIZE_BUCKETS)
         # Proposal to commit-and-apply on this leader, for batches that committed.
         self.commit_latency_s = Histogram(COMMIT_LATENCY_BUCKETS_S)
+        # The last step of it: from the Raft thread's callback to this (trio) thread.
+        self.handoff_s = Histogram(STAGE_BUCKETS_S)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The batcher; run it in the node's nursery with `nursery.start`."""
@@ -291,17 +268,27 @@ class Replica:
         def on_result(result: object, failure: SubmitFailure | None) -> None:
             # pysyncobj's thread (or ours, for an immediate failure): hand over, never block.
             with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(self._resolve, batch, result, failure, proposed, ticket)
+                token.run_sync_soon(
+                    self._resolve, batch, result, failure, proposed, ticket, time.perf_counter()
+                )
 
         self.raft.submit(payload, on_result)
 
     def _resolve(
-        self, batch: list[_Slot], result: list | None, failure: Any, proposed: float, ticket: object
+        self,
+        batch: list[_Slot],
+        result: list | None,
+        failure: Any,
+        proposed: float,
+        ticket: object,
+        answered: float,
     ) -> None:
         if self._in_flight.pop(ticket, None) is not None:
             self._room.set()
         if failure is None:
-            self.commit_latency_s.observe(time.perf_counter() - proposed)
+            now = time.perf_counter()
+            self.commit_latency_s.observe(now - proposed)
+            self.handoff_s.observe(now - answered)
         if failure is not None:
             if failure.definite:
                 error: BaseException = NotLeader(self.raft.leader(), failure.reason)

@@ -26,6 +26,7 @@ from .adapter import (
     SubmitErrorReason,
 )
 from .hardened import HELD_DUMP, payload_of_entry, seed_data_dir
+from .stats import STAGE_BUCKETS_S, Histogram
 from .storage import JournalGap, JournalReader, RaftStorageError, read_dump
 
 __all__ = [
@@ -37,6 +38,8 @@ __all__ = [
     "EXIT_STORAGE_FAILED",
     "HELD_DUMP",
     "PYSYNCOBJ_VERSION",
+    "STAGE_BUCKETS_S",
+    "Histogram",
     "JournalGap",
     "JournalReader",
     "RaftReplica",

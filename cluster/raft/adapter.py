@@ -20,6 +20,7 @@ import os
 import pathlib
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -37,6 +38,7 @@ from .hardened import (
     EXIT_RESTORE_FAILED,
     HardenedSyncObj,
 )
+from .stats import STAGE_BUCKETS_S, Histogram
 from .storage import EXIT_STORAGE_FAILED, RaftStorageError
 from .transport import HardenedTCPTransport
 
@@ -268,13 +270,15 @@ def _ignore_outcome(result: object, error: SubmitError | None) -> None:
 class _Pending:
     """One submission's callback, fired at most once, always on the tick thread."""
 
-    __slots__ = ("callback", "deadline", "fired", "proposed")
+    __slots__ = ("callback", "deadline", "enqueued", "fired", "handled", "proposed")
 
     def __init__(self, callback: Callback, deadline: float):
         self.callback = callback
         self.deadline = deadline
         self.fired = False
         self.proposed = False
+        self.enqueued = time.perf_counter()  # submitted (any thread)
+        self.handled = 0.0  # handed to pysyncobj (the tick thread)
 
     def fire(self, result: object, error: SubmitError | None) -> None:
         if self.fired:
@@ -350,6 +354,10 @@ class RaftReplica:
         self._stopping = False
         self._in_flight: collections.deque[_Pending] = collections.deque()
         self.step_down_unknowns = 0  # proposals answered UNKNOWN when this node stepped down
+        # The stages of a submission on this node (docs/reference/metrics.md): waiting for the
+        # tick thread to take it, then proposal to applied and answered.
+        self.queue_s = Histogram(STAGE_BUCKETS_S)
+        self.commit_s = Histogram(STAGE_BUCKETS_S)
         self._thread: threading.Thread | None = None
         _check_bindable(settings.bind_addr or settings.self_addr)
         transport_class = HardenedTCPTransport.factory(max_frame_bytes=settings.max_frame_bytes)
@@ -439,6 +447,19 @@ class RaftReplica:
         helper keeps a leader's AppendEntries going. Thread-safe, non-blocking.
         """
         self._enqueue(("read", query), callback)
+
+    def stage_histograms(self) -> dict[str, Histogram]:
+        """How long the steps of a commit take on this node: `queue` (a submission waiting
+        for the tick thread), `commit` (proposed to applied and answered, on the leader),
+        `apply` (the state machine, per log entry) and `sync` (each journal fdatasync, on
+        every node)."""
+        obj = self._obj
+        return {
+            "queue": self.queue_s,
+            "commit": self.commit_s,
+            "apply": obj.apply_s,
+            "sync": obj._journal.sync_s,
+        }
 
     def status(self) -> dict:
         """role, leader, term, commit_index, applied_index, peers[{id, match_index, connected}]
@@ -586,7 +607,9 @@ class RaftReplica:
         pending.deadline = _upstream.monotonicTime() + self._settings.proposal_timeout_s
         self._in_flight.append(pending)
         if kind == "submit":
-            obj.propose(arg, pending.on_pysyncobj_result)
+            pending.handled = now = time.perf_counter()
+            self.queue_s.observe(now - pending.enqueued)
+            obj.propose(arg, self._timed(pending))
         elif kind == "add":
             obj.addNodeToCluster(arg, pending.membership_result("added"))
         elif kind == "remove":
@@ -595,6 +618,17 @@ class RaftReplica:
             obj.transferLeadership(arg, pending.on_pysyncobj_result)
         else:
             raise ValueError(f"unknown request {kind!r}")
+
+    def _timed(self, pending: _Pending) -> Callable:
+        """pysyncobj's callback for a submission: its time from the proposal to this answer
+        (appended, replicated to a majority, committed, applied here) when it succeeded."""
+
+        def callback(result, fail_reason) -> None:
+            if fail_reason == FAIL_REASON.SUCCESS:
+                self.commit_s.observe(time.perf_counter() - pending.handled)
+            pending.on_pysyncobj_result(result, fail_reason)
+
+        return callback
 
     def _membership_settled(self, kind: str, addr: str, pending: _Pending) -> bool:
         """Answer a membership request that needs no log entry (True), on the leader."""

@@ -46,6 +46,7 @@ from pysyncobj.serializer import Serializer
 from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE, SyncObj, replicated
 
 from . import pin
+from .stats import STAGE_BUCKETS_S, Histogram
 from .storage import (
     DumpHeader,
     DurableJournal,
@@ -289,6 +290,7 @@ class HardenedSyncObj(SyncObj):
         # AppendEntries rounds the heartbeat helper sent while the tick thread was busy in
         # apply(), writing a dump, or in a long read (run_between_ticks).
         self.heartbeats_lent = {"apply": 0, "dump": 0, "read": 0}
+        self.apply_s = Histogram(STAGE_BUCKETS_S)  # the state machine's apply, per entry
         self.step_downs_averted = 0  # answers read just before the leader would step down
         self.membership_changes_refused = 0  # a change asked for while another was uncommitted
         self.stale_replies_dropped = 0  # AppendEntries answers sent in another term (fix 11)
@@ -372,8 +374,10 @@ class HardenedSyncObj(SyncObj):
         # the heartbeat helper in (upstream's leader is silent until it has applied all it
         # committed, and one large batch outlasts the followers' election timeout).
         try:
+            started = time.perf_counter()
             with self._heartbeats_meanwhile("apply"):
                 result = self._machine.apply(payload)
+            self.apply_s.observe(time.perf_counter() - started)
         except BaseException:
             logger.critical(
                 "state machine apply() failed on committed log index %d; stopping "

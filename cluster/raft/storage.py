@@ -40,6 +40,7 @@ import msgpack
 from pysyncobj.journal import Journal
 
 from . import pin  # noqa: F401  (refuses any pysyncobj but the pinned one)
+from .stats import STAGE_BUCKETS_S, Histogram
 
 logger = logging.getLogger(__name__)
 # A journal sync longer than this is logged: it delays the leader's heartbeats.
@@ -231,6 +232,7 @@ class DurableJournal(Journal):
         self._synced_since_timer = False
         self._fd = -1
         self.sync_count = 0  # how many times data was made durable (observable by tests)
+        self.sync_s = Histogram(STAGE_BUCKETS_S)  # each fdatasync
         size = self._path.stat().st_size if self._path.exists() else None
         if not size:
             # A journal is created whole (temp file, rename) before the meta file is ever
@@ -505,6 +507,7 @@ class DurableJournal(Journal):
             started = time.monotonic()
             os.fdatasync(self._fd)
             took = time.monotonic() - started
+            self.sync_s.observe(took)
             if took > SLOW_SYNC_S:  # the tick thread sends no heartbeat meanwhile
                 logger.warning("fdatasync of the journal took %.0f ms", took * 1000)
         self._header_pending = False
