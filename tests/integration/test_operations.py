@@ -116,6 +116,22 @@ def test_an_https_cluster_is_ready_measured_and_keys_are_created_over_tls(
         figures = samples(http.get(cluster.nodes[leader].config.api_url + "/metrics").text)
         assert figures[("qb_raft_role", (("role", "leader"),))] == 1
         assert figures[("qb_commit_latency_seconds_count", ())] >= 2  # the key, the deposit
+        # Its steps: every commit was queued, proposed, and answered back on the API's thread;
+        # the leader's journal was synced and the entries applied.
+        commits = figures[("qb_commit_latency_seconds_count", ())]
+        for step in (
+            "qb_raft_queue_seconds",
+            "qb_raft_commit_seconds",
+            "qb_commit_handoff_seconds",
+        ):
+            assert figures[(f"{step}_count", ())] >= commits, step
+            assert figures[(f"{step}_sum", ())] > 0, step
+        assert figures[("qb_raft_sync_seconds_count", ())] >= 1
+        assert figures[("qb_raft_apply_seconds_count", ())] >= commits
+        assert (
+            figures[("qb_raft_queue_seconds_sum", ())] + figures[("qb_raft_commit_seconds_sum", ())]
+            <= figures[("qb_commit_latency_seconds_sum", ())]
+        )
         assert figures[("qb_batch_size_entries_sum", ())] >= 2
         assert figures[("qb_raft_commit_index", ())] >= figures[("qb_raft_applied_index", ())] > 0
         assert figures[("qb_raft_leader_known", ())] == 1
