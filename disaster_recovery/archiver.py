@@ -62,6 +62,7 @@ log = logging.getLogger("quorumbook.archive")
 TARGET_ENV = "QB_ARCHIVE_TARGET"
 STATUS_PERIOD_S = 0.5
 STANDBY_READ_S = 5.0  # how often a standing-by archiver reads where the archive ends
+STANDBY_FULL_READ_S = 60.0  # ... listing every segment; in between only the new ones
 IDLE_S = 0.05
 READ_MAX = 256  # log entries read and applied per step
 PENDING_MAX = 50_000  # entries held while the target is down; beyond, start over from the end
@@ -185,6 +186,7 @@ class Archiver:
         self.last_backup_index = -1
         self.next_backup_check = 0.0
         self.next_standby_read = 0.0
+        self.standby_view: StandbyView | None = None
         self.status: dict = {
             "configured": True, "active": False, "state": "starting", "target": target.url,
             "archived_index": None, "archived_cmd_index": None, "lag_entries": None,
@@ -226,14 +228,21 @@ class Archiver:
         self.end = None  # another may have archived meanwhile: read it again when active
         self.behind_since = None
         self.status.update(active=False, state="standby", lag_entries=None, lag_s=0.0)
-        if time.monotonic() >= self.next_standby_read:
+        now = time.monotonic()
+        if now >= self.next_standby_read:
             # Where the archive ends, for this node's compaction hold (read only: a standing-by
             # archiver never writes the target).
-            self.next_standby_read = time.monotonic() + STANDBY_READ_S
+            self.next_standby_read = now + STANDBY_READ_S
             try:
-                owner = backup.target_cluster(self.target)
-                if owner in (None, self.opts.cluster_id):
-                    self.status["archived_index"] = reach(self.target)[0]
+                view = self.standby_view
+                if view is None or now >= view.full_until:
+                    if backup.target_cluster(self.target) not in (None, self.opts.cluster_id):
+                        return
+                    view = self.standby_view = StandbyView.read(self.target)
+                    view.full_until = now + STANDBY_FULL_READ_S
+                else:
+                    view.read_new(self.target)
+                self.status["archived_index"] = view.end
             except (TargetError, OSError, backup.BackupError, segments.SegmentError) as exc:
                 log.debug("archive (standby): reading the archive's end failed: %s", exc)
 
@@ -379,6 +388,33 @@ class Archiver:
             if self.replica is not None:
                 self.replica.close()
                 self.replica = None
+
+
+class StandbyView:
+    """Where the archive ends, as a standing-by archiver follows it: a full read (`reach`),
+    then, between full reads, only the segments named after the last one seen (a listing of
+    what is new: on S3, a week of 2 s segments is 300 pages to list in full) and the
+    backups, carrying the end on while they chain on from it."""
+
+    def __init__(self, end: int, after: str | None) -> None:
+        self.end = end
+        self.after = after  # the last segment name seen
+        self.full_until = 0.0
+
+    @classmethod
+    def read(cls, target: Target) -> StandbyView:
+        end, _cmd_index, _chain = reach(target)
+        spans = segments.listed(target)
+        return cls(end, spans[-1][2] if spans else None)
+
+    def read_new(self, target: Target) -> None:
+        # A backup past the end is an anchor of its own (one taken after a gap).
+        for manifest in backup.complete_backups(target):
+            self.end = max(self.end, manifest.applied_index)
+        for first, last, name in segments.listed(target, after=self.after):
+            if first <= self.end + 1:
+                self.end = max(self.end, last)
+            self.after = name
 
 
 def reach(target: Target) -> tuple[int, int, list[tuple[int, int, str]]]:

@@ -133,10 +133,11 @@ def decode(
     return segment
 
 
-def listed(target: Target) -> list[tuple[int, int, str]]:
-    """(first, last, name) of every segment in the target, by first index."""
+def listed(target: Target, after: str | None = None) -> list[tuple[int, int, str]]:
+    """(first, last, name) of every segment in the target (named after `after`), by first
+    index."""
     out = []
-    for name in target.list(PREFIX):
+    for name in target.list(PREFIX, after=after):
         span = parse_name(name)
         if span is not None:
             out.append((*span, name))

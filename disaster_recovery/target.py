@@ -124,8 +124,9 @@ class Target(Protocol):
         """Remove the object; nothing happens if there is none."""
         ...
 
-    def list(self, prefix: str = "") -> list[str]:
-        """The names that start with `prefix`, sorted."""
+    def list(self, prefix: str = "", after: str | None = None) -> list[str]:
+        """The names that start with `prefix`, sorted; with `after`, only those sorting after
+        it (S3's StartAfter: a listing that reads only what is new)."""
         ...
 
 
@@ -250,7 +251,7 @@ class DirTarget:
             except OSError:  # not empty (or not ours to remove): the rest stays
                 break
 
-    def list(self, prefix: str = "") -> list[str]:
+    def list(self, prefix: str = "", after: str | None = None) -> list[str]:
         _check_prefix(prefix)
         start = self.root.joinpath(*prefix.split("/")[:-1])
 
@@ -264,7 +265,7 @@ class DirTarget:
             relative = Path(directory).relative_to(self.root).as_posix()
             for file in files:
                 name = file if relative == "." else f"{relative}/{file}"
-                if name.startswith(prefix) and _is_name(name):
+                if name.startswith(prefix) and _is_name(name) and (after is None or name > after):
                     names.append(name)
         return sorted(names)
 
@@ -408,14 +409,15 @@ class S3Target:
         except (ClientError, BotoCoreError) as exc:
             raise self._failure("delete", name, exc) from exc
 
-    def list(self, prefix: str = "") -> list[str]:
+    def list(self, prefix: str = "", after: str | None = None) -> list[str]:
         """Every page of the listing (S3 answers 1,000 keys a page); keys that are not names
         (a console's "folder/" marker, another tool's file) are left out."""
         _check_prefix(prefix)
         names = []
+        start = {} if after is None else {"StartAfter": self._key_prefix + after}
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=self._key_prefix + prefix
+                Bucket=self.bucket, Prefix=self._key_prefix + prefix, **start
             )
             for page in pages:
                 for entry in page.get("Contents", ()):

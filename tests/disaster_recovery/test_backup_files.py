@@ -12,6 +12,7 @@ import pytest
 from cluster.batch import KIND_COMMAND, encode_batch
 from cluster.machine import ExchangeMachine, exchange_blob_of
 from disaster_recovery import backup, restore, segments
+from disaster_recovery.archiver import StandbyView, reach
 from disaster_recovery.target import DirTarget
 from statemachine.snapshot import stated_hash
 
@@ -196,3 +197,34 @@ def test_restore_refuses_a_data_dir_that_is_not_empty(target, made, tmp_path) ->
     with pytest.raises(restore.RestoreError, match="is not empty"):
         restore.restore(target, busy)
     assert (busy / "something").read_text() == "precious"
+
+
+def test_a_standing_by_archiver_follows_the_archive_end_reading_only_what_is_new(target):
+    """What a node's compaction hold is told (disaster_recovery/archiver.py StandbyView): the
+    end of the archive, carried on from new segments and backups between full reads; a
+    segment after a gap does not move it, a backup past it (a new anchor) does. A full read
+    agrees."""
+    archive(target, 1, 10)
+    view = StandbyView.read(target)
+    assert view.end == 10
+    archive(target, 11, 20)
+    view.read_new(target)
+    assert view.end == 20
+    archive(target, 25, 30)  # after a gap: the archive still ends at 20
+    view.read_new(target)
+    assert view.end == 20 == reach(target)[0]
+    backup.write(target, CLUSTER, backup_state(state_at(40), 40))
+    archive(target, 41, 50)
+    view.read_new(target)
+    assert view.end == 50 == reach(target)[0] == StandbyView.read(target).end
+    listed: list = []
+    real = target.list
+
+    def counting(prefix: str = "", after: str | None = None) -> list[str]:
+        names = real(prefix, after)
+        listed.extend(n for n in names if n.startswith(segments.PREFIX))
+        return names
+
+    target.list = counting  # type: ignore[method-assign]
+    view.read_new(target)
+    assert listed == []  # nothing new: no segment listed again

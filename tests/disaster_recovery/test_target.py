@@ -58,6 +58,11 @@ def test_list_by_prefix_in_name_order(target):
     assert target.list("segments/") == sorted(n for n in names if n.startswith("segments/"))
     assert target.list("backups/0000") == ["backups/00002/manifest.json"]
     assert target.list("nothing/") == []
+    # Only what sorts after a name (S3's StartAfter): a listing of what is new.
+    first, second = sorted(n for n in names if n.startswith("segments/"))
+    assert target.list("segments/", after=first) == [second]
+    assert target.list("segments/", after=second) == []
+    assert target.list(after="backups/00002/manifest.json") == sorted(names)[-3:]
 
 
 @pytest.mark.parametrize(
