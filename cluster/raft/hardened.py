@@ -1405,7 +1405,12 @@ class HardenedSyncObj(SyncObj):
         if self._hold_floor is not None:
             toIDx = min(toIDx, max(self._hold_floor, 1))
         if toIDx > self._journal.first_index():
-            super()._SyncObj__deleteEntriesTo(toIDx)
+            # The journal is rewritten (atomically, DurableJournal.deleteEntriesTo): a few
+            # entries normally, up to compaction_hold_mb of them under a hold. The helper may
+            # send the leader's AppendEntries meanwhile: it reads the journal, which holds the
+            # old entries until the new file replaces it in one step.
+            with self._heartbeats_meanwhile("dump"):
+                super()._SyncObj__deleteEntriesTo(toIDx)
 
     # -- the compaction hold (ADR 0008) ---------------------------------------------------------
 

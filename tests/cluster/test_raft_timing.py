@@ -463,6 +463,35 @@ def test_heartbeat_helper_stands_in_while_a_dump_is_written(tmp_path):
         restarted.close_storage()
 
 
+def test_heartbeat_helper_stands_in_while_the_journal_is_rewritten(tmp_path):
+    """After a dump, compaction rewrites the journal on the tick thread: a few entries
+    normally, up to `compaction_hold_mb` of them while the log archive lags (ADR 0008). The
+    helper keeps the leader's AppendEntries going meanwhile."""
+    with solo_leader_with_helper(
+        tmp_path, fsync=False, logCompactionMinEntries=10**6, logCompactionMinTime=10**6
+    ) as solo:
+        done = threading.Event()
+        for payload in (b"a", b"b", b"c"):
+            solo.propose(payload, lambda result, reason: done.set())
+        while not done.is_set() or solo.raft_status()["applied_index"] < 4:
+            solo.doTick(0.01)
+        rewrite = solo._journal.reset
+        rewritten = threading.Event()
+
+        def slow_reset(entries):
+            time.sleep(0.3)
+            rewrite(entries)
+            rewritten.set()
+
+        solo._journal.reset = slow_reset
+        solo.forceLogCompaction()
+        deadline = time.monotonic() + 10
+        while not rewritten.is_set() and time.monotonic() < deadline:
+            solo.doTick(0.01)
+        assert rewritten.is_set() and solo._journal.first_index() > 1
+        assert solo.heartbeats_lent["dump"] >= 3  # every 0.04 s during 0.3 s
+
+
 def test_a_long_read_between_ticks_lends_the_heartbeats(tmp_path):
     """A long read of the state machine (a state hash of a large book) runs on the tick
     thread between ticks; the helper sends the leader's AppendEntries meanwhile."""
