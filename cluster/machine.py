@@ -25,6 +25,7 @@ import msgpack
 from api.auth import WINDOW_MS
 from api.sdk.snapshot import exchange_snapshot_of
 from statemachine import Exchange
+from statemachine.snapshot import stated_hash
 
 from .batch import (
     KIND_ADDRESS,
@@ -109,6 +110,10 @@ class ExchangeMachine:
         self._request_order: collections.deque[tuple[int, bytes]] = collections.deque()
         self._listeners: list[AppliedListener] = []
         self._lock = threading.Lock()  # apply/restore vs `read` queries from other threads
+        # (cmd_index, state hash) of the exchange as last restored: its snapshot states the
+        # hash, which `decode` checked against its bytes, and a restored state re-encodes to
+        # those bytes; so a node that just loaded a large book need not hash it all again.
+        self.restored_hash: tuple[int, str] | None = None
 
     def add_listener(self, listener: AppliedListener) -> None:
         self._listeners.append(listener)
@@ -284,6 +289,7 @@ class ExchangeMachine:
         except (TypeError, ValueError) as exc:
             raise MachineSnapshotError(f"malformed node snapshot: {exc}") from exc
         exchange = Exchange.restore(exchange_blob)
+        restored_hash = (exchange.cmd_index, stated_hash(exchange_blob))
         if self.freeze_restored:
             # The state is long-lived: out of the collector's way before it runs again, or its
             # first collections walk every order (400-600 ms per million resting orders, on
@@ -292,6 +298,7 @@ class ExchangeMachine:
             gc.freeze()
         with self._lock:
             self.exchange = exchange
+            self.restored_hash = restored_hash
             self.directory = directory
             self.keys = keys
             self.deposit_addresses = deposit_addresses

@@ -331,6 +331,11 @@ class Node:
             cached = self._hash_cache
             if cached[0] == self.machine.exchange.cmd_index:
                 return cached
+            restored = self.machine.restored_hash
+            if restored is not None and restored[0] == self.machine.exchange.cmd_index:
+                # Nothing applied since the state was loaded: its snapshot states the hash.
+                self._hash_cache = restored
+                return restored
 
             def read(ex=None) -> tuple[int, str]:  # the applied exchange, or the one given
                 exchange = self.machine.exchange if ex is None else ex

@@ -252,8 +252,14 @@ def test_the_snapshot_carries_the_window_and_restores_it() -> None:
     )
     blob = machine.snapshot()
     installed = ExchangeMachine()  # a node that catches up by installing the snapshot
+    assert installed.restored_hash is None
     installed.restore(blob)
     assert installed.snapshot() == blob
+    # The hash its snapshot states is the hash of the state restored (a node uses it instead
+    # of hashing a large book again).
+    exchange = installed.exchange
+    assert installed.restored_hash == (exchange.cmd_index, exchange.state_hash())
+    assert installed.restored_hash == (machine.exchange.cmd_index, machine.exchange.state_hash())
     assert installed.window_clock_ms == T0_MS + 19  # the latest request's own timestamp
     replay = encode_batch(
         ns(T0_MS + 30), [request(1, T0_MS + 9, order(1)), request(3, T0_MS + 29, order(3))]
