@@ -275,7 +275,7 @@ RESTORE_STEPS = (
     ("read", DirTarget, "get"),
     ("decode", codec, "decode"),
     ("build", codec, "_build"),  # with the invariants checked as it builds
-    ("funds", codec, "_check_funds"),
+    ("funds", codec, "check_funds"),
     ("hash", codec, "state_hash"),
     ("encode", codec, "encode"),
     ("seed", restore, "seed_data_dir"),
@@ -304,7 +304,7 @@ def print_restore_steps(seconds: float, steps: StepTimes) -> None:
         ("  read the files (DirTarget.get)", steps.total("read")),
         ("  decode the snapshot (snapshot.decode)", decode),
         ("    build the state, checking the invariants (_build)", steps.total("build")),
-        ("    check reservations and supply (_check_funds)", steps.total("funds")),
+        ("    check balances, reservations, supply (check_funds)", steps.total("funds")),
         ("    sha256 of the body, msgpack unpack, canonical head",
          decode - steps.total("build") - steps.total("funds")),
         ("  state hash to compare with the manifest's", in_load),

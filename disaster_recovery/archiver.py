@@ -403,8 +403,8 @@ class StandbyView:
 
     @classmethod
     def read(cls, target: Target) -> StandbyView:
-        end, _cmd_index, _chain = reach(target)
         spans = segments.listed(target)
+        end, _cmd_index, _chain = reach(target, spans)
         return cls(end, spans[-1][2] if spans else None)
 
     def read_new(self, target: Target) -> None:
@@ -417,11 +417,15 @@ class StandbyView:
             self.after = name
 
 
-def reach(target: Target) -> tuple[int, int, list[tuple[int, int, str]]]:
-    """Where the archive ends: the end of the longest chain of segments from an anchor (a
-    complete backup, or the log's start), the anchor's cmd_index, and the chain."""
+def reach(
+    target: Target, spans: list[tuple[int, int, str]] | None = None
+) -> tuple[int, int, list[tuple[int, int, str]]]:
+    """Where the archive ends: the end of the longest chain of segments (`spans`, the
+    target's listing unless given) from an anchor (a complete backup, or the log's start),
+    the anchor's cmd_index, and the chain."""
     anchors = [(0, 0)] + [(m.applied_index, m.cmd_index) for m in backup.complete_backups(target)]
-    spans = segments.listed(target)
+    if spans is None:
+        spans = segments.listed(target)
     chains = {}
     for index, cmd_index in anchors:
         chain = segments.chain(spans, index)

@@ -117,6 +117,16 @@ def check(state: ExchangeState) -> None:
         raise InvariantError("order index holds orders that are not resting")
     if sum(len(m) for m in account_index.values()) != live:
         raise InvariantError("account order index holds orders that are not resting")
+    check_funds(state, expected_reserved)
+    if FEE_ACCOUNT in account_index:
+        raise InvariantError("the fee account has orders")
+
+
+def check_funds(state: ExchangeState, expected_reserved: dict[tuple[str, str], int]) -> None:
+    """The balance rules of 4, given what the resting orders hold per (account, asset): every
+    balance filed under its own account and asset and not negative, every reservation exactly
+    what the orders hold, per asset balances summing to deposits - withdrawals. (The snapshot
+    decode calls it too, with the holdings it summed while building the books.)"""
     totals: dict[str, int] = {}
     for acct, assets in state.balances.items():
         for asset, bal in assets.items():
@@ -143,8 +153,6 @@ def check(state: ExchangeState) -> None:
                 f"{asset}: balances sum to {totals.get(asset, 0)}, deposits - withdrawals = "
                 f"{supply.get(asset, 0)}"
             )
-    if FEE_ACCOUNT in account_index:
-        raise InvariantError("the fee account has orders")
 
 
 def _check_level(

@@ -22,6 +22,7 @@ from typing import Any
 import msgpack  # type: ignore[import-untyped]
 
 from .errors import InvariantError, SnapshotError
+from .invariants import check_funds
 from .order_book import BUY, SELL, Level, Order
 from .state import Balance, ExchangeState, Market
 from .validation import FEE_ACCOUNT
@@ -37,7 +38,6 @@ _STP_CODES = {"cancel_taker": 0, "cancel_maker": 1, "cancel_both": 2, "none": 3}
 _STPS = {code: stp for stp, code in _STP_CODES.items()}
 _INTS = (int, int, int, int, int)
 _NO_COIDS: dict[str, int] = {}  # what a missing index looks like (never written to)
-_NO_BALANCES: dict[str, Balance] = {}
 
 
 def pack(fields: Any) -> bytes:
@@ -241,7 +241,7 @@ def decode(blob: Any) -> ExchangeState:
             # duplicates, no zero balances); the books are checked while they are built.
             if pack(_head_fields(state)) != pack(head):
                 raise SnapshotError("snapshot body is not canonical")
-            _check_funds(state, reserved)
+            check_funds(state, reserved)
     except SnapshotError:
         raise
     except (
@@ -383,33 +383,6 @@ def _build(fields: list) -> tuple[ExchangeState, dict[tuple[str, str], int]]:
     # No re-sorting of the per-account indexes: their order means nothing (cancel_all sorts
     # the order ids itself), only their contents are state.
     return state, reserved
-
-
-def _check_funds(state: ExchangeState, reserved: dict[tuple[str, str], int]) -> None:
-    """Every reservation is exactly what the resting orders hold, and per asset the balances
-    sum to deposits - withdrawals (balances are non-negative and filed under their own key
-    by `_build`)."""
-    balances = state.balances
-    totals: dict[str, int] = {}
-    for acct, assets in balances.items():
-        for asset, bal in assets.items():
-            if bal.reserved != reserved.get((acct, asset), 0):
-                raise SnapshotError(
-                    f"{acct}/{asset}: reserved {bal.reserved} != "
-                    f"{reserved.get((acct, asset), 0)} held by resting orders"
-                )
-            totals[asset] = totals.get(asset, 0) + bal.available + bal.reserved
-    for (acct, asset), amount in reserved.items():
-        holder = balances.get(acct, _NO_BALANCES).get(asset)
-        if holder is None or holder.reserved != amount:
-            raise SnapshotError(f"{acct}/{asset}: orders hold funds not reserved")
-    supply = state.supply
-    for asset in sorted(set(totals) | set(supply)):
-        if totals.get(asset, 0) != supply.get(asset, 0):
-            raise SnapshotError(
-                f"{asset}: balances sum to {totals.get(asset, 0)}, deposits - withdrawals = "
-                f"{supply.get(asset, 0)}"
-            )
 
 
 def _coid_index(pairs: list) -> dict[str, int]:

@@ -435,7 +435,7 @@ class RaftReplica:
         """The log archive ends at ``archived_index``: compaction keeps what an archiver on
         this node needs to go on from there (with ``compaction_hold_max_bytes`` set; ADR 0008).
         Thread-safe: one attribute the tick thread reads when it compacts."""
-        if self._settings.compaction_hold_max_bytes and self._obj is not None:
+        if self._settings.compaction_hold_max_bytes:
             self._obj.compaction_hold = int(archived_index)
 
     def read_between_ticks(self, query: Callable[[], object], callback: Callback) -> None:
@@ -458,7 +458,7 @@ class RaftReplica:
             "queue": self.queue_s,
             "commit": self.commit_s,
             "apply": obj.apply_s,
-            "sync": obj._journal.sync_s,
+            "sync": obj.sync_s,
         }
 
     def status(self) -> dict:

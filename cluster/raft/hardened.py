@@ -339,6 +339,7 @@ class HardenedSyncObj(SyncObj):
                 journal.add(_NO_OP, 1, 0)  # syncobj.py 167-168
                 journal.sync()
             self._journal = journal
+            self.sync_s = journal.sync_s  # each fdatasync of the journal
             self._SyncObj__raftLog = journal
             # syncobj.py 174-176, against the real journal.
             self._SyncObj__raftCurrentTerm = max(journal.getCurrentTerm(), journal[-1][2])

@@ -7,6 +7,8 @@ one int or float, replaced whole under the GIL).
 
 from __future__ import annotations
 
+import bisect
+
 # For the stages of a commit (docs/reference/metrics: qb_raft_*_seconds): sub-millisecond
 # steps first, up to what a stalled node takes.
 STAGE_BUCKETS_S = (
@@ -24,10 +26,9 @@ class Histogram:
     def observe(self, value: float) -> None:
         self.sum += value
         self.count += 1
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[i] += 1
-                return
+        i = bisect.bisect_left(self.bounds, value)  # the first bound >= value
+        if i < len(self.bounds):
+            self.counts[i] += 1
 
     def figures(self) -> dict:
         """{"buckets": [[bound, cumulative count], ...], "sum", "count"} (+Inf is "count")."""

@@ -421,6 +421,15 @@ def test_heartbeat_helper_never_runs_outside_apply(tmp_path):
         assert solo.heartbeats_lent["apply"] == count
 
 
+def apply_three(solo) -> None:
+    """Propose a, b and c on the solo leader and tick until they are applied."""
+    done = threading.Event()
+    for payload in (b"a", b"b", b"c"):
+        solo.propose(payload, lambda result, reason: done.set())
+    while not done.is_set() or solo.raft_status()["applied_index"] < 4:
+        solo.doTick(0.01)
+
+
 def test_heartbeat_helper_stands_in_while_a_dump_is_written(tmp_path):
     """Writing a dump runs on the tick thread too (compaction; a large book takes hundreds of
     ms to encode and fsync): the helper keeps the leader's AppendEntries going meanwhile, and
@@ -428,11 +437,7 @@ def test_heartbeat_helper_stands_in_while_a_dump_is_written(tmp_path):
     with solo_leader_with_helper(
         tmp_path, fsync=True, logCompactionMinEntries=10**6, logCompactionMinTime=10**6
     ) as solo:
-        done = threading.Event()
-        for payload in (b"a", b"b", b"c"):
-            solo.propose(payload, lambda result, reason: done.set())
-        while not done.is_set() or solo.raft_status()["applied_index"] < 4:
-            solo.doTick(0.01)
+        apply_three(solo)
         assert solo.heartbeats_lent["dump"] == 0
         slow = threading.Event()
         solo._machine.on_snapshot = lambda: (slow.set(), time.sleep(0.3))
@@ -470,11 +475,7 @@ def test_heartbeat_helper_stands_in_while_the_journal_is_rewritten(tmp_path):
     with solo_leader_with_helper(
         tmp_path, fsync=False, logCompactionMinEntries=10**6, logCompactionMinTime=10**6
     ) as solo:
-        done = threading.Event()
-        for payload in (b"a", b"b", b"c"):
-            solo.propose(payload, lambda result, reason: done.set())
-        while not done.is_set() or solo.raft_status()["applied_index"] < 4:
-            solo.doTick(0.01)
+        apply_three(solo)
         rewrite = solo._journal.reset
         rewritten = threading.Event()
 
