@@ -26,7 +26,7 @@ import msgspec
 
 from cluster.machine import ExchangeMachine, MachineSnapshotError, exchange_blob_of
 from statemachine import SnapshotError
-from statemachine.snapshot import stated_hash
+from statemachine.snapshot import stated_counters, stated_hash
 
 from .target import MissingObject, Target
 
@@ -230,28 +230,28 @@ def complete_backups(target: Target) -> list[Manifest]:
 
 
 @dataclass(frozen=True)
+class Checked:
+    """A backup whose files are the bytes its manifest lists, whose snapshot is a quorumbook
+    snapshot of this format, and whose header and head state the manifest's hash, cmd_index
+    and seq; its body not decoded yet."""
+
+    manifest: Manifest
+    blob: bytes  # the node snapshot as stored
+
+
+@dataclass(frozen=True)
 class Verified:
     manifest: Manifest
     machine: ExchangeMachine
     blob: bytes  # the node snapshot as stored
 
 
-def load(
-    target: Target,
-    backup_id: str,
-    *,
-    cluster_id: str | None = None,
-    progress: Callable[[str], None] | None = None,
-    recompute_hash: bool = True,
-) -> Verified:
-    """Read and verify one backup; the state machine it holds. BackupError says what is wrong:
-    incomplete, newer format, another cluster's, a file truncated or corrupted, a snapshot
-    that does not decode or whose state hash, cmd_index or seq differ from the manifest's.
-
-    `recompute_hash=False` compares the manifest's hash with the one the snapshot states
-    (whose body decode checked against it, and found canonical) instead of walking the whole
-    state again to recompute it: a restore's shortcut (about 1.5 s per million orders)."""
-    say = progress or (lambda _line: None)
+def check(target: Target, backup_id: str, *, cluster_id: str | None = None) -> Checked:
+    """Read one backup and check everything that needs no decode: the manifest (complete,
+    this format, this cluster), every file's size and sha256, and the snapshot's own header
+    and head against the manifest (the hash its body's sha256 must be, its cmd_index, its
+    seq). What a restore that only copies the backup checks; each node it seeds then decodes
+    the snapshot in full as it loads it, and refuses to start on one that does not decode."""
     manifest = read_manifest(target, backup_id)
     owner = target_cluster(target)
     for expected, what in ((owner, "this target"), (cluster_id, "the cluster you named")):
@@ -277,23 +277,62 @@ def load(
         blobs[entry.name] = data
     if STATE_FILE not in blobs:
         raise BackupError(f"backup {backup_id}: the manifest lists no {STATE_FILE}")
-    say(f"backup {backup_id}: checksums match; decoding {len(blobs[STATE_FILE]):,} bytes")
-    machine = ExchangeMachine()
+    blob = blobs[STATE_FILE]
     try:
-        machine.restore(blobs[STATE_FILE])
-    except (MachineSnapshotError, SnapshotError, ValueError) as exc:
+        exchange_blob = exchange_blob_of(blob)
+        seq, cmd_index = stated_counters(exchange_blob)
+        stated = stated_hash(exchange_blob)
+    except (MachineSnapshotError, SnapshotError) as exc:
         raise BackupError(f"backup {backup_id}: the snapshot does not decode: {exc}") from exc
-    exchange = machine.exchange
-    stated = stated_hash(exchange_blob_of(blobs[STATE_FILE]))
-    got = (exchange.state_hash() if recompute_hash else stated, exchange.cmd_index, exchange.seq)
+    _compare(manifest, (stated, cmd_index, seq))
+    return Checked(manifest, blob)
+
+
+def _compare(manifest: Manifest, got: tuple[str, int, int]) -> None:
     want = (manifest.state_hash, manifest.cmd_index, manifest.seq)
     if got != want:
         raise BackupError(
-            f"backup {backup_id}: the snapshot's state (hash {got[0][:16]}, cmd_index {got[1]}, "
-            f"seq {got[2]}) is not the manifest's (hash {want[0][:16]}, cmd_index {want[1]}, "
-            f"seq {want[2]})"
+            f"backup {manifest.backup_id}: the snapshot's state (hash {got[0][:16]}, cmd_index "
+            f"{got[1]}, seq {got[2]}) is not the manifest's (hash {want[0][:16]}, cmd_index "
+            f"{want[1]}, seq {want[2]})"
         )
-    return Verified(manifest, machine, blobs[STATE_FILE])
+
+
+def load(
+    target: Target,
+    backup_id: str,
+    *,
+    cluster_id: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    recompute_hash: bool = True,
+) -> Verified:
+    """Read and verify one backup; the state machine it holds. BackupError says what is wrong:
+    incomplete, newer format, another cluster's, a file truncated or corrupted, a snapshot
+    that does not decode or whose state hash, cmd_index or seq differ from the manifest's.
+
+    `recompute_hash=False` compares the manifest's hash with the one the snapshot states
+    (whose body decode checked against it, and found canonical) instead of walking the whole
+    state again to recompute it (about 1.5 s per million orders)."""
+    say = progress or (lambda _line: None)
+    checked = check(target, backup_id, cluster_id=cluster_id)
+    say(f"backup {backup_id}: checksums match; decoding {len(checked.blob):,} bytes")
+    return decode_checked(checked, recompute_hash=recompute_hash)
+
+
+def decode_checked(checked: Checked, *, recompute_hash: bool = True) -> Verified:
+    """The state machine a checked backup holds, decoded in full (every invariant)."""
+    manifest = checked.manifest
+    machine = ExchangeMachine()
+    try:
+        machine.restore(checked.blob)
+    except (MachineSnapshotError, SnapshotError, ValueError) as exc:
+        raise BackupError(
+            f"backup {manifest.backup_id}: the snapshot does not decode: {exc}"
+        ) from exc
+    exchange = machine.exchange
+    if recompute_hash:
+        _compare(manifest, (exchange.state_hash(), exchange.cmd_index, exchange.seq))
+    return Verified(manifest, machine, checked.blob)
 
 
 # ---------------------------------------------------------------------------------- taking one

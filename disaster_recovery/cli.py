@@ -263,6 +263,13 @@ def backup_log(to: str, to_index: int | None, out: str | None) -> None:
     help="The old cluster's admin key, to keep using it; not in backups.",
 )
 @click.option("--archive-to", default=None, help="A NEW target for the restored cluster's archive.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Decode the backup in full (every invariant) before seeding, as `backup verify` "
+    "does. Without it a backup no archived entry changes is checked by its checksums and "
+    "manifest here, and decoded in full by every node as it starts.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def restore(
     source: str,
@@ -273,6 +280,7 @@ def restore(
     api_master_file: str | None,
     admin_key_file: str | None,
     archive_to: str | None,
+    verify: bool,
     as_json: bool,
 ) -> None:
     """Build the data directories of a new cluster from the newest backup at or before the
@@ -300,6 +308,7 @@ def restore(
             api_master_file=Path(api_master_file) if api_master_file else None,
             admin_key_file=Path(admin_key_file) if admin_key_file else None,
             archive_to=archive_to,
+            verify=verify,
             progress=None if as_json else _say,
         )
     except (RestoreError, BackupError, SegmentError, TargetError, FileExistsError) as exc:

@@ -2,10 +2,12 @@
 
 The state at the newest point the target holds (or at the newest log entry whose commands end
 at or before `--to-cmd-index N`) is rebuilt here, offline: the newest backup that gets there
-(verified in full), then the archived segments after it, each entry applied to the state
+(its checksums and manifest checked; decoded in full when an entry is applied to it, or with
+`--verify`; otherwise each seeded node decodes it in full as it loads it), then the archived
+segments after it, each entry applied to the state
 machine and its `cmd_index` checked against the one the archiver recorded (a replay that
 diverges stops the restore). The result seeds the data directory of every member of a new
-local cluster (`cluster.raft.seed_data_dir`): its log starts at that state, its nodes all
+local cluster (`cluster.raft.seed_data_dirs`): its log starts at that state, its nodes all
 report its state hash, and it accepts orders.
 
 The new cluster is a new history: a new `cluster_id`, its own archive target (the old one
@@ -21,12 +23,11 @@ import json
 import secrets
 import shutil
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.machine import ExchangeMachine, exchange_blob_of, without_directory
-from cluster.raft import payload_of_entry, seed_data_dir
+from cluster.raft import payload_of_entry, seed_data_dirs
 from statemachine.snapshot import stated_hash
 
 from . import backup, segments
@@ -76,9 +77,10 @@ def plan(target: Target, to_cmd_index: int | None = None) -> Plan:
 
 @dataclass
 class Restored:
-    machine: ExchangeMachine
+    machine: ExchangeMachine | None  # None: the backup's state, which no entry changed
     index: int
     cmd_index: int
+    seq: int
     segments_read: int
     backup_blob: bytes | None = None  # the backup's snapshot, while no entry changed the state
 
@@ -88,24 +90,54 @@ def replay(
     chosen: Plan,
     to_cmd_index: int | None = None,
     progress: Callable[[str], None] | None = None,
+    *,
+    decode: bool = False,
 ) -> Restored:
-    """The state at the plan's end (or at `to_cmd_index`'s entry boundary)."""
+    """The state at the plan's end (or at `to_cmd_index`'s entry boundary).
+
+    The backup is checked (every file's sha256, its snapshot's stated hash, cmd_index and
+    seq against the manifest) and decoded only when an archived entry must be applied to it
+    (or `decode`): a state no entry changes is copied as it is, and every node it seeds
+    decodes it in full (every invariant) as it loads it and refuses to start on a bad one."""
     say = progress or (lambda _line: None)
     cluster_id = backup.target_cluster(target)
+    checked: backup.Checked | None = None
+    machine: ExchangeMachine | None = None
     if chosen.backup_id is not None:
         say(f"backup {chosen.backup_id}: log index {chosen.anchor_index}, cmd_index "
-            f"{chosen.anchor_cmd_index}; verifying")  # fmt: skip
+            f"{chosen.anchor_cmd_index}; checking")  # fmt: skip
         try:
-            loaded = backup.load(
-                target, chosen.backup_id, cluster_id=cluster_id, recompute_hash=False
-            )
+            checked = backup.check(target, chosen.backup_id, cluster_id=cluster_id)
         except backup.BackupError as exc:
             raise RestoreError(str(exc)) from exc
-        machine, unchanged = loaded.machine, loaded.blob
+        seq = checked.manifest.seq
     else:
         say("no backup before the archive's start: from the empty state")
-        machine, unchanged = ExchangeMachine(), None
-    index, read = chosen.anchor_index, 0
+        machine, seq = ExchangeMachine(), 0
+
+    def decoded() -> ExchangeMachine:
+        nonlocal machine, checked
+        if machine is None:
+            assert checked is not None
+            say(f"decoding the backup's {len(checked.blob):,} bytes (every invariant)")
+            try:
+                machine = backup.decode_checked(checked, recompute_hash=False).machine
+            except backup.BackupError as exc:
+                raise RestoreError(str(exc)) from exc
+            checked = None
+        return machine
+
+    if decode:
+        decoded()
+    index, cmd_at, read = chosen.anchor_index, chosen.anchor_cmd_index, 0
+
+    def done() -> Restored:
+        if machine is None:
+            assert checked is not None
+            return Restored(None, index, cmd_at, seq, read, checked.blob)
+        ex = machine.exchange
+        return Restored(machine, index, ex.cmd_index, ex.seq, read)
+
     for _first, _last, name in chosen.chain:
         try:
             segment = segments.read(target, name, cluster_id=cluster_id)
@@ -121,20 +153,21 @@ def replay(
                 raise RestoreError(f"{name}: log index {idx} follows {index}")
             if to_cmd_index is not None and cmd_index > to_cmd_index:
                 say(f"stopped before log index {idx} (its commands end at cmd_index {cmd_index})")
-                return Restored(machine, index, machine.exchange.cmd_index, read)
+                return done()
             payload = payload_of_entry(command)
             if payload is not None:
-                machine.apply(payload)
-                unchanged = None
-            if machine.exchange.cmd_index != cmd_index:
+                applied = decoded()
+                applied.apply(payload)
+                cmd_at = applied.exchange.cmd_index
+            if cmd_at != cmd_index:
                 raise RestoreError(
-                    f"the replay diverged at log index {idx}: cmd_index "
-                    f"{machine.exchange.cmd_index} here, {cmd_index} when it was archived"
+                    f"the replay diverged at log index {idx}: cmd_index {cmd_at} here, "
+                    f"{cmd_index} when it was archived"
                 )
             index = idx
         if read % 50 == 0:
             say(f"  {read} of {len(chosen.chain)} segments, log index {index}")
-    return Restored(machine, index, machine.exchange.cmd_index, read, unchanged)
+    return done()
 
 
 def restore(
@@ -147,10 +180,13 @@ def restore(
     api_master_file: Path | None = None,
     admin_key_file: Path | None = None,
     archive_to: str | None = None,
+    verify: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Build a new local cluster of `nodes` members under `data_dir` at the restored state;
-    returns what was restored (also written to `data_dir`/restore.json)."""
+    returns what was restored (also written to `data_dir`/restore.json). `verify`: decode the
+    backup in full here even when no archived entry needs it (`quorumbook backup verify`
+    does the same without restoring), rather than leave that to the nodes as they start."""
     from cluster.launcher import LocalCluster
 
     say = progress or (lambda _line: None)
@@ -166,11 +202,12 @@ def restore(
         shutil.rmtree(data_dir)
     old_cluster = backup.target_cluster(target)
     chosen = plan(target, to_cmd_index)
-    restored = replay(target, chosen, to_cmd_index, say)
+    restored = replay(target, chosen, to_cmd_index, say, decode=verify)
     machine = restored.machine
     # The old members' directory goes: the new cluster's are in its configs. A state no entry
-    # changed keeps the backup's exchange bytes (no second encode of a large state).
-    if restored.backup_blob is not None:
+    # changed keeps the backup's exchange bytes (no decode, no second encode of a large state).
+    if machine is None:
+        assert restored.backup_blob is not None
         blob = without_directory(restored.backup_blob)
     else:
         machine.directory = {}
@@ -188,14 +225,7 @@ def restore(
         settings["target"] = archive_to  # [archive] target
     cluster = LocalCluster.create(data_dir, nodes, **settings)
     members = [n.config.raft_addr for n in cluster.nodes.values()]
-    # In parallel: most of a seed is its fsync, which lets the other threads go on.
-    with ThreadPoolExecutor(len(cluster.nodes)) as pool:
-        seeded = [
-            pool.submit(seed_data_dir, node.config.data_dir, blob, index, members)
-            for node in cluster.nodes.values()
-        ]
-        for future in seeded:
-            future.result()
+    seed_data_dirs([node.config.data_dir for node in cluster.nodes.values()], blob, index, members)
     result = {
         "restored_from": target.url,
         "from_cluster_id": old_cluster,
@@ -205,7 +235,7 @@ def restore(
         "archive_end_index": chosen.archive_end,
         "log_index": index,
         "cmd_index": restored.cmd_index,
-        "seq": machine.exchange.seq,
+        "seq": restored.seq,
         "state_hash": state_hash,
         "requested_cmd_index": to_cmd_index,
         "nodes": nodes,

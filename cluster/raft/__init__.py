@@ -5,7 +5,7 @@ Its one public surface is what this module exports; the modules inside are priva
 pysyncobj's ``SyncObj`` with its safety bugs fixed), ``storage`` (the journal and the dump),
 ``transport`` (the TCP transport), ``pin`` (refuses any other pysyncobj). ``JournalReader``,
 ``read_dump``, ``payload_of_entry`` and ``HELD_DUMP`` let another process (the indexer, the log archiver)
-follow what a node applies, from its data directory; ``seed_data_dir`` starts a new cluster's
+follow what a node applies, from its data directory; ``seed_data_dirs`` starts a new cluster's
 log at a restored state. Why each piece exists:
 docs/adr/0002-pysyncobj-hardening.md.
 """
@@ -25,7 +25,7 @@ from .adapter import (
     SubmitError,
     SubmitErrorReason,
 )
-from .hardened import HELD_DUMP, payload_of_entry, seed_data_dir
+from .hardened import HELD_DUMP, payload_of_entry, seed_data_dirs
 from .stats import STAGE_BUCKETS_S, Histogram
 from .storage import JournalGap, JournalReader, RaftStorageError, read_dump
 
@@ -51,5 +51,5 @@ __all__ = [
     "SubmitErrorReason",
     "payload_of_entry",
     "read_dump",
-    "seed_data_dir",
+    "seed_data_dirs",
 ]

@@ -36,6 +36,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pysyncobj import pickle as _pickle
@@ -100,22 +101,31 @@ def payload_of_entry(command: bytes) -> bytes | None:
     return payload
 
 
-def seed_data_dir(data_dir: Path, machine_blob: bytes, index: int, members: list[str]) -> None:
-    """Make `data_dir` the data directory of a member of a NEW cluster whose log starts with
-    the state `machine_blob` at log `index` (a restore, disaster_recovery/restore.py): a dump
-    whose head entries are no-ops of term 1 at `index` - 1 and `index`, naming `members`
-    (raft addresses). The node reconciles its empty journal with it at start (fix 4), applies
-    nothing up to `index`, and the cluster's first leader appends after it."""
+def seed_data_dirs(
+    data_dirs: list[Path], machine_blob: bytes, index: int, members: list[str]
+) -> None:
+    """Make each of `data_dirs` the data directory of a member of a NEW cluster whose log
+    starts with the state `machine_blob` at log `index` (a restore, disaster_recovery/
+    restore.py): a dump whose head entries are no-ops of term 1 at `index` - 1 and `index`,
+    naming `members` (raft addresses). The node reconciles its empty journal with it at start
+    (fix 4), applies nothing up to `index`, and the cluster's first leader appends after it.
+
+    The members' dumps are the same bytes: encoded once, written (each fsynced) in parallel,
+    since a write of a large state is mostly copying and syncing, which release the GIL."""
     if index < 2:
         raise ValueError(f"a seeded log starts at index 2 or later, not {index}")
-    data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    if any(data_dir.iterdir()):
-        raise FileExistsError(f"{data_dir} is not empty")
+    dirs = [Path(d) for d in data_dirs]
+    for data_dir in dirs:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if any(data_dir.iterdir()):
+            raise FileExistsError(f"{data_dir} is not empty")
     header = DumpHeader(
         last=(_NO_OP, index, 1), prev=(_NO_OP, index - 1, 1), cluster=tuple(members)
     )
-    write_file_atomically(data_dir / "raft.dump", encode_dump(header, machine_blob))
+    dump = encode_dump(header, machine_blob)
+    with ThreadPoolExecutor(max(1, len(dirs))) as pool:
+        for done in [pool.submit(write_file_atomically, d / "raft.dump", dump) for d in dirs]:
+            done.result()
 
 
 class HardenedSerializer(Serializer):

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from pysyncobj.syncobj import _COMMAND_TYPE
 
 from cluster.machine import ExchangeMachine
-from cluster.raft import PYSYNCOBJ_VERSION, seed_data_dir
+from cluster.raft import PYSYNCOBJ_VERSION, seed_data_dirs
 from cluster.raft.storage import DurableJournal
 from disaster_recovery.archiver import Gap, Replica, designated
 from disaster_recovery.segments import chain, name_of
@@ -63,7 +63,7 @@ NO_OP = bytes([_COMMAND_TYPE.NO_OP])  # pysyncobj's no-op entry: nothing for the
 def data_dir_at(path, dump_index: int, journal_first: int, last: int):
     """A node's data directory: a dump of an empty exchange at `dump_index`, a journal of
     no-op entries `journal_first`..`last`."""
-    seed_data_dir(path, ExchangeMachine().snapshot(), dump_index, ["127.0.0.1:1"])
+    seed_data_dirs([path], ExchangeMachine().snapshot(), dump_index, ["127.0.0.1:1"])
     journal = DurableJournal(path / "raft.journal", app_version=PYSYNCOBJ_VERSION, fsync=False)
     journal.reset([(NO_OP, i, 1) for i in range(journal_first, last + 1)])
     journal.close()

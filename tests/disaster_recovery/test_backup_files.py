@@ -228,3 +228,67 @@ def test_a_standing_by_archiver_follows_the_archive_end_reading_only_what_is_new
     target.list = counting  # type: ignore[method-assign]
     view.read_new(target)
     assert listed == []  # nothing new: no segment listed again
+
+
+def forged_backup(target: DirTarget, machine: ExchangeMachine, index: int) -> backup.Manifest:
+    """A backup whose files match their checksums and whose snapshot states its own hash and
+    counters rightly, but whose state breaks an invariant (funds reserved that no order
+    holds): what only a full decode finds (a bug in the build that wrote it, or a crafted
+    file)."""
+    import hashlib
+
+    import msgpack
+
+    from statemachine import snapshot
+
+    fields = snapshot.body_fields(machine.exchange.state)
+    _acct, assets = fields[6][0]
+    asset, available, reserved = assets[0]
+    assets[0] = [asset, available - 7, reserved + 7]
+    body = snapshot.pack_body(fields)
+    exchange_blob = (
+        snapshot._HEADER.pack(snapshot.MAGIC, snapshot.VERSION, hashlib.sha256(body).digest())
+        + body
+    )
+    outer = msgpack.unpackb(machine.snapshot(), raw=False)
+    outer[1] = exchange_blob
+    blob = msgpack.packb(outer, use_bin_type=True)
+    ex = machine.exchange
+    state = backup.State(blob, index, ex.cmd_index, ex.seq, stated_hash(exchange_blob), "n2")
+    return backup.write(target, CLUSTER, state)
+
+
+def test_a_restore_copies_a_backup_nothing_changes_and_its_nodes_decode_it(target, tmp_path):
+    """With no archived entry after the backup, restore checks the checksums and the manifest
+    and copies the snapshot without decoding it (a million orders take seconds to decode;
+    the nodes decode it anyway as they load it). A backup that passes the checksums but
+    breaks an invariant is then refused by each node as it starts, and by `verify=True` (and
+    `backup verify`) before anything is written."""
+    from cluster.raft import RaftReplica, RaftSettings, RaftStartupError
+    from tests.cluster.conftest import free_port
+
+    good = backup.write(target, CLUSTER, backup_state(state_at(20), 20))
+    chosen = restore.plan(target)
+    assert (chosen.backup_id, chosen.chain) == (good.backup_id, ())
+    copied = restore.replay(target, chosen)
+    assert copied.machine is None  # not decoded
+    assert (copied.index, copied.cmd_index, copied.seq) == (20, good.cmd_index, good.seq)
+    assert copied.backup_blob == target.get(f"backups/{good.backup_id}/state.bin")
+
+    bad_target = DirTarget(tmp_path / "forged")
+    forged = forged_backup(bad_target, state_at(20), 20)
+    backup.check(bad_target, forged.backup_id)  # checksums, hash and counters all agree
+    with pytest.raises(backup.BackupError, match=r"does not decode.*reserved"):
+        backup.load(bad_target, forged.backup_id)
+    with pytest.raises(restore.RestoreError, match="does not decode"):
+        restore.restore(bad_target, tmp_path / "verified", nodes=1, verify=True)
+    assert not (tmp_path / "verified").exists() or not any((tmp_path / "verified").iterdir())
+
+    done = restore.restore(bad_target, tmp_path / "seeded", nodes=1)
+    assert done["state_hash"] == forged.state_hash
+    (data_dir,) = (tmp_path / "seeded").glob("*/data/raft.dump")
+    with pytest.raises(RaftStartupError, match=r"reserved 7 != 0.*refusing to start"):
+        settings = RaftSettings(
+            self_addr=f"127.0.0.1:{free_port()}", peers=(), password="pw", data_dir=data_dir.parent
+        )
+        RaftReplica(settings, ExchangeMachine())

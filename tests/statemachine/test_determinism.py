@@ -406,6 +406,25 @@ def test_a_crossed_book_is_refused(busy_blob: bytes) -> None:
         Exchange.restore(seal(msgpack.packb(body)))
 
 
+def test_a_client_order_id_index_out_of_order_is_refused(busy_blob: bytes) -> None:
+    """The index of client order ids is checked canonical as it is read (each account's ids
+    in order, each once; the accounts in order), not by sorting and writing it again: two of
+    its pairs swapped, or two of its accounts, must still be refused."""
+    body = decode_body(busy_blob)
+    assert isinstance(body, list)
+    coids = body[9]
+    pairs = next(pairs for _acct, pairs in coids if len(pairs) >= 2)
+    pairs[0], pairs[1] = pairs[1], pairs[0]
+    with pytest.raises(SnapshotError, match="client order id entry is malformed or out of order"):
+        Exchange.restore(seal(msgpack.packb(body)))
+    pairs[0], pairs[1] = pairs[1], pairs[0]
+    Exchange.restore(seal(msgpack.packb(body)))  # as it was: accepted
+    assert len(coids) >= 2
+    coids[0], coids[1] = coids[1], coids[0]
+    with pytest.raises(SnapshotError, match="client order id accounts are out of order"):
+        Exchange.restore(seal(msgpack.packb(body)))
+
+
 # ---------------------------------------------------------------- packed in pieces
 
 
