@@ -58,6 +58,7 @@ from statemachine import Exchange
 
 RAW_RATIO_TARGET = 3.0
 EXCHANGE_SHARE_TARGET = 0.30
+CPU_RATIO_TARGET = 2.0  # the cluster's CPU per committed command / its three applies
 RAW_NODE_SCRIPT = Path(__file__).resolve().parent / "raw_pysyncobj_node.py"
 RAW_PASSWORD_ENV = "RAW_PYSYNCOBJ_PASSWORD"  # read by raw_pysyncobj_node.py
 
@@ -256,6 +257,24 @@ def run_exchange(
 # ---------------------------------------------------------------- 1. the quorumbook cluster
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime (stat fields 14, 15)
+
+
+def _cpu_of(pids: dict[str, int]) -> dict[str, float]:
+    out = {}
+    for nid, pid in pids.items():
+        with contextlib.suppress(OSError):
+            out[nid] = cpu_seconds(pid)
+    return out
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -322,9 +341,12 @@ def run_cluster(
         time.sleep(max(0.0, t_from - time.perf_counter()))
         with contextlib.suppress(TimeoutError):
             leader = cluster.wait_for_leader(2)  # the leader at the start of the window
+        pids = {nid: node.pid for nid, node in cluster.nodes.items() if node.pid is not None}
         before = cluster.status(leader)
+        cpu_before, cpu_t0 = _cpu_of(pids), time.perf_counter()
         terms_before = [st["term"] for st in cluster.statuses().values() if st]
         time.sleep(max(0.0, t_to - time.perf_counter()))
+        cpu_after, cpu_t1 = _cpu_of(pids), time.perf_counter()
         after = cluster.status(leader)
         terms_after = [st["term"] for st in cluster.statuses().values() if st]
         stop.set()
@@ -367,6 +389,10 @@ def run_cluster(
         ):
             batches = after["batches_proposed"] - before["batches_proposed"]
             cmds_in_batches = after["cmd_index"] - before["cmd_index"]
+        # CPU of every node over the window, per command committed in it (the leader's
+        # cmd_index moved by that many, read just outside the CPU readings).
+        cpu = {nid: cpu_after[nid] - cpu_before[nid] for nid in cpu_after if nid in cpu_before}
+        committed = (after or {}).get("cmd_index", 0) - (before or {}).get("cmd_index", 0)
         return {
             "seconds": seconds,
             "warmup_s": warmup_s,
@@ -395,6 +421,10 @@ def run_cluster(
             "batches_in_window": batches,
             "commands_per_batch": (cmds_in_batches / batches) if batches else None,
             "state_hashes_equal": len(hashes) == 1,
+            "cpu_s": cpu,
+            "cpu_window_s": cpu_t1 - cpu_t0,
+            "committed_in_window": committed,
+            "cpu_us_per_command": (sum(cpu.values()) / committed * 1e6) if committed else None,
             "cmd_index_end": next(iter(statuses.values()))["cmd_index"],
             "engines": sorted({s.get("engine", "?") for s in statuses.values()}),
         }
@@ -616,6 +646,20 @@ def print_report(res: dict) -> None:
         f"{ex['rejected_share']:.2%}, {ex['resting_orders_end']:,} orders resting at the end)"
     )
     print()
+    if res["cpu_ratio"] is not None:
+        cpu, window = ours["cpu_s"], ours["cpu_window_s"]
+        cores = ", ".join(f"{nid} {c / window:.2f}" for nid, c in sorted(cpu.items()))
+        print(
+            f"CPU per committed command: the 3 node processes {ours['cpu_us_per_command']:.1f} us "
+            f"({sum(cpu.values()) / window:.2f} cores: {cores}; "
+            f"{ours['committed_in_window']:,} commands committed in {window:.1f} s); "
+            f"3 applies in one process {3 * res['apply_us_per_command']:.1f} us "
+            f"(3 x {res['apply_us_per_command']:.1f})"
+        )
+        print(
+            f"cluster CPU / 3 applies   = {res['cpu_ratio']:.2f}x  (target <= "
+            f"{CPU_RATIO_TARGET:.0f}x)  {_verdict(res['cpu_ratio_pass'])}"
+        )
     print(
         f"quorumbook / raw pysyncobj = {res['ratio_raw']:.2f}x  (target >= "
         f"{RAW_RATIO_TARGET:.0f}x)  {_verdict(res['ratio_raw_pass'])}"
@@ -691,6 +735,11 @@ def main(argv: list[str] | None = None) -> int:
     res["cpus"] = os.cpu_count()
     res["ratio_raw_pass"] = res["ratio_raw"] >= RAW_RATIO_TARGET
     res["share_exchange_pass"] = res["share_exchange"] >= EXCHANGE_SHARE_TARGET
+    apply_us = exchange["seconds"] / exchange["commands"] * 1e6
+    res["apply_us_per_command"] = apply_us
+    per_command = ours["cpu_us_per_command"]
+    res["cpu_ratio"] = per_command / (3 * apply_us) if per_command else None
+    res["cpu_ratio_pass"] = res["cpu_ratio"] is not None and res["cpu_ratio"] <= CPU_RATIO_TARGET
     res["pass"] = (
         res["ratio_raw_pass"] and res["share_exchange_pass"] and ours["state_hashes_equal"]
     )
