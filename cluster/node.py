@@ -124,7 +124,11 @@ class Node:
                         if ring is None:
                             ring = self._trades[event["market"]] = collections.deque(maxlen=1000)
                         ring.append(event)
-        self._hand_to_trio(self._fan_out, applied)
+        # Only while someone listens (a follower usually has nobody): each hand-off wakes
+        # the trio thread. A subscriber that comes after this check missed nothing: it reads
+        # the state after subscribing (api/ws.py), and that state holds what was just applied.
+        if self._subscribers:
+            self._hand_to_trio(self._fan_out, applied)
 
     # -------------------------------------------------------------- committed-event feed
 
