@@ -315,13 +315,16 @@ def command_of(op: Operation, account: str, coid: Callable[[int], str]) -> dict:
 # flow builds the book first. All randomness comes from one `random.Random(seed)`, so the same
 # arguments always give the same flow.
 #
-# Two shapes of book (`PROFILES`):
+# Three shapes of flow (`PROFILES`):
 #
 # - `deep` (what a real exchange book looks like): ~40,000 resting orders from 5,000 accounts,
 #   offsets with a mean of 300 ticks, so each side spreads over ~1,500 price levels, dense
 #   near the mid and thinning out away from it;
 # - `shallow`: ~5,000 resting orders from 1,000 accounts within ~100-200 levels per side (mean
-#   offset 20 ticks): a toy book, where an engine's per-level costs hardly show.
+#   offset 20 ticks): a toy book, where an engine's per-level costs hardly show;
+# - `cancels`: a shallow book under heavy cancelling (40% of the commands while the book is
+#   under its target size, 55% over it: about 40% in all; 4% take liquidity), as market
+#   makers re-quoting make it.
 #
 # The generator runs its own tiny price-time matcher while it generates, so that:
 #
@@ -373,6 +376,10 @@ class Profile:
     # ticks): the dense inside of a real book, which keeps the spread tight.
     near_share: float = 0.0
     near_offset: float = 0.0
+    # The cancel share while the book is under its target size, and over it.
+    p_cancel_below: float = P_CANCEL_BELOW
+    p_cancel_above: float = P_CANCEL_ABOVE
+    p_cross: float = P_CROSS  # the share of all commands that take liquidity
 
 
 PROFILES = {
@@ -386,6 +393,18 @@ PROFILES = {
         near_offset=15.0,
     ),
     "shallow": Profile("shallow", book_target=5000, mean_offset=20.0, warmup=30_000, accounts=1000),
+    # Market makers re-quoting: about 40% of the commands cancel a live order (the shallow
+    # flow: 30%), 4% take liquidity, the rest rest; a book of 2,000-2,500 orders.
+    "cancels": Profile(
+        "cancels",
+        book_target=5000,
+        mean_offset=20.0,
+        warmup=30_000,
+        accounts=1000,
+        p_cancel_below=0.40,
+        p_cancel_above=0.55,
+        p_cross=0.04,
+    ),
 }
 
 
@@ -571,7 +590,7 @@ def book_flow(
             book_at_start = sim.shape()
         out, st = (warm_ops, warm_stats) if i < warmup else (ops, stats)
         r = rand()
-        p_cancel = P_CANCEL_BELOW if len(sim.live) < book_target else P_CANCEL_ABOVE
+        p_cancel = profile.p_cancel_below if len(sim.live) < book_target else profile.p_cancel_above
         if r < p_cancel and sim.live:
             no = sim.live[int(rand() * len(sim.live))]
             account = sim.orders[no][0][1]
@@ -582,7 +601,7 @@ def book_flow(
             mid += 1 if rand() < 0.5 else -1
         side = "buy" if rand() < 0.5 else "sell"
         opposite = "sell" if side == "buy" else "buy"
-        if rand() < P_CROSS / (1 - p_cancel) and sim.best(opposite) is not None:
+        if rand() < profile.p_cross / (1 - p_cancel) and sim.best(opposite) is not None:
             # Aggressive: take the first 1-3 resting orders (the last one maybe partly),
             # sometimes with extra size that rests at the limit after sweeping.
             ahead = sim.makers_ahead(side, rng.randint(1, 3))
