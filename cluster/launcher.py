@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,17 +32,12 @@ from api.sdk import (
     tls_context,
     write_credentials,
 )
+from indexer.services import free_port
 
 from .config import EXIT_WITH_PARENT_ENV, TABLES, NodeConfig, Peer, dump, load, make
 
 # The keys of a node's `[raft]` table (docs/reference/config.md) a launcher may set, by name.
 RAFT_KEYS = frozenset(TABLES["raft"].__struct_fields__) - {"addr"}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

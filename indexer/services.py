@@ -18,10 +18,12 @@ import importlib.util
 import json
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +37,47 @@ class ServiceError(RuntimeError):
     """A service could not be started; the message says which and why (with its log's tail)."""
 
 
+# Ports `free_port` has handed out in this process: each is bound later, by whoever it was for
+# (often a child process), so a second call must not hand it out again meanwhile.
+_HANDED_OUT: set[int] = set()
+_HANDED_OUT_LOCK = threading.Lock()
+_LOWEST_PORT = 10_000
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32_768, 60_999  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
+    """A TCP port on `host` that is free now and that nothing but an explicit bind will take
+    before its user binds it.
+
+    A port from bind(0) comes from the kernel's ephemeral range, which it also draws on for
+    the local end of every outgoing connection (a PostgreSQL client, an SDK, a node dialling
+    a peer): between choosing such a port and a child process binding it, a connection may
+    take it, and the child fails with EADDRINUSE (seen in the test suite). So the port is
+    drawn at random below that range, checked free by binding it (which also skips ports
+    with connections in TIME_WAIT), and never handed out twice by this process."""
+    low, _high = _ephemeral_range()
+    if low - _LOWEST_PORT >= 1_000:
+        draw = random.SystemRandom()
+        with _HANDED_OUT_LOCK:
+            for _ in range(200):
+                port = draw.randrange(_LOWEST_PORT, low)
+                if port in _HANDED_OUT:
+                    continue
+                with socket.socket() as sock:
+                    try:
+                        sock.bind((host, port))
+                    except OSError:
+                        continue
+                _HANDED_OUT.add(port)
+                return port
+    with socket.socket() as sock:  # no room below the ephemeral range: the kernel's choice
         sock.bind((host, 0))
         return sock.getsockname()[1]
 

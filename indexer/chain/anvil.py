@@ -11,11 +11,11 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
+from ..services import free_port
 from .rpc import EthRpc, address, quantity
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,15 +41,9 @@ def anvil_binary() -> str:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Anvil:
     def __init__(self, *, chain_id: int = 31337, block_time_s: float | None = None) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.chain_id = chain_id
         argv = [anvil_binary(), "--host", "127.0.0.1", "--port", str(self.port),

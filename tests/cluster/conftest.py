@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import pickle
 import random
-import socket
 from pathlib import Path
 
 import msgpack
@@ -31,18 +30,13 @@ from pysyncobj.node import TCPNode
 from pysyncobj.transport import Transport
 
 from cluster.raft.hardened import HardenedSyncObj
+from indexer.services import free_port as free_port  # the tests' one too
 
 KINDS = ("plain", "hardened")
 # With "unsafe" (our adapter with its Raft safety fixes switched off, `raft_fixes=False`: the
 # Jepsen harness's `--unsafe-raft-fixes-off`) a scenario must lose what plain pysyncobj loses.
 KINDS_AND_UNSAFE = ("plain", "hardened", "unsafe")
 LOSSY = ("plain", "unsafe")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class FakeClock:
