@@ -19,7 +19,9 @@ One run measures three things on this machine:
    JSON reply, parse), p50/p99 over the measured requests, plus the node's own `elapsed_ms`
    (from the request's first submit to its last command's events). Elections during the
    window and commands left without an outcome are reported. At the end one more command
-   commits and every node must report the same state hash.
+   commits and every node must report the same state hash. The CPU seconds of every node
+   process over the window (/proc/PID/stat, all threads) per command committed in it,
+   against the cost of three applies of the same mix (3): target <= 2x (issue 14).
 2. Raw pysyncobj. Three `bench/raw_pysyncobj_node.py` processes: a plain `SyncObj` with one
    `@replicated` method taking a 32-byte payload (one op per call, no batching of ours),
    password, raftMinTimeout 0.15 / raftMaxTimeout 0.30 / appendEntriesPeriod 0.04, no journal.
@@ -27,12 +29,18 @@ One run measures three things on this machine:
    `--raw-seconds` and reports committed ops/s. A run whose leader changes (pysyncobj's own
    elections on a loaded machine) is retried with half the window, up to 3 runs; the best
    run that kept its leader counts. Target: quorumbook >= 3x this.
+   Then the same three-process run of our replication layer with a no-op state machine
+   (`bench/noop_replica_node.py`: RaftReplica with its journal and fsync, under the node's
+   batcher), submitting as the bulk path does (`--clients` submissions of `--per-request`
+   commands in flight): its ops/s over raw pysyncobj's is the replication layer's own gain.
+   Target: >= 3x. For information, the same with one command per submission
+   (`--noop-window` in flight): the cost of a submission on the node's trio thread.
 3. Single core. `statemachine.Exchange.apply` in this process on the same `OrderMix` (same
    number of markets, same request size, the generator fed with the results as in the
    cluster), apply calls timed alone. Target: quorumbook >= 30% of this.
 
 Every process started here is stopped by pid on every path (the cluster by `LocalCluster`,
-the raw nodes by `Popen.kill`), and the temp dir is removed unless `--keep` is given.
+the raw and no-op nodes by `Popen.kill`), and the temp dir is removed unless `--keep` is given.
 """
 
 from __future__ import annotations
@@ -60,6 +68,8 @@ RAW_RATIO_TARGET = 3.0
 EXCHANGE_SHARE_TARGET = 0.30
 CPU_RATIO_TARGET = 2.0  # the cluster's CPU per committed command / its three applies
 RAW_NODE_SCRIPT = Path(__file__).resolve().parent / "raw_pysyncobj_node.py"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NOOP_RATIO_TARGET = 3.0  # our replication layer, no-op machine / raw pysyncobj
 RAW_PASSWORD_ENV = "RAW_PYSYNCOBJ_PASSWORD"  # read by raw_pysyncobj_node.py
 
 
@@ -439,15 +449,37 @@ def _pump(i: int, stream, out: queue.Queue) -> None:
     out.put((i, None))
 
 
-def run_raw(root: Path, *, seconds: float, window: int, attempts: int = 3) -> dict:
+def _raw_node(addr: str, peers: str, data_dir: Path, seconds: float, window: int) -> list[str]:
+    return [sys.executable, str(RAW_NODE_SCRIPT), "--self", addr, "--peers", peers,
+            "--duration", str(seconds), "--window", str(window),
+            "--max-lifetime", str(seconds + 120)]  # fmt: skip
+
+
+def _noop_node(per_submit: int):
+    def node(addr: str, peers: str, data_dir: Path, seconds: float, window: int) -> list[str]:
+        safe_path = ["-P"] if sys.flags.safe_path else []
+        return [sys.executable, *safe_path, "-m", "bench.noop_replica_node", "--self", addr,
+                "--peers", peers, "--data-dir", str(data_dir), "--duration", str(seconds),
+                "--window", str(window), "--per-submit", str(per_submit),
+                "--max-lifetime", str(seconds + 120)]  # fmt: skip
+
+    return node
+
+
+def run_raw(
+    root: Path, *, seconds: float, window: int, attempts: int = 3, node=_raw_node,
+    min_window: int = 100,
+) -> dict:  # fmt: skip
     """Up to `attempts` runs until one keeps its leader and loses nothing; the best such run
     wins. On a loaded 2-core machine pysyncobj's own elections can interrupt a run with many
-    calls in flight, so each retry halves the window."""
+    calls in flight, so each retry halves the window (down to `min_window`). `node`: the
+    command line of one node (`_raw_node`: plain pysyncobj; `_noop_node`: ours with a no-op
+    machine)."""
     runs = []
     for attempt in range(attempts):
-        w = max(100, window >> attempt)
+        w = max(min(min_window, window), window >> attempt)
         try:
-            run = _run_raw_once(root / f"raw{attempt}", seconds=seconds, window=w)
+            run = _run_raw_once(root / f"raw{attempt}", seconds=seconds, window=w, node=node)
         except RuntimeError as exc:  # no stable leader, a node died, no result in time
             runs.append(
                 {
@@ -485,7 +517,7 @@ def run_raw(root: Path, *, seconds: float, window: int, attempts: int = 3) -> di
     }
 
 
-def _run_raw_once(root: Path, *, seconds: float, window: int) -> dict:
+def _run_raw_once(root: Path, *, seconds: float, window: int, node=_raw_node) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
     env = {**os.environ, RAW_PASSWORD_ENV: secrets.token_urlsafe(24)}
@@ -498,26 +530,14 @@ def _run_raw_once(root: Path, *, seconds: float, window: int) -> dict:
             peers = ",".join(a for a in addrs if a != addr)
             with open(logs[i], "wb") as log:
                 proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        str(RAW_NODE_SCRIPT),
-                        "--self",
-                        addr,
-                        "--peers",
-                        peers,
-                        "--duration",
-                        str(seconds),
-                        "--window",
-                        str(window),
-                        "--max-lifetime",
-                        str(seconds + 120),
-                    ],
+                    node(addr, peers, root / f"node{i}", seconds, window),
                     stdout=subprocess.PIPE,
                     stderr=log,
                     stdin=subprocess.DEVNULL,
                     env=env,
                     text=True,
                     start_new_session=True,
+                    cwd=REPO_ROOT,
                 )
             procs.append(proc)
             threading.Thread(target=_pump, args=(i, proc.stdout, lines), daemon=True).start()
@@ -638,6 +658,22 @@ def print_report(res: dict) -> None:
         )
     print()
     print(
+        "our replication layer with a no-op machine (bench/noop_replica_node.py: RaftReplica "
+        "with journal + fsync under the node's batcher), 3 processes, 32-byte commands:"
+    )
+    for key, what in (
+        ("noop", "as the bulk path submits them"),
+        ("noop_single", "one per submission, for information"),
+    ):
+        noop = res[key]
+        print(
+            f"  {noop['per_submit']:>4} per submit x {noop['window']:,} in flight ({what}): "
+            f"{noop['ops_per_s']:,.0f} ops/s committed ({noop['committed_in_window']:,}, "
+            f"failed {noop['failed']:,} {noop['failures'] or ''}, term changes "
+            f"{noop['term_changes']}, {noop['commands_per_batch']:.0f} commands per batch)"
+        )
+    print()
+    print(
         f"statemachine.Exchange ({ex['engine']}) in this process, one core, the same mix "
         f"({ex['commands']:,} commands, apply calls timed alone):"
     )
@@ -665,6 +701,11 @@ def print_report(res: dict) -> None:
         f"{RAW_RATIO_TARGET:.0f}x)  {_verdict(res['ratio_raw_pass'])}"
     )
     print(
+        f"no-op replication / raw    = {res['ratio_noop_raw']:.2f}x  (target >= "
+        f"{NOOP_RATIO_TARGET:.0f}x: the replication layer's own gain)  "
+        f"{_verdict(res['ratio_noop_raw_pass'])}"
+    )
+    print(
         f"quorumbook / Exchange      = {res['share_exchange']:.1%}  (target >= "
         f"{EXCHANGE_SHARE_TARGET:.0%})  {_verdict(res['share_exchange_pass'])}"
     )
@@ -687,6 +728,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=10_000,
         help="raw calls in flight (the rate grows with it up to ~10k here)",
+    )
+    ap.add_argument(
+        "--noop-window",
+        type=int,
+        default=4000,
+        help="one-command submissions in flight on the second no-op run (for information)",
     )
     ap.add_argument("--exchange-commands", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=1)
@@ -714,6 +761,10 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
         )
         raw = run_raw(root, seconds=raw_seconds, window=args.raw_window)
+        noop = run_raw(root / "noop", seconds=raw_seconds, window=args.clients,
+                       node=_noop_node(args.per_request), min_window=1)  # fmt: skip
+        noop_single = run_raw(root / "noop1", seconds=raw_seconds, window=args.noop_window,
+                              node=_noop_node(1))  # fmt: skip
     finally:
         if args.keep:
             print(f"(kept {root})", file=sys.stderr)
@@ -724,6 +775,9 @@ def main(argv: list[str] | None = None) -> int:
     res = {
         "quorumbook": ours,
         "raw_pysyncobj": raw,
+        "noop": noop,
+        "noop_single": noop_single,
+        "ratio_noop_raw": noop["ops_per_s"] / raw["ops_per_s"],
         "exchange": exchange,
         "ratio_raw": ours["ops_per_s"] / raw["ops_per_s"],
         "ratio_raw_target": RAW_RATIO_TARGET,
@@ -734,6 +788,7 @@ def main(argv: list[str] | None = None) -> int:
     res["load_average_1m_after"] = os.getloadavg()[0]
     res["cpus"] = os.cpu_count()
     res["ratio_raw_pass"] = res["ratio_raw"] >= RAW_RATIO_TARGET
+    res["ratio_noop_raw_pass"] = res["ratio_noop_raw"] >= NOOP_RATIO_TARGET
     res["share_exchange_pass"] = res["share_exchange"] >= EXCHANGE_SHARE_TARGET
     apply_us = exchange["seconds"] / exchange["commands"] * 1e6
     res["apply_us_per_command"] = apply_us
