@@ -77,7 +77,7 @@ def plan(target: Target, to_cmd_index: int | None = None) -> Plan:
 
 @dataclass
 class Restored:
-    machine: ExchangeMachine | None  # None: the backup's state, which no entry changed
+    machine: ExchangeMachine | None  # None: the backup's, not decoded (no entry changed it)
     index: int
     cmd_index: int
     seq: int
@@ -103,6 +103,7 @@ def replay(
     cluster_id = backup.target_cluster(target)
     checked: backup.Checked | None = None
     machine: ExchangeMachine | None = None
+    unchanged: bytes | None = None  # the backup's snapshot, while no entry changed the state
     if chosen.backup_id is not None:
         say(f"backup {chosen.backup_id}: log index {chosen.anchor_index}, cmd_index "
             f"{chosen.anchor_cmd_index}; checking")  # fmt: skip
@@ -110,13 +111,13 @@ def replay(
             checked = backup.check(target, chosen.backup_id, cluster_id=cluster_id)
         except backup.BackupError as exc:
             raise RestoreError(str(exc)) from exc
-        seq = checked.manifest.seq
+        seq, unchanged = checked.manifest.seq, checked.blob
     else:
         say("no backup before the archive's start: from the empty state")
         machine, seq = ExchangeMachine(), 0
 
     def decoded() -> ExchangeMachine:
-        nonlocal machine, checked
+        nonlocal machine
         if machine is None:
             assert checked is not None
             say(f"decoding the backup's {len(checked.blob):,} bytes (every invariant)")
@@ -124,7 +125,6 @@ def replay(
                 machine = backup.decode_checked(checked, recompute_hash=False).machine
             except backup.BackupError as exc:
                 raise RestoreError(str(exc)) from exc
-            checked = None
         return machine
 
     if decode:
@@ -133,10 +133,9 @@ def replay(
 
     def done() -> Restored:
         if machine is None:
-            assert checked is not None
-            return Restored(None, index, cmd_at, seq, read, checked.blob)
+            return Restored(None, index, cmd_at, seq, read, unchanged)
         ex = machine.exchange
-        return Restored(machine, index, ex.cmd_index, ex.seq, read)
+        return Restored(machine, index, ex.cmd_index, ex.seq, read, unchanged)
 
     for _first, _last, name in chosen.chain:
         try:
@@ -158,7 +157,7 @@ def replay(
             if payload is not None:
                 applied = decoded()
                 applied.apply(payload)
-                cmd_at = applied.exchange.cmd_index
+                cmd_at, unchanged = applied.exchange.cmd_index, None
             if cmd_at != cmd_index:
                 raise RestoreError(
                     f"the replay diverged at log index {idx}: cmd_index {cmd_at} here, "
@@ -205,11 +204,11 @@ def restore(
     restored = replay(target, chosen, to_cmd_index, say, decode=verify)
     machine = restored.machine
     # The old members' directory goes: the new cluster's are in its configs. A state no entry
-    # changed keeps the backup's exchange bytes (no decode, no second encode of a large state).
-    if machine is None:
-        assert restored.backup_blob is not None
+    # changed keeps the backup's exchange bytes (no second encode of a large state).
+    if restored.backup_blob is not None:
         blob = without_directory(restored.backup_blob)
     else:
+        assert machine is not None
         machine.directory = {}
         blob = machine.snapshot()
     state_hash = stated_hash(exchange_blob_of(blob))

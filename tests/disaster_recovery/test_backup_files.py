@@ -274,6 +274,9 @@ def test_a_restore_copies_a_backup_nothing_changes_and_its_nodes_decode_it(targe
     assert copied.machine is None  # not decoded
     assert (copied.index, copied.cmd_index, copied.seq) == (20, good.cmd_index, good.seq)
     assert copied.backup_blob == target.get(f"backups/{good.backup_id}/state.bin")
+    verified = restore.replay(target, chosen, decode=True)  # --verify: decoded, still copied
+    assert verified.machine is not None and verified.backup_blob == copied.backup_blob
+    assert (verified.index, verified.cmd_index, verified.seq) == (20, good.cmd_index, good.seq)
 
     bad_target = DirTarget(tmp_path / "forged")
     forged = forged_backup(bad_target, state_at(20), 20)
