@@ -69,6 +69,7 @@ from cluster import workload
 from cluster.batch import KIND_COMMAND, encode_batch
 from cluster.launcher import LocalCluster
 from cluster.machine import ExchangeMachine, exchange_blob_of
+from cluster.raft import entry_of_payload
 from disaster_recovery import backup, restore, segments
 from disaster_recovery.target import DirTarget
 from statemachine import snapshot as codec
@@ -225,8 +226,6 @@ def archive_tail(built: Built, target: DirTarget, seed: int) -> int:
     """Log entries after the backup, applied to the built state and written to `target` as
     an archiver writes them (one segment): `TAIL_ENTRIES` entries of new resting orders.
     Returns the commands archived."""
-    import pickle
-
     machine, index = built.machine, built.index
     first_cmd_index = machine.exchange.cmd_index
     accounts = workload.book_accounts(built.accounts)
@@ -239,7 +238,7 @@ def archive_tail(built: Built, target: DirTarget, seed: int) -> int:
         )
         machine.apply(payload)
         index += 1
-        command = bytes([0]) + pickle.dumps((0, (payload,)))  # the journal's envelope
+        command = entry_of_payload(payload)  # as the node's journal holds it
         entries.append((command, index, 1, machine.exchange.cmd_index))
     segment = segments.Segment(CLUSTER_ID, first_cmd_index, "2026-12-02T00:00:00Z", tuple(entries))
     target.put(segment.name, segments.encode(segment))

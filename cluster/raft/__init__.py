@@ -25,7 +25,7 @@ from .adapter import (
     SubmitError,
     SubmitErrorReason,
 )
-from .hardened import HELD_DUMP, payload_of_entry, seed_data_dirs
+from .hardened import HELD_DUMP, entry_of_payload, payload_of_entry, seed_data_dirs
 from .stats import STAGE_BUCKETS_S, Histogram
 from .storage import JournalGap, JournalReader, RaftStorageError, read_dump
 
@@ -49,6 +49,7 @@ __all__ = [
     "StateMachinePort",
     "SubmitError",
     "SubmitErrorReason",
+    "entry_of_payload",
     "payload_of_entry",
     "read_dump",
     "seed_data_dirs",

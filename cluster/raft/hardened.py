@@ -86,6 +86,13 @@ def _now() -> float:
     return _upstream.monotonicTime()
 
 
+def entry_of_payload(payload: bytes) -> bytes:
+    """A log entry's command holding `payload`, as the node's one replicated method writes it
+    (what `payload_of_entry` reads): for tools that write log entries themselves (a
+    benchmark's archived segments, tests)."""
+    return bytes([_COMMAND_TYPE.REGULAR]) + _pickle.dumps((0, (payload,)))
+
+
 def payload_of_entry(command: bytes) -> bytes | None:
     """Our payload in a log entry's command, or None for pysyncobj's own entries (the no-op a
     leader appends, membership and code-version changes). The envelope is pysyncobj's

@@ -11,6 +11,7 @@ import pytest
 
 from cluster.batch import KIND_COMMAND, encode_batch
 from cluster.machine import ExchangeMachine, exchange_blob_of
+from cluster.raft import entry_of_payload, payload_of_entry
 from disaster_recovery import backup, restore, segments
 from disaster_recovery.archiver import StandbyView, reach
 from disaster_recovery.target import DirTarget
@@ -30,9 +31,9 @@ def payload(i: int) -> bytes:
 
 def command(i: int) -> bytes:
     """A log entry's command as the node's journal holds it (pysyncobj's envelope)."""
-    import pickle
-
-    return bytes([0]) + pickle.dumps((0, (payload(i),)))
+    entry = entry_of_payload(payload(i))
+    assert payload_of_entry(entry) == payload(i)
+    return entry
 
 
 def state_at(n: int) -> ExchangeMachine:
