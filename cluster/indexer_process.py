@@ -108,7 +108,10 @@ async def main(opts: argparse.Namespace) -> None:
         cluster_id=opts.cluster_id,
     )
     streamer.status.pid = os.getpid()
-    tasks = [asyncio.create_task(t) for t in (link.run(), streamer.run(), report(streamer))]
+    tasks = [
+        asyncio.create_task(t)
+        for t in (link.run(), streamer.run(), report(streamer), source.follow_journal())
+    ]
     await link.closed.wait()
     for task in tasks:
         task.cancel()

@@ -7,6 +7,12 @@ state machine is deterministic, so it produces the very events the node produced
 same `seq`. The node's Raft path pays nothing for it (no hand-off, no queue to fill), and a
 streamer can resume from any checkpoint the node's log still holds, after its own restart
 too. Events older than the node's dump are gone from this replica (EventsGone).
+
+Two things keep a streamer that falls behind the node's compactions going while its process
+lives: the journal reader keeps every file the node compacts into until it has read it
+(`JournalReader.follow`, called every FOLLOW_S), and the entries of the last `read` are kept
+until the next one, so a write that failed (PostgreSQL or Kafka down, the lease lost) is
+retried from them after `seek` instead of from a dump that may be past the checkpoint.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ log = logging.getLogger("quorumbook.indexer")
 # them are applied (the journal reader has moved past them). Small enough that the event loop
 # (lease renewals, the status) is never held up long.
 READ_ENTRIES_MAX = 16
+FOLLOW_S = 0.05  # how often `follow` looks for a journal file the node compacted into
 
 
 class LogSource:
@@ -38,6 +45,10 @@ class LogSource:
         self._reader: JournalReader | None = None
         self._next_index = 0  # the next log entry to apply
         self._captured: list[list[dict]] = []
+        # What the last `read` returned, each entry with the seq before it (for a write that
+        # failed, see seek), and what a seek back into it left to return again.
+        self._last_read: list[tuple[int, Entry]] = []
+        self._again: list[Entry] = []
         # The dump last restored: (file identity, its seq, its log index).
         self._past: tuple[tuple[int, int, int], int, int] | None = None
 
@@ -48,16 +59,41 @@ class LogSource:
         return self._machine.exchange.seq if self._machine is not None else -1
 
     async def seek(self, checkpoint: Checkpoint) -> None:
-        # The replica can only move forward: past the checkpoint, it starts over from the dump.
-        # A replica that hit a gap starts over too: a resync may have moved the checkpoint
-        # past it, to where this node's dump begins.
-        if self._machine is None or self._machine.exchange.seq > checkpoint.seq:
+        # The replica can only move forward: past the checkpoint, it goes back into the last
+        # read's entries (a write that failed), else starts over from the dump. A replica that
+        # hit a gap starts over too: a resync may have moved the checkpoint past it, to where
+        # this node's dump begins.
+        self._again = []
+        if self._machine is not None and self._machine.exchange.seq > checkpoint.seq:
+            self._again = self._read_again_from(checkpoint)
+            if self._again:
+                return
+            self._rebuild(checkpoint)
+        elif self._machine is None:
             self._rebuild(checkpoint)
         try:
             await self._advance_to(checkpoint)
         except EventsGone:
             self._machine = None
             raise
+
+    def _read_again_from(self, checkpoint: Checkpoint) -> list[Entry]:
+        """The last read's entries after `checkpoint`, if it is one of their boundaries."""
+        for i, (seq_before, entry) in enumerate(self._last_read):
+            if entry.raft_index == checkpoint.raft_index + 1 and seq_before == checkpoint.seq:
+                return [e for _seq, e in self._last_read[i:]]
+        return []
+
+    def follow(self) -> None:
+        """Keep the journal files the node compacts into (see the module's docstring)."""
+        if self._reader is not None:
+            self._reader.follow()
+
+    async def follow_journal(self) -> None:
+        """`follow` every FOLLOW_S, for the indexer process's life."""
+        while True:
+            self.follow()
+            await asyncio.sleep(FOLLOW_S)
 
     async def restart_at_snapshot(self) -> tuple[Any, int]:
         if not (self._data_dir / "raft.dump").exists():
@@ -74,6 +110,7 @@ class LogSource:
             self._reader.close()
             self._reader = None
         self._machine = None
+        self._last_read, self._again = [], []
         machine = ExchangeMachine()
         machine.add_listener(lambda applied, _exchange: self._captured.extend(applied))
         next_index = 1
@@ -129,6 +166,9 @@ class LogSource:
     async def read(self, max_events: int, timeout_s: float) -> list[Entry]:
         if self._machine is None:
             raise RuntimeError("read() before seek()")
+        if self._again:
+            again, self._again = self._again, []
+            return again
         deadline = asyncio.get_running_loop().time() + timeout_s
         while self._node.view().applied_index < self._next_index:
             left = deadline - asyncio.get_running_loop().time()
@@ -145,7 +185,8 @@ class LogSource:
         about one per 50 of `max_events`), and return them with their events."""
         assert self._machine is not None and self._reader is not None
         out: list[Entry] = []
-        events_out = 0
+        if emit:
+            self._last_read = []
         try:
             entries = self._reader.read(
                 first,
@@ -159,13 +200,15 @@ class LogSource:
         for command, index, _term in entries:
             payload = payload_of_entry(command)
             self._captured.clear()
+            seq_before = self._machine.exchange.seq
             if payload is not None:
                 self._machine.apply(payload)
             self._next_index = index + 1
             if emit:
                 events = tuple(event for events in self._captured for event in events)
-                out.append(Entry(index, self._machine.exchange.cmd_index, events))
-                events_out += len(events)
+                entry = Entry(index, self._machine.exchange.cmd_index, events)
+                out.append(entry)
+                self._last_read.append((seq_before, entry))
         return out
 
 

@@ -41,7 +41,9 @@ class EntrySource(Protocol):
     async def seek(self, checkpoint: Checkpoint) -> None:
         """Make the next `read` start right after `checkpoint` (an entry boundary: its
         `raft_index`, with `seq` the last event before it). Raises EventsGone if this
-        replica can no longer produce the events after it."""
+        replica can no longer produce the events after it. A checkpoint at a boundary inside
+        what the last `read` returned (its write failed) makes the next `read` return those
+        entries again from there."""
 
     async def restart_at_snapshot(self) -> tuple[Any, int]:
         """Start over from the node's newest snapshot, for a resync: the replica's exchange

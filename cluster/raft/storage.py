@@ -763,9 +763,18 @@ class JournalReader:
     twice; if the new file starts past the next index wanted, the entry is gone (JournalGap).
     Only entries up to an index the node reports applied are read: those are committed and
     whole, never truncated.
+
+    A reader that lags behind more than one compaction would find, once through its file, a
+    newer file starting past what it still needs; `follow` (called by every `read`, and often
+    by an owner that may pause between reads) opens each new file as soon as it appears and
+    keeps it until the files before it are read. A compaction's file starts at or before the
+    end of the one it replaces (it drops only entries the node applied), so that chain has no
+    gap; a snapshot install's may start past it (JournalGap, as above). At most
+    GENERATIONS_MAX files are kept open (the unlinked ones keep their disk space meanwhile).
     """
 
     _CHUNK = 1 << 20
+    GENERATIONS_MAX = 32
 
     def __init__(self, path: Path) -> None:
         self._path = Path(path)
@@ -774,11 +783,15 @@ class JournalReader:
         self._offset = _HEADER_SIZE
         self._crc = 0
         self._next_in_file: int | None = None  # index of the record at _offset, once seen
+        self._newer: list[tuple[int, tuple[int, int]]] = []  # files that replaced it, in order
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        for fd, _ino in self._newer:
+            os.close(fd)
+        self._newer.clear()
 
     def open(self) -> None:
         """Open the journal now rather than at the first read: right after reading the dump,
@@ -788,8 +801,37 @@ class JournalReader:
             with contextlib.suppress(FileNotFoundError):
                 self._open_current()
 
+    def follow(self) -> None:
+        """Open the journal's current file if the node replaced the newest one we have (one
+        stat when it did not): it is read once the files before it are."""
+        if self._fd < 0 or len(self._newer) >= self.GENERATIONS_MAX:
+            return
+        newest = self._newer[-1][1] if self._newer else self._ino
+        try:
+            st = os.stat(self._path)
+        except FileNotFoundError:
+            return  # between an unlink and a rename: look again next time
+        if (st.st_dev, st.st_ino) != newest:
+            self._newer.append(self._open_file())
+
     def _open_current(self) -> None:
         self.close()
+        self._adopt(*self._open_file())
+
+    def _next_file(self) -> None:
+        """Move to the file that replaced the one read to its end."""
+        if not self._newer:
+            self._open_current()
+            return
+        os.close(self._fd)
+        self._adopt(*self._newer.pop(0))
+
+    def _adopt(self, fd: int, ino: tuple[int, int]) -> None:
+        self._fd, self._ino = fd, ino
+        self._offset, self._crc, self._next_in_file = _HEADER_SIZE, 0, None
+
+    def _open_file(self) -> tuple[int, tuple[int, int]]:
+        """The journal's current file, opened and its header checked."""
         fd = os.open(self._path, os.O_RDONLY)
         try:
             header = os.pread(fd, _HEADER_SIZE, 0)
@@ -806,8 +848,7 @@ class JournalReader:
         except BaseException:
             os.close(fd)
             raise
-        self._fd, self._ino = fd, (st.st_dev, st.st_ino)
-        self._offset, self._crc, self._next_in_file = _HEADER_SIZE, 0, None
+        return fd, (st.st_dev, st.st_ino)
 
     def _replaced(self) -> bool:
         try:
@@ -821,6 +862,7 @@ class JournalReader:
         them yet), in order. JournalGap if `first` is no longer in the journal."""
         if self._fd < 0:
             self._open_current()
+        self.follow()
         out: list[Entry] = []
         want = first
         while want <= last and len(out) < max_entries:
@@ -828,9 +870,9 @@ class JournalReader:
             want += got
             if want > last or len(out) >= max_entries:
                 break
-            if not self._replaced():
+            if not self._newer and not self._replaced():
                 break  # the file holds no more yet
-            self._open_current()
+            self._next_file()
             self._peek_first(want)
         return out
 

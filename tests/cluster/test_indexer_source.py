@@ -5,6 +5,7 @@ past the gap (a resync) is followed from the node's dump."""
 from __future__ import annotations
 
 import asyncio
+import os
 import pickle
 from pathlib import Path
 
@@ -14,7 +15,13 @@ from cluster import indexer_source
 from cluster.batch import KIND_COMMAND, encode_batch
 from cluster.indexer_source import LogSource
 from cluster.machine import ExchangeMachine
-from cluster.raft.storage import DumpHeader, DurableJournal, encode_dump, write_file_atomically
+from cluster.raft.storage import (
+    DumpHeader,
+    DurableJournal,
+    JournalReader,
+    encode_dump,
+    write_file_atomically,
+)
 from indexer.events import Checkpoint, EventsGone
 from indexer.port import NodeView
 
@@ -90,6 +97,10 @@ def read_all(source: LogSource) -> list:
     return out
 
 
+def read_once(source: LogSource) -> list:
+    return asyncio.run(source.read(1000, timeout_s=0.05))
+
+
 def test_the_events_are_the_nodes_from_any_checkpoint(data_dir: Path) -> None:
     expected = node_state(ENTRIES).exchange.seq
     source = LogSource(data_dir, FakeNode(ENTRIES))
@@ -161,3 +172,81 @@ def test_a_dump_past_the_checkpoint_is_decoded_once(data_dir: Path, monkeypatch)
     asyncio.run(source.seek(resync))
     assert len(decoded) == 2
     assert [e.raft_index for e in read_all(source)] == [9, 10]
+
+
+def test_a_source_behind_two_compactions_reads_every_entry(tmp_path: Path) -> None:
+    """The node compacted twice while the streamer was writing (PostgreSQL slow): the journal
+    file after the one being read starts past what the source still needs. Following the
+    files as they appear keeps every entry; without it, the alarm."""
+    for follow in (False, True):
+        data_dir = tmp_path / f"follow-{follow}"
+        data_dir.mkdir()
+        write_journal(data_dir, 1, 4)
+        node = FakeNode(2)
+        source = LogSource(data_dir, node)
+        asyncio.run(source.seek(Checkpoint()))
+        assert [e.raft_index for e in read_all(source)] == [1, 2]
+        write_journal(data_dir, 4, 6)  # a compaction at 3: the entries after it, and two more
+        if follow:
+            source.follow()
+        write_journal(data_dir, 7, ENTRIES)  # and at 6
+        if follow:
+            source.follow()
+        node.applied_index = ENTRIES
+        if follow:
+            entries = read_all(source)
+            assert [e.raft_index for e in entries] == list(range(3, ENTRIES + 1))
+            assert entries[-1].events[-1]["seq"] == node_state(ENTRIES).exchange.seq
+        else:
+            with pytest.raises(EventsGone, match="log entry 5 is no longer in the journal"):
+                read_all(source)
+
+
+def test_entries_whose_write_failed_are_read_again_after_the_node_compacted(
+    data_dir: Path,
+) -> None:
+    """The source read entries 1..4 and the write failed (Kafka down); the node has compacted
+    at 6 meanwhile, so its dump is past the checkpoint. A seek back to the checkpoint returns
+    the same entries again, then the rest, instead of raising the alarm."""
+    node = FakeNode(4)
+    source = LogSource(data_dir, node)
+    asyncio.run(source.seek(Checkpoint()))
+    first = read_all(source)
+    assert [e.raft_index for e in first] == [1, 2, 3, 4]
+    compact(data_dir, 6)
+    node.applied_index = ENTRIES
+    asyncio.run(source.seek(Checkpoint()))
+    assert read_once(source) == first
+    # A write of part of them went through (then the connection broke): from its boundary.
+    second = first[1]
+    asyncio.run(
+        source.seek(
+            Checkpoint(seq=second.events[-1]["seq"], cmd_index=second.cmd_index, raft_index=2)
+        )
+    )
+    assert read_once(source) == first[2:]
+    assert [e.raft_index for e in read_all(source)] == list(range(5, ENTRIES + 1))
+    # Not a boundary of what it read: the replica cannot go back; the dump is past it: alarm.
+    with pytest.raises(EventsGone, match="snapshot is at seq"):
+        asyncio.run(source.seek(Checkpoint(seq=1, cmd_index=1, raft_index=1)))
+
+
+def test_a_reader_keeps_at_most_its_bound_of_journal_files_and_closes_them(
+    tmp_path: Path,
+) -> None:
+    """A streamer stuck for long while the node compacts on: the files it keeps are bounded
+    (past the bound the gap is found and alarmed as before), and all are closed with it."""
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    write_journal(tmp_path, 1, 2)
+    before = open_fds()
+    reader = JournalReader(tmp_path / "raft.journal")
+    reader.open()
+    for i in range(JournalReader.GENERATIONS_MAX + 8):
+        write_journal(tmp_path, 3 + i, 3 + i)
+        reader.follow()
+    assert open_fds() - before == 1 + JournalReader.GENERATIONS_MAX
+    reader.close()
+    assert open_fds() == before
