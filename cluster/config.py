@@ -132,6 +132,10 @@ class Indexer(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defa
     topic_prefix: Name = "qb"  # topics <prefix>.orders, .trades, .book, .balances, .markets
     lease_ttl_s: Seconds = 3.0  # a streamer that stops renewing is replaced after this
     batch_max_events: AtLeastOne = 5000  # events per PostgreSQL transaction, about
+    # Compaction keeps the log after the indexer's checkpoint, on every node with [indexer],
+    # so that an indexer that restarts (or whose database was down) finds the events it has
+    # not written; at most this many MB of journal (ADR 0007). 0: off.
+    log_hold_mb: NotNegative = 256
 
 
 class Archive(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -238,6 +242,16 @@ class NodeConfig(
         """This config with some keys changed (named as in `make`), checked as a file is."""
         return make(**{**self.settings(), **settings})
 
+    def log_holds(self) -> dict[str, int]:
+        """The helpers whose position the node's compaction keeps the log after (ADR 0007,
+        0008), each with its bound in bytes of journal: the log archiver, the indexer."""
+        holds = {}
+        if self.archive.target and self.archive.compaction_hold_mb:
+            holds["archive"] = self.archive.compaction_hold_mb * 1_000_000
+        if self.indexer.postgres_url and self.indexer.log_hold_mb:
+            holds["indexer"] = self.indexer.log_hold_mb * 1_000_000
+        return holds
+
     def raft_settings(self, password: str) -> RaftSettings:
         """The Raft adapter's settings: `[raft]` keys are RaftSettings fields of the same name.
         RaftSettings checks how they relate (election timeout > 3 x heartbeat...)."""
@@ -248,9 +262,7 @@ class NodeConfig(
                 peers=tuple(peer.raft_addr for peer in self.peers),
                 password=password,
                 data_dir=self.data_dir,
-                compaction_hold_max_bytes=(
-                    self.archive.compaction_hold_mb * 1_000_000 if self.archive.target else 0
-                ),
+                compaction_hold_max_bytes=max(self.log_holds().values(), default=0),
                 **tuning,
             )
         except ValueError as exc:

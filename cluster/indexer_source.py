@@ -26,7 +26,14 @@ from indexer.events import Checkpoint, Entry, EventsGone
 from indexer.port import Node
 
 from .machine import ExchangeMachine
-from .raft import JournalGap, JournalReader, RaftStorageError, payload_of_entry, read_dump
+from .raft import (
+    HELD_DUMP,
+    JournalGap,
+    JournalReader,
+    RaftStorageError,
+    payload_of_entry,
+    read_dump,
+)
 
 log = logging.getLogger("quorumbook.indexer")
 
@@ -51,6 +58,8 @@ class LogSource:
         self._again: list[Entry] = []
         # The dump last restored: (file identity, its seq, its log index).
         self._past: tuple[tuple[int, int, int], int, int] | None = None
+        # The held dump last read (file identity, its log index).
+        self._held_index: tuple[tuple[int, int, int], int] | None = None
 
     # ------------------------------------------------------------------------ position
 
@@ -103,44 +112,91 @@ class LogSource:
         return self._machine.exchange, self._next_index - 1
 
     def _rebuild(self, checkpoint: Checkpoint | None) -> None:
-        """A fresh replica from the node's dump (or from the log's start without one), which
-        must not be past `checkpoint` (unless None)."""
+        """A fresh replica from the newest state the node keeps that is not past `checkpoint`
+        (any, if None): its dump, else the dump its log hold kept (ADR 0007), else the empty
+        state while the journal still starts at index 1."""
         gone_from = (checkpoint.seq if checkpoint is not None else max(self.seq, 0)) + 1
         if self._reader is not None:
             self._reader.close()
             self._reader = None
         self._machine = None
         self._last_read, self._again = [], []
-        machine = ExchangeMachine()
-        machine.add_listener(lambda applied, _exchange: self._captured.extend(applied))
+        machine = self._new_machine()
         next_index = 1
+        past: tuple[int, int] | None = None  # (seq, log index) of a dump past the checkpoint
         dump = self._data_dir / "raft.dump"
         identity = _identity(dump)
         if identity is not None:
-            past = self._past
-            if past and past[0] == identity and checkpoint and past[1] > checkpoint.seq:
-                # The same dump, still past the checkpoint: no decoding it again.
-                raise _past_the_checkpoint(gone_from, past[1], past[2])
-            try:
-                header, blob = read_dump(dump)
-            except (OSError, RaftStorageError) as exc:
-                raise EventsGone(gone_from, f"the dump cannot be read ({exc})") from exc
-            machine.restore(blob)
-            next_index = header.index + 1
-            self._past = (identity, machine.exchange.seq, header.index)
-            if checkpoint is not None and machine.exchange.seq > checkpoint.seq:
-                raise _past_the_checkpoint(gone_from, machine.exchange.seq, header.index)
+            cached = self._past
+            if cached and cached[0] == identity and checkpoint and cached[1] > checkpoint.seq:
+                past = cached[1], cached[2]  # the same dump, still past: not decoded again
+            else:
+                header, blob = _read_dump(dump, gone_from)
+                machine.restore(blob)
+                self._past = (identity, machine.exchange.seq, header.index)
+                if checkpoint is not None and machine.exchange.seq > checkpoint.seq:
+                    past = machine.exchange.seq, header.index
+                    machine = self._new_machine()
+                else:
+                    next_index = header.index + 1
         reader = JournalReader(self._data_dir / "raft.journal")
         try:
+            if past is not None:
+                assert checkpoint is not None
+                next_index = self._held_state(machine, checkpoint, gone_from)
+                if next_index is None:
+                    raise _past_the_checkpoint(gone_from, *past)
             reader.open()
+            if past is not None:
+                reader.check_starts_by(next_index)
+        except JournalGap as exc:
+            reader.close()
+            raise (
+                _past_the_checkpoint(gone_from, *past) if past else EventsGone(gone_from, str(exc))
+            ) from exc
         except (OSError, RaftStorageError) as exc:
+            reader.close()
             raise EventsGone(gone_from, f"the journal cannot be read ({exc})") from exc
+        except BaseException:
+            reader.close()
+            raise
         self._machine, self._reader, self._next_index = machine, reader, next_index
         log.info(
             "indexer source: replica rebuilt at log index %d, seq %d",
             next_index - 1,
             machine.exchange.seq,
         )
+
+    def _held_state(
+        self, machine: ExchangeMachine, checkpoint: Checkpoint, gone_from: int
+    ) -> int | None:
+        """Restore into `machine` the state the node's log hold kept at or before the
+        checkpoint (its held dump, or the empty state if the journal starts at index 1);
+        the log index to read on from, or None if it kept none."""
+        held = self._data_dir / HELD_DUMP
+        identity = _identity(held)
+        if identity is not None:
+            cached = self._held_index
+            if cached is None or cached[0] != identity or cached[1] <= checkpoint.raft_index:
+                header, blob = _read_dump(held, gone_from)
+                self._held_index = (identity, header.index)  # past it: not read again
+                if header.index <= checkpoint.raft_index:
+                    machine.restore(blob)
+                    return header.index + 1
+        probe = JournalReader(self._data_dir / "raft.journal")
+        try:
+            probe.open()
+            probe.check_starts_by(1)
+        except (OSError, RaftStorageError):
+            return None
+        finally:
+            probe.close()
+        return 1
+
+    def _new_machine(self) -> ExchangeMachine:
+        machine = ExchangeMachine()
+        machine.add_listener(lambda applied, _exchange: self._captured.extend(applied))
+        return machine
 
     async def _advance_to(self, checkpoint: Checkpoint) -> None:
         """Apply entries up to the checkpoint's without emitting them: they are written."""
@@ -210,6 +266,13 @@ class LogSource:
                 out.append(entry)
                 self._last_read.append((seq_before, entry))
         return out
+
+
+def _read_dump(path: Path, gone_from: int) -> tuple[Any, bytes]:
+    try:
+        return read_dump(path)
+    except (OSError, RaftStorageError) as exc:
+        raise EventsGone(gone_from, f"the dump cannot be read ({exc})") from exc
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:

@@ -53,7 +53,7 @@ from .replica import (
     RequestRefused,
     Unencodable,
 )
-from .sidecar import Sidecar, archive_sidecar, chain_sidecar, indexer_sidecar
+from .sidecar import LogHolds, Sidecar, archive_sidecar, chain_sidecar, indexer_sidecar
 
 # Which build of the state machine this process runs (docs/adr/0003-compiled-state-machine.md).
 ENGINE = "compiled" if (_exchange_module.__file__ or "").endswith(".so") else "pure"
@@ -561,6 +561,7 @@ async def _serve(config: NodeConfig) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(replica.run)
             node.start_feed()
+            holds = LogHolds(config.log_holds(), node.raft.set_compaction_hold)
             if config.indexer.postgres_url:
                 node.indexer = indexer_sidecar(
                     config.indexer,
@@ -568,12 +569,11 @@ async def _serve(config: NodeConfig) -> None:
                     str(config.data_dir),
                     node.sidecar_view,
                     cluster_id=config.cluster_id,
+                    hold=holds.of("indexer"),
                 )
                 await nursery.start(node.indexer.run)
             if config.archive.target:
-                node.archive = archive_sidecar(
-                    config, node.sidecar_view, node.raft.set_compaction_hold
-                )
+                node.archive = archive_sidecar(config, node.sidecar_view, holds.of("archive"))
                 await nursery.start(node.archive.run)
             if config.chain.rpc_url:
                 node.chain = chain_sidecar(config, node.sidecar_view)

@@ -19,7 +19,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import msgspec
 import trio
@@ -137,6 +137,30 @@ class Sidecar:
         await process.wait()
 
 
+class LogHolds:
+    """Where the node's compaction keeps the log from (ADR 0007, 0008): the lowest position
+    of the helpers that hold it (`NodeConfig.log_holds`: the archive's end, the indexer's
+    checkpoint), once each has said where it is; until then the hold stays where the node
+    started (it keeps what it has). A helper without a hold is not waited for."""
+
+    def __init__(self, sources: Iterable[str], hold: Callable[[int], None]) -> None:
+        self._positions: dict[str, int | None] = dict.fromkeys(sources)
+        self._hold = hold
+
+    def of(self, source: str) -> Callable[[int], None]:
+        """What `source` calls with its position (a no-op if it holds nothing)."""
+
+        def report(index: int) -> None:
+            if source not in self._positions:
+                return
+            self._positions[source] = index
+            known = [i for i in self._positions.values() if i is not None]
+            if len(known) == len(self._positions):
+                self._hold(min(known))
+
+        return report
+
+
 def indexer_sidecar(
     settings: Indexer,
     node_id: str,
@@ -144,9 +168,12 @@ def indexer_sidecar(
     view: Callable[[], dict],
     *,
     cluster_id: str | None = None,
+    hold: Callable[[int], None] | None = None,
 ) -> Sidecar:
     """The indexer process (cluster/indexer_process.py) for an `[indexer]` table. `cluster_id`:
-    the node's; the indexer writes no other cluster's history (indexer/timeline.py)."""
+    the node's; the indexer writes no other cluster's history (indexer/timeline.py).
+    `hold(index)` is called with the log index of the database's checkpoint whenever the
+    indexer reports it: the node's compaction keeps the log after it (ADR 0007)."""
     argv = [
         sys.executable, "-P", "-m", "cluster.indexer_process",
         "--data-dir", data_dir, "--node-id", node_id,
@@ -160,7 +187,13 @@ def indexer_sidecar(
     # The URL may carry a password: in the environment (readable by this user only), never
     # on the command line (which `ps` shows to everyone).
     env = {POSTGRES_URL_ENV: str(settings.postgres_url)}
-    return Sidecar("indexer", argv, view, env=env)
+
+    def on_status(status: dict) -> None:
+        index = status.get("checkpoint_raft_index")
+        if hold is not None and type(index) is int:
+            hold(index)
+
+    return Sidecar("indexer", argv, view, env=env, on_status=on_status)
 
 
 def chain_sidecar(config: NodeConfig, view: Callable[[], dict]) -> Sidecar:

@@ -61,6 +61,9 @@ class Status:
     # idle | standby | active | resync | backoff | gone | halted | error
     state: str = "starting"
     checkpoint_seq: int = 0
+    # The checkpoint's log index once read from a database that follows this cluster (None:
+    # not known): the node's compaction keeps the log after it (ADR 0007).
+    checkpoint_raft_index: int | None = None
     lag_events: int = 0
     lag_ms: int = 0
     events_written: int = 0
@@ -102,6 +105,7 @@ class Streamer:
         self.status = Status(cluster_id=cluster_id)
         self.status_changed = asyncio.Event()  # the state moved: report it now
         self._checkpoint = Checkpoint()
+        self._checkpoint_read = False  # _checkpoint came from the database
         self._last_ts_ms = 0  # the newest event written: for lag_ms
         # A checkpoint_ahead alarm holds while the checkpoint stays where it was raised: the
         # node's seq may pass the checkpoint's later, on its own history.
@@ -194,7 +198,7 @@ class Streamer:
         checkpoint = await pg.checkpoint()
         if not checkpoint.cluster_id and checkpoint.seq == 0 and self.cluster_id:
             checkpoint = await pg.claim_fresh()
-        self._checkpoint = checkpoint
+        self._checkpoint, self._checkpoint_read = checkpoint, True
         self.status.db_cluster_id = checkpoint.cluster_id
         alarm = timeline.check(self.cluster_id, checkpoint, view)
         if alarm is not None and alarm.reason == timeline.CHECKPOINT_AHEAD:
@@ -219,6 +223,7 @@ class Streamer:
         self._set_state("halted", False)
         self.status.gone_from_seq = None  # of a checkpoint that is not of our history: moot
         self.status.timeline_alarm = alarm.reason
+        self.status.checkpoint_raft_index = None  # another history's: nothing to keep for it
         self.status.last_error = alarm.message
         once = (alarm.reason, checkpoint.cluster_id, checkpoint.seq)
         if self._logged_alarm != once:
@@ -248,7 +253,7 @@ class Streamer:
             self._set_state("standby", False)
 
     async def _refresh(self, pg: Any) -> None:
-        self._checkpoint = await pg.checkpoint()
+        self._checkpoint, self._checkpoint_read = await pg.checkpoint(), True
         self.status.db_cluster_id = self._checkpoint.cluster_id
         self._report()
 
@@ -332,6 +337,11 @@ class Streamer:
         view = self.node.view()
         status = self.status
         status.checkpoint_seq = self._checkpoint.seq
+        status.checkpoint_raft_index = (
+            self._checkpoint.raft_index
+            if self._checkpoint_read and status.timeline_alarm is None
+            else None
+        )
         status.lag_events = max(0, view.seq - self._checkpoint.seq)
         status.lag_ms = (
             max(0, view.ts_ms - self._last_ts_ms) if status.lag_events and self._last_ts_ms else 0

@@ -107,8 +107,8 @@ class RaftSettings:
     commands_queue_size: int = 100_000
     bind_retries: int = 20  # x 0.1 s, then RaftStartupError
     fsync: bool = True  # False only for throwaway test clusters
-    # The compaction hold for a node with a log archiver (ADR 0008, set_compaction_hold): at
-    # most this many bytes of journal kept past a compaction for the archive; 0: no hold.
+    # The compaction hold for a node with a log archiver or an indexer (ADR 0007, 0008,
+    # set_compaction_hold): at most this many bytes of journal kept past a compaction; 0: none.
     compaction_hold_max_bytes: int = 0
     # Test-only: the safety fixes of ADR 0002 (1-3, 10, 11) switched off, for the Jepsen
     # harness to show what plain pysyncobj loses (`jepsen run --unsafe-raft-fixes-off`); and
@@ -432,8 +432,9 @@ class RaftReplica:
         self._enqueue(("compact", None), None)
 
     def set_compaction_hold(self, archived_index: int) -> None:
-        """The log archive ends at ``archived_index``: compaction keeps what an archiver on
-        this node needs to go on from there (with ``compaction_hold_max_bytes`` set; ADR 0008).
+        """The log's readers (the archive, the indexer: ``cluster.sidecar.LogHolds``) need
+        the entries after ``archived_index``: compaction keeps what they need to go on from
+        there (with ``compaction_hold_max_bytes`` set; ADR 0007, 0008).
         Thread-safe: one attribute the tick thread reads when it compacts."""
         if self._settings.compaction_hold_max_bytes:
             self._obj.compaction_hold = int(archived_index)

@@ -1471,9 +1471,10 @@ class HardenedSyncObj(SyncObj):
         if kept > self._hold_max_bytes:
             self.compaction_holds_released += 1
             logger.warning(
-                "compaction hold released: keeping the log after index %d for the archive "
-                "(which ends at %d) would keep %.1f MB of journal, over the %.1f MB bound; an "
-                "archiver on this node will find a gap (docs/operating/backup-restore.md)",
+                "compaction hold released: keeping the log after index %d for the archive or "
+                "the indexer (the lower of the archive's end and the indexer's checkpoint: %d) "
+                "would keep %.1f MB of journal, over the %.1f MB bound; they may find a gap "
+                "(docs/operating/backup-restore.md, docs/operating/indexer.md)",
                 floor,
                 hold,
                 kept / 1e6,

@@ -34,6 +34,7 @@ from cluster.config import (
 from cluster.launcher import LocalCluster
 from cluster.raft import RaftSettings
 from cluster.replica import Replica
+from cluster.sidecar import LogHolds
 
 REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "reference" / "config.md"
 
@@ -293,6 +294,31 @@ def test_raft_settings_carry_the_raft_table_and_refuse_bad_relations(tmp_path: P
     assert settings.compaction_min_entries == 5000
     with pytest.raises(ConfigError, match=r"^\[raft\] election_timeout_min_s must exceed 3 x"):
         config.replace(append_entries_period_s=0.2).raft_settings("pw")
+
+
+def test_the_log_holds_are_the_helpers_that_hold_and_the_bound_is_the_larger() -> None:
+    """The node holds its log for the archive and for the indexer (ADR 0007, 0008): only
+    those configured with a bound; the Raft adapter gets the larger bound."""
+    base = load_minimal()
+    assert base.log_holds() == {} and base.raft_settings("pw").compaction_hold_max_bytes == 0
+    indexer = base.replace(postgres_url="postgresql://u@h/db")
+    assert indexer.log_holds() == {"indexer": 256_000_000}
+    both = indexer.replace(target="/backups", compaction_hold_mb=512)
+    assert both.log_holds() == {"archive": 512_000_000, "indexer": 256_000_000}
+    assert both.raft_settings("pw").compaction_hold_max_bytes == 512_000_000
+    assert both.replace(log_hold_mb=0).log_holds() == {"archive": 512_000_000}
+    assert indexer.replace(log_hold_mb=0).raft_settings("pw").compaction_hold_max_bytes == 0
+
+
+def test_the_node_holds_at_the_lowest_position_once_every_holder_reported() -> None:
+    held: list[int] = []
+    holds = LogHolds(["archive", "indexer"], held.append)
+    holds.of("indexer")(40)
+    assert held == []  # the archive has not said where it ends: the start's hold stays
+    holds.of("archive")(70)
+    holds.of("indexer")(90)
+    holds.of("chain")(5)  # holds nothing
+    assert held == [40, 70]
 
 
 # ------------------------------------------------------------------ writing

@@ -15,6 +15,7 @@ from cluster import indexer_source
 from cluster.batch import KIND_COMMAND, encode_batch
 from cluster.indexer_source import LogSource
 from cluster.machine import ExchangeMachine
+from cluster.raft import HELD_DUMP
 from cluster.raft.storage import (
     DumpHeader,
     DurableJournal,
@@ -77,17 +78,29 @@ def data_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def compact(data_dir: Path, upto: int) -> Checkpoint:
+def compact(data_dir: Path, upto: int, *, keep_from: int | None = None) -> Checkpoint:
     """What a node does at a snapshot (or when it installs the leader's): a dump at `upto`,
-    and a new journal from `upto` + 1. Returns the checkpoint a resync from that dump writes."""
-    machine = node_state(upto)
+    and a new journal from `upto` + 1. Returns the checkpoint a resync from that dump writes.
+    `keep_from`: under a log hold, the journal is kept from there instead (a dump at
+    `keep_from` - 1 kept as the held dump, or none when it is 1: the empty state)."""
+    write_dump(data_dir / "raft.dump", upto)
+    if keep_from is not None and keep_from > 1:
+        write_dump(data_dir / HELD_DUMP, keep_from - 1)
+    write_journal(data_dir, keep_from or upto + 1, ENTRIES)
+    return checkpoint_at(upto)
+
+
+def write_dump(path: Path, upto: int) -> None:
     header = DumpHeader(
         last=(command_of(upto), upto, 1), prev=(command_of(upto - 1), upto - 1, 1), cluster=()
     )
-    write_file_atomically(data_dir / "raft.dump", encode_dump(header, machine.snapshot()))
-    write_journal(data_dir, upto + 1, ENTRIES)
-    ex = machine.exchange
-    return Checkpoint(seq=ex.seq, cmd_index=ex.cmd_index, raft_index=upto)
+    write_file_atomically(path, encode_dump(header, node_state(upto).snapshot()))
+
+
+def checkpoint_at(index: int) -> Checkpoint:
+    """The checkpoint of an indexer that wrote entries 1..`index`."""
+    ex = node_state(index).exchange
+    return Checkpoint(seq=ex.seq, cmd_index=ex.cmd_index, raft_index=index)
 
 
 def read_all(source: LogSource) -> list:
@@ -250,3 +263,29 @@ def test_a_reader_keeps_at_most_its_bound_of_journal_files_and_closes_them(
     assert open_fds() - before == 1 + JournalReader.GENERATIONS_MAX
     reader.close()
     assert open_fds() == before
+
+
+def test_the_state_a_log_hold_kept_serves_a_checkpoint_before_the_dump(data_dir: Path) -> None:
+    """The node compacted at 8 while the indexer's checkpoint was at 4 (its database down, its
+    process restarted): the hold kept the dump at 3 and the journal from 4, so a new source
+    goes on from the checkpoint; a checkpoint before the held dump is gone."""
+    uncompacted = data_dir.parent / "uncompacted"
+    uncompacted.mkdir()
+    write_journal(uncompacted, 1, ENTRIES)
+    expected = LogSource(uncompacted, FakeNode(ENTRIES))
+    asyncio.run(expected.seek(checkpoint_at(4)))
+    compact(data_dir, 8, keep_from=4)
+    source = LogSource(data_dir, FakeNode(ENTRIES))
+    asyncio.run(source.seek(checkpoint_at(4)))
+    assert read_all(source) == read_all(expected)
+    with pytest.raises(EventsGone, match="snapshot is at seq"):
+        asyncio.run(LogSource(data_dir, FakeNode(ENTRIES)).seek(checkpoint_at(2)))
+
+
+def test_a_hold_from_the_empty_state_serves_any_checkpoint(data_dir: Path) -> None:
+    """A hold whose floor is the empty state (the indexer never wrote; the journal still
+    starts at index 1) keeps no held dump: the source starts from the empty state."""
+    compact(data_dir, 8, keep_from=1)
+    source = LogSource(data_dir, FakeNode(ENTRIES))
+    asyncio.run(source.seek(Checkpoint()))
+    assert [e.raft_index for e in read_all(source)] == list(range(1, ENTRIES + 1))
