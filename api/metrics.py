@@ -74,6 +74,7 @@ class _NodeCollector(Collector):
                 doc,
                 value=float(health[key]),
             )
+        yield from _log_metrics(health.get("log") or {})
         indexer = health.get("indexer") or {}
         if indexer.get("configured"):
             for name, key, doc in (
@@ -148,6 +149,30 @@ class _NodeCollector(Collector):
             buckets = [(_le(bound), float(count)) for bound, count in figures["buckets"]]
             buckets.append(("+Inf", float(figures["count"])))
             yield HistogramMetricFamily(name, doc, buckets=buckets, sum_value=figures["sum"])
+
+
+def _log_metrics(log: dict) -> Iterator[Metric]:
+    """The Raft journal and its compaction: what a log hold (the archive's end, the indexer's
+    checkpoint) keeps on disk, to alert on before its bound is reached."""
+    for name, key, doc in (
+        ("qb_raft_log_first_index", "log_first_index", "first log index the journal holds"),
+        ("qb_raft_journal_bytes", "journal_bytes", "bytes of the Raft journal on disk"),
+        ("qb_raft_dump_index", "dump_index", "log index of this node's snapshot (0: none)"),
+        (
+            "qb_raft_compaction_hold",
+            "compaction_hold",
+            "log index compaction keeps the log after (the archive's end, the indexer's "
+            "checkpoint); absent without a hold",
+        ),
+    ):
+        if type(log.get(key)) is int:
+            yield GaugeMetricFamily(name, doc, value=float(log[key]))
+    if type(log.get("compaction_holds_released")) is int:
+        yield CounterMetricFamily(
+            "qb_raft_compaction_holds_released",
+            "times a log hold was released at its bound (its reader may find a gap)",
+            value=float(log["compaction_holds_released"]),
+        )
 
 
 # A sidecar's status (cluster/sidecar.py) as metrics: (name, status key, help) for gauges and

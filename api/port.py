@@ -91,7 +91,9 @@ class NodePort(Protocol):
         """Cheap figures (no state hash), for /readyz and /metrics: node_id, role
         ("leader"|"follower"|"candidate"), leader (its id, or None when none is known),
         leader_connected (this node is the leader, or its link to the leader is up), term,
-        commit_index, applied_index (Raft log) and cmd_index (state machine)."""
+        commit_index, applied_index (Raft log) and cmd_index (state machine); optionally
+        "log": the journal and its compaction (log_first_index, journal_bytes, dump_index,
+        compaction_hold (None: no hold), compaction_holds_released)."""
 
     def histograms(self) -> dict:
         """{"qb_commit_latency_seconds", "qb_batch_size_entries", and the steps of a commit:

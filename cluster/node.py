@@ -55,6 +55,15 @@ from .replica import (
 )
 from .sidecar import LogHolds, Sidecar, archive_sidecar, chain_sidecar, indexer_sidecar
 
+# What health() says of the Raft log and its compaction (api/metrics.py shows them).
+LOG_FIGURES = (
+    "log_first_index",
+    "journal_bytes",
+    "dump_index",
+    "compaction_hold",
+    "compaction_holds_released",
+)
+
 # Which build of the state machine this process runs (docs/adr/0003-compiled-state-machine.md).
 ENGINE = "compiled" if (_exchange_module.__file__ or "").endswith(".so") else "pure"
 
@@ -354,8 +363,10 @@ class Node:
 
     def health(self) -> dict:
         # An int read needs no lock (the exchange object is swapped whole on restore).
+        raft = self.raft.status()
         return {
-            **self._summary(self.raft.status(), self.machine.exchange.cmd_index),
+            **self._summary(raft, self.machine.exchange.cmd_index),
+            "log": {k: raft.get(k) for k in LOG_FIGURES},
             "indexer": self.indexer_status(),
             "archive": self.archive_status(),
             "chain": self.chain_status(),
@@ -470,6 +481,7 @@ class Node:
                 for k in (
                     "log_first_index",
                     "log_last_index",
+                    "journal_bytes",
                     "dump_index",
                     "compaction_hold",
                     "held_dump_index",

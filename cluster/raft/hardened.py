@@ -1539,6 +1539,7 @@ class HardenedSyncObj(SyncObj):
             "commit_index": self._SyncObj__raftCommitIndex,
             "applied_index": self._SyncObj__raftLastApplied,
             "log_first_index": self._journal.first_index(),
+            "journal_bytes": self._journal.bytes_from(self._journal.first_index()),
             "dump_index": self._dump_index,
             "compaction_hold": self.compaction_hold,
             "held_dump_index": self._held_index,

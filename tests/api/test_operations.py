@@ -194,11 +194,39 @@ def test_metrics_show_node_figures_and_requests_by_route_template() -> None:
         value("qb_raft_applied_index"),
         value("qb_cmd_index"),
     ) == (3, 40, 40, 17)
+    assert not any(name.startswith("qb_raft_journal") for name, _labels in samples)  # none given
     assert value("qb_commit_latency_seconds_bucket", le="0.001") == 2
     assert value("qb_commit_latency_seconds_bucket", le="+Inf") == 6
     assert value("qb_commit_latency_seconds_sum") == 0.02
     assert value("qb_batch_size_entries_bucket", le="10.0") == 6
     assert value("qb_batch_size_entries_count") == 6
+
+
+def test_metrics_show_the_journal_and_its_log_hold() -> None:
+    log = {"log_first_index": 31, "journal_bytes": 52_000, "dump_index": 30,
+           "compaction_hold": 12, "compaction_holds_released": 1}  # fmt: skip
+    samples = metric_samples(Caller(StandInNode(log=log), []).get("/metrics")[1])
+    assert {
+        name: samples[(name, ())]
+        for name in (
+            "qb_raft_log_first_index",
+            "qb_raft_journal_bytes",
+            "qb_raft_dump_index",
+            "qb_raft_compaction_hold",
+            "qb_raft_compaction_holds_released_total",
+        )
+    } == {
+        "qb_raft_log_first_index": 31,
+        "qb_raft_journal_bytes": 52_000,
+        "qb_raft_dump_index": 30,
+        "qb_raft_compaction_hold": 12,
+        "qb_raft_compaction_holds_released_total": 1,
+    }
+    no_hold = metric_samples(
+        Caller(StandInNode(log={**log, "compaction_hold": None}), []).get("/metrics")[1]
+    )
+    assert ("qb_raft_compaction_hold", ()) not in no_hold
+    assert no_hold[("qb_raft_journal_bytes", ())] == 52_000
 
 
 def test_every_app_has_its_own_registry() -> None:

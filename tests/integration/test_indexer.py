@@ -348,17 +348,28 @@ def test_the_log_hold_keeps_the_events_through_an_outage_and_indexer_restarts(
         load.wait_acked(50)
         services.postgres.stop()
         try:
-            held_at = max(ix["checkpoint_raft_index"] or 0 for ix in indexed(cluster).values())
             load.wait_acked(len(load.acked) + 2000)
 
-            def compacted_past_the_checkpoint():
-                statuses = cluster.statuses()
-                return all(
-                    s and s["raft"]["dump_index"] > held_at and s["raft"]["held_dump_index"]
-                    for s in statuses.values()
+            def held_past_the_dump(status: dict | None) -> bool:
+                """The node compacted past its indexer's checkpoint and kept the log after it."""
+                raft = status and status["raft"]
+                hold = raft and raft["compaction_hold"]
+                return bool(
+                    hold is not None
+                    and hold == status["indexer"]["checkpoint_raft_index"]
+                    and raft["log_first_index"] <= hold + 1 < raft["dump_index"]
                 )
 
-            wait_for(compacted_past_the_checkpoint, 30, "every node to compact past it")
+            wait_for(
+                lambda: all(held_past_the_dump(s) for s in cluster.statuses().values()),
+                30,
+                "every node to compact past the checkpoint, keeping the log after it",
+            )
+            for nid, node in cluster.nodes.items():
+                figures = metric_values(node.config.api_url)
+                raft = cluster.status(nid)["raft"]
+                assert figures["qb_raft_compaction_hold"] == raft["compaction_hold"]
+                assert figures["qb_raft_dump_index"] > raft["compaction_hold"]
             for nid, ix in indexed(cluster).items():
                 if nid != cluster.wait_for_leader():
                     os.kill(ix["pid"], signal.SIGKILL)
