@@ -186,12 +186,12 @@ class LogSource:
         probe = JournalReader(self._data_dir / "raft.journal")
         try:
             probe.open()
-            probe.check_starts_by(1)
+            first = probe.read(1, 1, 1)  # the journal holds index 1 (not merely empty)
         except (OSError, RaftStorageError):
             return None
         finally:
             probe.close()
-        return 1
+        return 1 if first else None
 
     def _new_machine(self) -> ExchangeMachine:
         machine = ExchangeMachine()

@@ -289,3 +289,12 @@ def test_a_hold_from_the_empty_state_serves_any_checkpoint(data_dir: Path) -> No
     source = LogSource(data_dir, FakeNode(ENTRIES))
     asyncio.run(source.seek(Checkpoint()))
     assert [e.raft_index for e in read_all(source)] == list(range(1, ENTRIES + 1))
+
+
+def test_an_empty_journal_is_not_taken_for_the_empty_state(data_dir: Path) -> None:
+    """A dump past the checkpoint and a journal that holds nothing yet (everything is in the
+    dump): the alarm, not a replica at index 0 waiting for entries no file holds."""
+    compact(data_dir, ENTRIES)
+    source = LogSource(data_dir, FakeNode(ENTRIES))
+    with pytest.raises(EventsGone, match="snapshot is at seq"):
+        asyncio.run(asyncio.wait_for(source.seek(checkpoint_at(2)), 5))  # never a hang
