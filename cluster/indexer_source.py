@@ -31,6 +31,7 @@ from .raft import (
     JournalGap,
     JournalReader,
     RaftStorageError,
+    journal_holds,
     payload_of_entry,
     read_dump,
 )
@@ -183,15 +184,8 @@ class LogSource:
                 if header.index <= checkpoint.raft_index:
                     machine.restore(blob)
                     return header.index + 1
-        probe = JournalReader(self._data_dir / "raft.journal")
-        try:
-            probe.open()
-            first = probe.read(1, 1, 1)  # the journal holds index 1 (not merely empty)
-        except (OSError, RaftStorageError):
-            return None
-        finally:
-            probe.close()
-        return 1 if first else None
+        # The empty state: the journal must hold index 1 (not merely be empty).
+        return 1 if journal_holds(self._data_dir / "raft.journal", 1) else None
 
     def _new_machine(self) -> ExchangeMachine:
         machine = ExchangeMachine()

@@ -49,6 +49,7 @@ from cluster.raft import (
     JournalGap,
     JournalReader,
     RaftStorageError,
+    journal_holds,
     payload_of_entry,
     read_dump,
 )
@@ -104,6 +105,13 @@ class Replica:
                 replica.reader.check_starts_by(replica.index + 1)
             except JournalGap as exc:
                 raise Gap(str(exc)) from exc
+            if (
+                past is not None
+                and replica.index == 0
+                and not journal_holds(data_dir / "raft.journal", 1)
+            ):
+                # The empty state needs a journal that holds index 1, not merely an empty one.
+                raise Gap("the journal does not hold log index 1")
             while replica.index < index:
                 if not replica.read(min(index, applied), READ_MAX):
                     break

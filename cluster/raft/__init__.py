@@ -27,7 +27,7 @@ from .adapter import (
 )
 from .hardened import HELD_DUMP, entry_of_payload, payload_of_entry, seed_data_dirs
 from .stats import STAGE_BUCKETS_S, Histogram
-from .storage import JournalGap, JournalReader, RaftStorageError, read_dump
+from .storage import JournalGap, JournalReader, RaftStorageError, journal_holds, read_dump
 
 __all__ = [
     "EXITS_NOT_TO_RESTART",
@@ -50,6 +50,7 @@ __all__ = [
     "SubmitError",
     "SubmitErrorReason",
     "entry_of_payload",
+    "journal_holds",
     "payload_of_entry",
     "read_dump",
     "seed_data_dirs",

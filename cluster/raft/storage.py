@@ -742,6 +742,18 @@ class DurableJournal(Journal):
         return self._entries[pos][2]
 
 
+def journal_holds(path: Path, index: int) -> bool:
+    """Whether the journal at `path` holds log index `index` now (a reader of its own: a read
+    moves a reader on). False if it cannot be read."""
+    probe = JournalReader(path)
+    try:
+        return bool(probe.read(index, index, 1))
+    except (OSError, RaftStorageError):
+        return False
+    finally:
+        probe.close()
+
+
 class JournalGap(RaftStorageError):
     """The journal no longer holds the entry asked for (compacted into a dump, or replaced by
     an installed snapshot)."""

@@ -92,3 +92,11 @@ def test_a_journal_kept_from_the_start_carries_an_archive_behind_the_dump(tmp_pa
     assert replica.index == end
     assert [idx for _c, idx, _t, _ci in replica.read(60, 100)] == list(range(end + 1, 61))
     replica.close()
+
+
+def test_an_empty_journal_beside_a_dump_past_the_end_is_the_gap(tmp_path):
+    """A journal holding nothing yet (all in the dump) is not one kept from index 1: the gap,
+    said as such (not "the node has applied 50, not yet 10")."""
+    data_dir = data_dir_at(tmp_path / "node", 50, 51, 50)
+    with pytest.raises(Gap, match="snapshot is at log index 50, past 10"):
+        Replica.at(data_dir, 10, applied=50)
