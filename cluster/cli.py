@@ -226,7 +226,8 @@ def cluster_up(
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def cluster_status(manifest: str, as_json: bool) -> None:
-    """Print every node's role, term, indexes and state hash.
+    """Print every node's role, term, indexes, state hash and journal (with the log hold),
+    and its indexer and archiver when it has them.
 
     Example: quorumbook cluster status --cluster /tmp/qb/cluster.json --json
     """
@@ -241,13 +242,36 @@ def cluster_status(manifest: str, as_json: bool) -> None:
         click.echo(json.dumps({"nodes": statuses}, indent=2))
         return
     for nid, s in statuses.items():
-        if s is None:
-            click.echo(f"{nid}: unreachable")
-        else:
-            click.echo(
-                f"{nid}: {s['role']:9} term {s['term']} commit {s['commit_index']} "
-                f"applied {s['applied_index']} cmd {s['cmd_index']} hash {s['state_hash'][:16]}"
-            )
+        click.echo(_status_line(nid, s))
+
+
+def _status_line(nid: str, s: dict | None) -> str:
+    """One node's status in a line (the fields: docs/reference/api.md, docs/reference/indexer.md,
+    docs/operating/backup-restore.md)."""
+    if s is None:
+        return f"{nid}: unreachable"
+    line = (
+        f"{nid}: {s['role']:9} term {s['term']} commit {s['commit_index']} "
+        f"applied {s['applied_index']} cmd {s['cmd_index']} hash {s['state_hash'][:16]}"
+    )
+    raft = s.get("raft") or {}
+    if type(raft.get("journal_bytes")) is int:
+        line += f"; journal {raft['journal_bytes'] / 1e6:.1f} MB"
+        if raft.get("compaction_hold") is not None:
+            line += f", held after {raft['compaction_hold']}"
+    indexer = s.get("indexer") or {}
+    if indexer.get("configured"):
+        alarm = indexer.get("timeline_alarm") or (
+            "gone" if indexer.get("gone_from_seq") is not None else None
+        )
+        line += f"; indexer {indexer.get('state')} lag {indexer.get('lag_events')}"
+        line += f" ALARM {alarm}" if alarm else ""
+    archive = s.get("archive") or {}
+    if archive.get("configured"):
+        lag = archive.get("lag_entries")
+        line += f"; archive {archive.get('state')} lag {'-' if lag is None else lag}"
+        line += f" gaps {archive['gaps']}" if archive.get("gaps") else ""
+    return line
 
 
 def _identity(path) -> tuple[int, int] | None:

@@ -77,6 +77,10 @@ def test_cluster_up_status_membership_and_ctrl_c(tmp_path: Path) -> None:
             return nodes if roles.count("leader") == 1 and len(roles) == 3 else None
 
         wait_for(leader_known, 30, "a leader")
+        plain = run("cluster", "status", "--cluster", str(manifest))
+        assert plain.returncode == 0, plain.stderr
+        lines = plain.stdout.splitlines()
+        assert len(lines) == 3 and all(" MB" in line and "; journal " in line for line in lines)
         moved = run("cluster", "transfer-leader", "--cluster", str(manifest))
         assert moved.returncode == 0, moved.stderr
         assert "->" in moved.stdout
