@@ -306,7 +306,7 @@ class HardenedSyncObj(SyncObj):
         self.elections_averted = 0  # deadline passed, but a message waiting in a socket reset it
         # AppendEntries rounds the heartbeat helper sent while the tick thread was busy in
         # apply(), writing a dump, or in a long read (run_between_ticks).
-        self.heartbeats_lent = {"apply": 0, "dump": 0, "read": 0}
+        self.heartbeats_lent = {"apply": 0, "dump": 0, "read": 0, "sync": 0}
         self.apply_s = Histogram(STAGE_BUCKETS_S)  # the state machine's apply, per entry
         self.step_downs_averted = 0  # answers read just before the leader would step down
         self.membership_changes_refused = 0  # a change asked for while another was uncommitted
@@ -420,18 +420,19 @@ class HardenedSyncObj(SyncObj):
                 self._in_tick = False
 
     @contextlib.contextmanager
-    def _heartbeats_meanwhile(self, busy: str) -> Iterator[None]:
+    def _heartbeats_meanwhile(self, busy: str, *, wake_helper: bool = True) -> Iterator[None]:
         """Run the body without the tick lock, the heartbeat helper standing in for the tick.
 
         For work on the tick thread that touches only the state machine and our own files
-        (apply, writing a dump): pysyncobj's state is left alone meanwhile, so the helper may
+        (apply, writing a dump, syncing the journal): pysyncobj's state is left alone meanwhile, so the helper may
         send the leader's AppendEntries while it runs. Outside a tick (tests drive apply by
         hand) there is no lock to hand over.
         """
         hand_over = self._in_tick
         if hand_over:
             self._busy = busy
-            self._apply_cond.notify()
+            if wake_helper:
+                self._apply_cond.notify()
             self._tick_lock.release()
         try:
             yield
@@ -1291,14 +1292,23 @@ class HardenedSyncObj(SyncObj):
             try:
                 # The leader appends its own entries in _checkCommandsToApply (syncobj.py 528)
                 # and counts itself toward their commit on the next tick (655-672): sync in
-                # between.
-                self._journal.sync()
+                # between. A slow disk must not silence the leader (an fdatasync can take
+                # longer than the election timeout on a shared one): the helper stands in
+                # meanwhile. Sending entries before they are durable here is safe, since the
+                # leader counts itself toward a commit only after this sync (Raft thesis 10.2.1).
+                if self._journal.dirty:
+                    # Usually a fraction of a ms: the helper is not woken for it, but a
+                    # leader's wakes when the next AppendEntries is due (_heartbeat_step).
+                    with self._heartbeats_meanwhile("sync", wake_helper=False):
+                        self._journal.sync()
                 self._read_before_standing()
                 self._read_before_stepping_down()
                 self._maybe_pre_vote()
                 state, term = self._SyncObj__raftState, self._SyncObj__raftCurrentTerm
                 super()._onTick(timeToWait)
                 self._log_role_change(state, term)
+                if state != _RAFT_STATE.LEADER and self._SyncObj__raftState == _RAFT_STATE.LEADER:
+                    self._apply_cond.notify()  # a leader's helper keeps time (_heartbeat_step)
             finally:
                 self._in_tick = False
 
@@ -1372,13 +1382,16 @@ class HardenedSyncObj(SyncObj):
             self.step_downs_averted += 1
 
     def _heartbeat_step(self) -> float | None:
-        # Called with the tick lock held. While the tick thread is inside apply() on the
-        # leader, send AppendEntries whenever one is due (the same call the tick makes at
-        # 690-692); return the seconds until the next one, or None when there is nothing to
-        # do until the next apply() starts.
-        if self._busy is None or self._SyncObj__raftState != _RAFT_STATE.LEADER:
+        # Called with the tick lock held. While the tick thread is inside apply() (or a dump,
+        # a read, a journal sync) on the leader, send AppendEntries whenever one is due (the
+        # same call the tick makes at 690-692); return the seconds until the next one, or
+        # None on a follower (nothing to do until woken). An idle leader's helper still wakes
+        # when the next one is due: a journal sync hands over without waking it.
+        if self._SyncObj__raftState != _RAFT_STATE.LEADER:
             return None
         due_in = self._SyncObj__newAppendEntriesTime - _now()
+        if self._busy is None:
+            return due_in if due_in > 0 else self._SyncObj__conf.appendEntriesPeriod
         if due_in > 0:
             return due_in
         self._SyncObj__sendAppendEntries()

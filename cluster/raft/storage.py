@@ -43,7 +43,8 @@ from . import pin  # noqa: F401  (refuses any pysyncobj but the pinned one)
 from .stats import STAGE_BUCKETS_S, Histogram
 
 logger = logging.getLogger(__name__)
-# A journal sync longer than this is logged: it delays the leader's heartbeats.
+# A journal sync longer than this is logged: a follower acknowledges nothing meanwhile (the
+# leader's heartbeats go on: the helper stands in while it syncs).
 SLOW_SYNC_S = 0.05
 
 # Exit code when durable storage fails under a running node (disk full, EIO, ...). Carrying on
@@ -508,7 +509,7 @@ class DurableJournal(Journal):
             os.fdatasync(self._fd)
             took = time.monotonic() - started
             self.sync_s.observe(took)
-            if took > SLOW_SYNC_S:  # the tick thread sends no heartbeat meanwhile
+            if took > SLOW_SYNC_S:  # a follower acknowledges nothing meanwhile
                 logger.warning("fdatasync of the journal took %.0f ms", took * 1000)
         self._header_pending = False
         self._synced_since_timer = True
@@ -529,6 +530,11 @@ class DurableJournal(Journal):
         for _ in range(2):
             self._write_slot(synced_end)
             self._fdatasync()
+
+    @property
+    def dirty(self) -> bool:
+        """Records were appended or truncated since the last `sync`."""
+        return self._dirty
 
     def sync(self) -> None:
         """Make every appended/truncated record durable. Called before any acknowledgement."""

@@ -373,6 +373,49 @@ def test_members_compact_at_staggered_points(tmp_path):
     assert (conf.logCompactionMinEntries, conf.logCompactionMinTime) == (6666, 400.0)
 
 
+def test_leader_keeps_sending_heartbeats_while_its_journal_syncs(sim: SimNet):
+    """The leader syncs its journal at the top of every tick that follows an append, holding
+    the tick lock; on a shared disk one fdatasync can take longer than the election timeout
+    (the node logs "fdatasync of the journal took N ms"), and the leader sent nothing
+    meanwhile: the followers stood. Ours lends the heartbeats to the helper while the journal
+    syncs (sending entries the leader has not made durable yet is safe: it counts itself
+    toward a commit only after the sync). The helper thread is driven by hand, at the times it
+    would wake, when the tick lock is free for it. Plain pysyncobj never syncs: not a case."""
+    leader, b, c = sim.cluster("hardened", **TIMING)
+    sim.elect(leader)
+    sim.settle(3)
+    term = leader.term()
+    followers = [b, c]
+    seen_after_sync = []
+    journal = leader.sync._journal
+    real_sync = journal._fdatasync
+
+    def slow_sync() -> None:
+        journal._fdatasync = real_sync
+        for _ in range(15):  # 0.6 s
+            sim.clock.advance(0.04)
+            if not leader.sync._tick_lock.locked():  # else the helper waits for the tick
+                leader.sync.heartbeat_if_due()
+            for follower in followers:
+                sim.deliver(leader.addr, follower.addr)
+                follower.tick()
+        seen_after_sync.extend((f.role(), f.term()) for f in followers)
+        real_sync()
+
+    journal._fdatasync = slow_sync
+    leader.propose(b"order")
+    for _ in range(10):
+        sim.step(0.02)
+        if seen_after_sync:
+            break
+    assert seen_after_sync == [("follower", term)] * 2
+    assert leader.sync.heartbeats_lent["sync"] >= 10
+    sim.settle(3)
+    assert leader.is_leader() and leader.term() == term
+    assert leader.acknowledged() == [b"order"]
+    assert [f.state for f in followers] == [[b"order"]] * 2
+
+
 @contextlib.contextmanager
 def solo_leader_with_helper(tmp_path: Path, *, fsync: bool, **conf_extra):
     """A one-node HardenedSyncObj ticked by the test, leading, with its heartbeat helper
@@ -491,6 +534,35 @@ def test_heartbeat_helper_stands_in_while_the_journal_is_rewritten(tmp_path):
             solo.doTick(0.01)
         assert rewritten.is_set() and solo._journal.first_index() > 1
         assert solo.heartbeats_lent["dump"] >= 3  # every 0.04 s during 0.3 s
+
+
+def test_heartbeat_helper_stands_in_while_the_journal_syncs_slowly(tmp_path):
+    """A real helper thread, not woken for a journal sync (most take a fraction of a ms):
+    it wakes by itself when the next AppendEntries is due and sends it while the tick thread
+    waits on the disk; nothing afterwards."""
+    with solo_leader_with_helper(tmp_path, fsync=True) as solo:
+        journal = solo._journal
+        real_sync = journal._fdatasync
+        synced = threading.Event()
+
+        def slow_sync() -> None:
+            journal._fdatasync = real_sync
+            time.sleep(0.3)
+            real_sync()
+            synced.set()
+
+        journal._fdatasync = slow_sync
+        done = threading.Event()
+        solo.propose(b"order", lambda result, reason: done.set())
+        deadline = time.monotonic() + 10
+        while not done.is_set() and time.monotonic() < deadline:
+            solo.doTick(0.01)
+        assert synced.is_set() and done.is_set()
+        assert solo.heartbeats_lent["sync"] >= 3  # every 0.04 s during 0.3 s
+        count = solo.heartbeats_lent["sync"]
+        for _ in range(30):
+            solo.doTick(0.01)
+        assert solo.heartbeats_lent["sync"] == count
 
 
 def test_a_long_read_between_ticks_lends_the_heartbeats(tmp_path):
