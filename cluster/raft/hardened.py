@@ -424,9 +424,9 @@ class HardenedSyncObj(SyncObj):
         """Run the body without the tick lock, the heartbeat helper standing in for the tick.
 
         For work on the tick thread that touches only the state machine and our own files
-        (apply, writing a dump, syncing the journal): pysyncobj's state is left alone meanwhile, so the helper may
-        send the leader's AppendEntries while it runs. Outside a tick (tests drive apply by
-        hand) there is no lock to hand over.
+        (apply, writing a dump, syncing the journal): pysyncobj's state is left alone
+        meanwhile, so the helper may send the leader's AppendEntries while it runs. Outside a
+        tick (tests drive apply by hand) there is no lock to hand over.
         """
         hand_over = self._in_tick
         if hand_over:

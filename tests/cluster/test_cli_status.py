@@ -36,6 +36,6 @@ def test_the_hold_the_indexer_and_the_archiver_and_their_alarms() -> None:
         "; journal 40.0 MB, held after 88; indexer gone lag 900 ALARM gone; "
         "archive standby lag - gaps 2"
     )
-    halted = {**status, "indexer": {**status["indexer"], "state": "halted",
-                                    "gone_from_seq": None, "timeline_alarm": "foreign_timeline"}}  # fmt: skip
+    indexer = {**status["indexer"], "state": "halted", "gone_from_seq": None}
+    halted = {**status, "indexer": {**indexer, "timeline_alarm": "foreign_timeline"}}
     assert "indexer halted lag 900 ALARM foreign_timeline;" in _status_line("n1", halted)

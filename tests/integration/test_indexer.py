@@ -134,6 +134,22 @@ def metric_values(api_url: str) -> dict[str, float]:
     }
 
 
+def every_event_once(cluster: LocalCluster, pg_url: str) -> int:
+    """Wait until PostgreSQL caught up; every event is there once, in order: its last seq."""
+    seq = caught_up(cluster, pg_url)
+    assert [r["seq"] for r in fetch(pg_url, "SELECT seq FROM events ORDER BY seq")] == list(
+        range(1, seq + 1)
+    )
+    return seq
+
+
+def kill_followers_indexers(cluster: LocalCluster) -> None:
+    """SIGKILL the followers' indexer processes (their nodes start them again)."""
+    for nid, ix in indexed(cluster).items():
+        if nid != cluster.wait_for_leader():
+            os.kill(ix["pid"], signal.SIGKILL)
+
+
 def kafka_seqs(bootstrap: str, prefix: str) -> list[int]:
     async def go() -> list[int]:
         async with EventReader(bootstrap, prefix=prefix) as reader:
@@ -266,10 +282,7 @@ def test_a_streamer_paused_past_its_lease_never_writes_again(indexed_cluster, pg
             "the zombie to stand down",
         )
         load.wait_acked(len(load.acked) + 100)
-    seq = caught_up(cluster, pg_url)
-    assert [r["seq"] for r in fetch(pg_url, "SELECT seq FROM events ORDER BY seq")] == list(
-        range(1, seq + 1)
-    )
+    every_event_once(cluster, pg_url)
     writers = fetch(pg_url, "SELECT holder FROM indexer_lease")[0]["holder"]
     assert writers != paused or indexed(cluster)[paused]["active"]
 
@@ -292,10 +305,7 @@ def test_postgres_down_for_a_while_then_the_indexer_catches_up(
         finally:
             services.postgres.run()
         load.wait_acked(len(load.acked) + 100)
-    seq = caught_up(cluster, pg_url)
-    assert [r["seq"] for r in fetch(pg_url, "SELECT seq FROM events ORDER BY seq")] == list(
-        range(1, seq + 1)
-    )
+    every_event_once(cluster, pg_url)
 
 
 def test_a_leader_change_while_streaming_keeps_exactly_once(indexed_cluster, pg_url) -> None:
@@ -317,10 +327,7 @@ def test_a_leader_change_while_streaming_keeps_exactly_once(indexed_cluster, pg_
     lease = fetch(pg_url, "SELECT holder FROM indexer_lease")[0]
     assert lease["holder"] != active, "the new leader must not hold the lease"
     assert not indexed(cluster)[active]["active"], "the new leader's status must say so"
-    seq = caught_up(cluster, pg_url)
-    assert [r["seq"] for r in fetch(pg_url, "SELECT seq FROM events ORDER BY seq")] == list(
-        range(1, seq + 1)
-    )
+    every_event_once(cluster, pg_url)
 
 
 def resync_command(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess:
@@ -370,16 +377,11 @@ def test_the_log_hold_keeps_the_events_through_an_outage_and_indexer_restarts(
                 raft = cluster.status(nid)["raft"]
                 assert figures["qb_raft_compaction_hold"] == raft["compaction_hold"]
                 assert figures["qb_raft_dump_index"] > raft["compaction_hold"]
-            for nid, ix in indexed(cluster).items():
-                if nid != cluster.wait_for_leader():
-                    os.kill(ix["pid"], signal.SIGKILL)
+            kill_followers_indexers(cluster)
         finally:
             services.postgres.run()
         load.wait_acked(len(load.acked) + 200)
-    seq = caught_up(cluster, pg_url)
-    assert [r["seq"] for r in fetch(pg_url, "SELECT seq FROM events ORDER BY seq")] == list(
-        range(1, seq + 1)
-    )
+    every_event_once(cluster, pg_url)
     assert fetch(pg_url, "SELECT * FROM indexer_resyncs") == []
     assert all(ix["gone_from_seq"] is None for ix in indexed(cluster).values())
 
@@ -403,9 +405,7 @@ def test_events_compacted_away_raise_the_alarm_and_resync_rebuilds_the_tables(
             # A streamer keeps the journal files its node compacts into while it runs
             # (tests/cluster/test_indexer_source.py): the events are gone for one that
             # restarts meanwhile. Its node starts it again.
-            for nid, ix in indexed(cluster).items():
-                if nid != cluster.wait_for_leader():
-                    os.kill(ix["pid"], signal.SIGKILL)
+            kill_followers_indexers(cluster)
         finally:
             services.postgres.run()
         wait_for(
