@@ -17,6 +17,8 @@ import os
 import stat
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
@@ -112,15 +114,28 @@ class Signer:
     millisecond until the signature is new.
     """
 
-    def __init__(self, window_ms: int = 10_000) -> None:
+    def __init__(self, window_ms: int = 10_000, clock_ns: Callable[[], int] = time.time_ns) -> None:
         self._lock = threading.Lock()
-        self._recent: dict[bytes, int] = {}
+        self._recent: set[bytes] = set()
+        # (when signed, ident) in signing order: the expired ones leave from the left, so a
+        # signature costs O(1) at any request rate (rebuilding the set once it held 4,096
+        # cost O(window) per request: 1.4 ms of CPU each at 1,500 requests/s).
+        self._signed: deque[tuple[int, bytes]] = deque()
         self._window_ms = window_ms
+        self._clock_ns = clock_ns
+
+    def __len__(self) -> int:
+        """Signatures remembered (those of the last window)."""
+        return len(self._recent)
 
     def headers(self, creds: Credentials, method: str, path: str, body: bytes) -> dict[str, str]:
         digest = hashlib.sha256(body).digest()
-        now = time.time_ns() // 1_000_000
+        now = self._clock_ns() // 1_000_000
         with self._lock:
+            cutoff = now - self._window_ms
+            signed = self._signed
+            while signed and signed[0][0] < cutoff:
+                self._recent.discard(signed.popleft()[1])
             ts = now
             while True:
                 ident = hashlib.sha256(
@@ -129,10 +144,8 @@ class Signer:
                 if ident not in self._recent:
                     break
                 ts += 1
-            self._recent[ident] = now
-            if len(self._recent) > 4096:
-                cutoff = now - self._window_ms
-                self._recent = {k: v for k, v in self._recent.items() if v >= cutoff}
+            self._recent.add(ident)
+            signed.append((now, ident))
         return {
             KEY_HEADER: creds.key_id,
             TS_HEADER: str(ts),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from api.auth import AuthError, Verifier, new_credentials, sign
+from api.sdk.signing import Signer
 
 KEY = new_credentials("trader", "alice")
 
@@ -89,3 +90,23 @@ def test_a_non_ascii_timestamp_or_signature_is_a_definite_refusal(header: str, v
     with pytest.raises(AuthError) as refused:
         verifier.verify(signed, "POST", "/v1/orders", b"x", now_ms=now)
     assert refused.value.code == "unauthenticated"
+
+
+def test_the_sdk_never_signs_twice_alike_and_forgets_at_the_window_s_rate() -> None:
+    """The SDK's signer bumps the timestamp of an identical request in the same millisecond,
+    and forgets what left its window as it goes: what it remembers is the last window's
+    signatures, never a pile it rebuilds on every request once large (which cost O(window)
+    of CPU per request for a client above 410 requests/s)."""
+    now = [5_000_000 * 1_000_000]  # ns
+    signer = Signer(window_ms=1_000, clock_ns=lambda: now[0])
+    stamps = {signer.headers(KEY, "POST", "/v1/orders", b"{}")["X-QB-Timestamp"] for _ in range(50)}
+    assert len(stamps) == 50 and len(signer) == 50  # all in one millisecond, all distinct
+    for _ in range(3):  # 1.5 windows at 10,000 requests/s: the oldest leave as new ones come
+        for i in range(5000):
+            now[0] += 100_000
+            signer.headers(KEY, "POST", "/v1/orders", b"%d" % i)
+        assert len(signer) <= 50 + 10 * 1_000 + 1
+    assert len(signer) == 10 * 1_000 + 1  # the last window's (both ends in), nothing older
+    now[0] += 2_000 * 1_000_000
+    signer.headers(KEY, "POST", "/v1/orders", b"{}")
+    assert len(signer) == 1
