@@ -353,6 +353,16 @@ def test_the_log_hold_keeps_the_events_through_an_outage_and_indexer_restarts(
     wait_for(lambda: streamer(cluster), 30, "a streamer")
     with DepositLoad.on(cluster, per_request=5) as load:
         load.wait_acked(50)
+        # A node holds at its indexer's checkpoint once that indexer has read it, and before
+        # that at the state it started with (ADR 0007): the database goes down after every
+        # indexer read one (a clean clone stopped it first once, and the hold stayed put).
+        wait_for(
+            lambda: all(
+                type(ix.get("checkpoint_raft_index")) is int for ix in indexed(cluster).values()
+            ),
+            30,
+            "every indexer to read its checkpoint",
+        )
         services.postgres.stop()
         try:
             load.wait_acked(len(load.acked) + 2000)
@@ -367,11 +377,24 @@ def test_the_log_hold_keeps_the_events_through_an_outage_and_indexer_restarts(
                     and raft["log_first_index"] <= hold + 1 < raft["dump_index"]
                 )
 
-            wait_for(
-                lambda: all(held_past_the_dump(s) for s in cluster.statuses().values()),
-                30,
-                "every node to compact past the checkpoint, keeping the log after it",
-            )
+            def holds() -> dict:
+                keys = ("compaction_hold", "log_first_index", "dump_index")
+                return {
+                    nid: {
+                        "checkpoint": (s or {}).get("indexer", {}).get("checkpoint_raft_index"),
+                        **{k: (s or {}).get("raft", {}).get(k) for k in keys},
+                    }
+                    for nid, s in cluster.statuses().items()
+                }
+
+            try:
+                wait_for(
+                    lambda: all(held_past_the_dump(s) for s in cluster.statuses().values()),
+                    30,
+                    "every node to compact past the checkpoint, keeping the log after it",
+                )
+            except TimeoutError as exc:
+                raise AssertionError(f"{exc}: {holds()}") from exc
             for nid, node in cluster.nodes.items():
                 figures = metric_values(node.config.api_url)
                 raft = cluster.status(nid)["raft"]
