@@ -23,8 +23,10 @@ API's thread), of which the steps `qb_raft_queue_seconds` (waiting for the Raft 
 `qb_raft_commit_seconds` (proposal to committed, applied and answered: the leader's append and
 fdatasync, the followers' append and fdatasync and their answers, the apply) and
 `qb_commit_handoff_seconds` (the answer back to the API's thread); `qb_raft_sync_seconds` and
-`qb_raft_apply_seconds` are the fdatasyncs and applies inside it. What is left of the client's
-time is the client and the HTTP server (the floor measures the same pair with no work).
+`qb_raft_apply_seconds` are the fdatasyncs and applies inside it. Then this process's own CPU
+per order (`time.process_time`: the SDK, its signature, httpx, JSON; and the floor's httpx
+alone), and what is left of the client's time: the HTTP hops and the server's framework outside
+the route (the floor measures that pair with no work).
 
 Every process started here is stopped by pid on every path (`LocalCluster`, the baseline by
 `Popen.kill`); the temp dir is removed unless `--keep`.
@@ -141,6 +143,8 @@ def main() -> None:
     print(f"bench.latency: {args.runs} runs of {args.orders} orders, one at a time; "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")  # fmt: skip
     floors, orders, breakdowns = [], [], []
+    floor_cpu: list[float] = []  # this process's CPU seconds per request, per run
+    order_cpu: list[float] = []
     cluster = LocalCluster.create(root / "cluster", 3)
     cluster.exit_with_launcher = True
     try:
@@ -154,9 +158,13 @@ def main() -> None:
             print(f"  cluster: 3 nodes, leader {leader}, engine {engine}")
             with Client(cluster.api_urls(), trader.creds) as client:
                 for run in range(args.runs):
+                    cpu = time.process_time()
                     floors.append(floor_run(baseline, args.orders))
+                    floor_cpu.append((time.process_time() - cpu) / (WARMUP + args.orders))
                     before = scrape(leader_url)
+                    cpu = time.process_time()
                     orders.append(order_run(client, args.orders, f"r{run}"))
+                    order_cpu.append((time.process_time() - cpu) / (WARMUP + args.orders))
                     after = scrape(leader_url)
                     breakdowns.append(stage_means(before, after, WARMUP + args.orders))
                     f, o = floors[-1], orders[-1]
@@ -193,6 +201,12 @@ def main() -> None:
         per = med(b[i][2] for b in breakdowns)
         note = f"  ({per:.1f} per order)" if abs(per - 1) > 0.05 else ""
         print(f"  {label:<44} {mean * 1e3:7.2f} ms{note}")
+    answered = med(b[0][1] for b in breakdowns)
+    client_cpu = med(order_cpu)
+    print(f"  {'client CPU (SDK, signing, httpx, JSON)':<44} {client_cpu * 1e3:7.2f} ms"
+          f"  (the floor's httpx alone: {med(floor_cpu) * 1e3:.2f} ms)")  # fmt: skip
+    print(f"  {'the rest (HTTP both ways, server framework)':<44} "
+          f"{(order_mean - answered - client_cpu) * 1e3:7.2f} ms")  # fmt: skip
 
 
 if __name__ == "__main__":
