@@ -42,6 +42,7 @@ log = logging.getLogger("quorumbook.indexer")
 # them are applied (the journal reader has moved past them). Small enough that the event loop
 # (lease renewals, the status) is never held up long.
 READ_ENTRIES_MAX = 16
+REBUILD_ATTEMPTS = 5  # a replica rebuilt while the node compacts: see `_rebuild`
 FOLLOW_S = 0.05  # how often `follow` looks for a journal file the node compacted into
 
 
@@ -122,6 +123,25 @@ class LogSource:
             self._reader = None
         self._machine = None
         self._last_read, self._again = [], []
+        # The dump and the journal are two files the node replaces at every compaction: one
+        # between reading the dump and opening the journal leaves a journal that does not
+        # follow the state read (seen under load: a replica at log index 859, a journal from
+        # 922). Start over from the newer dump then; a few times at most.
+        for attempt in range(1, REBUILD_ATTEMPTS + 1):
+            try:
+                self._rebuild_once(checkpoint, gone_from)
+            except _CompactedMeanwhile as exc:
+                if attempt == REBUILD_ATTEMPTS:
+                    raise EventsGone(
+                        gone_from,
+                        f"the node compacted its log {attempt} times while this replica was "
+                        f"rebuilt from it ({exc})",
+                    ) from None
+                log.info("indexer source: the node compacted during the rebuild (%s); again", exc)
+                continue
+            return
+
+    def _rebuild_once(self, checkpoint: Checkpoint | None, gone_from: int) -> None:
         machine = self._new_machine()
         next_index = 1
         past: tuple[int, int] | None = None  # (seq, log index) of a dump past the checkpoint
@@ -148,10 +168,13 @@ class LogSource:
                 if next_index is None:
                     raise _past_the_checkpoint(gone_from, *past)
             reader.open()
-            if past is not None:
-                reader.check_starts_by(next_index)
+            if _identity(dump) != identity:  # a new dump, so maybe a journal after it
+                raise _CompactedMeanwhile("a new dump")
+            reader.check_starts_by(next_index)
         except JournalGap as exc:
             reader.close()
+            if _identity(dump) != identity:
+                raise _CompactedMeanwhile(str(exc)) from exc
             raise (
                 _past_the_checkpoint(gone_from, *past) if past else EventsGone(gone_from, str(exc))
             ) from exc
@@ -267,6 +290,10 @@ def _read_dump(path: Path, gone_from: int) -> tuple[Any, bytes]:
         return read_dump(path)
     except (OSError, RaftStorageError) as exc:
         raise EventsGone(gone_from, f"the dump cannot be read ({exc})") from exc
+
+
+class _CompactedMeanwhile(Exception):
+    """The node compacted while a replica was being rebuilt from its files."""
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:

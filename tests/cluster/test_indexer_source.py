@@ -298,3 +298,27 @@ def test_an_empty_journal_is_not_taken_for_the_empty_state(data_dir: Path) -> No
     source = LogSource(data_dir, FakeNode(ENTRIES))
     with pytest.raises(EventsGone, match="snapshot is at seq"):
         asyncio.run(asyncio.wait_for(source.seek(checkpoint_at(2)), 5))  # never a hang
+
+
+@pytest.mark.parametrize("new_dump_at", [8, ENTRIES])  # ENTRIES: the new journal is empty
+def test_a_compaction_while_the_replica_is_rebuilt_is_followed_to_the_newer_dump(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, new_dump_at: int
+) -> None:
+    """The node compacts between the source's reading its dump and opening its journal (a
+    resync under load in a clean clone: replica rebuilt at log index 859, the journal it
+    opened starting at 922, so the resync's first read raised the alarm again): the source
+    starts over from the newer dump, never from a journal that does not follow its state."""
+    compact(data_dir, 5)
+    real_open = JournalReader.open
+    compacted: list[Checkpoint] = []
+
+    def open_after_a_compaction(self: JournalReader) -> None:
+        if not compacted:
+            compacted.append(compact(data_dir, new_dump_at))
+        real_open(self)
+
+    monkeypatch.setattr(JournalReader, "open", open_after_a_compaction)
+    source = LogSource(data_dir, FakeNode(ENTRIES))
+    exchange, raft_index = asyncio.run(source.restart_at_snapshot())
+    assert (raft_index, exchange.seq) == (new_dump_at, compacted[0].seq)
+    assert [e.raft_index for e in read_all(source)] == list(range(new_dump_at + 1, ENTRIES + 1))
