@@ -28,9 +28,11 @@ from indexer.port import Node
 from .machine import ExchangeMachine
 from .raft import (
     HELD_DUMP,
+    REBUILD_ATTEMPTS,
     JournalGap,
     JournalReader,
     RaftStorageError,
+    file_identity,
     journal_holds,
     payload_of_entry,
     read_dump,
@@ -42,7 +44,6 @@ log = logging.getLogger("quorumbook.indexer")
 # them are applied (the journal reader has moved past them). Small enough that the event loop
 # (lease renewals, the status) is never held up long.
 READ_ENTRIES_MAX = 16
-REBUILD_ATTEMPTS = 5  # a replica rebuilt while the node compacts: see `_rebuild`
 FOLLOW_S = 0.05  # how often `follow` looks for a journal file the node compacted into
 
 
@@ -146,7 +147,7 @@ class LogSource:
         next_index = 1
         past: tuple[int, int] | None = None  # (seq, log index) of a dump past the checkpoint
         dump = self._data_dir / "raft.dump"
-        identity = _identity(dump)
+        identity = file_identity(dump)
         if identity is not None:
             cached = self._past
             if cached and cached[0] == identity and checkpoint and cached[1] > checkpoint.seq:
@@ -168,12 +169,12 @@ class LogSource:
                 if next_index is None:
                     raise _past_the_checkpoint(gone_from, *past)
             reader.open()
-            if _identity(dump) != identity:  # a new dump, so maybe a journal after it
+            if file_identity(dump) != identity:  # a new dump, so maybe a journal after it
                 raise _CompactedMeanwhile("a new dump")
             reader.check_starts_by(next_index)
         except JournalGap as exc:
             reader.close()
-            if _identity(dump) != identity:
+            if file_identity(dump) != identity:
                 raise _CompactedMeanwhile(str(exc)) from exc
             raise (
                 _past_the_checkpoint(gone_from, *past) if past else EventsGone(gone_from, str(exc))
@@ -198,7 +199,7 @@ class LogSource:
         checkpoint (its held dump, or the empty state if the journal starts at index 1);
         the log index to read on from, or None if it kept none."""
         held = self._data_dir / HELD_DUMP
-        identity = _identity(held)
+        identity = file_identity(held)
         if identity is not None:
             cached = self._held_index
             if cached is None or cached[0] != identity or cached[1] <= checkpoint.raft_index:
@@ -294,15 +295,6 @@ def _read_dump(path: Path, gone_from: int) -> tuple[Any, bytes]:
 
 class _CompactedMeanwhile(Exception):
     """The node compacted while a replica was being rebuilt from its files."""
-
-
-def _identity(path: Path) -> tuple[int, int, int] | None:
-    """The file as it is now (a new dump is a new inode, by rename), or None if absent."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def _past_the_checkpoint(gone_from: int, seq: int, index: int) -> EventsGone:

@@ -46,9 +46,11 @@ from pathlib import Path
 from cluster.machine import ExchangeMachine, exchange_blob_of
 from cluster.raft import (
     HELD_DUMP,
+    REBUILD_ATTEMPTS,
     JournalGap,
     JournalReader,
     RaftStorageError,
+    file_identity,
     journal_holds,
     payload_of_entry,
     read_dump,
@@ -87,7 +89,24 @@ class Replica:
     def at(cls, data_dir: Path, index: int, applied: int) -> Replica:
         """A replica at `index`: from the newest state the node keeps at or before it (its
         dump, its held dump, or the empty state), then its journal. Gap when the journal no
-        longer holds what lies between."""
+        longer holds what lies between.
+
+        A compaction between reading a dump and opening the journal can leave a journal that
+        does not follow the state read (the indexer's source met it: ADR 0007): a Gap while
+        the node's dump changed is tried again, from the newer dump."""
+        dump = data_dir / "raft.dump"
+        attempt = 1
+        while True:
+            before = file_identity(dump)
+            try:
+                return cls._at(data_dir, index, applied)
+            except Gap:
+                if attempt == REBUILD_ATTEMPTS or file_identity(dump) == before:
+                    raise
+            attempt += 1
+
+    @classmethod
+    def _at(cls, data_dir: Path, index: int, applied: int) -> Replica:
         replica = cls(data_dir)
         try:
             past = None

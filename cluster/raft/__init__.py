@@ -27,7 +27,15 @@ from .adapter import (
 )
 from .hardened import HELD_DUMP, entry_of_payload, payload_of_entry, seed_data_dirs
 from .stats import STAGE_BUCKETS_S, Histogram
-from .storage import JournalGap, JournalReader, RaftStorageError, journal_holds, read_dump
+from .storage import (
+    REBUILD_ATTEMPTS,
+    JournalGap,
+    JournalReader,
+    RaftStorageError,
+    file_identity,
+    journal_holds,
+    read_dump,
+)
 
 __all__ = [
     "EXITS_NOT_TO_RESTART",
@@ -38,6 +46,7 @@ __all__ = [
     "EXIT_STORAGE_FAILED",
     "HELD_DUMP",
     "PYSYNCOBJ_VERSION",
+    "REBUILD_ATTEMPTS",
     "STAGE_BUCKETS_S",
     "Histogram",
     "JournalGap",
@@ -50,6 +59,7 @@ __all__ = [
     "SubmitError",
     "SubmitErrorReason",
     "entry_of_payload",
+    "file_identity",
     "journal_holds",
     "payload_of_entry",
     "read_dump",

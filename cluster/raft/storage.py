@@ -748,6 +748,21 @@ class DurableJournal(Journal):
         return self._entries[pos][2]
 
 
+# A replica rebuilt from a node's dump and journal (the indexer's, the archiver's) starts over
+# at most this many times when the node compacts between its reading the one and the other.
+REBUILD_ATTEMPTS = 5
+
+
+def file_identity(path: Path) -> tuple[int, int, int] | None:
+    """The file as it is now (a new dump is a new inode, by rename), or None if absent: two
+    equal identities around a read mean the node did not replace it meanwhile."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 def journal_holds(path: Path, index: int) -> bool:
     """Whether the journal at `path` holds log index `index` now (a reader of its own: a read
     moves a reader on). False if it cannot be read."""

@@ -1,6 +1,8 @@
 """Which node archives (one follower at a time, never the leader, never one without a
 leader), and which segments a restore reads."""
 
+import os
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -8,7 +10,7 @@ from pysyncobj.syncobj import _COMMAND_TYPE
 
 from cluster.machine import ExchangeMachine
 from cluster.raft import PYSYNCOBJ_VERSION, seed_data_dirs
-from cluster.raft.storage import DurableJournal
+from cluster.raft.storage import DurableJournal, JournalReader
 from disaster_recovery.archiver import Gap, Replica, designated
 from disaster_recovery.segments import chain, name_of
 
@@ -100,3 +102,27 @@ def test_an_empty_journal_beside_a_dump_past_the_end_is_the_gap(tmp_path):
     data_dir = data_dir_at(tmp_path / "node", 50, 51, 50)
     with pytest.raises(Gap, match="snapshot is at log index 50, past 10"):
         Replica.at(data_dir, 10, applied=50)
+
+
+def test_a_compaction_while_the_replica_is_made_is_followed_to_the_newer_dump(
+    tmp_path, monkeypatch
+):
+    """The node compacts between the replica's reading its dump and opening its journal (the
+    indexer's source met it under load, ADR 0007): not a gap, after which the archiver would
+    start a new chain and call the points in between lost, but the newer dump, still at or
+    before the archive's end."""
+    data_dir = data_dir_at(tmp_path / "node", 50, 51, 70)
+    newer = data_dir_at(tmp_path / "newer", 53, 54, 70)  # the node's files after it compacts
+    real_open = JournalReader.open
+
+    def open_after_a_compaction(self):
+        if (newer / "raft.dump").exists():  # the first open only: the node renames its files
+            os.replace(newer / "raft.dump", data_dir / "raft.dump")
+            os.replace(newer / "raft.journal", data_dir / "raft.journal")
+        real_open(self)
+
+    monkeypatch.setattr(JournalReader, "open", open_after_a_compaction)
+    replica = Replica.at(data_dir, 55, applied=70)
+    assert replica.index == 55
+    assert [idx for _c, idx, _t, _ci in replica.read(70, 100)] == list(range(56, 71))
+    replica.close()
