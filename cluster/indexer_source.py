@@ -169,7 +169,9 @@ class LogSource:
                 if next_index is None:
                     raise _past_the_checkpoint(gone_from, *past)
             reader.open()
-            if file_identity(dump) != identity:  # a new dump, so maybe a journal after it
+            if past is None and file_identity(dump) != identity:
+                # The state came from the dump: a new one may have a journal after it (a
+                # state the log hold kept is checked by the journal's first entry alone).
                 raise _CompactedMeanwhile("a new dump")
             reader.check_starts_by(next_index)
         except JournalGap as exc:
