@@ -253,6 +253,29 @@ class Net:
             )
         return self.address(node_id)
 
+    # ------------------------------------------------------------------ slow links
+
+    def limit_rate(self, node_id: str, kbit_per_s: int) -> None:
+        """Deliver what is sent to `node_id` at most `kbit_per_s` (a token bucket on the
+        bridge's port to it; what it sends is left alone). Messages then arrive spread out
+        as over a slow link: a snapshot's chunks one by one, not in one read. `close`
+        removes it with the run; `unlimit_rate` before."""
+        if kbit_per_s < 8:
+            raise ValueError(f"kbit_per_s {kbit_per_s}: at least 8")
+        # burst: one full frame must fit the bucket; latency: how long a frame may queue.
+        self._tc(["qdisc", "replace", "dev", self._port(node_id), "root", "tbf",
+                  "rate", f"{kbit_per_s}kbit", "burst", "2kb", "latency", "10s"])  # fmt: skip
+
+    def unlimit_rate(self, node_id: str) -> None:
+        self._tc(["qdisc", "del", "dev", self._port(node_id), "root"], check=False)
+
+    def _port(self, node_id: str) -> str:
+        self._known(node_id)
+        return f"p{self.nodes.index(node_id) + 1}"  # as _build and add_node name them
+
+    def _tc(self, args: Sequence[str], *, check: bool = True) -> None:
+        _run([_ip(), "netns", "exec", self.hub, require_tool("tc"), *args], check=check)
+
     def close(self) -> None:
         """Remove the namespaces, the bridge and every veth of this run (idempotent).
 

@@ -7,6 +7,7 @@ it) and leave nothing behind, which the fixtures assert even when a test fails.
 from __future__ import annotations
 
 import random
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -289,3 +290,57 @@ def test_a_crashed_runs_network_is_cleaned_up() -> None:
         assert live.run in ours()["owners"]
         assert live.has_namespace("n1")
     assert_nothing_left(live.run, rules_before)
+
+
+_RECEIVER = """
+import socket, sys, time
+server = socket.create_server((sys.argv[1], 0))
+print(server.getsockname()[1], flush=True)
+for _ in range(int(sys.argv[2])):
+    conn, _ = server.accept()
+    size, first = 0, None
+    while data := conn.recv(1 << 16):
+        first = first or time.monotonic()
+        size += len(data)
+    conn.sendall(f"{size} {time.monotonic() - first}".encode())
+    conn.close()
+"""
+
+
+@pytest.mark.slow
+@needs_net
+def test_a_limited_link_delivers_at_the_rate_asked_and_unlimited_at_once() -> None:
+    """24 KB sent to a node behind a 256 kbit/s limit (32 KB/s, a 2 KB burst) take over
+    0.6 s to arrive; unlimited, a fraction of that. Only the traffic to the node is slowed."""
+    rules_before = root_rules()
+    with Net(["n1", "n2"]) as net:
+        receiver = subprocess.Popen(
+            net.wrap("n1", [sys.executable, "-c", _RECEIVER, net.address("n1"), "2"]),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            port = int(receiver.stdout.readline())
+
+            def spread_s() -> float:
+                """Seconds from the first to the last byte of 24 KB, at the receiver."""
+                with socket.create_connection((net.address("n1"), port), timeout=10) as conn:
+                    conn.sendall(b"x" * 24_000)
+                    conn.shutdown(socket.SHUT_WR)
+                    size, spread = conn.recv(100).split()
+                assert int(size) == 24_000
+                return float(spread)
+
+            net.limit_rate("n1", 256)
+            limited = spread_s()
+            net.unlimit_rate("n1")
+            unlimited = spread_s()
+        finally:
+            receiver.kill()
+            receiver.wait()
+            receiver.stdout.close()
+    assert limited > 0.5, limited  # (24 - 2) KB at 32 KB/s: 0.69 s
+    assert unlimited < limited / 3, (unlimited, limited)
+    with pytest.raises(ValueError):
+        Net(["n1"]).limit_rate("n1", 1)
+    assert_nothing_left(net.run, rules_before)
