@@ -19,11 +19,17 @@ responses, heartbeats, errors) goes through it in order, and it is bounded in by
 The first message of every connection is `hello` with a fresh random `nonce`; the `auth` op
 signs it, so a signed auth frame opens only the connection it was made for: captured, it is
 worth nothing on another connection, to this node or any other.
+
+The route is served on ASGI directly (`register` puts it in front of the Quart app), not
+through Quart's WebSocket wrapper: Quart relays every received frame through a task and a
+channel of its own, and the node's leader spent a sixth of its CPU per WebSocket order on
+that layer (docs/adr/0012-cost-per-order.md). Nothing of Quart's request context is used here.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import secrets
 from collections.abc import Awaitable, Mapping
@@ -31,7 +37,6 @@ from typing import Annotated, Any
 
 import msgspec
 import trio
-from quart import websocket
 from quart_trio import QuartTrio
 
 from . import bodies, outcomes
@@ -44,6 +49,7 @@ from .sdk.codec import dumps, loads
 from .trading import batch_orders, command_outcome, place_batch
 
 PATH = "/v1/ws"
+log = logging.getLogger(__name__)
 # The signed message of the `auth` op: "{timestamp}\nWS\n/v1/ws\n{nonce}" (api.auth.sign with
 # the connection's nonce, from its `hello`, as the body).
 AUTH_METHOD = "WS"
@@ -595,7 +601,55 @@ def register(
 ) -> None:
     settings = Settings.from_env() if settings is None else settings
 
-    @app.websocket(PATH)
-    async def market_data_ws() -> None:
-        conn = _Connection(websocket._get_current_object(), node, verifier, settings, limiter)
-        await conn.run()
+    quart_app = app.asgi_app
+
+    async def asgi_app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket" or scope["path"] != PATH:
+            await quart_app(scope, receive, send)
+            return
+        conn = _Connection(_AsgiWebsocket(receive, send), node, verifier, settings, limiter)
+        try:
+            await conn.run()
+        except BaseExceptionGroup as group:  # the connection's nursery wraps what it raised
+            _, rest = group.split(_ClientGone)
+            if rest is not None:
+                log.error("WebSocket connection failed", exc_info=rest)
+        except _ClientGone:
+            pass
+        except Exception:
+            # Hypercorn then closes the connection with 1011 (internal error).
+            log.exception("WebSocket connection failed")
+
+    app.asgi_app = asgi_app  # type: ignore[method-assign]  # Quart's way to add ASGI middleware
+
+
+class _ClientGone(Exception):
+    """The client closed the connection or it dropped: the connection's tasks end."""
+
+
+class _AsgiWebsocket:
+    """The four calls `_Connection` makes, on the ASGI server's own receive and send."""
+
+    def __init__(self, receive: Any, send: Any) -> None:
+        self._receive = receive
+        self._send = send
+
+    async def accept(self) -> None:
+        await self._send({"type": "websocket.accept"})
+
+    async def receive(self) -> str | bytes:
+        while True:
+            event = await self._receive()
+            kind = event["type"]
+            if kind == "websocket.receive":
+                text = event.get("text")
+                return text if text is not None else (event.get("bytes") or b"")
+            if kind == "websocket.disconnect":
+                raise _ClientGone
+            # "websocket.connect" comes first; nothing else is defined
+
+    async def send(self, text: str) -> None:
+        await self._send({"type": "websocket.send", "text": text})
+
+    async def close(self, code: int, reason: str) -> None:
+        await self._send({"type": "websocket.close", "code": code, "reason": reason})

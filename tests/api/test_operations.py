@@ -355,3 +355,41 @@ def test_websocket_order_entry_shares_the_key_bucket() -> None:
 
 
 ORDER = {"market": "BTC-USD", "side": "buy", "type": "limit", "qty": 1, "price": 5}
+
+
+class BrokenNode(StandInNode):
+    def applied_seq(self) -> int:
+        raise RuntimeError("the node's figures are gone")
+
+
+def test_a_websocket_client_that_leaves_ends_its_connection_quietly_and_a_failure_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """/v1/ws is served on ASGI directly (api/ws.py): a client that goes away ends its
+    connection's tasks without an error; a connection that fails is logged, and the other
+    routes still go to the Quart app."""
+
+    async def visit(app) -> list[dict]:
+        async with app.test_client().websocket("/v1/ws") as ws:
+            hello = json.loads(await ws.receive())
+            await ws.send(json.dumps({"op": "ping", "request_id": 7}))
+            return [hello, json.loads(await ws.receive())]
+
+    hello, pong = trio.run(visit, Caller(StandInNode(), []).app)
+    assert (hello["type"], hello["seq"], pong["type"], pong["request_id"]) == (
+        "hello",
+        5,
+        "pong",
+        7,
+    )
+    assert [r for r in caplog.records if r.name == "api.ws"] == []
+
+    async def broken(app) -> None:
+        async with app.test_client().websocket("/v1/ws"):
+            pass
+
+    trio.run(broken, Caller(BrokenNode(), []).app)
+    [failed] = [r for r in caplog.records if r.name == "api.ws"]
+    assert failed.getMessage() == "WebSocket connection failed"
+    assert "the node's figures are gone" in str(failed.exc_info[1])
+    assert Caller(BrokenNode(), []).get("/healthz")[0] == 200
