@@ -11,7 +11,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import bodies, openapi, outcomes, trading, ws
+from . import bodies, fastpath, openapi, outcomes, trading, ws
 from .auth import AuthError, Credentials, Verifier, new_key_id
 from .bodies import (
     CommandsRequest,
@@ -234,6 +234,9 @@ def create_app(
 
     trading.register(app, node, http)
     ws.register(app, node, verifier, settings=ws_settings, limiter=limiter)
+    # The single-order write routes again, on ASGI in front of the Quart app (api/fastpath.py):
+    # the same answers, without Quart's per-request machinery.
+    fastpath.install(app, node, http, metrics.observe_request, MAX_BODY_BYTES)
 
     @app.post("/v1/admin/barrier")
     @http.authed("admin", leader=True)

@@ -13,6 +13,11 @@ from .port import NodePort
 from .rate_limit import RateLimiter
 from .sdk.codec import dumps
 
+# An answer before it is HTTP: (status, JSON value, extra headers). The Quart routes turn it
+# into a Response (`reply_response`), the ASGI order routes (api/fastpath.py) write it
+# themselves: one answer, two servers.
+Reply = tuple[int, Any, dict[str, str]]
+
 
 def json_response(value: Any, status: int = 200, headers: dict | None = None) -> Response:
     return Response(
@@ -20,8 +25,17 @@ def json_response(value: Any, status: int = 200, headers: dict | None = None) ->
     )
 
 
+def reply_response(reply: Reply) -> Response:
+    status, value, headers = reply
+    return json_response(value, status, headers)
+
+
+def error_reply(status: int, code: str, message: str, headers: dict | None = None) -> Reply:
+    return status, {"error": {"code": code, "message": message}}, headers or {}
+
+
 def error(status: int, code: str, message: str, headers: dict | None = None) -> Response:
-    return json_response({"error": {"code": code, "message": message}}, status, headers)
+    return reply_response(error_reply(status, code, message, headers))
 
 
 def rate_limited_body(retry_after_s: int) -> dict:
@@ -36,8 +50,8 @@ def rate_limited_body(retry_after_s: int) -> dict:
     }
 
 
-def rate_limited(retry_after_s: int) -> Response:
-    return json_response(rate_limited_body(retry_after_s), 429, {"Retry-After": str(retry_after_s)})
+def rate_limited_reply(retry_after_s: int) -> Reply:
+    return 429, rate_limited_body(retry_after_s), {"Retry-After": str(retry_after_s)}
 
 
 class Http:
@@ -60,33 +74,45 @@ class Http:
         return answer_response(outcomes.not_leader(self.node.leader_url()))
 
     async def caller(self, role: str) -> Credentials | Response:
+        """The signed caller of the current request holding a `role` key, or the answer."""
+        checked = self.check_caller(
+            request.headers,
+            request.method,
+            full_path(),
+            await request.get_data(),
+            role,
+        )
+        return checked if isinstance(checked, Credentials) else reply_response(checked)
+
+    def check_caller(
+        self, headers: Any, method: str, path: str, body: bytes, role: str
+    ) -> Credentials | Reply:
         """The signed caller holding a `role` key, or the 401/403/429 (or redirect) to answer.
+        `headers`: a case-insensitive mapping; `path`: with the query, as signed.
 
         A key the node does not know yet may have been created a moment ago and not be
         applied here: a follower sends such a request to the leader, which knows every key
         it acknowledged, instead of refusing it.
         """
-        body = await request.get_data()
-        path = request.full_path.rstrip("?")
         # A replay this node has not seen, nor applied yet (say, accepted by the previous
         # leader a moment ago), passes here: the state machine refuses it when it applies it
         # (its replicated replay window), and the submit answers 401 replayed.
         try:
-            creds = self.verifier.verify(request.headers, request.method, path, body)
+            creds = self.verifier.verify(headers, method, path, body)
         except UnknownKeyError as exc:
             if not self.node.is_leader():
-                return self.not_leader()
-            return error(401, exc.code, exc.message)
+                return answer_reply(outcomes.not_leader(self.node.leader_url()), path)
+            return error_reply(401, exc.code, exc.message)
         except AuthError as exc:
-            return error(401, exc.code, exc.message)
+            return error_reply(401, exc.code, exc.message)
         if self.limiter is not None:
             retry_after_s = self.limiter.check(creds.key_id, creds.role)
             if retry_after_s is not None:
                 if self.limited is not None:
                     self.limited.labels(creds.role).inc()
-                return rate_limited(retry_after_s)
+                return rate_limited_reply(retry_after_s)
         if creds.role != role or (role == "trader" and not creds.account):
-            return error(403, "forbidden", f"this route needs a {role} key")
+            return error_reply(403, "forbidden", f"this route needs a {role} key")
         return creds
 
     @staticmethod
@@ -138,10 +164,19 @@ class Http:
         return bodies.command_fields(await request.get_data(), reserved)
 
 
-def answer_response(answer: outcomes.Answer) -> Response:
-    """The REST form of an outcome (api/outcomes.py): a 307 goes to the same path and query
-    on the leader."""
+def full_path() -> str:
+    """The current request's path and query, as its signature covers it."""
+    return request.full_path.rstrip("?")
+
+
+def answer_reply(answer: outcomes.Answer, path: str) -> Reply:
+    """The REST form of an outcome (api/outcomes.py): a 307 goes to the same `path` (with its
+    query) on the leader."""
     headers = dict(answer.headers)
     if answer.status == 307 and answer.leader_url is not None:
-        headers["Location"] = answer.leader_url + request.full_path.rstrip("?")
-    return json_response(answer.body(), answer.status, headers)
+        headers["Location"] = answer.leader_url + path
+    return answer.status, answer.body(), headers
+
+
+def answer_response(answer: outcomes.Answer) -> Response:
+    return reply_response(answer_reply(answer, full_path()))

@@ -16,11 +16,11 @@ from typing import Any
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from . import bodies
-from .auth import Credentials
+from . import bodies, outcomes
+from .auth import AuthError, Credentials
 from .bodies import RESERVED_FIELDS, BatchRequest
-from .common import Http, error, json_response
-from .port import NodePort
+from .common import Http, Reply, answer_reply, error, full_path, json_response, reply_response
+from .port import NodeError, NodePort
 from .sdk.answers import summarize
 
 MAX_DEPTH = 1000
@@ -99,24 +99,34 @@ async def place_batch(
     return results
 
 
+async def write_reply(
+    node: NodePort, command: dict, ok_status: int, signed: tuple[str, int], path: str
+) -> Reply:
+    """Submit one command from a request signed `signed` (signature, ts_ms) at `path`; the
+    answer, or what the node answers instead (api/outcomes.py).
+
+    A trader command the log would refuse in any state is answered without it."""
+    if not node.is_leader():
+        return answer_reply(outcomes.not_leader(node.leader_url()), path)
+    account = command.get("account") if command.get("op") in TRADER_OPS else None
+    events = node.precheck(command)
+    if events is None:
+        try:
+            status, body = command_outcome(await node.submit(command, signed), account)
+        except (NodeError, AuthError) as exc:
+            return answer_reply(outcomes.answer(exc, node.leader_url()), path)
+    else:
+        status, body = command_outcome([events], account)
+    return (ok_status if status == 200 else status), body, {}
+
+
 def register(app: QuartTrio, node: NodePort, http: Http) -> None:
     authed = http.authed
 
     async def write(command: dict, ok_status: int = 200) -> Response:
-        """Submit one command (raises what the node answers instead: api/outcomes.py).
-
-        A trader command the log would refuse in any state is answered without it."""
-        if not node.is_leader():
-            return http.not_leader()
-        account = command.get("account") if command.get("op") in TRADER_OPS else None
-        events = node.precheck(command)
-        if events is None:
-            status, body = command_outcome(
-                await node.submit(command, http.signed_request()), account
-            )
-        else:
-            status, body = command_outcome([events], account)
-        return json_response(body, ok_status if status == 200 else status)
+        return reply_response(
+            await write_reply(node, command, ok_status, http.signed_request(), full_path())
+        )
 
     async def read(query: Callable[[Any], Any]) -> Response:
         """Linearizable by default (leader + read barrier); ?consistency=stale: any node."""
