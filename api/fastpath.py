@@ -11,8 +11,9 @@ functions as the Quart routes, so the same answers, and the same request metric.
 
 What this path leaves to the Quart routes of trading.py, which stay registered: a request
 with a query string, or whose `Content-Length` is over the app's limit (Quart answers 413).
-A body without one (chunked) that grows past the limit gets the same 413 here. Other methods
-and paths never come here.
+A body without one (chunked) that grows past the limit gets the same 413 here, and a body
+that takes longer than the app's `BODY_TIMEOUT` the same 408. Other methods and paths never
+come here.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import logging
 import time
 from typing import Any
 
-from werkzeug.exceptions import InternalServerError, RequestEntityTooLarge
+import trio
+from werkzeug.exceptions import InternalServerError, RequestEntityTooLarge, RequestTimeout
 
 from . import bodies
 from .auth import SIG_HEADER, TS_HEADER, Credentials
@@ -67,6 +69,7 @@ def install(app: Any, node: NodePort, http: Http, observe: Any, max_body_bytes: 
     """Put the routes in front of `app` (a Quart app: its `asgi_app` is the hook for ASGI
     middleware). `observe(route, method, status, seconds)`: the request metric."""
     quart_app = app.asgi_app
+    body_timeout_s = app.config["BODY_TIMEOUT"]  # Quart's: a body slower than this gets a 408
 
     async def asgi_app(scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and not scope["query_string"]:
@@ -81,11 +84,17 @@ def install(app: Any, node: NodePort, http: Http, observe: Any, max_body_bytes: 
     async def _serve(scope: dict, receive: Any, send: Any, route: tuple[str, int]) -> None:
         started = time.perf_counter()
         path = scope["path"]
-        body = await _read_body(receive, max_body_bytes)
-        if body is None:
-            return  # the client went away before sending it all
+        body: bytes | None = None
+        with trio.move_on_after(body_timeout_s):
+            body = await _read_body(receive, max_body_bytes)
+            if body is None:
+                return  # the client went away before sending it all
         try:
-            if len(body) > max_body_bytes:
+            if body is None:
+                status, value, headers = error_reply(
+                    408, "request_timeout", RequestTimeout.description or ""
+                )
+            elif len(body) > max_body_bytes:
                 status, value, headers = error_reply(
                     413, "request_entity_too_large", RequestEntityTooLarge.description or ""
                 )

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import trio
+import trio.testing
 
 from api import fastpath
 from api.app import MAX_BODY_BYTES, create_app
@@ -190,3 +191,35 @@ def test_a_body_over_the_limit_gets_the_same_413_on_either_path() -> None:
     assert declared[:2] == (413, declared[1]) and declared[1]["error"]["code"] == (
         "request_entity_too_large"
     )
+
+
+def test_a_body_that_never_ends_gets_the_same_408_on_either_path() -> None:
+    """Quart gives a request body `BODY_TIMEOUT` (60 s) to arrive; so does the ASGI path."""
+    app = create_app(ExchangeLeader(), Verifier([ALICE]))
+
+    async def post(query: bytes) -> tuple[int, dict]:
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            await trio.sleep_forever()  # the client sends its headers, then nothing
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": "/v1/orders",
+            "raw_path": b"/v1/orders", "query_string": query, "root_path": "",
+            "headers": [(b"host", b"node"), (b"content-length", b"10")],
+            "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
+        }  # fmt: skip
+        with trio.move_on_after(3600):
+            await app(scope, receive, send)
+        start, body = [m for m in sent if m["type"].startswith("http.response")][:2]
+        return start["status"], json.loads(body["body"])
+
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    fast = trio.run(post, b"", clock=clock)
+    quart = trio.run(post, b"via=quart", clock=clock)
+    assert fast == quart
+    assert (fast[0], fast[1]["error"]["code"]) == (408, "request_timeout")
