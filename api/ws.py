@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 # The signed message of the `auth` op: "{timestamp}\nWS\n/v1/ws\n{nonce}" (api.auth.sign with
 # the connection's nonce, from its `hello`, as the body).
 AUTH_METHOD = "WS"
+CLOSE_WAIT_S = 5.0  # after the server's close frame, how long the client has to answer it
 NONCE_BYTES = 16
 
 CLOSE_POLICY = 1008  # slow consumer, too many bad messages
@@ -227,6 +228,11 @@ class _Connection:
             item = await self.outbox.get()
             if isinstance(item, _Close):
                 await self.ws.close(item.code, item.reason)
+                # The closing handshake (RFC 6455, 7.1.1): the client answers with a close
+                # frame of its own, and the read loop ends the connection when it arrives.
+                # Ending it at once made the server drop the TCP connection under the client's
+                # answer (a reset, and the client could lose what it had not read yet).
+                await trio.sleep(CLOSE_WAIT_S)  # a client that never answers
                 assert self.nursery is not None
                 self.nursery.cancel_scope.cancel()
                 return
@@ -277,8 +283,10 @@ class _Connection:
     # -------------------------------------------------------------- client messages
 
     async def _read_loop(self) -> None:
-        while not self.closing:
-            raw = await self.ws.receive()
+        while True:
+            raw = await self.ws.receive()  # raises _ClientGone once the client closed
+            if self.closing:
+                continue  # nothing more is answered; waiting for the client's close
             if not isinstance(raw, str):
                 self.error("bad_frame", "send JSON text frames")
                 continue
@@ -297,7 +305,6 @@ class _Connection:
                 self.error("bad_request", 'a message is a JSON object with an "op"')
                 continue
             await self._dispatch(msg)
-        await trio.sleep_forever()  # closing: the writer ends the connection
 
     async def _dispatch(self, msg: dict) -> None:
         op = msg.get("op")
@@ -608,17 +615,15 @@ def register(
             await quart_app(scope, receive, send)
             return
         conn = _Connection(_AsgiWebsocket(receive, send), node, verifier, settings, limiter)
+        # The connection's nursery wraps what its tasks raised. Cancellation (the server
+        # stopping) goes through untouched: trio.Cancelled is not an Exception.
         try:
             await conn.run()
-        except BaseExceptionGroup as group:  # the connection's nursery wraps what it raised
-            _, rest = group.split(_ClientGone)
-            if rest is not None:
-                log.error("WebSocket connection failed", exc_info=rest)
-        except _ClientGone:
+        except* _ClientGone:
             pass
-        except Exception:
+        except* Exception as failed:
             # Hypercorn then closes the connection with 1011 (internal error).
-            log.exception("WebSocket connection failed")
+            log.error("WebSocket connection failed", exc_info=failed)
 
     app.asgi_app = asgi_app  # type: ignore[method-assign]  # Quart's way to add ASGI middleware
 

@@ -8,8 +8,10 @@ import time
 
 import pytest
 import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
+from api import ws
 from api.app import create_app
 from api.auth import (
     KEY_HEADER,
@@ -391,5 +393,46 @@ def test_a_websocket_client_that_leaves_ends_its_connection_quietly_and_a_failur
     trio.run(broken, Caller(BrokenNode(), []).app)
     [failed] = [r for r in caplog.records if r.name == "api.ws"]
     assert failed.getMessage() == "WebSocket connection failed"
-    assert "the node's figures are gone" in str(failed.exc_info[1])
+    [error] = failed.exc_info[1].exceptions
+    assert str(error) == "the node's figures are gone"
     assert Caller(BrokenNode(), []).get("/healthz")[0] == 200
+
+
+def test_a_websocket_the_server_closes_waits_for_the_client_s_close_frame() -> None:
+    """The closing handshake (RFC 6455, 7.1.1): after its close frame the server keeps the
+    connection until the client answers (its disconnect), and at most `CLOSE_WAIT_S`; ending
+    at once dropped the TCP connection under the client's answer."""
+    app = create_app(StandInNode(), Verifier([]), ws_settings=ws.Settings(error_budget=1))
+    scope = {"type": "websocket", "path": "/v1/ws", "query_string": b"", "headers": [],
+             "subprotocols": [], "asgi": {"version": "3.0"}}  # fmt: skip
+
+    async def session(answer: bool) -> tuple[list[dict], float, float]:
+        to_app, from_client = trio.open_memory_channel(10)
+        sent: list[dict] = []
+        closed_at = trio.Event()
+        times = {}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+            if message["type"] == "websocket.close":
+                times["close"] = trio.current_time()
+                closed_at.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(app, scope, from_client.receive, send)
+            await to_app.send({"type": "websocket.connect"})
+            for _ in range(2):  # over the error budget of 1: the server closes
+                await to_app.send({"type": "websocket.receive", "bytes": b"\x00"})
+            await closed_at.wait()
+            if answer:
+                await trio.sleep(1)
+                await to_app.send({"type": "websocket.disconnect", "code": 1000})
+        return sent, times["close"], trio.current_time()
+
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    sent, closed, ended = trio.run(session, True, clock=clock)
+    assert [m["type"] for m in sent][-1] == "websocket.close"
+    assert sent[-1]["reason"] == "too_many_errors"
+    assert ended - closed == pytest.approx(1.0)  # ended with the client's answer
+    sent, closed, ended = trio.run(session, False, clock=clock)
+    assert ended - closed == pytest.approx(ws.CLOSE_WAIT_S)  # no answer: dropped after the wait
