@@ -31,17 +31,10 @@ from .bodies import BodyError
 from .common import Http, Reply, error_reply
 from .port import NodePort
 from .sdk.codec import dumps
-from .trading import write_reply
+from .trading import SINGLE_WRITES, write_reply
 
 log = logging.getLogger(__name__)
 
-# path -> (op, status of a command that took effect): as trading.register's routes.
-ROUTES = {
-    "/v1/orders": ("place", 201),
-    "/v1/orders/cancel": ("cancel", 200),
-    "/v1/orders/amend": ("amend", 200),
-    "/v1/orders/cancel-all": ("cancel_all", 200),
-}
 _JSON = (b"content-type", b"application/json")
 
 
@@ -73,7 +66,7 @@ def install(app: Any, node: NodePort, http: Http, observe: Any, max_body_bytes: 
 
     async def asgi_app(scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and not scope["query_string"]:
-            route = ROUTES.get(scope["path"])
+            route = SINGLE_WRITES.get(scope["path"])
             if route is not None:
                 length = content_length(scope["headers"])
                 if length is None or length <= max_body_bytes:

@@ -39,6 +39,14 @@ REASON_STATUS = {
     "no_change": 422,
 }
 TRADER_OPS = ("place", "cancel", "amend", "cancel_all")
+# The single-order write routes: path -> (op, status of a command that took effect). Served by
+# the Quart routes below and, in front of them, on ASGI (api/fastpath.py), from this table.
+SINGLE_WRITES = {
+    "/v1/orders": ("place", 201),
+    "/v1/orders/cancel": ("cancel", 200),
+    "/v1/orders/amend": ("amend", 200),
+    "/v1/orders/cancel-all": ("cancel_all", 200),
+}
 
 
 def public_trade(e: dict) -> dict:
@@ -145,11 +153,16 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
 
     # -------------------------------------------------------------- orders
 
-    @app.post("/v1/orders")
-    @authed()
-    async def place_order(creds: Credentials) -> Response:
-        fields = await http.command_fields()
-        return await write({"op": "place", **fields, "account": creds.account}, 201)
+    def single_write(op: str, ok_status: int) -> Callable[..., Any]:
+        @authed()
+        async def route(creds: Credentials) -> Response:
+            fields = await http.command_fields()
+            return await write({"op": op, **fields, "account": creds.account}, ok_status)
+
+        return route
+
+    for path, (op, ok_status) in SINGLE_WRITES.items():
+        app.add_url_rule(path, f"{op}_order", single_write(op, ok_status), methods=["POST"])
 
     @app.post("/v1/orders/batch")
     @authed()
@@ -159,24 +172,6 @@ def register(app: QuartTrio, node: NodePort, http: Http) -> None:
             return http.not_leader()
         results = await place_batch(node, creds.account, orders, http.signed_request())
         return json_response({"results": results})
-
-    @app.post("/v1/orders/cancel")
-    @authed()
-    async def cancel_order(creds: Credentials) -> Response:
-        fields = await http.command_fields()
-        return await write({"op": "cancel", **fields, "account": creds.account})
-
-    @app.post("/v1/orders/amend")
-    @authed()
-    async def amend_order(creds: Credentials) -> Response:
-        fields = await http.command_fields()
-        return await write({"op": "amend", **fields, "account": creds.account})
-
-    @app.post("/v1/orders/cancel-all")
-    @authed()
-    async def cancel_all(creds: Credentials) -> Response:
-        fields = await http.command_fields()
-        return await write({"op": "cancel_all", **fields, "account": creds.account})
 
     def order_view(ex: Any, account: str, order_id: int | None) -> dict | Response:
         live = ex.order(order_id) if order_id is not None else None
