@@ -21,7 +21,14 @@ from .bodies import (
     MembersRequest,
     TransferRequest,
 )
-from .common import Http, answer_response, error, json_response
+from .common import (
+    Http,
+    answer_response,
+    error,
+    http_exception_reply,
+    json_response,
+    reply_response,
+)
 from .metrics import CONTENT_TYPE, Metrics
 from .port import NodeError, NodePort
 from .rate_limit import RateLimiter
@@ -81,8 +88,7 @@ def create_app(
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
-        code = (exc.name or "error").lower().replace(" ", "_")
-        return error(exc.code or 400, code, exc.description or exc.name or "error")
+        return reply_response(http_exception_reply(exc))
 
     # One mapping from what the node answers to HTTP, for every route (api/outcomes.py): the
     # routes raise, these answer.

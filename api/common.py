@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from quart import Response, request
+from werkzeug.exceptions import HTTPException
 
 from . import bodies, outcomes
 from .auth import SIG_HEADER, TS_HEADER, AuthError, Credentials, UnknownKeyError, Verifier
@@ -36,6 +37,12 @@ def error_reply(status: int, code: str, message: str, headers: dict | None = Non
 
 def error(status: int, code: str, message: str, headers: dict | None = None) -> Response:
     return reply_response(error_reply(status, code, message, headers))
+
+
+def http_exception_reply(exc: HTTPException) -> Reply:
+    """werkzeug's HTTP errors (404, 405, 408, 413, 500...) in the API's error body."""
+    code = (exc.name or "error").lower().replace(" ", "_")
+    return error_reply(exc.code or 400, code, exc.description or exc.name or "error")
 
 
 def rate_limited_body(retry_after_s: int) -> dict:
@@ -120,7 +127,7 @@ class Http:
         """(signature, ts_ms) of the current request, which `caller` verified: the submit
         carries it, and raises AuthError ("replayed"/"expired", a 401) if the cluster's
         replay window refuses it."""
-        return request.headers[SIG_HEADER], int(request.headers[TS_HEADER])
+        return signed_by(request.headers)
 
     def authed(self, role: str = "trader", leader: bool = False):
         """Route decorator: the handler gets the caller's Credentials first. `leader=True`:
@@ -162,6 +169,11 @@ class Http:
         """The fields of a state-machine command from the body (BodyError if it is not an
         object, or sets a field the node sets)."""
         return bodies.command_fields(await request.get_data(), reserved)
+
+
+def signed_by(headers: Any) -> tuple[str, int]:
+    """(signature, ts_ms) of a request whose signature `Http.check_caller` verified."""
+    return headers.get(SIG_HEADER), int(headers.get(TS_HEADER))
 
 
 def full_path() -> str:

@@ -26,9 +26,9 @@ import trio
 from werkzeug.exceptions import InternalServerError, RequestEntityTooLarge, RequestTimeout
 
 from . import bodies
-from .auth import SIG_HEADER, TS_HEADER, Credentials
+from .auth import Credentials
 from .bodies import BodyError
-from .common import Http, Reply, error_reply
+from .common import Http, Reply, error_reply, http_exception_reply, signed_by
 from .port import NodePort
 from .sdk.codec import dumps
 from .trading import SINGLE_WRITES, write_reply
@@ -47,8 +47,8 @@ class Headers:
         for name, value in raw:
             self._by_name.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
 
-    def get(self, name: str, default: str | None = None) -> str | None:
-        return self._by_name.get(name.lower(), default)
+    def get(self, name: str) -> str | None:
+        return self._by_name.get(name.lower())
 
 
 def content_length(raw: list[tuple[bytes, bytes]]) -> int | None:
@@ -84,20 +84,14 @@ def install(app: Any, node: NodePort, http: Http, observe: Any, max_body_bytes: 
                 return  # the client went away before sending it all
         try:
             if body is None:
-                status, value, headers = error_reply(
-                    408, "request_timeout", RequestTimeout.description or ""
-                )
+                status, value, headers = http_exception_reply(RequestTimeout())
             elif len(body) > max_body_bytes:
-                status, value, headers = error_reply(
-                    413, "request_entity_too_large", RequestEntityTooLarge.description or ""
-                )
+                status, value, headers = http_exception_reply(RequestEntityTooLarge())
             else:
                 status, value, headers = await _answer(scope["headers"], path, body, *route)
         except Exception:
             log.exception("Exception on request POST %s", path)
-            status, value, headers = error_reply(
-                500, "internal_server_error", InternalServerError.description or ""
-            )
+            status, value, headers = http_exception_reply(InternalServerError())
         observe(path, "POST", status, time.perf_counter() - started)
         payload = dumps(value)
         head = [_JSON, (b"content-length", str(len(payload)).encode())]
@@ -116,9 +110,8 @@ def install(app: Any, node: NodePort, http: Http, observe: Any, max_body_bytes: 
             fields = bodies.command_fields(body)
         except BodyError as exc:
             return error_reply(exc.status, exc.code, exc.message)
-        signed = (headers.get(SIG_HEADER) or "", int(headers.get(TS_HEADER) or 0))
         command = {"op": op, **fields, "account": creds.account}
-        return await write_reply(node, command, ok_status, signed, path)
+        return await write_reply(node, command, ok_status, signed_by(headers), path)
 
     app.asgi_app = asgi_app
 
