@@ -16,8 +16,8 @@ this machine; every process it starts is stopped by pid on every path (`LocalClu
    not judged.
 2. Backup: `ExchangeMachine.snapshot()` and `backup.write` to a directory target (the state
    file fsynced, then the manifest); its size per resting order (target <= 100 B), and how
-   much of it the client order ids are (each is written twice: in its order, and in its
-   account's id index, which also keeps the ids of orders long gone). Then `backup.load`,
+   much of it the client order ids are (a resting order's is written once, with the order;
+   the account's id index holds the ids of orders no longer resting). Then `backup.load`,
    the verification a restore runs (sha256, full decode with every invariant, state hash).
 3. Restore: `restore.restore` into a new directory (3 nodes), its time split by step (timed
    by wrapping, for that call only, the functions it calls); then the restored cluster
@@ -157,7 +157,7 @@ class Built:
     index: int  # log entries applied (the state's applied index)
     resting: int
     accounts: int
-    coid_bytes: int  # the client order ids as msgpack writes them (each is written twice)
+    coid_bytes: int  # the client order ids as msgpack writes them
     seconds: float
 
 
@@ -577,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         b = back_up(built, target)
         made: backup.Manifest = b["manifest"]
         per_order = made.size / built.resting
-        coid_per_order = 2 * built.coid_bytes / built.resting
+        coid_per_order = built.coid_bytes / built.resting
         ok_size = per_order <= BYTES_PER_ORDER_TARGET
         verdicts.append(ok_size)
         # The same backup with archived entries after it (part 3b): a copy of the target.
@@ -593,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"   size {made.size:,} B = {per_order:.1f} B per resting order   target <= "
             f"{BYTES_PER_ORDER_TARGET}   {_verdict(ok_size)}   (client order ids ~"
-            f"{coid_per_order:.0f} B of it: each written twice)"
+            f"{coid_per_order:.0f} B of it)"
         )
         # 3.
         result, restore_s, steps = restore_timed(target, root / "restored")

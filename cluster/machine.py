@@ -25,7 +25,7 @@ import msgpack
 from api.auth import WINDOW_MS
 from api.sdk.snapshot import exchange_snapshot_of
 from statemachine import Exchange
-from statemachine.snapshot import stated_hash
+from statemachine.snapshot import gc_paused, stated_hash, written_by_this_build
 
 from .batch import (
     KIND_ADDRESS,
@@ -113,6 +113,7 @@ class ExchangeMachine:
         # (cmd_index, state hash) of the exchange as last restored: its snapshot states the
         # hash, which `decode` checked against its bytes, and a restored state re-encodes to
         # those bytes; so a node that just loaded a large book need not hash it all again.
+        # None after a snapshot of an older format (its stated hash is of other bytes).
         self.restored_hash: tuple[int, str] | None = None
 
     def add_listener(self, listener: AppliedListener) -> None:
@@ -288,14 +289,18 @@ class ExchangeMachine:
             order = collections.deque((t, s) for t, s in window)
         except (TypeError, ValueError) as exc:
             raise MachineSnapshotError(f"malformed node snapshot: {exc}") from exc
-        exchange = Exchange.restore(exchange_blob)
-        restored_hash = (exchange.cmd_index, stated_hash(exchange_blob))
-        if self.freeze_restored:
-            # The state is long-lived: out of the collector's way before it runs again, or its
-            # first collections walk every order (400-600 ms per million resting orders, on
-            # every node that loads it, at once). Its objects hold no cycles: reference
-            # counting frees them. (The node also freezes after each full collection.)
-            gc.freeze()
+        with gc_paused():
+            exchange = Exchange.restore(exchange_blob)
+            if self.freeze_restored:
+                # The state is long-lived: out of the collector's way before it runs again
+                # (so before the collector is back on), or its first collection walks every
+                # order (400-600 ms per million resting orders, on every node that loads it,
+                # at once). Its objects hold no cycles: reference counting frees them. (The
+                # node also freezes after each full collection.)
+                gc.freeze()
+        restored_hash = None
+        if written_by_this_build(exchange_blob):
+            restored_hash = (exchange.cmd_index, stated_hash(exchange_blob))
         with self._lock:
             self.exchange = exchange
             self.restored_hash = restored_hash

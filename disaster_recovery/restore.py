@@ -28,7 +28,7 @@ from pathlib import Path
 
 from cluster.machine import ExchangeMachine, exchange_blob_of, without_directory
 from cluster.raft import payload_of_entry, seed_data_dirs
-from statemachine.snapshot import stated_hash
+from statemachine.snapshot import stated_hash, written_by_this_build
 
 from . import backup, segments
 from .target import Target
@@ -112,6 +112,11 @@ def replay(
         except backup.BackupError as exc:
             raise RestoreError(str(exc)) from exc
         seq, unchanged = checked.manifest.seq, checked.blob
+        if not written_by_this_build(exchange_blob_of(checked.blob)):
+            # An older snapshot format: decoded and written again in this build's, so that
+            # the new nodes start from (and report the hash of) the format they write.
+            say("the backup's snapshot is in an older format: decoding it to rewrite it")
+            decode, unchanged = True, None
     else:
         say("no backup before the archive's start: from the empty state")
         machine, seq = ExchangeMachine(), 0

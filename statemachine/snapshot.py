@@ -3,8 +3,16 @@
 Layout: MAGIC | version (u16, big-endian) | sha256(body) | body. The body is a positional
 msgpack array; every collection in it is written in a defined order (sorted keys, queue
 order for books), so equal states give equal bytes and `state_hash` is the body's sha256.
-A resting order costs about 20-40 bytes: it is written inside its price level, without the
-fields the level already says (market, side, price).
+
+Version 2 writes each side of a book as columns (snapshot_books.py): a resting order is its
+id, its account as a number (its place among the body's balances), its remaining and filled
+quantities, one small integer for its time in force and self-trade prevention, and its
+client order id, which the index of client order ids then leaves out (it holds only the ids
+of orders no longer resting). About 33 bytes an order with a client order id, and a decode
+that builds no list, string or dictionary lookup per order besides the state's own. Version
+1 (an order as a list with its account and client order id written out, every client order
+id written twice) is still read, so that a node of this build loads the dumps and backups
+of the previous one; it is no longer written.
 
 It reads and builds an `ExchangeState` (state.py) through its public attributes; `Exchange`
 wraps the state that `decode` returns.
@@ -24,18 +32,18 @@ import msgpack  # type: ignore[import-untyped]
 from .errors import InvariantError, SnapshotError
 from .invariants import check_funds
 from .order_book import BUY, SELL, Level, Order
+from .snapshot_books import STP_CODES, TIF_CODES, build_books
 from .state import Balance, ExchangeState, Market
 from .validation import FEE_ACCOUNT
 
 MAGIC = b"QBOOKSNP"
-VERSION = 1
+VERSION = 2  # what this build writes
+READABLE_VERSIONS = (1, 2)  # what it reads
 _HEADER = struct.Struct(">8sH32s")
 COUNTER_FIELDS = 3  # seq, cmd_index, last_ts: what a rejected command may change
 
-_TIF_CODES = {"gtc": 0, "post_only": 1}
-_TIFS = {code: tif for tif, code in _TIF_CODES.items()}
-_STP_CODES = {"cancel_taker": 0, "cancel_maker": 1, "cancel_both": 2, "none": 3}
-_STPS = {code: stp for stp, code in _STP_CODES.items()}
+_TIFS = {code: tif for tif, code in TIF_CODES.items()}
+_STPS = {code: stp for stp, code in STP_CODES.items()}
 _INTS = (int, int, int, int, int)
 _NO_COIDS: dict[str, int] = {}  # what a missing index looks like (never written to)
 
@@ -87,8 +95,10 @@ def pack_body(fields: list) -> bytes:
     out.append(_header(len(books)))
     for market, bids, asks in books:
         out += [_header(3), pack(market)]
-        _runs(out, bids)
-        _runs(out, asks)
+        for columns in (bids, asks):
+            out.append(_header(len(columns)))
+            for column in columns:
+                _runs(out, column)
     return b"".join(out)
 
 
@@ -110,43 +120,40 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _side(levels) -> list:
+def _side(levels, numbers: dict[str, int]) -> list:
+    """A side's columns (snapshot_books.py): level prices, order counts, then per order."""
+    prices, counts, live = [], [], []
+    for level in levels.values():
+        orders = [o for o in level.orders if o.alive] if level.dead else level.orders
+        prices.append(level.price)
+        counts.append(len(orders))
+        live.extend(orders)
     return [
-        [
-            level.price,
-            [
-                [
-                    o.order_id,
-                    o.account,
-                    o.remaining,
-                    o.original,
-                    o.client_order_id,
-                    _TIF_CODES[o.tif],
-                    _STP_CODES[o.stp],
-                ]
-                for o in level.orders
-                if o.alive
-            ],
-        ]
-        for level in levels.values()
+        prices,
+        counts,
+        [o.order_id for o in live],
+        [numbers[o.account] for o in live],
+        [o.remaining for o in live],
+        [o.original - o.remaining for o in live],
+        [TIF_CODES[o.tif] << 2 | STP_CODES[o.stp] for o in live],
+        [o.client_order_id for o in live],
     ]
 
 
 def body_fields(state: ExchangeState) -> list:
-    return [*_head_fields(state), _books(state)]
+    head = _head_but_coids(state)
+    # An order's account is written as its place among the balances: an account with a
+    # resting order holds a reservation, so it is there.
+    numbers = {acct: number for number, (acct, _assets) in enumerate(head[6])}
+    return [*head, _coid_fields(state), _books(state, numbers)]
 
 
-def _books(state: ExchangeState) -> list:
+def _books(state: ExchangeState, numbers: dict[str, int]) -> list:
     markets = state.markets
     return [
-        [name, _side(markets[name].book.bids), _side(markets[name].book.asks)]
+        [name, _side(markets[name].book.bids, numbers), _side(markets[name].book.asks, numbers)]
         for name in sorted(markets)
     ]
-
-
-def _head_fields(state: ExchangeState) -> list:
-    """Everything but the books."""
-    return [*_head_but_coids(state), _coid_fields(state)]
 
 
 def _head_but_coids(state: ExchangeState) -> list:
@@ -181,10 +188,20 @@ def _head_but_coids(state: ExchangeState) -> list:
 
 
 def _coid_fields(state: ExchangeState) -> list:
-    return [
-        [acct, sorted([coid, oid] for coid, oid in coids.items())]
-        for acct, coids in sorted(state.coids.items())
-    ]
+    """The index of client order ids, but for the resting orders' own (their orders carry
+    them): each account with any left, and its (client order id, order id) pairs, sorted."""
+    orders = state.orders
+    fields = []
+    for acct, coids in sorted(state.coids.items()):
+        pairs = []
+        for coid, oid in coids.items():
+            order = orders.get(oid)
+            if order is None or order.client_order_id != coid or order.account != acct:
+                pairs.append([coid, oid])
+        if pairs:
+            pairs.sort()
+            fields.append([acct, pairs])
+    return fields
 
 
 def encode(state: ExchangeState) -> bytes:
@@ -208,8 +225,15 @@ def state_hash(state: ExchangeState, *, counters: bool = True) -> str:
 def stated_hash(blob: bytes) -> str:
     """The state hash a snapshot's header states (the sha256 of its body, which is what
     `state_hash` computes for the state it holds), read without decoding the body; `decode`
-    checks both."""
+    checks both. A snapshot of an older version states the hash of its own body, not the
+    one this build computes for the same state (`written_by_this_build`)."""
     return _header_digest(blob).hex()
+
+
+def written_by_this_build(blob: bytes) -> bool:
+    """Whether a snapshot is in the version this build writes (so its stated hash is the
+    state's hash here, and its bytes what `encode` gives for the state it holds)."""
+    return _read_header(blob)[0] == VERSION
 
 
 def stated_counters(blob: bytes) -> tuple[int, int]:
@@ -229,14 +253,22 @@ def stated_counters(blob: bytes) -> tuple[int, int]:
 
 def _header_digest(blob: bytes) -> bytes:
     """The body's sha256 the header states, once the header is checked."""
+    return _read_header(blob)[1]
+
+
+def _read_header(blob: bytes) -> tuple[int, bytes]:
+    """(version, the body's sha256) of a snapshot whose header this build reads."""
     if len(blob) < _HEADER.size:
         raise SnapshotError("snapshot truncated: shorter than its header")
     magic, version, digest = _HEADER.unpack_from(blob)
     if magic != MAGIC:
         raise SnapshotError("not a quorumbook snapshot (bad magic)")
-    if version != VERSION:
-        raise SnapshotError(f"unsupported snapshot version {version} (this build reads {VERSION})")
-    return digest
+    if version not in READABLE_VERSIONS:
+        raise SnapshotError(
+            f"unsupported snapshot version {version} (this build reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))})"
+        )
+    return version, digest
 
 
 def decode(blob: Any) -> ExchangeState:
@@ -245,20 +277,21 @@ def decode(blob: Any) -> ExchangeState:
     The invariants (invariants.py) are checked as the state is built, not by a second walk
     over it: most hold by construction here (every order indexed by id and account, in the
     level of its market, side and price, counts and quantities summed, best levels set), and
-    the rest are checked inline (see `_build`): on a million resting orders the separate walk
-    was more than half of the decode. `tests/statemachine/test_determinism.py` checks that
+    the rest are checked inline (see `_build` and snapshot_books.py): on a million resting
+    orders the separate walk was more than half of the decode. `tests/statemachine/test_determinism.py` checks that
     whatever this accepts passes `invariants.check`."""
     if not isinstance(blob, bytes | bytearray | memoryview):
         raise SnapshotError("a snapshot must be bytes")
     blob = bytes(blob)
-    digest = _header_digest(blob)
-    body = blob[_HEADER.size :]
+    version, digest = _read_header(blob)
+    build = _build if version == VERSION else _build_v1
+    body = memoryview(blob)[_HEADER.size :]  # not a copy: tens of MB for a large book
     if hashlib.sha256(body).digest() != digest:
         raise SnapshotError("snapshot checksum mismatch: truncated or corrupted")
     try:
         with gc_paused():
             fields = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
-            state, reserved = _build(fields)
+            state, reserved = build(fields)
             head = fields[:9]
             del fields
             # Everything but the books must be exactly what this build writes (sorted, no
@@ -282,11 +315,9 @@ def decode(blob: Any) -> ExchangeState:
     return state
 
 
-def _build(fields: list) -> tuple[ExchangeState, dict[tuple[str, str], int]]:
-    """The state, and what its resting orders hold per (account, asset). Checks, besides the
-    shape: levels best first, on the tick, none empty; each order's fields, 0 < remaining <=
-    original, its client order id recorded, its id used once; no crossed book; the fee
-    account rests nothing."""
+def _head(fields: list) -> tuple[ExchangeState, list, list]:
+    """The state but its books and client order ids, from a body of either version, its
+    scalars checked; and the body's client order id index and books, unread."""
     if type(fields) is not list or len(fields) != 11:
         raise SnapshotError("snapshot body has the wrong shape")
     (
@@ -327,6 +358,29 @@ def _build(fields: list) -> tuple[ExchangeState, dict[tuple[str, str], int]]:
             raise SnapshotError("snapshot client order id accounts are out of order")
         state.coids[acct] = _coid_index(pairs)
         previous_acct = acct
+    return state, coids, books
+
+
+def _build(fields: list) -> tuple[ExchangeState, dict[tuple[str, str], int]]:
+    """The state, and what its resting orders hold per (account, asset). The books are
+    built and checked by snapshot_books.build_books; the index of client order ids here
+    holds the ids of orders no longer resting, so no account is written without one."""
+    state, coids, books = _head(fields)
+    if any(not pairs for _acct, pairs in coids):
+        raise SnapshotError("snapshot client order id index lists an account with none")
+    # The accounts in the order of the balances: what an order's account number points at.
+    reserved = build_books(state, books, list(state.balances))
+    if FEE_ACCOUNT in state.account_orders:
+        raise SnapshotError("the fee account has orders")
+    return state, reserved
+
+
+def _build_v1(fields: list) -> tuple[ExchangeState, dict[tuple[str, str], int]]:
+    """Version 1: the state, and what its resting orders hold per (account, asset). Checks,
+    besides the shape: levels best first, on the tick, none empty; each order's fields,
+    0 < remaining <= original, its client order id recorded, its id used once; no crossed
+    book; the fee account rests nothing."""
+    state, _coids, books = _head(fields)
     orders = state.orders
     account_orders = state.account_orders
     coids_of = state.coids

@@ -296,3 +296,36 @@ def test_a_restore_copies_a_backup_nothing_changes_and_its_nodes_decode_it(targe
             self_addr=f"127.0.0.1:{free_port()}", peers=(), password="pw", data_dir=data_dir.parent
         )
         RaftReplica(settings, ExchangeMachine())
+
+
+def test_a_backup_in_the_previous_snapshot_format_verifies_and_restores_rewritten(target, tmp_path):
+    """A backup a node of the previous build took (its exchange snapshot in format version
+    1) still verifies, and restores: the new cluster's nodes are seeded with the state
+    written in this build's format, and the restore reports that format's hash, the one
+    its nodes will report."""
+    import msgpack
+
+    from cluster.raft import read_dump
+    from statemachine import Exchange
+    from statemachine import snapshot as codec
+    from tests.statemachine.strategies import busy_session
+
+    v1 = (Path(__file__).parents[1] / "statemachine/data/busy-session-v1.snapshot").read_bytes()
+    assert not codec.written_by_this_build(v1)
+    ran = Exchange()
+    for cmd in busy_session():
+        ran.apply(cmd)
+    machine = ExchangeMachine()
+    outer = msgpack.unpackb(machine.snapshot(), raw=False)
+    outer[1] = v1  # the node snapshot of the previous build, around its exchange snapshot
+    blob = msgpack.packb(outer, use_bin_type=True)
+    state = backup.State(blob, 7, ran.cmd_index, ran.seq, stated_hash(v1), "n2")
+    made = backup.write(target, CLUSTER, state)
+
+    verified = backup.load(target, made.backup_id)  # recomputes what it can: the counters
+    assert verified.machine.exchange.snapshot() == ran.snapshot()
+    done = restore.restore(target, tmp_path / "restored", nodes=1)
+    assert done["state_hash"] == ran.state_hash() != made.state_hash
+    (dump,) = (tmp_path / "restored").glob("*/data/raft.dump")
+    _header, seeded = read_dump(dump)
+    assert exchange_blob_of(seeded) == ran.snapshot()

@@ -400,17 +400,40 @@ def test_a_crossed_book_is_refused(busy_blob: bytes) -> None:
     body = decode_body(busy_blob)
     assert isinstance(body, list)
     books = body[-1]
-    name, bids, asks = next(book for book in books if book[1] and book[2])
-    asks[0][0] = bids[0][0]
+    name, bids, asks = next(book for book in books if book[1][0] and book[2][0])
+    asks[0][0] = bids[0][0]  # the asks' best price (columns: prices first)
     with pytest.raises(SnapshotError, match=f"{name}: crossed book"):
         Exchange.restore(seal(msgpack.packb(body)))
+
+
+def _with_coid_history(ex: Exchange) -> bytes:
+    """`ex` after two accounts each placed and cancelled two orders with client order ids:
+    the index then holds ids of orders no longer resting, which version 2 writes in it (a
+    resting order's own id is written with the order)."""
+    ts = ex.state.last_ts
+    for account in ("alice", "bob"):
+        for n in (1, 2):
+            ts += 1
+            coid = f"{account}-gone-{n}"
+            events = ex.apply(
+                {"op": "place", "ts": ts, "account": account, "market": "BTC-USD",
+                 "side": "buy", "type": "limit", "price": 5, "qty": 1, "client_order_id": coid}
+            )  # fmt: skip
+            assert events[0]["type"] == "accepted", events
+            ts += 1
+            events = ex.apply(
+                {"op": "cancel", "ts": ts, "account": account, "market": "BTC-USD",
+                 "client_order_id": coid}
+            )  # fmt: skip
+            assert events[0]["type"] == "cancelled", events
+    return ex.snapshot()
 
 
 def test_a_client_order_id_index_out_of_order_is_refused(busy_blob: bytes) -> None:
     """The index of client order ids is checked canonical as it is read (each account's ids
     in order, each once; the accounts in order), not by sorting and writing it again: two of
     its pairs swapped, or two of its accounts, must still be refused."""
-    body = decode_body(busy_blob)
+    body = decode_body(_with_coid_history(Exchange.restore(busy_blob)))
     assert isinstance(body, list)
     coids = body[9]
     pairs = next(pairs for _acct, pairs in coids if len(pairs) >= 2)
@@ -423,6 +446,66 @@ def test_a_client_order_id_index_out_of_order_is_refused(busy_blob: bytes) -> No
     coids[0], coids[1] = coids[1], coids[0]
     with pytest.raises(SnapshotError, match="client order id accounts are out of order"):
         Exchange.restore(seal(msgpack.packb(body)))
+
+
+def test_a_resting_orders_client_order_id_is_written_once(busy_blob: bytes) -> None:
+    """Version 2 writes a resting order's client order id with the order only: the same id
+    also in the index (for that order or another), or an account listed with no id, is not
+    what this build writes and is refused."""
+    ex = Exchange.restore(busy_blob)
+    blob = _with_coid_history(ex)
+    body = decode_body(blob)
+    assert isinstance(body, list)
+    coids, books = body[9], body[10]
+    written = [c for _acct, pairs in coids for c, _oid in pairs]
+    assert all(not c.startswith(("a-", "b-", "c-")) for c in written), written  # only history
+    resting = {o.client_order_id: o for o in ex.state.orders.values() if o.client_order_id}
+    assert resting and {c for _n, b, a in books for c in (*b[7], *a[7]) if c} == set(resting)
+    order = resting["a-bid"]
+    alice = next(pairs for acct, pairs in coids if acct == order.account)
+    for oid in (order.order_id, order.order_id + 1000):
+        alice.insert(0, ["a-bid", oid])  # "a-bid" sorts before "alice-gone-*"
+        with pytest.raises(SnapshotError, match="client_order_id used twice"):
+            Exchange.restore(seal(msgpack.packb(body)))
+        del alice[0]
+    Exchange.restore(seal(msgpack.packb(body)))  # as it was: accepted
+    body[9] = [*coids, ["zed", []]]
+    with pytest.raises(SnapshotError, match="lists an account with none"):
+        Exchange.restore(seal(msgpack.packb(body)))
+
+
+# ---------------------------------------------------------------- version 1
+
+V1_BUSY = Path(__file__).parent / "data" / "busy-session-v1.snapshot"
+
+
+def test_a_version_1_snapshot_still_restores_to_the_same_state() -> None:
+    """The previous build's snapshot of the busy session (written by it, kept as a file)
+    restores to the state this build gets by running the session: this build's snapshot of
+    it is the same bytes, and the restored exchange goes on the same way."""
+    blob = V1_BUSY.read_bytes()
+    assert split(blob)[1] == 1 and snapshot_codec.VERSION == 2
+    assert not snapshot_codec.written_by_this_build(blob)
+    old = Exchange.restore(blob)
+    old.check_invariants()
+    ran = Exchange()
+    run(ran, busy_session())
+    assert old.snapshot() == ran.snapshot()
+    assert snapshot_codec.written_by_this_build(old.snapshot())
+    later = _with_coid_history(old)
+    assert later == _with_coid_history(ran)
+
+
+def test_a_version_1_snapshot_is_checked_as_before() -> None:
+    blob = V1_BUSY.read_bytes()
+    for length in range(0, len(blob), 7):
+        assert_refused(blob[:length])
+    body = decode_body(blob)
+    assert isinstance(body, list)
+    name, bids, asks = next(book for book in body[10] if book[1] and book[2])
+    asks[0][0] = bids[0][0]
+    with pytest.raises(SnapshotError, match=f"{name}: crossed book"):
+        Exchange.restore(seal(msgpack.packb(body), version=1))
 
 
 # ---------------------------------------------------------------- packed in pieces
@@ -496,8 +579,18 @@ def test_a_body_packed_in_pieces_is_byte_for_byte_one_packb() -> None:
                 "ts": 3,
             }
         )
+    for i in range(runs + 20):  # ids of orders gone: the index writes those
+        ex.apply(
+            {"op": "place", "account": "a1", "market": "X-Y", "side": "buy", "type": "limit",
+             "price": 1, "qty": 1, "tif": "gtc", "client_order_id": f"g{i}", "ts": 4}
+        )  # fmt: skip
+        ex.apply(
+            {"op": "cancel", "account": "a1", "market": "X-Y", "client_order_id": f"g{i}",
+             "ts": 4}
+        )  # fmt: skip
     fields = snapshot_codec.body_fields(ex.state)
-    assert len(fields[-1][0][1]) > runs and len(fields[-1][0][2]) > runs  # levels
+    assert len(fields[-1][0][1][0]) > runs and len(fields[-1][0][2][0]) > runs  # levels
+    assert len(fields[-1][0][2][7]) > runs  # a column of orders
     assert len(fields[-3]) > runs and len(fields[-5]) > runs  # refs, balances
     assert max(len(pairs) for _, pairs in fields[-2]) > runs  # one account's client order ids
     for body in (fields, fields[snapshot_codec.COUNTER_FIELDS :]):
