@@ -6,10 +6,11 @@ order for books), so equal states give equal bytes and `state_hash` is the body'
 
 Version 2 writes each side of a book as columns (snapshot_books.py): a resting order is its
 id, its account as a number (its place among the body's balances), its remaining and filled
-quantities, one small integer for its time in force and self-trade prevention, and its
-client order id, which the index of client order ids then leaves out (it holds only the ids
-of orders no longer resting). About 33 bytes an order with a client order id, and a decode
-that builds no list, string or dictionary lookup per order besides the state's own. Version
+quantities, one small integer for its time in force and self-trade prevention (each an
+integer column packed in a bin, `uints`), and its client order id, which the index of client
+order ids then leaves out (it holds only the ids of orders no longer resting). About 32
+bytes an order with a client order id, and a decode that makes no object per order besides
+the state's own. Version
 1 (an order as a list with its account and client order id written out, every client order
 id written twice) is still read, so that a node of this build loads the dumps and backups
 of the previous one; it is no longer written.
@@ -23,6 +24,8 @@ from __future__ import annotations
 import gc
 import hashlib
 import struct
+import sys
+from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -32,7 +35,7 @@ import msgpack  # type: ignore[import-untyped]
 from .errors import InvariantError, SnapshotError
 from .invariants import check_funds
 from .order_book import BUY, SELL, Level, Order
-from .snapshot_books import STP_CODES, TIF_CODES, build_books
+from .snapshot_books import STP_CODES, TIF_CODES, WIDTHS, build_books, width_for
 from .state import Balance, ExchangeState, Market
 from .validation import FEE_ACCOUNT
 
@@ -95,10 +98,10 @@ def pack_body(fields: list) -> bytes:
     out.append(_header(len(books)))
     for market, bids, asks in books:
         out += [_header(3), pack(market)]
-        for columns in (bids, asks):
-            out.append(_header(len(columns)))
-            for column in columns:
-                _runs(out, column)
+        for *ints, coids in (bids, asks):
+            out.append(_header(len(ints) + 1))
+            out += [pack(column) for column in ints]
+            _runs(out, coids)
     return b"".join(out)
 
 
@@ -129,15 +132,32 @@ def _side(levels, numbers: dict[str, int]) -> list:
         counts.append(len(orders))
         live.extend(orders)
     return [
-        prices,
-        counts,
-        [o.order_id for o in live],
-        [numbers[o.account] for o in live],
-        [o.remaining for o in live],
-        [o.original - o.remaining for o in live],
-        [TIF_CODES[o.tif] << 2 | STP_CODES[o.stp] for o in live],
+        uints(prices),
+        uints(counts),
+        uints([o.order_id for o in live]),
+        uints([numbers[o.account] for o in live]),
+        uints([o.remaining for o in live]),
+        uints([o.original - o.remaining for o in live]),
+        uints([TIF_CODES[o.tif] << 2 | STP_CODES[o.stp] for o in live]),
         [o.client_order_id for o in live],
     ]
+
+
+# array's codes for 1, 2, 4 and 8 bytes, checked where this build runs.
+_CODES = {array(code).itemsize: code for code in "BHIQ"}
+assert sorted(_CODES) == list(WIDTHS), _CODES
+
+
+def uints(values: list[int]) -> bytes:
+    """A column of integers >= 0 as snapshot_books.py reads it: empty, or its width (the
+    least that holds the largest value) and the values unsigned little-endian."""
+    if not values:
+        return b""
+    width = width_for(max(values))
+    column = array(_CODES[width], values)
+    if sys.byteorder == "big":
+        column.byteswap()
+    return bytes((width,)) + column.tobytes()
 
 
 def body_fields(state: ExchangeState) -> list:
@@ -282,10 +302,10 @@ def decode(blob: Any) -> ExchangeState:
     whatever this accepts passes `invariants.check`."""
     if not isinstance(blob, bytes | bytearray | memoryview):
         raise SnapshotError("a snapshot must be bytes")
-    blob = bytes(blob)
-    version, digest = _read_header(blob)
+    view = memoryview(blob)  # never copied: tens of MB for a large book
+    version, digest = _read_header(view)
     build = _build if version == VERSION else _build_v1
-    body = memoryview(blob)[_HEADER.size :]  # not a copy: tens of MB for a large book
+    body = view[_HEADER.size :]
     if hashlib.sha256(body).digest() != digest:
         raise SnapshotError("snapshot checksum mismatch: truncated or corrupted")
     try:

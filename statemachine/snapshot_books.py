@@ -13,10 +13,13 @@ A side of a book is eight columns (snapshot.py writes them): the level prices be
 each level's order count, then per order in queue order its id, its account (an index into
 the body's balances), its remaining quantity, its filled quantity (original - remaining),
 its time in force and self-trade prevention (`tif << 2 | stp`), and its client order id or
-nil. Nothing here trusts the body: a checksum proves only that the bytes are the ones
-written, not that a build of ours wrote them, so every value is type- and range-checked
-before use and whatever is accepted passes `invariants.check` (tests/statemachine/
-test_determinism.py).
+nil. The seven integer columns are msgpack bins: empty, or one byte saying how wide every
+value is (1, 2, 4 or 8 bytes, the least that holds the column's largest value) and the
+values, unsigned little-endian (`uints`); unpacking one makes no object per value. The
+client order ids are a msgpack array. Nothing here trusts the body: a checksum proves only
+that the bytes are the ones written, not that a build of ours wrote them, so every value
+is range-checked before use and whatever is accepted passes `invariants.check`
+(tests/statemachine/test_determinism.py).
 """
 
 from __future__ import annotations
@@ -34,18 +37,52 @@ _STPS: dict[int, str] = {code: stp for stp, code in STP_CODES.items()}
 SIDE_COLUMNS = 8
 
 
-def _int(value: object, lo: int) -> int:
-    # `type(...) is int`: msgpack's booleans are ints to isinstance, and re-encode otherwise.
-    if type(value) is not int or value < lo:
-        raise SnapshotError(f"snapshot field is not an integer >= {lo}")
+WIDTHS = (1, 2, 4, 8)
+
+
+def width_for(top: int) -> int:
+    """The bytes per value of a column whose largest value is `top`."""
+    return 1 if top < 1 << 8 else 2 if top < 1 << 16 else 4 if top < 1 << 32 else 8
+
+
+class _Uints:
+    """An integer column of a side (see the module's doc), read in place: `at(i)`."""
+
+    def __init__(self, column: object) -> None:
+        if type(column) is not bytes:
+            raise SnapshotError("snapshot book column is not bytes")
+        data: bytes = column
+        self.data = data
+        self.width = width = data[0] if data else 1
+        self.n = (len(data) - 1) // width if data else 0
+        if data and (width not in WIDTHS or (len(data) - 1) % width or not self.n):
+            raise SnapshotError("snapshot book column has a bad width or length")
+        if width > 1 and not any(
+            data[1 + k :: width] != bytes(self.n) for k in range(width // 2, width)
+        ):
+            # No value needs the upper half of the width: not how this build writes it.
+            raise SnapshotError("snapshot book column is wider than its values need")
+
+    def at(self, i: int) -> int:
+        data = self.data
+        width = self.width
+        j = 1 + i * width
+        if width == 1:
+            return data[j]
+        if width == 2:
+            return data[j] | data[j + 1] << 8
+        if width == 4:
+            return data[j] | data[j + 1] << 8 | data[j + 2] << 16 | data[j + 3] << 24
+        value = 0
+        for k in range(j + 7, j - 1, -1):
+            value = value << 8 | data[k]
+        return value
+
+
+def _least(value: int, lo: int) -> int:
+    if value < lo:
+        raise SnapshotError(f"snapshot book value {value} is below {lo}")
     return value
-
-
-def _column(side: list, at: int) -> list:
-    column = side[at]
-    if type(column) is not list:
-        raise SnapshotError("snapshot book column is not a list")
-    return column
 
 
 def build_books(
@@ -62,12 +99,12 @@ def build_books(
     if type(books) is not list:
         raise SnapshotError("snapshot books are not a list")
     orders = state.orders
-    by_id: dict = orders  # keyed by the unpacked ints (typed, each would be a new int object)
+    by_id: dict = orders  # keyed by `key` (typed as int, each use would box a new object)
     account_orders = state.account_orders
     coids = state.coids
     n_accounts = len(accounts)
-    # By account number: its orders, each followed by its id as unpacked (one int object
-    # for the keys of `orders`, `account_orders` and `coids`, as a live engine has).
+    # By account number: its orders, each followed by its id's int object (one for the keys
+    # of `orders` and `account_orders` and the values of `coids`, as a live engine has).
     orders_of: list[list[object] | None] = [None] * n_accounts
     reserved: dict[tuple[str, str], int] = {}
     placed = 0
@@ -85,26 +122,27 @@ def build_books(
             columns = entry[1 + s]
             if type(columns) is not list or len(columns) != SIDE_COLUMNS:
                 raise SnapshotError("snapshot book side has the wrong shape")
-            prices = _column(columns, 0)
-            counts = _column(columns, 1)
-            oids = _column(columns, 2)
-            numbers = _column(columns, 3)
-            remainings = _column(columns, 4)
-            filleds = _column(columns, 5)
-            flags = _column(columns, 6)
-            client_ids = _column(columns, 7)
-            n = len(oids)
-            if len(prices) != len(counts) or not (
-                len(numbers) == len(remainings) == len(filleds) == len(flags)
-                == len(client_ids) == n
-            ):  # fmt: skip
+            prices = _Uints(columns[0])
+            counts = _Uints(columns[1])
+            oids = _Uints(columns[2])
+            numbers = _Uints(columns[3])
+            remainings = _Uints(columns[4])
+            filleds = _Uints(columns[5])
+            flags = _Uints(columns[6])
+            client_ids = columns[7]
+            if type(client_ids) is not list:
+                raise SnapshotError("snapshot client order id column is not a list")
+            n = oids.n
+            if prices.n != counts.n or not (
+                numbers.n == remainings.n == filleds.n == flags.n == len(client_ids) == n
+            ):
                 raise SnapshotError("snapshot book columns differ in length")
             book_side = book.bids if buy else book.asks
             previous = 0
             at = 0
-            for i in range(len(prices)):
-                price = _int(prices[i], 1)
-                count = _int(counts[i], 1)
+            for i in range(prices.n):
+                price = _least(prices.at(i), 1)
+                count = _least(counts.at(i), 1)
                 # Canonical: levels best first, each price once, on the tick.
                 if (previous and (price >= previous if buy else price <= previous)) or (
                     price % tick
@@ -119,12 +157,12 @@ def build_books(
                 queue: list[Order] = []  # into the level's deque in one call at the end
                 qty = 0
                 while at < end:
-                    key = oids[at]  # the key of `orders` as unpacked: not boxed again
-                    oid = _int(key, 1)
-                    number = _int(numbers[at], 0)
-                    remaining = _int(remainings[at], 1)
-                    filled = _int(filleds[at], 0)
-                    flag = _int(flags[at], 0)
+                    oid = _least(oids.at(at), 1)
+                    key: object = oid  # one int object for the order's id in every index
+                    number = numbers.at(at)
+                    remaining = _least(remainings.at(at), 1)
+                    filled = filleds.at(at)
+                    flag = flags.at(at)
                     client_id = client_ids[at]
                     if number >= n_accounts:
                         raise SnapshotError("snapshot order's account is not in its balances")

@@ -496,7 +496,7 @@ class HardenedSyncObj(SyncObj):
         if cached is not None and cached[0] == Path(path):
             header, blob = cached[1], cached[2]
         else:
-            header, blob = decode_dump(Path(path).read_bytes(), source=str(path))
+            header, blob = decode_dump(Path(path).read_bytes(), source=str(path), views=True)
         self._machine.restore(blob)
         return header.last, header.prev, list(header.cluster)
 
@@ -523,7 +523,9 @@ class HardenedSyncObj(SyncObj):
                     "majority)."
                 )
             return
-        header, blob = decode_dump(self._dump_path.read_bytes(), source=str(self._dump_path))
+        header, blob = decode_dump(
+            self._dump_path.read_bytes(), source=str(self._dump_path), views=True
+        )
         our_term = journal.term_at(header.index)
         if our_term == header.term:
             # The journal holds the dump's last entry: keep every entry, including those past
@@ -1180,7 +1182,7 @@ class HardenedSyncObj(SyncObj):
             return
         try:
             header, blob = decode_dump(
-                self._incoming_path.read_bytes(), source=f"snapshot from {node}"
+                self._incoming_path.read_bytes(), source=f"snapshot from {node}", views=True
             )
         except (OSError, RaftStorageError):
             logger.exception("dropping a snapshot from %s", node)
@@ -1220,7 +1222,7 @@ class HardenedSyncObj(SyncObj):
             return
         self._install_snapshot(node, header, blob)
 
-    def _install_snapshot(self, node, header: DumpHeader, blob: bytes) -> None:
+    def _install_snapshot(self, node, header: DumpHeader, blob: bytes | memoryview) -> None:
         try:
             os.replace(self._incoming_path, self._dump_path)
             if self._fsync:

@@ -26,6 +26,7 @@ The dump file is our own msgpack document (never pickle); see ``encode_dump``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -41,6 +42,7 @@ from pysyncobj.journal import Journal
 
 from . import pin  # noqa: F401  (refuses any pysyncobj but the pinned one)
 from .stats import STAGE_BUCKETS_S, Histogram
+from .views import unpack as views_unpack
 
 logger = logging.getLogger(__name__)
 # A journal sync longer than this is logged: a follower acknowledges nothing meanwhile (the
@@ -1014,10 +1016,15 @@ def encode_dump(header: DumpHeader, machine_blob: bytes) -> bytes:
     )
 
 
-def decode_dump(raw: bytes, *, source: str) -> tuple[DumpHeader, bytes]:
-    """Parse and verify a dump; raise ``RaftStorageError`` on anything unexpected."""
+def decode_dump(
+    raw: bytes, *, source: str, views: bool = False
+) -> tuple[DumpHeader, bytes | memoryview]:
+    """Parse and verify a dump; raise ``RaftStorageError`` on anything unexpected. `views`:
+    the machine's snapshot is a view of `raw`, not a copy (views.py; for a caller
+    that only decodes it: a large state is tens of MB)."""
+    unpack = views_unpack if views else functools.partial(msgpack.unpackb, raw=False)
     try:
-        outer = msgpack.unpackb(raw, raw=False)
+        outer = unpack(raw)
         if not isinstance(outer, dict) or outer.get("format") != _DUMP_FORMAT:
             raise ValueError("not a quorumbook raft dump")
         if outer.get("version") != _DUMP_VERSION:
@@ -1025,7 +1032,7 @@ def decode_dump(raw: bytes, *, source: str) -> tuple[DumpHeader, bytes]:
         body = outer["body"]
         if hashlib.sha256(body).digest() != outer["sha256"]:
             raise ValueError("checksum mismatch")
-        doc = msgpack.unpackb(body, raw=False)
+        doc = unpack(body)
 
         def entry(value) -> Entry:
             command, idx, term = value
@@ -1041,7 +1048,7 @@ def decode_dump(raw: bytes, *, source: str) -> tuple[DumpHeader, bytes]:
         if header.prev[1] + 1 != header.last[1]:
             raise ValueError("dump head entries are not consecutive")
         machine = doc["machine"]
-        if not isinstance(machine, bytes):
+        if not isinstance(machine, bytes | memoryview):
             raise ValueError("machine snapshot is not bytes")
     except Exception as exc:
         raise RaftStorageError(f"{source}: unreadable raft dump ({exc})") from exc

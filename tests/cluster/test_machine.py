@@ -351,3 +351,25 @@ def test_deposit_addresses_are_one_accounts_and_travel_in_the_snapshot() -> None
     older = ExchangeMachine()
     older.restore(msgpack.packb([2, *fields[1:5]], use_bin_type=True))
     assert older.addresses() == [] and older.exchange.state_hash() == one.exchange.state_hash()
+
+
+def test_a_node_snapshot_is_read_with_its_exchange_snapshot_as_a_view() -> None:
+    """`restore` reads the exchange's snapshot in place (cluster/machine.py `_node_fields`:
+    not a copy of a large state's bytes); the other fields as msgpack gives them; any other
+    layout through msgpack, as before."""
+    from cluster.machine import _node_fields
+
+    machine = ExchangeMachine()
+    machine.apply(encode_batch(1, [[KIND_COMMAND, {"op": "deposit", "account": "a",
+                                                   "asset": "USD", "amount": 5, "ref": "r"}]]))  # fmt: skip
+    blob = machine.snapshot()
+    fields = _node_fields(blob)
+    assert isinstance(fields[1], memoryview) and fields[1].obj is blob
+    assert [fields[0], fields[1].tobytes(), *fields[2:]] == msgpack.unpackb(blob, raw=False)
+    for other in ([3, "not bin", [], [], [0, []], []], [1, b"x" * 70_000, [], []]):
+        packed = msgpack.packb(other, use_bin_type=True)
+        got = _node_fields(packed)
+        assert [bytes(f) if isinstance(f, memoryview) else f for f in got] == other
+    again = ExchangeMachine()
+    again.restore(blob)
+    assert again.snapshot() == blob

@@ -212,6 +212,17 @@ def assert_refused(blob: object) -> None:
         Exchange.restore(blob)  # type: ignore[arg-type]
 
 
+def assert_refused_or_consistent(blob: bytes) -> None:
+    """`restore` refuses `blob` with SnapshotError (never another exception), or yields an
+    exchange that passes `invariants.check` and snapshots to the same bytes."""
+    try:
+        ex = Exchange.restore(blob)
+    except SnapshotError:
+        return
+    ex.check_invariants()
+    assert ex.snapshot() == blob, "a restored snapshot re-encodes to the same bytes"
+
+
 def test_restore_refuses_every_truncation(busy_blob: bytes) -> None:
     for length in range(len(busy_blob)):
         assert_refused(busy_blob[:length])
@@ -355,13 +366,9 @@ def test_rewritten_body_is_refused_or_consistent(busy_blob: bytes, data: st.Data
     body = decode_body(busy_blob)
     paths = [p for p in _paths(body) if p]
     path = data.draw(st.sampled_from(paths), label="path")
-    blob = seal(msgpack.packb(_replace(body, path, data.draw(_leaf, label="value"))))
-    try:
-        ex = Exchange.restore(blob)
-    except SnapshotError:
-        return
-    ex.check_invariants()
-    assert ex.snapshot() == blob, "a restored snapshot re-encodes to the same bytes"
+    assert_refused_or_consistent(
+        seal(msgpack.packb(_replace(body, path, data.draw(_leaf, label="value"))))
+    )
 
 
 def _get(node: object, path: tuple) -> object:
@@ -384,13 +391,7 @@ def test_a_nudged_number_is_refused_or_consistent(busy_blob: bytes, data: st.Dat
         value = _get(body, data.draw(st.sampled_from(ints), label="from"))
     else:
         value = _get(body, path) + data.draw(st.sampled_from([-2, -1, 1, 2]), label="by")
-    blob = seal(msgpack.packb(_replace(body, path, value)))
-    try:
-        ex = Exchange.restore(blob)
-    except SnapshotError:
-        return
-    ex.check_invariants()
-    assert ex.snapshot() == blob
+    assert_refused_or_consistent(seal(msgpack.packb(_replace(body, path, value))))
 
 
 def test_a_crossed_book_is_refused(busy_blob: bytes) -> None:
@@ -401,9 +402,71 @@ def test_a_crossed_book_is_refused(busy_blob: bytes) -> None:
     assert isinstance(body, list)
     books = body[-1]
     name, bids, asks = next(book for book in books if book[1][0] and book[2][0])
-    asks[0][0] = bids[0][0]  # the asks' best price (columns: prices first)
+    ask_prices = column_values(asks[0])  # columns: the level prices first
+    asks[0] = snapshot_codec.uints([column_values(bids[0])[0], *ask_prices[1:]])
     with pytest.raises(SnapshotError, match=f"{name}: crossed book"):
         Exchange.restore(seal(msgpack.packb(body)))
+
+
+def column_values(column: bytes) -> list[int]:
+    """The values of an integer column of a book side (snapshot_books.py)."""
+    if not column:
+        return []
+    width = column[0]
+    return [int.from_bytes(column[i : i + width], "little") for i in range(1, len(column), width)]
+
+
+def _int_columns(body: list) -> list[tuple[int, int, int]]:
+    """(book, side, column) of every non-empty integer column of a body's books."""
+    return [
+        (b, s, c) for b, book in enumerate(body[10]) for s in (1, 2) for c in range(7) if book[s][c]
+    ]
+
+
+@settings(SETTINGS, max_examples=300)
+@given(st.data())
+def test_a_changed_column_value_is_refused_or_consistent(
+    busy_blob: bytes, data: st.DataObject
+) -> None:
+    """One value of an integer column of a book (an order id, an account number, a
+    quantity, a price, a level's count, a flag) moved by a little, or set to another value
+    of the body's columns, re-sealed: refused, or a consistent state that re-encodes to the
+    same bytes."""
+    body = decode_body(busy_blob)
+    assert isinstance(body, list)
+    b, s, c = data.draw(st.sampled_from(_int_columns(body)), label="column")
+    values = column_values(body[10][b][s][c])
+    i = data.draw(st.integers(0, len(values) - 1), label="at")
+    if data.draw(st.booleans(), label="from another column"):
+        ob, os_, oc = data.draw(st.sampled_from(_int_columns(body)), label="other")
+        values[i] = data.draw(st.sampled_from(column_values(body[10][ob][os_][oc])))
+    else:
+        values[i] = max(0, values[i] + data.draw(st.sampled_from([-2, -1, 1, 2, 256])))
+    body[10][b][s][c] = snapshot_codec.uints(values)
+    assert_refused_or_consistent(seal(msgpack.packb(body)))
+
+
+def test_a_column_is_refused_unless_written_as_this_build_writes_it(busy_blob: bytes) -> None:
+    """Wider than its largest value needs, a width that is not 1, 2, 4 or 8, a length that
+    is not a whole number of values, a width byte with no values, or not bytes at all."""
+    body = decode_body(busy_blob)
+    assert isinstance(body, list)
+    b, s, c = next((b, s, c) for b, s, c in _int_columns(body) if body[10][b][s][c][0] == 1)
+    column = body[10][b][s][c]
+    values = column_values(column)
+    wider = b"\x02" + b"".join(v.to_bytes(2, "little") for v in values)
+    for bad, message in (
+        (wider, "wider than its values need"),
+        (b"\x03" + column[1:] * 3, "bad width or length"),
+        (wider + b"\x00", "bad width or length"),
+        (b"\x01", "bad width or length"),
+        (values, "not bytes"),
+    ):
+        body[10][b][s][c] = bad
+        with pytest.raises(SnapshotError, match=message):
+            Exchange.restore(seal(msgpack.packb(body)))
+    body[10][b][s][c] = column
+    assert Exchange.restore(seal(msgpack.packb(body))).snapshot() == busy_blob
 
 
 def _with_coid_history(ex: Exchange) -> bytes:
@@ -521,8 +584,9 @@ def test_array_headers_are_the_ones_msgpack_writes(n: int) -> None:
 
 
 def test_a_body_packed_in_pieces_is_byte_for_byte_one_packb() -> None:
-    """Every list the pieces cut (levels per side, refs, client order ids, accounts) longer
-    than a run, with and without the counters (the snapshot and the state hash)."""
+    """Every list the pieces cut (a side's client order ids, refs, the index of client order
+    ids, balances) longer than a run, with and without the counters (the snapshot and the
+    state hash)."""
     ex = Exchange()
     ex.apply(
         {
@@ -589,8 +653,7 @@ def test_a_body_packed_in_pieces_is_byte_for_byte_one_packb() -> None:
              "ts": 4}
         )  # fmt: skip
     fields = snapshot_codec.body_fields(ex.state)
-    assert len(fields[-1][0][1][0]) > runs and len(fields[-1][0][2][0]) > runs  # levels
-    assert len(fields[-1][0][2][7]) > runs  # a column of orders
+    assert len(fields[-1][0][2][7]) > runs  # a side's client order ids
     assert len(fields[-3]) > runs and len(fields[-5]) > runs  # refs, balances
     assert max(len(pairs) for _, pairs in fields[-2]) > runs  # one account's client order ids
     for body in (fields, fields[snapshot_codec.COUNTER_FIELDS :]):
