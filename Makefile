@@ -26,8 +26,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# Bytecode compiled once: where PYTHONDONTWRITEBYTECODE is set, every process (each node a
+# test or the demo starts) would otherwise compile our sources again as it imports them.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python -m compileall -q api bench cluster disaster_recovery indexer jepsen statemachine
 	touch $(STAMP)
 
 # The demo's nodes run the compiled engine (build/native first on their PYTHONPATH), as an
@@ -72,6 +75,7 @@ $(NATIVE_STAMP): $(wildcard statemachine/*.py) pyproject.toml $(STAMP)
 	cp -r statemachine $(NATIVE)/
 	cd $(NATIVE) && $(CURDIR)/$(BIN)/mypyc $(NATIVE_MODULES) > mypyc.log 2>&1 \
 		|| (tail -30 mypyc.log; exit 1)
+	$(BIN)/python -m compileall -q $(NATIVE)/statemachine
 	touch $@
 
 lint: $(STAMP)

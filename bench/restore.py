@@ -22,10 +22,17 @@ this machine; every process it starts is stopped by pid on every path (`LocalClu
 3. Restore: `restore.restore` into a new directory (3 nodes), its time split by step (timed
    by wrapping, for that call only, the functions it calls); then the restored cluster
    started, until every node reports the restored state hash and a first command commits:
-   "start to serving". Target: restore + start to serving <= 5 s (judged; restore alone is
-   printed with its own verdict, for information). Then `backup.take` from that cluster,
-   the path of `quorumbook backup create`: a follower's snapshot over HTTP, written, read
-   back and verified.
+   "start to serving". `--rounds` times (default 3), each into a new directory. Target:
+   restore + start to serving <= 5 s, the median of the rounds (judged; every round is
+   printed, and restore alone with its own verdict, for information). Then, in round 1,
+   `backup.take` from that cluster, the path of `quorumbook backup create`: a follower's
+   snapshot over HTTP, written, read back and verified.
+
+   Parts 1 and 2 run in a child process that has ended when part 3 starts, as an operator's
+   restore runs on a machine that is not holding the state it lost: on this VM, a page
+   fault (and a node loading a million orders takes 150,000) costs up to twice as much
+   while another process holds a few GB, and building the state leaves this process that
+   large.
 4. Archive: a fresh 3-node cluster with `[archive]` to a directory (`segment_max_s` 2 s, no
    scheduled backups), driven for `--seconds` at its full commit rate through bench/
    replication.py's bulk path (`OrderMix`, `--clients` SDK admin clients each sending
@@ -51,6 +58,7 @@ import datetime as dt
 import functools
 import gc
 import itertools
+import multiprocessing
 import os
 import random
 import shutil
@@ -59,7 +67,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -337,7 +345,7 @@ def print_restore_steps(seconds: float, steps: StepTimes) -> None:
         ("encode the snapshot for the new nodes (snapshot.encode)", steps.total("encode")),
         ("the old members' directory out of the snapshot (without_directory)",
          steps.total("directory")),
-        ("seed the data dirs (seed_data_dirs: one dump, written and fsynced x3)",
+        ("seed the data dirs (seed_data_dirs: one dump written, fsynced, hard-linked)",
          steps.total("seed")),
         ("configs of the new cluster (LocalCluster.create)", steps.total("configs")),
     ]  # fmt: skip
@@ -347,11 +355,11 @@ def print_restore_steps(seconds: float, steps: StepTimes) -> None:
         print(f"     {label:<68} {value:6.2f} s")
 
 
-def serve(result: dict) -> dict:
+def serve(result: dict, *, take: bool) -> dict:
     """Start the restored cluster: until every node is ready (`/readyz`: it has loaded its
     state, and knows a leader), every node reports the restored state hash (asked of all at
-    once: each hashes its state on the first ask), and a first command commits. Then
-    `backup.take` from it."""
+    once: each hashes its state on the first ask), and a first command commits. Then, if
+    `take`, `backup.take` from it."""
     cluster = LocalCluster.open(Path(result["manifest"]))
     cluster.exit_with_launcher = True
     urls = {nid: node.config.api_url for nid, node in cluster.nodes.items()}
@@ -385,21 +393,21 @@ def serve(result: dict) -> dict:
             served_s = time.perf_counter() - t0
         if first[0]["events"][0]["type"] != "balance":
             raise RuntimeError(f"the restored cluster's first command: {first}")
+        served = {
+            "leader": leader,
+            "ready_s": dict(sorted(ready.items())),
+            "hash_s": {nid: t for nid, _, t in sorted(hashes)},
+            "serving_s": served_s,
+        }
+        if not take:
+            return served
         took_target = DirTarget(Path(result["manifest"]).parent.parent / "take-target")
         steps = StepTimes()
         with steps.wrapped("verify", backup, "load"):
             t1 = time.perf_counter()
             took = backup.take(str(cluster.manifest_path), took_target)
             take_s = time.perf_counter() - t1
-        return {
-            "leader": leader,
-            "ready_s": dict(sorted(ready.items())),
-            "hash_s": {nid: t for nid, _, t in sorted(hashes)},
-            "serving_s": served_s,
-            "take_s": take_s,
-            "take_verify_s": steps.total("verify"),
-            "take": took,
-        }
+        return {**served, "take_s": take_s, "take_verify_s": steps.total("verify"), "take": took}
     finally:
         cluster.stop_all()
 
@@ -539,6 +547,43 @@ def run_archive(root: Path, *, seconds: float, clients: int, per_request: int, s
 # ------------------------------------------------------------------------------ report
 
 
+def prepare(args: argparse.Namespace, root: Path) -> tuple[int, bool]:
+    """Parts 1 and 2: the state built, backed up to `root`/target (and with archived entries
+    after it to `root`/target-tail), verified; their lines printed. Returns the commands
+    archived after the backup and the size verdict."""
+    built = build(args.orders, min(args.accounts, max(100, args.orders // 10)), args.coid,
+                  args.seed)  # fmt: skip
+    print(
+        f"1. state: {built.resting:,} resting orders in {len(MARKETS)} markets, "
+        f"{built.accounts:,} accounts, client order ids '{args.coid}'; built by "
+        f"ExchangeMachine.apply in {built.index:,} entries of {ENTRY_COMMANDS} commands: "
+        f"{built.seconds:.1f} s (not a target)"
+    )
+    target = DirTarget(root / "target")
+    b = back_up(built, target)
+    made: backup.Manifest = b["manifest"]
+    per_order = made.size / built.resting
+    coid_per_order = built.coid_bytes / built.resting
+    ok_size = per_order <= BYTES_PER_ORDER_TARGET
+    # The same backup with archived entries after it (part 3b): a copy of the target.
+    shutil.copytree(root / "target", root / "target-tail")
+    tail_commands = archive_tail(built, DirTarget(root / "target-tail"), args.seed)
+    del built  # one state at a time from here
+    gc.collect()
+    verify_s = verify(target, made.backup_id)
+    print(
+        f"2. backup: snapshot {b['snapshot_s']:.2f} s + write (fsync) {b['write_s']:.2f} s = "
+        f"{b['snapshot_s'] + b['write_s']:.2f} s; verify (backup.load) {verify_s:.2f} s"
+    )
+    print(
+        f"   size {made.size:,} B = {per_order:.1f} B per resting order   target <= "
+        f"{BYTES_PER_ORDER_TARGET}   {_verdict(ok_size)}   (client order ids ~"
+        f"{coid_per_order:.0f} B of it)",
+        flush=True,
+    )
+    return tail_commands, ok_size
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--orders", type=int, default=1_000_000, help="resting orders in the state")
@@ -550,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-request", type=int, default=250)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--skip-archive", action="store_true", help="parts 1-3 only")
+    ap.add_argument("--rounds", type=int, default=3, help="restores of part 3 (median judged)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (node logs)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args(argv)
@@ -562,60 +608,44 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="qb-bench-restore-"))
     verdicts: list[bool] = []
     try:
-        # 1.
-        built = build(args.orders, min(args.accounts, max(100, args.orders // 10)), args.coid,
-                      args.seed)  # fmt: skip
-        entries = built.index
-        print(
-            f"1. state: {built.resting:,} resting orders in {len(MARKETS)} markets, "
-            f"{built.accounts:,} accounts, client order ids '{args.coid}'; built by "
-            f"ExchangeMachine.apply in {entries:,} entries of {ENTRY_COMMANDS} commands: "
-            f"{built.seconds:.1f} s (not a target)"
-        )
-        # 2.
-        target = DirTarget(root / "target")
-        b = back_up(built, target)
-        made: backup.Manifest = b["manifest"]
-        per_order = made.size / built.resting
-        coid_per_order = built.coid_bytes / built.resting
-        ok_size = per_order <= BYTES_PER_ORDER_TARGET
+        # 1. and 2., in a process that ends before 3. (see the module's doc).
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(1, mp_context=spawn) as child:
+            tail_commands, ok_size = child.submit(prepare, args, root).result()
         verdicts.append(ok_size)
-        # The same backup with archived entries after it (part 3b): a copy of the target.
-        shutil.copytree(root / "target", root / "target-tail")
-        tail_commands = archive_tail(built, DirTarget(root / "target-tail"), args.seed)
-        del built  # this process holds one state at a time from here, as the CLI's does
-        gc.collect()
-        verify_s = verify(target, made.backup_id)
-        print(
-            f"2. backup: snapshot {b['snapshot_s']:.2f} s + write (fsync) {b['write_s']:.2f} s = "
-            f"{b['snapshot_s'] + b['write_s']:.2f} s; verify (backup.load) {verify_s:.2f} s"
-        )
-        print(
-            f"   size {made.size:,} B = {per_order:.1f} B per resting order   target <= "
-            f"{BYTES_PER_ORDER_TARGET}   {_verdict(ok_size)}   (client order ids ~"
-            f"{coid_per_order:.0f} B of it)"
-        )
+        target = DirTarget(root / "target")
         # 3.
-        result, restore_s, steps = restore_timed(target, root / "restored")
-        served = serve(result)
-        total = restore_s + served["serving_s"]
-        ok_restore = total <= RESTORE_TARGET_S
+        rounds = []
+        for n in range(args.rounds):
+            result, restore_s, steps = restore_timed(target, root / f"restored-{n}")
+            served = serve(result, take=n == 0)
+            rounds.append((restore_s, served))
+            if n == 0:
+                first, first_steps = served, steps
+            elif not args.keep:
+                shutil.rmtree(root / f"restored-{n}", ignore_errors=True)
+        totals = sorted(restore_s + served["serving_s"] for restore_s, served in rounds)
+        median = totals[len(totals) // 2]
+        ok_restore = median <= RESTORE_TARGET_S
         verdicts.append(ok_restore)
+        restore_s = rounds[0][0]
         print(
             f"3. restore (restore.restore, 3 nodes): {restore_s:.2f} s   (alone: target <= "
             f"{RESTORE_TARGET_S:.0f} s {_verdict(restore_s <= RESTORE_TARGET_S)}, not judged)"
         )
-        print_restore_steps(restore_s, steps)
-        ready = ", ".join(f"{nid} {t:.2f}" for nid, t in served["ready_s"].items())
-        hashes = ", ".join(f"{nid} {t:.2f}" for nid, t in served["hash_s"].items())
+        print_restore_steps(restore_s, first_steps)
+        for n, (restore_s, served) in enumerate(rounds, 1):
+            ready = ", ".join(f"{nid} {t:.2f}" for nid, t in served["ready_s"].items())
+            hashes = ", ".join(f"{nid} {t:.2f}" for nid, t in served["hash_s"].items())
+            print(
+                f"   round {n}: restore {restore_s:.2f} s + start to serving "
+                f"{served['serving_s']:.2f} s = {restore_s + served['serving_s']:.2f} s (nodes "
+                f"ready, leader {served['leader']} known, at {ready} s; the restored hash "
+                f"reported at {hashes} s; then a first command committed)"
+            )
         print(
-            f"   start to serving: {served['serving_s']:.2f} s: nodes ready (state loaded, "
-            f"leader {served['leader']} known) at {ready} s; restored hash reported at "
-            f"{hashes} s; then a first command committed"
-        )
-        print(
-            f"   restore + start to serving: {total:.2f} s   target <= {RESTORE_TARGET_S:.0f} s"
-            f"   {_verdict(ok_restore)}   (judged)"
+            f"   restore + start to serving, median of {len(totals)}: {median:.2f} s   target "
+            f"<= {RESTORE_TARGET_S:.0f} s   {_verdict(ok_restore)}   (judged)"
         )
         shutil.rmtree(root / "restored-tail", ignore_errors=True)
         tailed, tail_s, tail_steps = restore_timed(DirTarget(root / "target-tail"),
@@ -629,15 +659,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         print_restore_steps(tail_s, tail_steps)
         shutil.rmtree(root / "restored-tail", ignore_errors=True)
-        took = served["take"]
-        verify_s = served["take_verify_s"]
+        took = first["take"]
+        verify_s = first["take_verify_s"]
         print(
-            f"   backup.take from the restored cluster: {served['take_s']:.2f} s, "
+            f"   backup.take from the restored cluster (round 1): {first['take_s']:.2f} s, "
             f"{took.size:,} B: follower {took.taken_from}'s snapshot over HTTP + write "
-            f"{served['take_s'] - verify_s:.2f} s, then read back and verify {verify_s:.2f} s"
+            f"{first['take_s'] - verify_s:.2f} s, then read back and verify {verify_s:.2f} s"
         )
         if not args.keep:
-            shutil.rmtree(root / "restored", ignore_errors=True)
+            shutil.rmtree(root / "restored-0", ignore_errors=True)
         # 4.
         if not args.skip_archive:
             ar = run_archive(root, seconds=args.seconds, clients=args.clients,

@@ -36,7 +36,6 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pysyncobj import pickle as _pickle
@@ -117,8 +116,10 @@ def seed_data_dirs(
     naming `members` (raft addresses). The node reconciles its empty journal with it at start
     (fix 4), applies nothing up to `index`, and the cluster's first leader appends after it.
 
-    The members' dumps are the same bytes: encoded once, written (each fsynced) in parallel,
-    since a write of a large state is mostly copying and syncing, which release the GIL."""
+    The members' dumps are the same bytes: encoded once, written once and hard-linked into
+    the other directories (a node only ever replaces its dump by renaming a new file over
+    it, never writes into it, so the links part at its first new dump); where a link cannot
+    be made (another filesystem), written again."""
     if index < 2:
         raise ValueError(f"a seeded log starts at index 2 or later, not {index}")
     dirs = [Path(d) for d in data_dirs]
@@ -130,9 +131,17 @@ def seed_data_dirs(
         last=(_NO_OP, index, 1), prev=(_NO_OP, index - 1, 1), cluster=tuple(members)
     )
     dump = encode_dump(header, machine_blob)
-    with ThreadPoolExecutor(max(1, len(dirs))) as pool:
-        for done in [pool.submit(write_file_atomically, d / "raft.dump", dump) for d in dirs]:
-            done.result()
+    if not dirs:
+        return
+    first = dirs[0] / "raft.dump"
+    write_file_atomically(first, dump)
+    for data_dir in dirs[1:]:
+        try:
+            os.link(first, data_dir / "raft.dump")
+        except OSError:
+            write_file_atomically(data_dir / "raft.dump", dump)
+        else:
+            fsync_dir(data_dir)
 
 
 class HardenedSerializer(Serializer):

@@ -456,3 +456,23 @@ def test_compaction_and_reset_write_a_journal_that_reads_back(tmp_path):
     journal.reset([(b"p", 9, 4), (b"q", 10, 4)])  # a snapshot install
     journal.close()
     assert entries_in(path) == [(b"p", 9, 4), (b"q", 10, 4)]
+
+
+def test_seeded_members_share_one_dump_until_each_writes_its_own(tmp_path: Path) -> None:
+    """A restore seeds every member's data directory with the same dump: written once and
+    hard-linked; a node that later writes a dump (a new file renamed over its own) leaves
+    the others' as they were."""
+    from cluster.raft import seed_data_dirs
+    from cluster.raft.storage import read_dump, write_file_atomically
+
+    dirs = [tmp_path / f"n{i}" for i in range(3)]
+    seed_data_dirs(dirs, b"state", 7, ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"])
+    stats = [(d / "raft.dump").stat() for d in dirs]
+    assert len({s.st_ino for s in stats}) == 1 and stats[0].st_nlink == 3
+    header, blob = read_dump(dirs[0] / "raft.dump")
+    assert (header.index, blob) == (7, b"state")
+    write_file_atomically(dirs[0] / "raft.dump", b"newer")
+    assert (dirs[0] / "raft.dump").read_bytes() == b"newer"
+    for d in dirs[1:]:
+        assert read_dump(d / "raft.dump")[1] == b"state"
+        assert (d / "raft.dump").stat().st_nlink == 2

@@ -511,6 +511,44 @@ def test_a_client_order_id_index_out_of_order_is_refused(busy_blob: bytes) -> No
         Exchange.restore(seal(msgpack.packb(body)))
 
 
+def test_a_head_not_written_as_this_build_writes_it_is_refused(busy_blob: bytes) -> None:
+    """The markets, balances, supply and refs are checked canonical as they are read (not by
+    writing them again): two entries swapped, an entry twice, an empty balance, an account
+    with none, a list written as a map: each refused; the body as written, accepted."""
+    body = decode_body(busy_blob)
+    assert isinstance(body, list)
+    markets, balances, supply, refs = body[5], body[6], body[7], body[8]
+    assets = next(rows for _acct, rows in balances if len(rows) >= 2)
+    swaps = [markets, balances, assets, supply, refs]
+    assert all(len(items) >= 2 for items in swaps)
+    for items in swaps:
+        items[0], items[1] = items[1], items[0]
+        with pytest.raises(SnapshotError, match="not canonical: keys out of order"):
+            Exchange.restore(seal(msgpack.packb(body)))
+        items[0], items[1] = items[1], items[0]
+        items.insert(1, items[0])
+        with pytest.raises(SnapshotError, match="not canonical: keys out of order or repeated"):
+            Exchange.restore(seal(msgpack.packb(body)))
+        del items[1]
+    row = assets[0]
+    assets[0] = [row[0], 0, 0]
+    with pytest.raises(SnapshotError, match="not canonical: an empty balance"):
+        Exchange.restore(seal(msgpack.packb(body)))
+    for bad in ([row[0], 1, False], [row[0], True, 0]):  # msgpack's booleans are ints to Python
+        assets[0] = bad
+        with pytest.raises(SnapshotError, match="not an integer"):
+            Exchange.restore(seal(msgpack.packb(body)))
+    assets[0] = dict(zip(("asset", "available", "reserved"), row, strict=True))
+    with pytest.raises(SnapshotError, match="not a list"):
+        Exchange.restore(seal(msgpack.packb(body)))
+    assets[0] = row
+    body[6] = [*balances, ["zzzz-nobody", []]]
+    with pytest.raises(SnapshotError, match="an account with no balance"):
+        Exchange.restore(seal(msgpack.packb(body)))
+    body[6] = balances
+    assert Exchange.restore(seal(msgpack.packb(body))).snapshot() == busy_blob
+
+
 def test_a_resting_orders_client_order_id_is_written_once(busy_blob: bytes) -> None:
     """Version 2 writes a resting order's client order id with the order only: the same id
     also in the index (for that order or another), or an account listed with no id, is not
