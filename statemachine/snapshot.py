@@ -35,7 +35,15 @@ import msgpack  # type: ignore[import-untyped]
 from .errors import InvariantError, SnapshotError
 from .invariants import check_funds
 from .order_book import BUY, SELL, Level, Order
-from .snapshot_books import STP_CODES, TIF_CODES, WIDTHS, build_books, width_for
+from .snapshot_books import (
+    STP_CODES,
+    STP_OF_CODE,
+    TIF_CODES,
+    TIF_OF_CODE,
+    WIDTHS,
+    build_books,
+    width_for,
+)
 from .state import Balance, ExchangeState, Market
 from .validation import FEE_ACCOUNT
 
@@ -45,8 +53,6 @@ READABLE_VERSIONS = (1, 2)  # what it reads
 _HEADER = struct.Struct(">8sH32s")
 COUNTER_FIELDS = 3  # seq, cmd_index, last_ts: what a rejected command may change
 
-_TIFS = {code: tif for tif, code in TIF_CODES.items()}
-_STPS = {code: stp for stp, code in STP_CODES.items()}
 _INTS = (int, int, int, int, int)
 _NO_COIDS: dict[str, int] = {}  # what a missing index looks like (never written to)
 
@@ -418,7 +424,7 @@ def _build_v1(fields: list) -> tuple[ExchangeState, dict[tuple[str, str], int]]:
     orders = state.orders
     account_orders = state.account_orders
     coids_of = state.coids
-    tifs, stps = _TIFS, _STPS
+    tifs, stps = TIF_OF_CODE, STP_OF_CODE
     reserved: dict[tuple[str, str], int] = {}
     # Per account with resting orders: its string, its orders by id, its client order ids.
     accounts: dict[str, tuple[str, dict[int, Order], dict[str, int]]] = {}

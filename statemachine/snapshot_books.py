@@ -15,7 +15,7 @@ the body's balances), its remaining quantity, its filled quantity (original - re
 its time in force and self-trade prevention (`tif << 2 | stp`), and its client order id or
 nil. The seven integer columns are msgpack bins: empty, or one byte saying how wide every
 value is (1, 2, 4 or 8 bytes, the least that holds the column's largest value) and the
-values, unsigned little-endian (`uints`); unpacking one makes no object per value. The
+values, unsigned little-endian (snapshot.uints); unpacking one makes no object per value. The
 client order ids are a msgpack array. Nothing here trusts the body: a checksum proves only
 that the bytes are the ones written, not that a build of ours wrote them, so every value
 is range-checked before use and whatever is accepted passes `invariants.check`
@@ -32,11 +32,9 @@ from .state import ExchangeState, Market
 
 TIF_CODES: dict[str, int] = {"gtc": 0, "post_only": 1}
 STP_CODES: dict[str, int] = {"cancel_taker": 0, "cancel_maker": 1, "cancel_both": 2, "none": 3}
-_TIFS: dict[int, str] = {code: tif for tif, code in TIF_CODES.items()}
-_STPS: dict[int, str] = {code: stp for stp, code in STP_CODES.items()}
+TIF_OF_CODE: dict[int, str] = {code: tif for tif, code in TIF_CODES.items()}
+STP_OF_CODE: dict[int, str] = {code: stp for stp, code in STP_CODES.items()}
 SIDE_COLUMNS = 8
-
-
 WIDTHS = (1, 2, 4, 8)
 
 
@@ -167,8 +165,8 @@ def build_books(
                     if number >= n_accounts:
                         raise SnapshotError("snapshot order's account is not in its balances")
                     acct = accounts[number]
-                    tif = _TIFS.get(flag >> 2)
-                    stp = _STPS.get(flag & 3)
+                    tif = TIF_OF_CODE.get(flag >> 2)
+                    stp = STP_OF_CODE.get(flag & 3)
                     if tif is None or stp is None:
                         raise SnapshotError("snapshot order's time in force is unknown")
                     coid: str | None = None
