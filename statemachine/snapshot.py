@@ -131,7 +131,9 @@ def gc_paused() -> Iterator[None]:
 
 def _side(levels, numbers: dict[str, int]) -> list:
     """A side's columns (snapshot_books.py): level prices, order counts, then per order."""
-    prices, counts, live = [], [], []
+    prices: list[int] = []
+    counts: list[int] = []
+    live: list[Order] = []
     for level in levels.values():
         orders = [o for o in level.orders if o.alive] if level.dead else level.orders
         prices.append(level.price)
@@ -248,7 +250,7 @@ def state_hash(state: ExchangeState, *, counters: bool = True) -> str:
     return digest
 
 
-def stated_hash(blob: bytes) -> str:
+def stated_hash(blob: bytes | memoryview) -> str:
     """The state hash a snapshot's header states (the sha256 of its body, which is what
     `state_hash` computes for the state it holds), read without decoding the body; `decode`
     checks both. A snapshot of an older version states the hash of its own body, not the
@@ -256,7 +258,7 @@ def stated_hash(blob: bytes) -> str:
     return _header_digest(blob).hex()
 
 
-def written_by_this_build(blob: bytes) -> bool:
+def written_by_this_build(blob: bytes | memoryview) -> bool:
     """Whether a snapshot is in the version this build writes (so its stated hash is the
     state's hash here, and its bytes what `encode` gives for the state it holds)."""
     return _read_header(blob)[0] == VERSION
@@ -277,12 +279,12 @@ def stated_counters(blob: bytes) -> tuple[int, int]:
         raise SnapshotError(f"snapshot body is malformed: {exc}") from exc
 
 
-def _header_digest(blob: bytes) -> bytes:
+def _header_digest(blob: bytes | memoryview) -> bytes:
     """The body's sha256 the header states, once the header is checked."""
     return _read_header(blob)[1]
 
 
-def _read_header(blob: bytes) -> tuple[int, bytes]:
+def _read_header(blob: bytes | memoryview) -> tuple[int, bytes]:
     """(version, the body's sha256) of a snapshot whose header this build reads."""
     if len(blob) < _HEADER.size:
         raise SnapshotError("snapshot truncated: shorter than its header")
