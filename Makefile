@@ -78,9 +78,12 @@ $(NATIVE_STAMP): $(wildcard statemachine/*.py) pyproject.toml $(STAMP)
 	$(BIN)/python -m compileall -q $(NATIVE)/statemachine
 	touch $@
 
+# mypy over the engine as mypyc's wheel build checks it (the mypyc command of `make native`
+# does not report errors in the modules the compiled ones import).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy statemachine
 
 bench: bench-statemachine bench-replication bench-failover bench-api bench-indexer bench-restore bench-chain bench-latency
 
