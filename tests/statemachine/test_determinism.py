@@ -697,3 +697,31 @@ def test_a_body_packed_in_pieces_is_byte_for_byte_one_packb() -> None:
     for body in (fields, fields[snapshot_codec.COUNTER_FIELDS :]):
         assert snapshot_codec.pack_body(body) == msgpack.packb(body, use_bin_type=True)
     assert split(ex.snapshot())[3] == msgpack.packb(fields, use_bin_type=True)
+
+
+def test_a_dropped_exchange_is_freed_without_the_cyclic_collector(busy_blob: bytes) -> None:
+    """An exchange and its state hold no reference cycle, so dropping one (a node replacing
+    its state with a snapshot) frees it at once: a node keeps its state out of the cyclic
+    collector's sight (gc.freeze, cluster/machine.py), where a cycle would never be freed.
+    (A table of the exchange's bound methods was such a cycle.)"""
+    import gc
+    import weakref
+
+    def ran() -> Exchange:
+        ex = Exchange()
+        run(ex, busy_session())
+        return ex
+
+    for make in (ran, lambda: Exchange.restore(busy_blob)):
+        ex = make()
+        ex.check_invariants()
+        # A book side (a SortedDict, which takes weak references) stands for the state.
+        side = weakref.ref(next(iter(ex.state.markets.values())).book.bids)
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            del ex  # the only reference
+            assert side() is None, "a dropped exchange is held by a reference cycle"
+        finally:
+            if enabled:
+                gc.enable()
