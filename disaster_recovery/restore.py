@@ -28,7 +28,7 @@ from pathlib import Path
 
 from cluster.machine import ExchangeMachine, exchange_blob_of, without_directory
 from cluster.raft import payload_of_entry, seed_data_dirs
-from statemachine.snapshot import stated_hash, written_by_this_build
+from statemachine.snapshot import gc_paused, stated_hash, written_by_this_build
 
 from . import backup, segments
 from .target import Target
@@ -206,18 +206,26 @@ def restore(
         shutil.rmtree(data_dir)
     old_cluster = backup.target_cluster(target)
     chosen = plan(target, to_cmd_index)
-    restored = replay(target, chosen, to_cmd_index, say, decode=verify)
-    machine = restored.machine
-    # The old members' directory goes: the new cluster's are in its configs. A state no entry
-    # changed keeps the backup's exchange bytes (no second encode of a large state).
-    if restored.backup_blob is not None:
-        blob = without_directory(restored.backup_blob)
-    else:
-        assert machine is not None
-        machine.directory = {}
-        blob = machine.snapshot()
+    # The collector stays off while a state is decoded, replayed and encoded again: it would
+    # walk every object the decode made three times over (the young generation, then each
+    # older one: 1.2 s of a 5.7 s restore of a million orders), and none is garbage.
+    with gc_paused():
+        restored = replay(target, chosen, to_cmd_index, say, decode=verify)
+        machine = restored.machine
+        # The old members' directory goes: the new cluster's are in its configs. A state no
+        # entry changed keeps the backup's exchange bytes (no second encode of a large state).
+        if restored.backup_blob is not None:
+            blob = without_directory(restored.backup_blob)
+        else:
+            assert machine is not None
+            machine.directory = {}
+            blob = machine.snapshot()
+        # Freed here (the collector is still off): only what the result says is kept.
+        index = max(restored.index, 2)  # a seeded log starts at index 2 at the earliest
+        done = (restored.segments_read, restored.cmd_index, restored.seq)
+        del restored, machine
+    segments_read, cmd_index, seq = done
     state_hash = stated_hash(exchange_blob_of(blob))
-    index = max(restored.index, 2)  # a seeded log starts at index 2 at the earliest
     new_id = f"qb-{secrets.token_hex(6)}"
     data_dir.mkdir(parents=True, exist_ok=True)
     for source, name in ((api_master_file, "api.master"), (admin_key_file, "admin.key")):
@@ -235,11 +243,11 @@ def restore(
         "from_cluster_id": old_cluster,
         "cluster_id": new_id,
         "backup_id": chosen.backup_id,
-        "segments_read": restored.segments_read,
+        "segments_read": segments_read,
         "archive_end_index": chosen.archive_end,
         "log_index": index,
-        "cmd_index": restored.cmd_index,
-        "seq": restored.seq,
+        "cmd_index": cmd_index,
+        "seq": seq,
         "state_hash": state_hash,
         "requested_cmd_index": to_cmd_index,
         "nodes": nodes,
