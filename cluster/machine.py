@@ -15,6 +15,7 @@ node, at any time, is never applied twice.
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import logging
 import threading
@@ -39,6 +40,7 @@ from .batch import (
     BatchError,
     decode_versioned_batch,
 )
+from .raft import bin_at
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +89,6 @@ def without_directory(blob: bytes) -> bytes:
     return msgpack.packb(fields, use_bin_type=True)
 
 
-_BIN_SIZE_BYTES = {0xC4: 1, 0xC5: 2, 0xC6: 4}  # msgpack bin 8, 16, 32
-
-
 def _node_fields(blob: bytes) -> list:
     """`msgpack.unpackb(blob)` of a node snapshot, its exchange snapshot (field 1, nearly all
     of a large state's bytes) a view of `blob` rather than a copy: a node loading a million
@@ -97,14 +96,11 @@ def _node_fields(blob: bytes) -> list:
     `snapshot` writes (an array of 4-6 fields, a small version, then a bin) is unpacked whole
     (and refused there if it is not msgpack)."""
     view = memoryview(blob)
-    if len(view) > 3 and 0x94 <= view[0] <= 0x96 and view[1] < 0x80:
-        size_bytes = _BIN_SIZE_BYTES.get(view[2])
-        if size_bytes is not None:
-            start = 3 + size_bytes
-            end = start + int.from_bytes(view[3:start], "big")
-            if end <= len(view):
-                rest = bytes((0x90 | (view[0] & 0x0F) - 2,)) + view[end:]
-                return [view[1], view[start:end], *msgpack.unpackb(rest, raw=False)]
+    if len(view) > 3 and 0x94 <= view[0] <= 0x96 and view[1] < 0x80 and 0xC4 <= view[2] <= 0xC6:
+        with contextlib.suppress(ValueError):  # cut short: unpackb says so below
+            exchange, end = bin_at(view, 2)
+            rest = bytes((0x90 | (view[0] & 0x0F) - 2,)) + view[end:]
+            return [view[1], exchange, *msgpack.unpackb(rest, raw=False)]
     return msgpack.unpackb(blob, raw=False)
 
 

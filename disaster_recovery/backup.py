@@ -26,7 +26,7 @@ import msgspec
 
 from cluster.machine import ExchangeMachine, MachineSnapshotError, exchange_blob_of
 from statemachine import SnapshotError
-from statemachine.snapshot import stated_counters, stated_hash, written_by_this_build
+from statemachine.snapshot import stated_counters, stated_hash
 
 from .target import MissingObject, Target
 
@@ -333,7 +333,7 @@ def decode_checked(checked: Checked, *, recompute_hash: bool = True) -> Verified
     # A backup in an older snapshot format states the hash of its own body (which the decode
     # checked, with every invariant, and `check` against the manifest): this build hashes
     # the same state in its own format, so only the counters are compared.
-    recompute = recompute_hash and written_by_this_build(exchange_blob_of(checked.blob))
+    recompute = recompute_hash and machine.restored_hash is not None  # this build's format
     got = exchange.state_hash() if recompute else manifest.state_hash
     _compare(manifest, (got, exchange.cmd_index, exchange.seq))
     return Verified(manifest, machine, checked.blob)

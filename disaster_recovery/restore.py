@@ -220,11 +220,10 @@ def restore(
             assert machine is not None
             machine.directory = {}
             blob = machine.snapshot()
-        # Freed here (the collector is still off): only what the result says is kept.
+        # What the result says, kept; the state freed here, while the collector is still off.
         index = max(restored.index, 2)  # a seeded log starts at index 2 at the earliest
-        done = (restored.segments_read, restored.cmd_index, restored.seq)
+        segments_read, cmd_index, seq = restored.segments_read, restored.cmd_index, restored.seq
         del restored, machine
-    segments_read, cmd_index, seq = done
     state_hash = stated_hash(exchange_blob_of(blob))
     new_id = f"qb-{secrets.token_hex(6)}"
     data_dir.mkdir(parents=True, exist_ok=True)

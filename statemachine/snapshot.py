@@ -10,10 +10,9 @@ quantities, one small integer for its time in force and self-trade prevention (e
 integer column packed in a bin, `uints`), and its client order id, which the index of client
 order ids then leaves out (it holds only the ids of orders no longer resting). About 32
 bytes an order with a client order id, and a decode that makes no object per order besides
-the state's own. Version
-1 (an order as a list with its account and client order id written out, every client order
-id written twice) is still read, so that a node of this build loads the dumps and backups
-of the previous one; it is no longer written.
+the state's own. Version 1 (an order as a list with its account and client order id written
+out, every client order id written twice) is still read, so that a node of this build loads
+the dumps and backups of the previous one; it is no longer written.
 
 It reads and builds an `ExchangeState` (state.py) through its public attributes; `Exchange`
 wraps the state that `decode` returns.
@@ -306,8 +305,9 @@ def decode(blob: Any) -> ExchangeState:
     over it: most hold by construction here (every order indexed by id and account, in the
     level of its market, side and price, counts and quantities summed, best levels set), and
     the rest are checked inline (see `_build` and snapshot_books.py): on a million resting
-    orders the separate walk was more than half of the decode. `tests/statemachine/test_determinism.py` checks that
-    whatever this accepts passes `invariants.check`."""
+    orders the separate walk was more than half of the decode.
+    `tests/statemachine/test_determinism.py` checks that whatever this accepts passes
+    `invariants.check`."""
     if not isinstance(blob, bytes | bytearray | memoryview):
         raise SnapshotError("a snapshot must be bytes")
     view = memoryview(blob)  # never copied: tens of MB for a large book

@@ -36,6 +36,7 @@ from .storage import (
     journal_holds,
     read_dump,
 )
+from .views import bin_at
 
 __all__ = [
     "EXITS_NOT_TO_RESTART",
@@ -58,6 +59,7 @@ __all__ = [
     "StateMachinePort",
     "SubmitError",
     "SubmitErrorReason",
+    "bin_at",
     "entry_of_payload",
     "file_identity",
     "journal_holds",

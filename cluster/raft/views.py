@@ -26,6 +26,18 @@ def unpack(buf: bytes | memoryview, *, min_view: int = MIN_VIEW) -> object:
     return value
 
 
+def bin_at(view: memoryview, at: int) -> tuple[memoryview, int]:
+    """The msgpack bin that starts at `at` in `view`, as a view, and where it ends;
+    ValueError if none starts there or it is cut short."""
+    if at >= len(view) or not 0xC4 <= view[at] <= 0xC6:  # bin 8, 16, 32
+        raise ValueError("no msgpack bin here")
+    size, start = _size(view, at + 1, 1 << (view[at] - 0xC4))
+    end = start + size
+    if end > len(view):
+        raise ValueError("msgpack bin truncated")
+    return view[start:end], end
+
+
 def _size(view: memoryview, at: int, width: int) -> tuple[int, int]:
     end = at + width
     if end > len(view):
@@ -52,13 +64,9 @@ def _read(view: memoryview, at: int, min_view: int) -> tuple[object, int]:
         return None, at
     if code in (0xC2, 0xC3):
         return code == 0xC3, at
-    if code in (0xC4, 0xC5, 0xC6):  # bin 8, 16, 32
-        size, at = _size(view, at, 1 << (code - 0xC4))
-        end = at + size
-        if end > len(view):
-            raise ValueError("msgpack bin truncated")
-        data = view[at:end]
-        return (data if size >= min_view else data.tobytes()), end
+    if code in (0xC4, 0xC5, 0xC6):
+        data, end = bin_at(view, at - 1)
+        return (data if len(data) >= min_view else data.tobytes()), end
     if 0xCC <= code <= 0xD3:  # uint 8-64, int 8-64
         width = 1 << ((code - 0xCC) % 4)
         if at + width > len(view):
