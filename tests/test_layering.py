@@ -197,3 +197,24 @@ def test_statemachine_is_pure() -> None:
         if module.split(".")[0] in banned
     ]
     assert not wrong, "\n".join(wrong)
+
+
+def test_a_node_loads_no_client_and_reads_no_entry_points_to_start() -> None:
+    # What `python -m cluster node run` imports before it loads its state: the SDK's clients
+    # (httpx, websockets) are not the wire format, and the entry points of the plugin
+    # commands are read only for a command that is not the CLI's own (cluster/cli.py).
+    import subprocess
+
+    probe = (
+        "import sys, importlib.metadata as md; calls = []; "
+        "md.entry_points = lambda **kw: calls.append(kw) or []; "
+        "import cluster.cli, cluster.node; "
+        "from api.sdk import read_credentials; "
+        "cluster.cli.main.get_command(None, 'node'); "
+        "print(sorted(m for m in ('httpx', 'api.sdk.client', 'api.sdk.admin') "
+        "if m in sys.modules), calls)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[] []", out.stdout + out.stderr
