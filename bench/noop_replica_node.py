@@ -34,7 +34,8 @@ import trio
 
 from bench.raw_pysyncobj_node import PASSWORD_ENV, _emit, _watchdog
 from cluster.batch import decode_versioned_batch
-from cluster.node import GC_THRESHOLDS, SWITCH_INTERVAL_S
+from cluster.collector import GC_THRESHOLDS
+from cluster.node import SWITCH_INTERVAL_S
 from cluster.raft import RaftReplica, RaftSettings
 from cluster.replica import Replica
 

@@ -29,7 +29,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from api.sdk.codec import dumps, loads
-from cluster.node import GC_THRESHOLDS
+from cluster.collector import GC_THRESHOLDS
 
 
 def create_app() -> QuartTrio:

@@ -22,6 +22,7 @@ from pathlib import Path
 from indexer.port import NodeView
 from indexer.streamer import Streamer
 
+from . import collector
 from .indexer_source import LogSource
 
 log = logging.getLogger("quorumbook.indexer")
@@ -151,6 +152,7 @@ def run(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     opts = parse(argv)
+    collector.tame(log)  # it applies the log as the node does (cluster/collector.py)
     asyncio.run(main(opts))
 
 

@@ -39,6 +39,7 @@ from statemachine import exchange as _exchange_module
 from statemachine.precheck import ShapeCheck
 from statemachine.snapshot import stated_hash
 
+from . import collector
 from .clock import WallClock
 from .config import EXIT_WITH_PARENT_ENV, NodeConfig, Peer
 from .machine import ExchangeMachine, exchange_blob_of
@@ -608,55 +609,11 @@ async def _serve(config: NodeConfig) -> None:
         raft.destroy()
 
 
-# Cyclic GC for a node: the exchange's state (orders, levels, balances, events) holds no
-# reference cycles, so refcounting frees it; the collector only has to find the cycles of
-# libraries (tracebacks, trio tasks). With the default gen0 threshold (700) a node collects
-# dozens of times per batch of commands, each time walking the young objects a batch makes
-# (a batch of 250 commands: apply 16.6 ms with the defaults, 7.9 ms with these, 6.8 ms with
-# gc off, measured in process). Fewer, larger young collections instead.
-GC_THRESHOLDS = (50_000, 20, 100)
 # The Raft thread does a syscall every few steps (poll, send, fdatasync) and must take the GIL
 # back after each; with the default 5 ms switch interval a busy trio thread makes it wait up
 # to 5 ms every time (the GIL convoy effect), and under a burst of requests the leader's
 # heartbeats fall past the followers' election timeout. 0.5 ms keeps its ticks short.
 SWITCH_INTERVAL_S = 0.0005
-
-
-SLOW_GC_S = 0.05
-
-
-def _tame_gc() -> None:
-    """Keep full collections short, and log the slow ones.
-
-    A collection holds the GIL, so the Raft thread sends no heartbeat meanwhile, and a full
-    (generation 2) collection walks every tracked object: the book's orders, levels and maps
-    are most of them (a node with ~100k resting orders: 400-570 ms measured, on all three
-    nodes at once, since they apply the same commands). After each full collection the
-    survivors are frozen (`gc.freeze()`: moved to the permanent generation, which collections
-    skip), so the next one walks only what was allocated since. Frozen objects are still
-    freed by reference counting; what is lost is only the collection of cycles among them,
-    and the state machine's objects hold no cycles (orders do not point at their levels).
-
-    Every collection over SLOW_GC_S is a WARNING: it tells an SRE why an election happened.
-    """
-    started: list[float] = [0.0]
-
-    def callback(phase: str, info: dict) -> None:
-        if phase == "start":
-            started[0] = time.perf_counter()
-            return
-        took = time.perf_counter() - started[0]
-        if took > SLOW_GC_S:
-            log.warning(
-                "garbage collection of generation %d took %.0f ms (%d collected)",
-                info["generation"],
-                took * 1000,
-                info["collected"],
-            )
-        if info["generation"] == 2:
-            gc.freeze()
-
-    gc.callbacks.append(callback)
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -682,9 +639,7 @@ def run(config: NodeConfig) -> None:
     if parent and parent.isdigit():
         _exit_with_parent(int(parent))
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    gc.set_threshold(*GC_THRESHOLDS)
-    _tame_gc()
-    gc.freeze()  # what start-up made (modules, config) is never garbage: stop walking it
+    collector.tame(log)  # the collector's thresholds, and full collections frozen and logged
     try:
         trio.run(_serve, config)
     except RaftStartupError as exc:

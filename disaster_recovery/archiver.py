@@ -43,6 +43,7 @@ import threading
 import time
 from pathlib import Path
 
+from cluster import collector
 from cluster.machine import ExchangeMachine, exchange_blob_of
 from cluster.raft import (
     HELD_DUMP,
@@ -525,6 +526,7 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("botocore").setLevel(logging.WARNING)
+    collector.tame(log)  # it applies the log as the node does (cluster/collector.py)
     run(parse(argv))
 
 

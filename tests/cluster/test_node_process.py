@@ -1,4 +1,5 @@
-"""Process-level settings of a node: garbage collection that pauses the Raft thread."""
+"""Process-level settings of a node (and of its archiver and indexer): garbage collection that
+pauses the Raft thread or the log's readers."""
 
 from __future__ import annotations
 
@@ -7,27 +8,59 @@ import logging
 
 import pytest
 
-from cluster import node
+from cluster import collector
+from cluster.machine import ExchangeMachine
 
 
 def test_slow_collections_are_logged_and_full_ones_freeze_the_survivors(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     before = list(gc.callbacks)
+    thresholds = gc.get_threshold()
     assert gc.get_freeze_count() == 0
     try:
-        node._tame_gc()
+        collector.tame(logging.getLogger("quorumbook.node"))
         assert len(gc.callbacks) == len(before) + 1
+        assert gc.get_threshold() == collector.GC_THRESHOLDS
+        assert collector.tamed()  # a state loaded from now on is frozen as it is loaded
+        gc.unfreeze()  # what tame() froze at once: this test counts what a collection freezes
         with caplog.at_level(logging.WARNING, logger="quorumbook.node"):
             gc.collect(0)
             assert not caplog.records  # a young collection is far below the threshold
             assert gc.get_freeze_count() == 0  # only a full collection freezes
-            monkeypatch.setattr(node, "SLOW_GC_S", -1.0)  # every collection is "slow"
+            monkeypatch.setattr(collector, "SLOW_GC_S", -1.0)  # every collection is "slow"
             gc.collect(2)
         assert any(
             "garbage collection of generation 2 took" in r.getMessage() for r in caplog.records
         )
         assert gc.get_freeze_count() > 0  # what survived it is skipped from now on
+        gc.unfreeze()
+        ExchangeMachine().restore(ExchangeMachine().snapshot())
+        assert gc.get_freeze_count() > 0  # a state loaded in such a process: frozen at once
     finally:
         gc.callbacks[:] = before
+        gc.set_threshold(*thresholds)
         gc.unfreeze()
+        monkeypatch.setattr(collector, "_tamed", False)
+
+
+def test_the_archiver_and_the_indexer_process_tame_the_collector_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # They apply the same log as their node: the node's thresholds and frozen full collections.
+    from cluster import indexer_process
+    from disaster_recovery import archiver
+
+    tamed: list[str] = []
+    monkeypatch.setattr(collector, "tame", lambda log: tamed.append(log.name))
+    monkeypatch.setattr(archiver, "parse", lambda argv: None)
+    monkeypatch.setattr(archiver, "run", lambda opts: None)
+    archiver.main([])
+    monkeypatch.setattr(indexer_process, "parse", lambda argv: None)
+
+    async def main(opts: object) -> None:
+        return None
+
+    monkeypatch.setattr(indexer_process, "main", main)
+    indexer_process.run([])
+    assert tamed == ["quorumbook.archive", "quorumbook.indexer"]
