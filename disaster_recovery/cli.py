@@ -325,34 +325,4 @@ def restore(
     )
 
 
-@drill.command("restore")
-@click.option("--nodes", type=click.Choice(["3", "5"]), default="3", show_default=True)
-@click.option("--to", default=None, help="The target to archive to (default: a temp directory).")
-@click.option("--seconds", default=6.0, show_default=True, help="How long the load runs.")
-@click.option("--rate", default=100.0, show_default=True, help="Orders per second of load.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def drill_restore(nodes: str, to: str | None, seconds: float, rate: float, as_json: bool) -> None:
-    """Lose the whole cluster under load and restore it from its backup and archived log:
-    prints RTO, RPO and the verdict (exit 1 if it failed).
-
-    Example: quorumbook drill restore --json
-    """
-    from .drill_restore import run
-
-    result = run(
-        nodes=int(nodes), to=to, seconds=seconds, rate=rate, progress=None if as_json else _say
-    )
-    if as_json:
-        click.echo(json.dumps(result))
-    else:
-        click.echo(
-            f"drill restore: {'OK' if result['ok'] else 'FAILED'}; RTO {result['rto_s']:.2f} s "
-            f"(restore {result['restore_s']:.2f} s); RPO {result['rpo_orders']} orders, "
-            f"{result['rpo_s']:.2f} s; {result['acked_orders']} orders acknowledged, "
-            f"{result['lost_orders']} archived ones lost, {result['duplicated_orders']} "
-            f"duplicated; state hashes equal: {result['state_hashes_equal']}"
-        )
-    sys.exit(0 if result["ok"] else 1)
-
-
 __all__ = ["backup", "drill", "restore"]

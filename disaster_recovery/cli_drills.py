@@ -1,12 +1,13 @@
 """`quorumbook drill ...`: one command per drill, each printing a verdict and its figures.
 
-The scenarios are `disaster_recovery/drills.py`; this module only reads the options, shows the
-progress (stderr) and prints the result: with `--json` one object, DESIGN.md's drill contract
-`{"drill", "ok", "rto_s", "acked_orders", "lost_orders", "duplicated_orders",
-"state_hashes_equal", ...}` then the drill's own figures (docs/operating/failover.md,
-replace-a-node.md, lost-quorum.md say what each means). Exit code 0 when the verdict is a
-pass, 1 when it is a failure (or the drill could not run), 2 for a usage error, 130 after
-Ctrl-C or SIGTERM (every process the drill started is stopped first).
+The scenarios are `disaster_recovery/drills.py` and `drill_restore.py`; this module only reads
+the options, shows the progress (stderr) and prints the result: with `--json` one object,
+DESIGN.md's drill contract `{"drill", "ok", "rto_s", "acked_orders", "lost_orders",
+"duplicated_orders", "state_hashes_equal", ...}` then the drill's own figures
+(docs/operating/failover.md, replace-a-node.md, lost-quorum.md, backup-restore.md say what
+each means). Exit code 0 when the verdict is a pass, 1 when it is a failure (or the drill
+could not run), 2 for a usage error, 130 after Ctrl-C or SIGTERM (every process the drill
+started is stopped first).
 """
 
 from __future__ import annotations
@@ -178,5 +179,37 @@ def quorum_loss(nodes: str | None, **kwargs: Any) -> None:
     Example: quorumbook drill quorum-loss --nodes 5 --outage 5 --json
     """
     from .drills import quorum_loss as run
+
+    _run(run, nodes, **kwargs)
+
+
+@drill.command("restore")
+@_common(cluster=False)
+@click.option(
+    "--to",
+    default=None,
+    help="The target to archive and back up to (a directory or s3://bucket/prefix; default: "
+    "a directory in the drill's temporary one).",
+)
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=1, max=600),
+    default=6.0,
+    show_default=True,
+    help="Seconds of load before the disaster (the backup is taken half-way).",
+)
+def restore(nodes: str | None, **kwargs: Any) -> None:
+    """Lose the whole cluster under load and restore it from its backup and archived log.
+
+    A throwaway cluster archives its log; a backup is taken half-way through the load; every
+    node is SIGKILLed and its data deleted; `restore` builds a new cluster, which must report
+    the restored state hash on every node, hold every order acknowledged up to the restored
+    point once and none after it, and take a new order. rto_s: the disaster -> the restored
+    cluster's first acknowledgement (restore and start included); rpo_orders, rpo_s: what
+    was acknowledged after the restored point (docs/operating/backup-restore.md).
+
+    Example: quorumbook drill restore --nodes 3 --seconds 6 --json
+    """
+    from .drill_restore import run
 
     _run(run, nodes, **kwargs)

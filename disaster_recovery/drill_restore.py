@@ -7,7 +7,8 @@
 3. Disaster: every node SIGKILLed while the load runs, every data directory deleted.
 4. `restore` from the target into a new directory, with the old API master secret and admin
    key (so the traders' keys work), and the new cluster started.
-5. Verdict: every node of the restored cluster reports the state hash the restore computed
+5. Verdict (PASS or FAIL, with each failed check said, as the other drills print it:
+   drills.py `DrillResult`): every node of the restored cluster reports the state hash the restore computed
    (its replay), before it takes any order; every acknowledged order whose event `seq` (in its
    acknowledgement) is at or before the restored state's `seq` is resting in the restored book,
    once; none after it is; the restored cluster takes a new order. Figures: RTO (from the
@@ -30,6 +31,7 @@ from pathlib import Path
 from cluster.workload import Mix, OrderLoad, endless, set_up, wait_for
 
 from . import backup, restore, segments
+from .drills import DrillAborted, DrillLog, DrillResult, reap
 from .target import open_target
 
 MARKET = {"market": "DR-USD", "base": "DR", "quote": "USD", "lot_size": 1, "tick_size": 1,
@@ -61,16 +63,54 @@ def run(
     to: str | None = None,
     seconds: float = 6.0,
     rate: float = 100.0,
+    seed: int = SEED,
+    keep: bool = False,
     segment_max_s: float = 0.5,
     progress: Callable[[str], None] | None = None,
-) -> dict:
+) -> DrillResult:
+    """The drill (module doc). A step that cannot be done fails the verdict, saying why;
+    Ctrl-C and SIGTERM stop every process it started and go on up."""
+    result = DrillResult("restore")
+    log = DrillLog(progress)
+    result.figures.update(
+        {"nodes": nodes, "cluster": None, "seed": seed, "rate": rate, "seconds": seconds}
+    )
+    root = Path(tempfile.mkdtemp(prefix="qb-drill-restore-"))
+    started = time.perf_counter()
+    try:
+        _scenario(result, log, root, nodes, to, seconds, rate, seed, segment_max_s)
+    except Exception as exc:  # any step that could not be done fails the verdict, saying why
+        reason = str(exc) if isinstance(exc, DrillAborted) else f"{type(exc).__name__}: {exc}"
+        result.fail(f"aborted: {reason}")
+        log(f"aborted: {reason}")
+    finally:
+        reap(result)  # after the clusters' own stops (the scenario's clean-up)
+        if keep:
+            log(f"drill directory kept: {root} (node logs: */*/node.log)")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    result.figures["duration_s"] = round(time.perf_counter() - started, 1)
+    result.ok = not result.failures
+    log(f"verdict: {'PASS' if result.ok else 'FAIL'}")
+    return result
+
+
+def _scenario(
+    result: DrillResult,
+    say: DrillLog,
+    root: Path,
+    nodes: int,
+    to: str | None,
+    seconds: float,
+    rate: float,
+    seed: int,
+    segment_max_s: float,
+) -> None:
     from api.sdk import Client
     from cluster.launcher import LocalCluster
 
-    say = progress or (lambda _line: None)
-    pids: list[int] = []
+    pids = result.pids
     with contextlib.ExitStack() as stack:
-        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qb-drill-restore-")))
         target_url = to or str(root / "target")
         source = LocalCluster.create(
             root / "source", nodes, target=target_url, segment_max_s=segment_max_s,
@@ -79,15 +119,15 @@ def run(
         source.exit_with_launcher = True
         stack.callback(source.stop_all)
         source.start()
-        source.wait_all_following(30)
         pids += [p.pid for p in source.nodes.values() if p.pid]
+        source.wait_all_following(30)
         say(f"source cluster {source.nodes[next(iter(source.nodes))].config.cluster_id} up; "
             f"archiving to {target_url}")  # fmt: skip
         market, keys = _set_up(source)
         load = OrderLoad(
             source.api_urls(),
             keys,
-            endless(SEED, rate, ACCOUNTS, market, RESTING),
+            endless(seed, rate, ACCOUNTS, market, RESTING),
             deadline_s=DEADLINE_S,
             prefix="dr",
             workers=ACCOUNTS,
@@ -135,6 +175,7 @@ def run(
         cluster.start()
         pids += [p.pid for p in cluster.nodes.values() if p.pid]
         leader = cluster.wait_for_leader(30)
+        say(f"restored cluster started (leader {leader})")
         # Every node at the restored state, as the replay computed it, before any new order.
         at_start = wait_for(
             lambda: (s := cluster.statuses()) and all(s.values()) and s,
@@ -146,6 +187,7 @@ def run(
                                  price=MID - 5_000, qty=1, tif="gtc",
                                  client_order_id="dr-after-restore")  # fmt: skip
         rto_s = time.time() - disaster
+        say(f"the restored cluster acknowledged a new order {rto_s:.2f} s after the disaster")
         statuses = wait_for(
             lambda: (s := cluster.statuses()) and all(s.values())
             and len({x["cmd_index"] for x in s.values()}) == 1 and s,
@@ -167,29 +209,43 @@ def run(
         lost = sorted(c for c in archived if c not in resting)
         beyond = sorted(c for c in after if c in resting)  # cannot be: the state is at `point`
         duplicated = sorted(c for c, n in resting.items() if n > 1)
-        start_hash_ok = set(hashes_at_start.values()) == {restored["state_hash"]}
-        ok = (
-            bool(first.get("order_id"))
-            and start_hash_ok
-            and not lost
-            and not beyond
-            and not duplicated
-            and len(set(hashes.values())) == 1
+        wrong_start = {n: h for n, h in hashes_at_start.items() if h != restored["state_hash"]}
+
+    # The verdict: each check that failed, said.
+    if wrong_start:
+        result.fail(
+            f"nodes reported another state hash than the restore's {restored['state_hash']} "
+            f"before any new order: {wrong_start}"
         )
-        return {
-            "drill": "restore",
-            "ok": ok,
-            "rto_s": round(rto_s, 3),
+    if not first.get("order_id"):
+        result.fail(f"the restored cluster did not take a new order: {first}")
+    if lost:
+        result.fail(
+            f"{len(lost)} acknowledged orders at or before the restored seq {point} are not "
+            f"in the restored book (first: {', '.join(lost[:5])})"
+        )
+    if beyond:
+        result.fail(
+            f"{len(beyond)} orders acknowledged after the restored seq {point} are in the "
+            f"restored book (first: {', '.join(beyond[:5])})"
+        )
+    if duplicated:
+        result.fail(f"{len(duplicated)} orders rest twice (first: {', '.join(duplicated[:5])})")
+    result.state_hashes_equal = len(set(hashes.values())) == 1
+    if not result.state_hashes_equal:
+        result.fail(f"the restored nodes' state hashes differ: {hashes}")
+    result.rto_s = rto_s
+    result.figures.update(
+        {
+            "acked_orders": len(acked),
+            "lost_orders": len(lost),
+            "duplicated_orders": len(duplicated),
             "restore_s": round(restore_s, 3),
             "rpo_orders": len(after),
             "rpo_s": round(disaster_t - min(after.values()), 3) if after else 0.0,
-            "acked_orders": len(acked),
             "unknown_orders": len(places) - len(acked),  # refused or unknown: never acked
-            "lost_orders": len(lost),
             "orders_past_the_restore_point": len(beyond),
-            "duplicated_orders": len(duplicated),
-            "restored_hash_on_every_node": start_hash_ok,
-            "state_hashes_equal": len(set(hashes.values())) == 1,
+            "restored_hash_on_every_node": not wrong_start,
             "restored_state_hash": restored["state_hash"],
             "restored_cmd_index": restored["cmd_index"],
             "restored_seq": point,
@@ -198,5 +254,5 @@ def run(
             "last_segment_cut_before_disaster_s": round(disaster - cut_at, 3) if cut_at else None,
             "leader": leader,
             "target": target_url,
-            "pids": pids,
         }
+    )

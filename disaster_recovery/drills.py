@@ -286,7 +286,29 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-class _Log:
+def reap(result: DrillResult) -> None:
+    """After a throwaway cluster's stop: SIGKILL any process the drill started that still runs
+    (also any the launcher no longer lists), reap them, and fail the verdict for any still
+    running 10 s later (`pids_running`)."""
+    for pid in result.pids:
+        if pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while True:
+        for pid in result.pids:  # reap: a child of ours stays a zombie until then
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)
+        running = [p for p in result.pids if pid_alive(p)]
+        if not running or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    result.pids_running = running
+    if running:
+        result.fail(f"processes still running after the clean-up: {running}")
+
+
+class DrillLog:
     def __init__(self, progress: Progress | None) -> None:
         self.progress = progress
         self.t0 = time.perf_counter()
@@ -301,7 +323,7 @@ class Target:
     cluster of `manifest` (its nodes may be killed; its supervisor restarts them)."""
 
     def __init__(
-        self, log: _Log, result: DrillResult, *, nodes: int, manifest: Path | None, keep: bool
+        self, log: DrillLog, result: DrillResult, *, nodes: int, manifest: Path | None, keep: bool
     ) -> None:
         self.log = log
         self.result = result
@@ -348,22 +370,7 @@ class Target:
             return
         if self.cluster is not None:
             self.cluster.stop_all()
-        for pid in self.result.pids:  # also any the launcher no longer lists
-            if pid_alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while True:
-            for pid in self.result.pids:  # reap: a child of ours stays a zombie until then
-                with contextlib.suppress(ChildProcessError, OSError):
-                    os.waitpid(pid, os.WNOHANG)
-            running = [p for p in self.result.pids if pid_alive(p)]
-            if not running or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        self.result.pids_running = running
-        if running:
-            self.result.fail(f"processes still running after the clean-up: {running}")
+        reap(self.result)
         if self.root is not None:
             if self.keep:
                 self.log(f"cluster directory kept: {self.root} (node logs: */node.log)")
@@ -560,7 +567,7 @@ def _run(
     """The frame of every drill: the cluster and its clean-up; a step that cannot be done is a
     failure of the verdict (Ctrl-C and SIGTERM are not: they clean up and go on up)."""
     result = DrillResult(name)
-    log = _Log(progress)
+    log = DrillLog(progress)
     result.figures["nodes"] = nodes if manifest is None else None
     result.figures["cluster"] = str(manifest) if manifest else None
     started = time.perf_counter()
@@ -946,6 +953,32 @@ def format_report(data: dict) -> str:
             f"  after the restart: leader {data['leader_after']} in "
             f"{data['leader_elected_s']:.2f} s, writes acknowledged again after "
             f"{data['rto_s']:.2f} s (RTO)"
+        )
+    if drill == "restore" and "restore_s" in data:
+        cut = data["last_segment_cut_before_disaster_s"]
+        lines.append(
+            f"  restored from backup {data['backup_id'] or '(none)'} and "
+            f"{data['segments_read']} archived segments to cmd_index "
+            f"{data['restored_cmd_index']} (seq {data['restored_seq']}) in "
+            f"{data['restore_s']:.2f} s; RTO {data['rto_s']:.2f} s (the disaster -> the restored "
+            "cluster's first acknowledgement)"
+        )
+        lines.append(
+            f"  RPO {data['rpo_orders']} orders acknowledged after the restored point, the "
+            f"oldest {data['rpo_s']:.2f} s before the disaster"
+            + (
+                f" (the last archived segment was cut {abs(cut):.2f} s "
+                f"{'before' if cut >= 0 else 'after'} it)"
+                if cut is not None
+                else ""
+            )
+        )
+        lines.append(
+            f"  orders: {data['acked_orders']} acknowledged, {data['unknown_orders']} never "
+            f"acknowledged; lost {data['lost_orders']}, past the restored point "
+            f"{data['orders_past_the_restore_point']}, duplicated {data['duplicated_orders']}; "
+            f"the restored hash on every node: {data['restored_hash_on_every_node']}, state "
+            f"hashes equal: {data['state_hashes_equal']}"
         )
     if "unknown_orders" in data and "ops_sent" in data:
         lines.append(

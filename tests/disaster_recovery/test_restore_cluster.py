@@ -277,11 +277,23 @@ def test_drill_restore(tmp_path):
     assert result["restored_hash_on_every_node"] and result["state_hashes_equal"]
     assert result["acked_orders"] > 0 and result["rto_s"] > result["restore_s"] > 0
     assert len(result["pids"]) == 6
+    assert result["failures"] == [] and result["pids_running"] == []
 
     def all_gone():
         return not any(Path(f"/proc/{pid}").exists() for pid in result["pids"])
 
     wait_for(all_gone, 10, "the drill's processes to be gone")
+
+
+def test_a_drill_restore_that_cannot_run_fails_saying_why_and_leaves_nothing_running():
+    """A step that cannot be done (here the target cannot be created) is a FAIL with its
+    reason, in the same form as every drill's verdict, not a traceback; exit 1."""
+    done = qb("drill", "restore", "--seconds", "1", "--to", "/dev/null/target", timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout.startswith("drill restore: FAIL (a throwaway 3-node cluster")
+    assert "FAILED: aborted: TargetError: /dev/null/target" in done.stdout
+    assert "still running: 0" in done.stdout
+    assert "verdict: FAIL" in done.stderr and "Traceback" not in done.stderr
 
 
 def archiving(cluster: LocalCluster) -> dict[str, dict]:
