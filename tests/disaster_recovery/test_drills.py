@@ -257,6 +257,24 @@ def test_format_report_of_each_drill() -> None:
     assert "12 writes: 6 refused, 6 unknown, 0 acknowledged" in quorum
     assert "  warning: slow" in quorum and quorum.endswith("  FAILED: 1 acknowledged orders lost")
     assert "still running: 0" in quorum
+    restore = DrillResult("restore", rto_s=1.14, state_hashes_equal=True, pids=[1, 2])
+    restore.figures.update(
+        nodes=3, cluster=None, duration_s=5.7, acked_orders=184, lost_orders=0,
+        duplicated_orders=0, restore_s=0.02, rpo_orders=26, rpo_s=0.42, unknown_orders=0,
+        orders_past_the_restore_point=0, restored_hash_on_every_node=True,
+        restored_cmd_index=167, restored_seq=483, backup_id="B1", segments_read=3,
+        last_segment_cut_before_disaster_s=-0.01,
+    )  # fmt: skip
+    restore.fail("2 acknowledged orders at or before the restored seq 483 are not in the book")
+    restored = format_report(restore.as_json())
+    assert restored.startswith("drill restore: FAIL (a throwaway 3-node cluster, 5.7 s)")
+    assert "from backup B1 and 3 archived segments to cmd_index 167 (seq 483)" in restored
+    assert "RTO 1.14 s" in restored and "RPO 26 orders" in restored
+    assert "the last archived segment was cut 0.01 s after it" in restored
+    assert "still running: 0" in restored
+    assert restored.endswith(
+        "  FAILED: 2 acknowledged orders at or before the restored seq 483 are not in the book"
+    )
 
 
 # ---------------------------------------------------------------------- the drills, for real
