@@ -152,7 +152,7 @@ def run(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     opts = parse(argv)
-    collector.tame(log)  # it applies the log as the node does (cluster/collector.py)
+    collector.tame(log, freeze=False)  # it applies the log as a node does (cluster/collector.py)
     asyncio.run(main(opts))
 
 

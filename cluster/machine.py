@@ -28,7 +28,6 @@ from api.sdk.snapshot import exchange_snapshot_of
 from statemachine import Exchange
 from statemachine.snapshot import gc_paused, stated_hash, written_by_this_build
 
-from . import collector
 from .batch import (
     KIND_ADDRESS,
     KIND_BARRIER,
@@ -109,10 +108,8 @@ class ExchangeMachine:
     """`StateMachinePort` over a `statemachine.Exchange`."""
 
     def __init__(self, *, freeze_restored: bool = False) -> None:
-        """`freeze_restored`: a node's machine (see `restore`); so is every machine of a
-        process that runs with the collector's settings of cluster/collector.py (the node's
-        archiver and indexer). A process that restores many states (tests, tools) leaves the
-        collector alone."""
+        """`freeze_restored`: a node's machine (see `restore`; cluster/collector.py); a
+        process that restores many states (tests, tools) leaves the collector alone."""
         self.freeze_restored = freeze_restored
         self.exchange = Exchange()
         # node_id -> (raft_addr, api_url): members added at run time, replicated like commands
@@ -311,7 +308,7 @@ class ExchangeMachine:
             raise MachineSnapshotError(f"malformed node snapshot: {exc}") from exc
         with gc_paused():
             exchange = Exchange.restore(exchange_blob)
-            if self.freeze_restored or collector.tamed():
+            if self.freeze_restored:
                 # The state is long-lived: out of the collector's way before it runs again
                 # (so before the collector is back on), or its first collection walks every
                 # order (400-600 ms per million resting orders, on every node that loads it,

@@ -639,7 +639,7 @@ def run(config: NodeConfig) -> None:
     if parent and parent.isdigit():
         _exit_with_parent(int(parent))
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    collector.tame(log)  # the collector's thresholds, and full collections frozen and logged
+    collector.tame(log, freeze=True)  # thresholds; full collections frozen and logged
     try:
         trio.run(_serve, config)
     except RaftStartupError as exc:

@@ -526,7 +526,7 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("botocore").setLevel(logging.WARNING)
-    collector.tame(log)  # it applies the log as the node does (cluster/collector.py)
+    collector.tame(log, freeze=False)  # it applies the log as a node does (cluster/collector.py)
     run(parse(argv))
 
 

@@ -9,7 +9,6 @@ import logging
 import pytest
 
 from cluster import collector
-from cluster.machine import ExchangeMachine
 
 
 def test_slow_collections_are_logged_and_full_ones_freeze_the_survivors(
@@ -19,10 +18,9 @@ def test_slow_collections_are_logged_and_full_ones_freeze_the_survivors(
     thresholds = gc.get_threshold()
     assert gc.get_freeze_count() == 0
     try:
-        collector.tame(logging.getLogger("quorumbook.node"))
+        collector.tame(logging.getLogger("quorumbook.node"), freeze=True)
         assert len(gc.callbacks) == len(before) + 1
         assert gc.get_threshold() == collector.GC_THRESHOLDS
-        assert collector.tamed()  # a state loaded from now on is frozen as it is loaded
         gc.unfreeze()  # what tame() froze at once: this test counts what a collection freezes
         with caplog.at_level(logging.WARNING, logger="quorumbook.node"):
             gc.collect(0)
@@ -34,14 +32,29 @@ def test_slow_collections_are_logged_and_full_ones_freeze_the_survivors(
             "garbage collection of generation 2 took" in r.getMessage() for r in caplog.records
         )
         assert gc.get_freeze_count() > 0  # what survived it is skipped from now on
-        gc.unfreeze()
-        ExchangeMachine().restore(ExchangeMachine().snapshot())
-        assert gc.get_freeze_count() > 0  # a state loaded in such a process: frozen at once
     finally:
         gc.callbacks[:] = before
         gc.set_threshold(*thresholds)
         gc.unfreeze()
-        monkeypatch.setattr(collector, "_tamed", False)
+
+
+def test_a_sidecar_takes_the_thresholds_and_the_logging_but_freezes_nothing(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = list(gc.callbacks)
+    thresholds = gc.get_threshold()
+    try:
+        collector.tame(logging.getLogger("quorumbook.archive"), freeze=False)
+        assert gc.get_threshold() == collector.GC_THRESHOLDS
+        monkeypatch.setattr(collector, "SLOW_GC_S", -1.0)
+        with caplog.at_level(logging.WARNING, logger="quorumbook.archive"):
+            gc.collect(2)
+        assert any("generation 2 took" in r.getMessage() for r in caplog.records)
+        assert gc.get_freeze_count() == 0  # its libraries' cycles stay collectable
+    finally:
+        gc.callbacks[:] = before
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
 
 
 def test_the_archiver_and_the_indexer_process_tame_the_collector_too(
@@ -52,7 +65,7 @@ def test_the_archiver_and_the_indexer_process_tame_the_collector_too(
     from disaster_recovery import archiver
 
     tamed: list[str] = []
-    monkeypatch.setattr(collector, "tame", lambda log: tamed.append(log.name))
+    monkeypatch.setattr(collector, "tame", lambda log, freeze: tamed.append((log.name, freeze)))
     monkeypatch.setattr(archiver, "parse", lambda argv: None)
     monkeypatch.setattr(archiver, "run", lambda opts: None)
     archiver.main([])
@@ -63,4 +76,4 @@ def test_the_archiver_and_the_indexer_process_tame_the_collector_too(
 
     monkeypatch.setattr(indexer_process, "main", main)
     indexer_process.run([])
-    assert tamed == ["quorumbook.archive", "quorumbook.indexer"]
+    assert tamed == [("quorumbook.archive", False), ("quorumbook.indexer", False)]
