@@ -20,7 +20,7 @@ NATIVE_MODULES := $(shell $(PYTHON) -c "import tomllib; print(' '.join(tomllib.l
 NATIVE_ENV := QB_NATIVE=1 PYTHONPATH=$(CURDIR)/$(NATIVE):$(CURDIR)
 NATIVE_PYTEST := $(NATIVE_ENV) $(BIN)/python -P -m pytest -q -p no:cacheprovider --import-mode=append
 
-.PHONY: demo test test-fast native lint iptables jepsen bench bench-statemachine bench-replication bench-failover bench-api bench-indexer bench-restore bench-chain bench-latency clean
+.PHONY: demo test test-fast native lint iptables jepsen bench bench-statemachine bench-replication bench-failover bench-api bench-indexer bench-restore bench-chain bench-latency soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -110,6 +110,11 @@ bench-chain: $(STAMP) $(NODE_STAMP)
 
 bench-latency: $(STAMP) $(NATIVE_STAMP)
 	$(NATIVE_ENV) $(BIN)/python -P -m bench.latency
+
+# A long run, not in `make bench`: a node's memory beside its state over minutes of load
+# (bench/soak.py). SOAK_ARGS="--minutes 60" for a longer one.
+soak: $(STAMP) $(NATIVE_STAMP)
+	$(NATIVE_ENV) $(BIN)/python -P -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info node_modules
