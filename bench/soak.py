@@ -7,7 +7,7 @@ A local 3-node cluster (`LocalCluster` in a temp dir, real node processes, the c
 with `make soak`) takes `quorumbook loadgen`'s seeded flow (`cluster.loadgen.run`: places that
 rest and trade, cancels, through the SDK) at `--rate` orders/s for `--minutes`. Every
 `--sample-s` seconds it prints each node's resident memory (VmRSS) and CPU seconds (all its
-threads, from /proc) and the cluster's cmd_index.
+threads, from /proc; not the node's status, whose state hash walks the whole state).
 
 Then the question a long-running exchange must answer: how much of a running node's memory is
 its state? The load stops, the cluster converges, and one follower is restarted from its own
@@ -57,16 +57,11 @@ def cpu_s(pid: int) -> float:
 
 
 def sample(cluster: LocalCluster, t0: float) -> dict:
-    statuses = cluster.statuses()
-    nodes = {}
-    for nid, node in cluster.nodes.items():
-        if node.pid is None:
-            continue
-        nodes[nid] = {
-            "rss_mb": round(rss_mb(node.pid), 1),
-            "cpu_s": round(cpu_s(node.pid), 2),
-            "cmd_index": (statuses.get(nid) or {}).get("cmd_index"),
-        }
+    nodes = {
+        nid: {"rss_mb": round(rss_mb(node.pid), 1), "cpu_s": round(cpu_s(node.pid), 2)}
+        for nid, node in cluster.nodes.items()
+        if node.pid is not None
+    }
     return {"t_s": round(time.perf_counter() - t0, 1), "nodes": nodes}
 
 
@@ -108,7 +103,7 @@ def main() -> None:
             s = samples[-1]
             say(f"  {s['t_s']:7.0f} s  " + "  ".join(
                 f"{nid} {n['rss_mb']:6.1f} MB {n['cpu_s']:7.1f} s cpu" for nid, n in s["nodes"].items()
-            ) + f"  cmd_index {max((n['cmd_index'] or 0) for n in s['nodes'].values()):,}")  # fmt: skip
+            ))  # fmt: skip
             load.join(args.sample_s)
         if failure:
             raise failure[0]

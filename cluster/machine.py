@@ -96,8 +96,8 @@ def _node_fields(blob: bytes) -> list:
     `snapshot` writes (an array of 4-6 fields, a small version, then a bin) is unpacked whole
     (and refused there if it is not msgpack)."""
     view = memoryview(blob)
-    if len(view) > 3 and 0x94 <= view[0] <= 0x96 and view[1] < 0x80 and 0xC4 <= view[2] <= 0xC6:
-        with contextlib.suppress(ValueError):  # cut short: unpackb says so below
+    if len(view) > 3 and 0x94 <= view[0] <= 0x96 and view[1] < 0x80:
+        with contextlib.suppress(ValueError):  # no bin, or cut short: unpackb says so below
             exchange, end = bin_at(view, 2)
             rest = bytes((0x90 | (view[0] & 0x0F) - 2,)) + view[end:]
             return [view[1], exchange, *msgpack.unpackb(rest, raw=False)]

@@ -31,7 +31,7 @@ from pathlib import Path
 from cluster.workload import Mix, OrderLoad, endless, set_up, wait_for
 
 from . import backup, restore, segments
-from .drills import DrillAborted, DrillLog, DrillResult, reap
+from .drills import DrillLog, DrillResult, judge, reap
 from .target import open_target
 
 MARKET = {"market": "DR-USD", "base": "DR", "quote": "USD", "lot_size": 1, "tick_size": 1,
@@ -76,23 +76,18 @@ def run(
         {"nodes": nodes, "cluster": None, "seed": seed, "rate": rate, "seconds": seconds}
     )
     root = Path(tempfile.mkdtemp(prefix="qb-drill-restore-"))
-    started = time.perf_counter()
-    try:
-        _scenario(result, log, root, nodes, to, seconds, rate, seed, segment_max_s)
-    except Exception as exc:  # any step that could not be done fails the verdict, saying why
-        reason = str(exc) if isinstance(exc, DrillAborted) else f"{type(exc).__name__}: {exc}"
-        result.fail(f"aborted: {reason}")
-        log(f"aborted: {reason}")
-    finally:
-        reap(result)  # after the clusters' own stops (the scenario's clean-up)
-        if keep:
-            log(f"drill directory kept: {root} (node logs: */*/node.log)")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-    result.figures["duration_s"] = round(time.perf_counter() - started, 1)
-    result.ok = not result.failures
-    log(f"verdict: {'PASS' if result.ok else 'FAIL'}")
-    return result
+
+    def body() -> None:
+        try:
+            _scenario(result, log, root, nodes, to, seconds, rate, seed, segment_max_s)
+        finally:
+            reap(result)  # after the clusters' own stops (the scenario's clean-up)
+            if keep:
+                log(f"drill directory kept: {root} (node logs: */*/node.log)")
+            else:
+                shutil.rmtree(root, ignore_errors=True)
+
+    return judge(result, log, body)
 
 
 def _scenario(

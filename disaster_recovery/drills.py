@@ -564,17 +564,28 @@ def _run(
     progress: Progress | None,
     scenario: Callable[[Target, DrillResult], None],
 ) -> DrillResult:
-    """The frame of every drill: the cluster and its clean-up; a step that cannot be done is a
-    failure of the verdict (Ctrl-C and SIGTERM are not: they clean up and go on up)."""
+    """The frame of the drills on a `Target` cluster: the cluster and its clean-up, then
+    `judge`."""
     result = DrillResult(name)
     log = DrillLog(progress)
     result.figures["nodes"] = nodes if manifest is None else None
     result.figures["cluster"] = str(manifest) if manifest else None
-    started = time.perf_counter()
-    try:
+
+    def body() -> None:
         with Target(log, result, nodes=nodes, manifest=manifest, keep=keep) as target:
             result.figures["nodes"] = len(target.cluster.nodes)
             scenario(target, result)
+
+    return judge(result, log, body)
+
+
+def judge(result: DrillResult, log: DrillLog, body: Callable[[], None]) -> DrillResult:
+    """Run a drill's `body` (its scenario with its clean-up) and give the verdict: a step
+    that cannot be done is a failure, saying why (Ctrl-C and SIGTERM are not: the body
+    cleans up and they go on up); the wall time; PASS when nothing failed."""
+    started = time.perf_counter()
+    try:
+        body()
     except Exception as exc:  # any step that could not be done fails the verdict, saying why
         reason = str(exc) if isinstance(exc, DrillAborted) else f"{type(exc).__name__}: {exc}"
         result.fail(f"aborted: {reason}")
